@@ -1,0 +1,89 @@
+"""One error hierarchy: each error carries the errno a client or shell sees and a message template."""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any, ClassVar
+
+
+class NbdcloneError(Exception):
+    """Base of every error nbdclone raises on purpose."""
+
+    errno: ClassVar[int] = _errno.EIO
+    template: ClassVar[str] = "{detail}"
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        super().__init__(self.template.format(**fields))
+
+
+class InvalidName(NbdcloneError, ValueError):
+    errno = _errno.EINVAL
+    template = (
+        "invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
+
+
+class InvalidArgument(NbdcloneError, ValueError):
+    errno = _errno.EINVAL
+
+
+class BaseNotFound(NbdcloneError, FileNotFoundError):
+    errno = _errno.ENOENT
+    template = "no base named {name!r} in store {store}"
+
+
+class CloneNotFound(NbdcloneError, FileNotFoundError):
+    errno = _errno.ENOENT
+    template = "no clone named {name!r} in store {store}"
+
+
+class BaseExists(NbdcloneError, FileExistsError):
+    errno = _errno.EEXIST
+    template = "a base named {name!r} already exists in store {store}"
+
+
+class CloneExists(NbdcloneError, FileExistsError):
+    errno = _errno.EEXIST
+    template = "a clone named {name!r} already exists in store {store}"
+
+
+class BaseInUse(NbdcloneError):
+    errno = _errno.EBUSY
+    template = "base {name!r} is used by clone(s) {clones}; remove them first"
+
+
+class CloneInUse(NbdcloneError):
+    errno = _errno.EBUSY
+    template = "clone {name!r} is open on a running server; disconnect its clients first"
+
+
+class SourceNotFound(NbdcloneError, FileNotFoundError):
+    errno = _errno.ENOENT
+    template = "source {path} does not exist"
+
+
+class NotADiskImage(NbdcloneError, ValueError):
+    errno = _errno.EINVAL
+    template = "{path} is not a disk image: {reason}"
+
+
+class ServerNotRunning(NbdcloneError):
+    errno = _errno.ENOTCONN
+    template = "no nbdclone server is running for store {store}; start one with 'nbdclone serve'"
+
+
+class ShortRead(NbdcloneError, OSError):
+    errno = _errno.EIO
+    template = "short read of {path}: wanted {wanted} bytes at offset {offset}, got {got}"
+
+
+class StorageError(NbdcloneError, OSError):
+    """An overlay or base failed underneath us; errno says how (ENOSPC, EROFS, EIO...)."""
+
+    template = "{what}: {detail}"
+
+    def __init__(self, err: int, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.errno = err  # type: ignore[misc]

@@ -1,0 +1,212 @@
+"""nbdkit glue: the only module that imports nbdkit.
+
+Each clone of the store is an export named after the clone. The store core does the work; this module
+turns nbdkit's callbacks into core calls and core errors into the errno the client should see
+(an exception without nbdkit.set_error would reach the client as EIO).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nbdkit
+
+from nbdclone.errors import NbdcloneError
+from nbdclone.store.catalog import Store, is_valid_name
+from nbdclone.store.clone import Clone
+from nbdclone.store.registry import Registry
+
+API_VERSION = 2
+log = logging.getLogger("nbdclone")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    store: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    name: str
+    clone: Clone
+
+
+_config: dict[str, str] = {}
+_settings: Settings | None = None
+_registry: Registry | None = None
+
+
+def _errors(fn: F) -> F:
+    """Give every error leaving a callback a deliberate errno."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NbdcloneError as exc:
+            nbdkit.set_error(exc.errno)
+            nbdkit.debug(f"nbdclone: {exc}")
+            raise
+        except OSError as exc:
+            nbdkit.set_error(exc.errno or errno.EIO)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config(key: str, value: str) -> None:
+    if key not in ("store",):
+        raise ValueError(f"nbdclone: unknown parameter {key!r} (known: store)")
+    _config[key] = value
+
+
+def config_complete() -> None:
+    global _settings
+    if "store" not in _config:
+        raise ValueError("nbdclone: the store=PATH parameter is required")
+    _settings = Settings(store=Path(_config["store"]))
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="nbdclone[worker]: %(message)s")
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+def _reg() -> Registry:
+    # Opened lazily, after nbdkit has forked: RocksDB starts threads.
+    global _registry
+    if _registry is None:
+        assert _settings is not None
+        _registry = Registry(Store(_settings.store))
+    return _registry
+
+
+@_errors
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    cat = _reg().store.catalog()
+    return [(n, f"clone of {c.base}" if c.base else "blank disk") for n, c in cat.clones.items()]
+
+
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return ""
+
+
+@_errors
+def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by this name
+    name = nbdkit.export_name()
+    if not is_valid_name(name):
+        # Checked before any lookup: a malformed name never reaches the store.
+        nbdkit.set_error(errno.ENOENT)
+        raise ValueError(f"no clone named {name[:80]!r}")
+    return Handle(name, _reg().acquire(name))
+
+
+def close(h: Handle) -> None:
+    _reg().release(h.name)
+
+
+def export_description(h: Handle) -> str:
+    return f"nbdclone clone {h.name}"
+
+
+def get_size(h: Handle) -> int:
+    return h.clone.size
+
+
+def block_size(h: Handle) -> tuple[int, int, int]:
+    return (1, 4096, 32 << 20)
+
+
+def can_write(h: Handle) -> bool:
+    return True
+
+
+def can_flush(h: Handle) -> bool:
+    return True
+
+
+def can_trim(h: Handle) -> bool:
+    return True
+
+
+def can_zero(h: Handle) -> bool:
+    return True
+
+
+def can_fast_zero(h: Handle) -> bool:
+    # A zero is always a metadata change (markers), never a data write.
+    return True
+
+
+def can_fua(h: Handle) -> int:
+    return int(nbdkit.FUA_NATIVE)
+
+
+def can_multi_conn(h: Handle) -> bool:
+    # Every connection to a clone shares one overlay handle in this process; a flush syncs its WAL,
+    # which covers every write acknowledged on any connection.
+    return True
+
+
+def can_extents(h: Handle) -> bool:
+    return True
+
+
+def can_cache(h: Handle) -> int:
+    return int(nbdkit.CACHE_NATIVE)
+
+
+def is_rotational(h: Handle) -> bool:
+    return False
+
+
+@_errors
+def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    h.clone.pread_into(buf, offset)
+
+
+@_errors
+def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    h.clone.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_errors
+def flush(h: Handle, flags: int) -> None:
+    h.clone.flush()
+
+
+@_errors
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    h.clone.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_errors
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    h.clone.zero(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_errors
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    if flags & nbdkit.FLAG_REQ_ONE:
+        return h.clone.extents(count, offset)[:1]
+    return h.clone.extents(count, offset)
+
+
+@_errors
+def cache(h: Handle, count: int, offset: int, flags: int) -> None:
+    h.clone.prefetch(count, offset)
+
+
+def cleanup() -> None:
+    if _registry is not None:
+        _registry.close_all()
+
+
