@@ -93,7 +93,7 @@ def run(cfg: ServeConfig, announce: Callable[[str], None]) -> int:
 
 async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> int:
     store = Store(cfg.store)
-    _, prefix = cfg.endpoint()
+    listen_args, prefix = cfg.endpoint()
     with store.lock():
         store.path.mkdir(parents=True, exist_ok=True)
         (store.path / "run").mkdir(exist_ok=True)
@@ -124,6 +124,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> int:
             await _shutdown(proc, cfg.grace)
         store.clear_server_info(os.getpid())
         pidfile.unlink(missing_ok=True)
+        if cfg.listen is None:
+            # nbdkit leaves its Unix socket behind; a stale one would refuse the next server's bind.
+            Path(listen_args[1]).unlink(missing_ok=True)
 
 
 async def _wait_ready(proc: asyncio.subprocess.Process, pidfile: Path) -> bool:

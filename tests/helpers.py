@@ -1,0 +1,154 @@
+"""Shared test helpers: images, a real nbdclone server, store snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbd
+
+VENV_BIN = Path(sys.executable).parent
+NBDCLONE = str(VENV_BIN / "nbdclone")
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = ROOT / "plugins" / "nbdclone.py"
+
+
+def make_image(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 1) -> bytes:
+    """A sparse raw image of `size` bytes, with pseudo-random data in `data_ranges` and holes elsewhere.
+    Returns its full contents, the model for tests."""
+    content = bytearray(size)
+    rnd = hashlib.shake_256(f"seed{seed}".encode())
+    stream = rnd.digest(sum(n for _, n in data_ranges))
+    pos = 0
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in data_ranges:
+            content[off : off + n] = stream[pos : pos + n]
+            f.seek(off)
+            f.write(stream[pos : pos + n])
+            pos += n
+    return bytes(content)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def snapshot(store: Path) -> dict[str, str]:
+    """Every file under the store (but the lock) with its checksum: to show a failed command changed nothing."""
+    out = {}
+    for p in sorted(store.rglob("*")):
+        if p.is_file() and p.name != "lock":
+            out[str(p.relative_to(store))] = sha256(p)
+        elif p.is_dir():
+            out[str(p.relative_to(store)) + "/"] = "dir"
+    return out
+
+
+def cli(*args: str, store: Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [NBDCLONE, *args, "--store", str(store)], capture_output=True, text=True, check=False, **kw  # type: ignore[call-overload]
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nbdclone {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@dataclass
+class Server:
+    """`nbdclone serve` as a real process, started and stopped by PID."""
+
+    store: Path
+    socket: Path
+    proc: subprocess.Popen[str] | None = None
+    log: list[str] = field(default_factory=list)
+
+    def start(self) -> Server:
+        self.proc = subprocess.Popen(
+            [NBDCLONE, "serve", "--store", str(self.store), "--socket", str(self.socket)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # the ready line, no sleeps
+            self.log.append(line)
+            if line.startswith("nbdclone: serving"):
+                break
+        else:
+            raise AssertionError("server exited before it was ready:\n" + "".join(self.log))
+        return self
+
+    def uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.socket}"
+
+    def nbdkit_pid(self) -> int:
+        import json
+
+        info = json.loads((self.store / "run" / "server.json").read_text())
+        return int(info["nbdkit_pid"])
+
+    def connect(self, name: str) -> nbd.NBD:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.set_export_name(name)
+        h.connect_unix(str(self.socket))
+        return h
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rest = self.proc.stdout.read() if self.proc.stdout else ""
+        self.log.append(rest)
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """kill -9 the process holding the data (nbdkit), then the supervisor."""
+        assert self.proc is not None
+        os.kill(self.nbdkit_pid(), signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def pread_all(h: nbd.NBD, size: int, chunk: int = 1 << 20) -> bytes:
+    return b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
+
+
+def extents(h: nbd.NBD, size: int) -> list[tuple[int, int, int]]:
+    """All base:allocation extents as (offset, length, flags)."""
+    out: list[tuple[int, int, int]] = []
+    off = 0
+    while off < size:
+        got: list[int] = []
+
+        def cb(meta: str, o: int, entries: list[int], err: int) -> int:
+            if meta == "base:allocation":
+                got.extend(entries)
+            return 0
+
+        h.block_status(min(size - off, 1 << 30), off, cb)
+        for i in range(0, len(got), 2):
+            n = min(got[i], size - off)
+            out.append((off, n, got[i + 1]))
+            off += n
+    return out
+
+
+def iter_chunks(data: bytes, n: int) -> Iterator[bytes]:
+    for i in range(0, len(data), n):
+        yield data[i : i + n]
