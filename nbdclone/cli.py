@@ -40,9 +40,7 @@ err = Console(stderr=True, highlight=False)
 
 StoreOpt = Annotated[
     Path,
-    typer.Option(
-        "--store", envvar="NBDCLONE_STORE", help="Store directory.", show_default=str(default_store())
-    ),
+    typer.Option("--store", envvar="NBDCLONE_STORE", help="Store directory.", show_default=str(default_store())),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _DEFAULT_STORE = default_store()
@@ -118,8 +116,7 @@ def base_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> Non
         return
     table = Table("NAME", "SIZE", "ALLOCATED", "CLONES", "CREATED", "SOURCE", box=None)
     for r in rows:
-        table.add_row(r["name"], human(r["size"]), human(r["allocated"]), str(r["clones"]), r["created"],
-                      r["source"])
+        table.add_row(r["name"], human(r["size"]), human(r["allocated"]), str(r["clones"]), r["created"], r["source"])
     out.print(table)
 
 
@@ -162,8 +159,14 @@ def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> No
         return
     table = Table("NAME", "BASE", "SIZE", "OVERLAY ON DISK", "OPEN", "CREATED", box=None)
     for r in rows:
-        table.add_row(r["name"], r["base"] or "-", human(r["size"]), human(r["overlay_disk_bytes"]),
-                      "yes" if r["open"] else "no", r["created"])
+        table.add_row(
+            r["name"],
+            r["base"] or "-",
+            human(r["size"]),
+            human(r["overlay_disk_bytes"]),
+            "yes" if r["open"] else "no",
+            r["created"],
+        )
     out.print(table)
 
 
@@ -211,7 +214,7 @@ def clone_rm(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
     out.print(f"removed clone {name}")
 
 
-class ExportFormat(str, enum.Enum):
+class ExportFormat(enum.StrEnum):
     raw = "raw"
     qcow2 = "qcow2"
 
@@ -220,9 +223,7 @@ class ExportFormat(str, enum.Enum):
 def clone_export(
     name: str,
     dest: Annotated[Path, typer.Argument(help="The file to create.")],
-    fmt: Annotated[
-        ExportFormat, typer.Option("--format", help="Format of DEST.")
-    ] = ExportFormat.raw,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Format of DEST.")] = ExportFormat.raw,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
     """Write the clone's disk, as its clients see it, to a new sparse raw or qcow2 file."""
@@ -236,9 +237,7 @@ def clone_export(
 
 # -- serving -------------------------------------------------------------------------------------------
 
-SocketOpt = Annotated[
-    Path | None, typer.Option(help="Unix socket to listen on [default: STORE/run/nbdclone.sock].")
-]
+SocketOpt = Annotated[Path | None, typer.Option(help="Unix socket to listen on [default: STORE/run/nbdclone.sock].")]
 ListenOpt = Annotated[str | None, typer.Option(help="Listen on TCP HOST:PORT instead of a Unix socket.")]
 
 
@@ -266,7 +265,8 @@ def serve(
 
     def ready(prefix: str) -> None:
         n = len(Store(store).catalog().clones)
-        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} at {server.clone_uri(prefix, 'NAME')}", soft_wrap=True)
+        where = server.clone_uri(prefix, "NAME")
+        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} at {where}", soft_wrap=True)
         sys.stdout.flush()
 
     raise typer.Exit(server.run(cfg, ready))
@@ -313,7 +313,7 @@ nbdclone is serving the clones demo-1 and demo-2 of the demo base. Attach one wi
   nbdinfo '{one}'
   qemu-img info '{two}'
   nbdfuse /mnt/demo-1 '{one}' &     # then: mount /mnt/demo-1/nbd /mnt/x
-  nbd-client -unix {sock or '<host> <port>'} -N demo-1 /dev/nbd0
+  nbd-client -unix {sock or "<host> <port>"} -N demo-1 /dev/nbd0
   qemu-system-x86_64 -drive file={one},format=raw ...
 
 Press Ctrl-C to stop.""")

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 class NbdcloneError(Exception):
     """Base of every error nbdclone raises on purpose."""
 
-    errno: ClassVar[int] = _errno.EIO
+    errno: int = _errno.EIO  # what a client (set_error) or shell sees
     template: ClassVar[str] = "{detail}"
 
     def __init__(self, **fields: Any) -> None:
@@ -20,8 +20,7 @@ class NbdcloneError(Exception):
 class InvalidName(NbdcloneError, ValueError):
     errno = _errno.EINVAL
     template = (
-        "invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-        "starting with a letter or digit"
+        "invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     )
 
 
@@ -79,11 +78,11 @@ class ShortRead(NbdcloneError, OSError):
     template = "short read of {path}: wanted {wanted} bytes at offset {offset}, got {got}"
 
 
-class StorageError(NbdcloneError, OSError):
+class StorageError(NbdcloneError):
     """An overlay or base failed underneath us; errno says how (ENOSPC, EROFS, EIO...)."""
 
     template = "{what}: {detail}"
 
     def __init__(self, err: int, **fields: Any) -> None:
         super().__init__(**fields)
-        self.errno = err  # type: ignore[misc]
+        self.errno = err

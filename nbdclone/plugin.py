@@ -208,5 +208,3 @@ def cache(h: Handle, count: int, offset: int, flags: int) -> None:
 def cleanup() -> None:
     if _registry is not None:
         _registry.close_all()
-
-

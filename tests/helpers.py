@@ -57,7 +57,11 @@ def snapshot(store: Path) -> dict[str, str]:
 
 def cli(*args: str, store: Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [NBDCLONE, *args, "--store", str(store)], capture_output=True, text=True, check=False, **kw  # type: ignore[call-overload]
+        [NBDCLONE, *args, "--store", str(store)],
+        capture_output=True,
+        text=True,
+        check=False,
+        **kw,  # type: ignore[call-overload]
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"nbdclone {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -136,7 +140,7 @@ def extents(h: nbd.NBD, size: int) -> list[tuple[int, int, int]]:
     while off < size:
         got: list[int] = []
 
-        def cb(meta: str, o: int, entries: list[int], err: int) -> int:
+        def cb(meta: str, o: int, entries: list[int], err: int, got: list[int] = got) -> int:
             if meta == "base:allocation":
                 got.extend(entries)
             return 0

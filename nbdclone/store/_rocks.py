@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import rocksdict
 
@@ -101,12 +102,12 @@ class RocksOverlay:
 
     def get(self, blocks: Sequence[int]) -> list[bytes]:
         try:
-            values = self._db.get([_key(b) for b in blocks])
+            values = cast(list[bytes | None], self._db.get([_key(b) for b in blocks]))
         except Exception as exc:
             raise StorageError(_errno_of(exc), what=f"reading overlay {self.path}", detail=str(exc)) from exc
         if any(v is None for v in values):
             raise StorageError(errno.EIO, what=f"overlay {self.path}", detail="an expected block is missing")
-        return values
+        return values  # type: ignore[return-value]  # no None left
 
     def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
         if self._needs_reopen:

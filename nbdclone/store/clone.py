@@ -127,9 +127,7 @@ class Clone:
                     data = _ZERO_BLOCK if buf is None else bytes(buf[lo - offset : hi - offset])
                 else:
                     merged = bytearray(self._block(block))
-                    merged[lo - start : hi - start] = (
-                        bytes(hi - lo) if buf is None else buf[lo - offset : hi - offset]
-                    )
+                    merged[lo - start : hi - start] = bytes(hi - lo) if buf is None else buf[lo - offset : hi - offset]
                     data = bytes(merged)
                 change = self._change_for(block, data)
                 if change is not None:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 from nbdclone import errors
-from nbdclone.store.base import BaseImage
+from nbdclone.store._rocks import RocksOverlay
+from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.catalog import BaseRecord, Store, fsync_dir, validate_name
 from nbdclone.store.clone import EXTENT_DATA, Clone
-from nbdclone.store._rocks import RocksOverlay
-from nbdclone.store.base import Base, ZeroBase
 
 Progress = Callable[[int, int], None]
 COPY_CHUNK = 1 << 20
@@ -120,8 +119,8 @@ def _qemu_convert(args: list[str], source: Path, dest: Path, progress: Progress)
 
 def open_clone_readonly(store: Store, name: str) -> Clone:
     record = store.get_clone(name)
-    base: Base = ZeroBase(record.size) if record.base is None else BaseImage(
-        store.base_path(store.get_base(record.base))
+    base: Base = (
+        ZeroBase(record.size) if record.base is None else BaseImage(store.base_path(store.get_base(record.base)))
     )
     overlay = RocksOverlay(store.clone_path(record), readonly=True)
     return Clone(base, overlay, record.size)

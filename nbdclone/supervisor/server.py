@@ -144,7 +144,7 @@ async def _shutdown(proc: asyncio.subprocess.Process, grace: float) -> int:
         proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("nbdkit did not stop within %.0fs; killing it", grace)
             proc.kill()
             await proc.wait()

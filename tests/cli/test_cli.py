@@ -1,0 +1,118 @@
+"""The CLI: every mistake is one line naming the problem, a non-zero exit, and an unchanged store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from typer.testing import CliRunner
+
+from nbdclone import cli as cli_module
+from tests.helpers import cli, make_image, snapshot
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    make_image(tmp_path / "b.raw", 4 * MiB, [(0, MiB)])
+    cli("base", "import", "deb", str(tmp_path / "b.raw"), store=store)
+    cli("clone", "create", "a", "--base", "deb", store=store)
+    return store
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["base", "import", "x", "/nonexistent.img"], "does not exist", id="import-missing-file"),
+        pytest.param(["base", "import", "x", "{tmp}/notes.txt"], "is not a disk image", id="import-not-an-image"),
+        pytest.param(["base", "import", "x", "{tmp}"], "is not a disk image", id="import-a-directory"),
+        pytest.param(["base", "import", "deb", "{tmp}/b.raw"], "already exists", id="import-existing-name"),
+        pytest.param(["base", "import", "../x", "{tmp}/b.raw"], "invalid base name", id="import-bad-name"),
+        pytest.param(["clone", "create", "b", "--base", "nope"], "no base named 'nope'", id="create-unknown-base"),
+        pytest.param(["clone", "create", "a", "--base", "deb"], "already exists", id="create-existing-clone"),
+        pytest.param(["clone", "create", "../x", "--base", "deb"], "invalid clone name", id="create-dotdot"),
+        pytest.param(["clone", "create", "", "--base", "deb"], "invalid clone name", id="create-empty-name"),
+        pytest.param(["clone", "create", "x" * 5000, "--base", "deb"], "invalid clone name", id="create-5000-bytes"),
+        pytest.param(["clone", "create", "b"], "exactly one of --base", id="create-no-base-or-size"),
+        pytest.param(["clone", "create", "b", "--size", "12Q"], "invalid size", id="create-bad-size"),
+        pytest.param(["base", "rm", "deb"], "is used by clone(s) a", id="rm-base-in-use"),
+        pytest.param(["base", "rm", "nope"], "no base named", id="rm-unknown-base"),
+        pytest.param(["clone", "rm", "nope"], "no clone named", id="rm-unknown-clone"),
+        pytest.param(["clone", "reset", "nope"], "no clone named", id="reset-unknown-clone"),
+        pytest.param(["clone", "info", "nope"], "no clone named", id="info-unknown-clone"),
+        pytest.param(["clone", "export", "a", "{tmp}/b.raw"], "already exists", id="export-over-a-file"),
+        pytest.param(["clone", "export", "a", "{tmp}/x.img", "--format", "vmdk"], "--format", id="export-bad-format"),
+        pytest.param(["uri", "a"], "no nbdclone server is running", id="uri-without-server"),
+        pytest.param(["serve", "--listen", "nonsense"], "HOST:PORT", id="serve-bad-listen"),
+        pytest.param(["clone", "frobnicate"], "No such command", id="unknown-command"),
+    ],
+)
+def test_mistakes_are_one_line_and_change_nothing(tmp_path: Path, store: Path, args: list[str], message: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a disk\n" * 3)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    before = snapshot(store)
+    proc = cli(*args, store=store, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert proc.stdout == ""
+    assert snapshot(store) == before
+
+
+def test_lists_as_json(store: Path) -> None:
+    bases = json.loads(cli("base", "list", "--json", store=store).stdout)
+    assert [(b["name"], b["size"], b["clones"]) for b in bases] == [("deb", 4 * MiB, 1)]
+    assert bases[0]["allocated"] <= 2 * MiB  # the 3 MiB hole stayed a hole
+    clones = json.loads(cli("clone", "list", "--json", store=store).stdout)
+    assert [(c["name"], c["base"], c["open"]) for c in clones] == [("a", "deb", False)]
+
+
+def test_lifecycle(tmp_path: Path, store: Path) -> None:
+    cli("clone", "create", "blank", "--size", "8M", store=store)
+    info = json.loads(cli("clone", "info", "blank", "--json", store=store).stdout)
+    assert info["base"] is None and info["size"] == 8 * MiB
+    cli("clone", "reset", "a", store=store)
+    cli("clone", "rm", "a", store=store)
+    cli("base", "rm", "deb", store=store)
+    assert json.loads(cli("base", "list", "--json", store=store).stdout) == []
+    assert list((store / "bases").iterdir()) == []
+
+
+def test_store_comes_from_the_environment(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    with mock.patch.object(cli_module, "Store") as fake:
+        fake.return_value.catalog.return_value.clones = {}
+        result = runner.invoke(cli_module.app, ["clone", "list", "--json"], env={"NBDCLONE_STORE": str(store)})
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(store)
+
+
+def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with mock.patch.object(cli_module, "Store") as fake:
+        fake.return_value.create_clone.return_value = mock.Mock(base=None, size=10 << 30)
+        fake.return_value.create_clone.return_value.name = "d"
+        result = runner.invoke(cli_module.app, ["clone", "create", "d", "--size", "10G", "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    fake.return_value.create_clone.assert_called_once_with("d", base=None, size=10 << 30)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        pytest.param("127.0.0.1:10809", ("127.0.0.1", 10809), id="ipv4"),
+        pytest.param("[::1]:10810", ("::1", 10810), id="ipv6"),
+        pytest.param(":10811", ("127.0.0.1", 10811), id="port-only-is-loopback"),
+    ],
+)
+def test_serve_passes_the_listen_address(tmp_path: Path, listen: str, expected: tuple[str, int]) -> None:
+    runner = CliRunner()
+    with mock.patch.object(cli_module.server, "run", return_value=0) as run:
+        result = runner.invoke(cli_module.app, ["serve", "--listen", listen, "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    cfg = run.call_args.args[0]
+    assert cfg.listen == expected and cfg.store == tmp_path

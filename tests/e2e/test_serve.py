@@ -1,0 +1,208 @@
+"""End to end, through `nbdclone serve` and real NBD clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Server, cli, extents, make_image, pread_all, sha256, snapshot
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+BASE_DATA = [(0, 4 * MiB), (20 * MiB, MiB), (40 * MiB, 64 * 1024)]
+
+
+@pytest.fixture
+def base(tmp_path: Path, store_path: Path) -> tuple[Path, bytes]:
+    src = tmp_path / "base.raw"
+    data = make_image(src, SIZE, BASE_DATA)
+    cli("base", "import", "deb", str(src), store=store_path)
+    return src, data
+
+
+def base_file(store: Path) -> Path:
+    (path,) = (store / "bases").iterdir()
+    return path
+
+
+def test_two_clones_are_isolated_and_the_base_never_changes(
+    server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    _, data = base
+    before = sha256(base_file(store_path))
+    # Created while the server runs: served without a restart.
+    cli("clone", "create", "a", "--base", "deb", store=store_path)
+    cli("clone", "create", "b", "--base", "deb", store=store_path)
+    a, b = server.connect("a"), server.connect("b")
+    a.pwrite(b"\x5a" * 3 * MiB, MiB + 17)
+    a.zero(MiB, 20 * MiB)
+    a.flush()
+    model = bytearray(data)
+    model[MiB + 17 : 4 * MiB + 17] = b"\x5a" * 3 * MiB
+    model[20 * MiB : 21 * MiB] = bytes(MiB)
+    assert pread_all(a, SIZE) == model
+    assert pread_all(b, SIZE) == data
+    a.shutdown()
+    b.shutdown()
+    assert sha256(base_file(store_path)) == before
+
+
+def test_qemu_io_through_nbdclone_uri(server: Server, store_path: Path, base: tuple[Path, bytes]) -> None:
+    cli("clone", "create", "q", "--base", "deb", store=store_path)
+    uri = cli("uri", "q", store=store_path).stdout.strip()
+    assert uri == server.uri("q")
+    proc = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "read -P 0xab 1M 64k", uri],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Pattern verification failed" not in proc.stdout
+    assert "read 65536/65536 bytes at offset 1048576" in proc.stdout
+
+
+@pytest.mark.parametrize("tool", ["qemu-img", "nbdcopy"])
+def test_copies_of_a_clone_equal_the_model_and_stay_sparse(
+    tool: str, tmp_path: Path, server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    _, data = base
+    cli("clone", "create", "c", "--base", "deb", store=store_path)
+    h = server.connect("c")
+    h.pwrite(b"\x11" * MiB, 30 * MiB)
+    h.zero(4 * MiB, 0)
+    h.flush()
+    model = bytearray(data)
+    model[30 * MiB : 31 * MiB] = b"\x11" * MiB
+    model[0 : 4 * MiB] = bytes(4 * MiB)
+    dest = tmp_path / "copy.raw"
+    if tool == "qemu-img":
+        cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri("c"), str(dest)]
+    else:
+        cmd = ["nbdcopy", server.uri("c"), str(dest)]
+        dest.touch()
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert dest.read_bytes() == model
+    allocated = os.stat(dest).st_blocks * 512
+    # Data: base 1 MiB + 64 KiB, and the clone's 1 MiB; the zeroed 4 MiB and every hole stay holes.
+    assert allocated <= 2 * MiB + 64 * 1024 + 256 * 1024, allocated
+    # The clone's own map, as a client sees it.
+    ext = extents(h, SIZE)
+    assert ext[0] == (0, 20 * MiB, 3)
+    h.shutdown()
+
+
+def test_clone_export_equals_what_clients_read(
+    tmp_path: Path, server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    cli("clone", "create", "e", "--base", "deb", store=store_path)
+    h = server.connect("e")
+    h.pwrite(b"export!" * 1000, 123_456)
+    h.flush()
+    expected = pread_all(h, SIZE)
+    h.shutdown()
+    cli("clone", "export", "e", str(tmp_path / "e.raw"), store=store_path)
+    cli("clone", "export", "e", str(tmp_path / "e.qcow2"), "--format", "qcow2", store=store_path)
+    assert (tmp_path / "e.raw").read_bytes() == expected
+    subprocess.run(["qemu-img", "compare", str(tmp_path / "e.raw"), str(tmp_path / "e.qcow2")], check=True)
+    info = json.loads(cli("clone", "info", "e", "--json", store=store_path).stdout)
+    assert info["bytes_written"] == 7000
+    assert info["data_blocks"] == 2
+
+
+def test_kill_9_during_fio_keeps_every_acknowledged_write(
+    tmp_path: Path, server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    cli("clone", "create", "f", "--base", "deb", store=store_path)
+    job = [
+        "fio",
+        "--name=crash",
+        "--ioengine=nbd",
+        f"--uri={server.uri('f')}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=48M",
+        "--iodepth=8",
+        "--verify=crc32c",
+        "--fsync=16",
+        "--rate_iops=2500",
+    ]
+    # fio's power-cut trigger: after 3 s it stops the job where it is, saves which writes were acknowledged
+    # (the verify state), and runs the trigger: kill -9 of the nbdkit process. (A server killed under fio's
+    # feet would leave fio's nbd engine spinning on the dead connection.)
+    write = subprocess.run(
+        [
+            *job,
+            "--do_verify=0",
+            "--verify_state_save=1",
+            f"--output={tmp_path / 'w.json'}",
+            "--output-format=json",
+            "--trigger-timeout=3",
+            f"--trigger=kill -9 {server.nbdkit_pid()}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert write.returncode == 0, write.stderr[-2000:]
+    assert server.proc is not None and server.proc.wait(30) != 0  # nbdkit died: the supervisor says so
+    written = json.loads((tmp_path / "w.json").read_text())["jobs"][0]["write"]["io_bytes"]
+    assert 1 * MiB < written < 48 * MiB, "the kill must land during the job"
+    assert list(tmp_path.glob("*verify.state"))
+    restarted = Server(store_path, server.socket).start()
+    try:
+        proc = subprocess.run(
+            [
+                *job,
+                "--verify_only=1",
+                "--verify_state_load=1",
+                "--verify_fatal=1",
+                f"--output={tmp_path / 'v.json'}",
+                "--output-format=json",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        verified = json.loads((tmp_path / "v.json").read_text())["jobs"][0]
+        assert verified["error"] == 0
+        assert verified["read"]["io_bytes"] >= written - 8 * 4096  # all but what was in flight
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_stops_cleanly_and_restart_reads_the_same(
+    server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    cli("clone", "create", "s", "--base", "deb", store=store_path)
+    h = server.connect("s")
+    h.pwrite(b"\x77" * 10000, 5)  # no flush: a clean stop must flush
+    h.shutdown()
+    assert server.stop() == 0
+    assert not server.socket.exists()
+    assert not (store_path / "run" / "server.json").exists()
+    again = Server(store_path, server.socket).start()
+    try:
+        h = again.connect("s")
+        assert h.pread(10000, 5) == b"\x77" * 10000
+        h.shutdown()
+    finally:
+        again.stop()
+
+
+def test_uri_without_a_server_is_one_clear_error(store_path: Path, base: tuple[Path, bytes]) -> None:
+    cli("clone", "create", "u", "--base", "deb", store=store_path)
+    before = snapshot(store_path)
+    proc = cli("uri", "u", store=store_path, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "no nbdclone server is running" in proc.stderr
+    assert snapshot(store_path) == before

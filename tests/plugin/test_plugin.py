@@ -1,0 +1,182 @@
+"""The plugin under real nbdkit (`nbdkit -s`, one connection per handle) and libnbd."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from nbdclone.store.catalog import Store
+from nbdclone.store.images import import_base
+from nbdclone.supervisor.server import plugin_pythonpath
+from tests.helpers import PLUGIN, extents, make_image, pread_all, snapshot
+
+SIZE = 4 << 20
+BASE_DATA = [(0, 1 << 20), (3 << 20, 4096)]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    monkeypatch.setenv("PYTHONPATH", plugin_pythonpath())
+    st = Store(tmp_path / "store")
+    make_image(tmp_path / "b.raw", SIZE, BASE_DATA)
+    import_base(st, "deb", tmp_path / "b.raw")
+    st.create_clone("c1", base="deb")
+    st.create_clone("c2", base="deb")
+    return st
+
+
+@pytest.fixture
+def base_bytes(tmp_path: Path, store: Store) -> bytes:
+    return (tmp_path / "b.raw").read_bytes()
+
+
+def nbdkit_cmd(store: Store, *extra: str) -> list[str]:
+    return ["nbdkit", "-s", "--exit-with-parent", *extra, "python", str(PLUGIN), f"store={store.path}"]
+
+
+def connect(store: Store, name: str, *extra: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.set_export_name(name)
+    h.connect_command(nbdkit_cmd(store, *extra))
+    return h
+
+
+@pytest.fixture
+def c1(store: Store) -> Iterator[nbd.NBD]:
+    h = connect(store, "c1")
+    yield h
+    h.shutdown()
+
+
+def test_advertises_what_it_implements(c1: nbd.NBD) -> None:
+    assert c1.get_size() == SIZE
+    assert c1.can_flush() and c1.can_fua() and c1.can_trim() and c1.can_zero() and c1.can_fast_zero()
+    assert c1.can_multi_conn() and c1.can_cache() and c1.can_meta_context("base:allocation")
+    assert not c1.is_read_only()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        pytest.param(1, 1, id="one-byte"),
+        pytest.param(4097, 8192, id="short-unaligned"),
+        pytest.param(4095, 2, id="straddles-block-edge"),
+        pytest.param(1 << 20, 1 << 20, id="aligned-over-hole"),
+        pytest.param((1 << 20) - 100, 200, id="data-to-hole-edge"),
+        pytest.param(SIZE - 3, 3, id="last-bytes"),
+        pytest.param(0, SIZE, id="whole-disk"),
+    ],
+)
+def test_unaligned_writes_merge_with_the_base(c1: nbd.NBD, base_bytes: bytes, offset: int, length: int) -> None:
+    data = bytes((i * 7 + 3) % 251 + 1 for i in range(length))
+    c1.pwrite(data, offset)
+    model = bytearray(base_bytes)
+    model[offset : offset + length] = data
+    assert pread_all(c1, SIZE) == model
+
+
+def test_fua_write_and_flush(c1: nbd.NBD) -> None:
+    c1.pwrite(b"\xaa" * 5000, 10, nbd.CMD_FLAG_FUA)
+    c1.flush()
+    assert c1.pread(5000, 10) == b"\xaa" * 5000
+
+
+def test_zero_reads_back_as_zero_and_is_fast(c1: nbd.NBD) -> None:
+    c1.zero(100_000, 1000, nbd.CMD_FLAG_FAST_ZERO)
+    assert c1.pread(100_000, 1000) == bytes(100_000)
+    assert c1.pread(1000, 0) != bytes(1000)
+
+
+def test_zeroed_base_data_is_reported_as_zero_extent(c1: nbd.NBD) -> None:
+    c1.zero(1 << 20, 0)
+    assert extents(c1, SIZE)[0] == (0, 3 << 20, nbd.STATE_HOLE | nbd.STATE_ZERO)
+
+
+def test_extents_show_base_holes_and_clone_data(c1: nbd.NBD) -> None:
+    c1.pwrite(b"x" * 4096, 2 << 20)
+    got = extents(c1, SIZE)
+    assert got == [
+        (0, 1 << 20, 0),
+        (1 << 20, 1 << 20, nbd.STATE_HOLE | nbd.STATE_ZERO),
+        (2 << 20, 4096, 0),
+        ((2 << 20) + 4096, (1 << 20) - 4096, nbd.STATE_HOLE | nbd.STATE_ZERO),
+        (3 << 20, 4096, 0),
+        ((3 << 20) + 4096, (1 << 20) - 4096, nbd.STATE_HOLE | nbd.STATE_ZERO),
+    ]
+
+
+def test_trim_returns_blocks_to_the_base(c1: nbd.NBD, base_bytes: bytes) -> None:
+    c1.pwrite(b"y" * 16384, 0)
+    c1.trim(16384, 0)
+    assert c1.pread(16384, 0) == base_bytes[:16384]
+
+
+def test_cache_request_is_accepted(c1: nbd.NBD) -> None:
+    c1.cache(1 << 20, 0)
+
+
+def test_clones_are_isolated(store: Store, base_bytes: bytes) -> None:
+    a, b = connect(store, "c1"), connect(store, "c2")
+    a.pwrite(b"A" * 4096, 0)
+    a.flush()
+    assert a.pread(4096, 0) == b"A" * 4096
+    assert b.pread(4096, 0) == base_bytes[:4096]
+
+
+def test_writes_persist_across_server_restarts(store: Store) -> None:
+    h = connect(store, "c1")
+    h.pwrite(b"persist" * 100, 12345)
+    h.flush()
+    h.shutdown()
+    h = connect(store, "c1")
+    assert h.pread(700, 12345) == b"persist" * 100
+
+
+def test_out_of_range_request_gets_einval_from_the_server(c1: nbd.NBD) -> None:
+    c1.set_strict_mode(0)  # let the request reach the server
+    with pytest.raises(nbd.Error) as info:
+        c1.pread(4096, SIZE - 100)
+    assert info.value.errnum == errno.EINVAL
+
+
+def test_read_only_connection_refuses_writes_with_eperm(store: Store) -> None:
+    h = connect(store, "c1", "--readonly")
+    h.set_strict_mode(0)
+    with pytest.raises(nbd.Error) as info:
+        h.pwrite(b"x", 0)
+    assert info.value.errnum == errno.EPERM
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("nope", id="unknown"),
+        pytest.param("../x", id="dotdot"),
+        pytest.param("", id="empty"),
+        pytest.param("x" * 4096, id="4096-bytes"),
+        pytest.param("c1/../c2", id="path-like"),
+    ],
+)
+def test_bad_export_names_are_refused_and_create_nothing(store: Store, name: str) -> None:
+    before = snapshot(store.path)
+    h = nbd.NBD()
+    h.set_export_name(name)
+    with pytest.raises(nbd.Error) as info:
+        h.connect_command(nbdkit_cmd(store))
+    assert "opt_go" in str(info.value) or "export" in str(info.value).lower()
+    assert snapshot(store.path) == before
+
+
+def test_list_exports_lists_every_clone(store: Store) -> None:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_command(nbdkit_cmd(store))
+    names: list[str] = []
+    h.opt_list(lambda name, desc: names.append(name))
+    h.opt_abort()
+    assert sorted(names) == ["c1", "c2"]
