@@ -307,7 +307,8 @@ def demo(
     def ready(prefix: str) -> None:
         one, two = (server.clone_uri(prefix, n) for n in ("demo-1", "demo-2"))
         sock = str(cfg.endpoint()[1]).partition("socket=")[2]
-        out.print(f"""
+        out.print(
+            f"""
 nbdclone is serving the clones demo-1 and demo-2 of the demo base. Attach one with:
 
   nbdinfo '{one}'
@@ -316,7 +317,9 @@ nbdclone is serving the clones demo-1 and demo-2 of the demo base. Attach one wi
   nbd-client -unix {sock or "<host> <port>"} -N demo-1 /dev/nbd0
   qemu-system-x86_64 -drive file={one},format=raw ...
 
-Press Ctrl-C to stop.""")
+Press Ctrl-C to stop.""",
+            soft_wrap=True,
+        )
         sys.stdout.flush()
 
     raise typer.Exit(server.run(cfg, ready))
