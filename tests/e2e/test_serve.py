@@ -206,3 +206,64 @@ def test_uri_without_a_server_is_one_clear_error(store_path: Path, base: tuple[P
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "no nbdclone server is running" in proc.stderr
     assert snapshot(store_path) == before
+
+
+def test_reset_and_rm_of_a_connected_clone_are_refused(
+    server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    cli("clone", "create", "busy", "--base", "deb", store=store_path)
+    h = server.connect("busy")
+    h.pwrite(b"keep me", 0)
+    h.flush()
+    before = snapshot(store_path)
+    for args in (["clone", "reset", "busy"], ["clone", "rm", "busy"]):
+        proc = cli(*args, store=store_path, check=False)
+        assert proc.returncode != 0 and "is open on a running server" in proc.stderr
+    assert snapshot(store_path) == before
+    assert h.pread(7, 0) == b"keep me"
+    listed = json.loads(cli("clone", "list", "--json", store=store_path).stdout)
+    assert [c["open"] for c in listed if c["name"] == "busy"] == [True]
+    h.shutdown()
+
+
+def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path, bytes]) -> None:
+    """The store on a small tmpfs: filling it gets ENOSPC, not EIO; once space is back, the same connection
+    writes again and nothing acknowledged is lost."""
+    import errno
+
+    import nbd
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        store = small / "store"
+        blank = tmp_path / "blank.raw"
+        with open(blank, "wb") as f:
+            f.truncate(64 * MiB)
+        cli("base", "import", "blank", str(blank), store=store)
+        cli("clone", "create", "full", "--base", "blank", store=store)
+        reserve = small / "reserve"
+        reserve.write_bytes(os.urandom(6 * MiB))  # space to give back later
+        srv = Server(store, tmp_path / "small.sock").start()
+        try:
+            h = srv.connect("full")
+            acked: list[int] = []
+            with pytest.raises(nbd.Error) as info:
+                for i in range(64):
+                    h.pwrite(bytes([i + 1]) * MiB, i * MiB)
+                    h.flush()
+                    acked.append(i)
+            assert info.value.errnum == errno.ENOSPC
+            assert acked, "some writes must have fitted"
+            reserve.unlink()
+            h.pwrite(b"again" * 100, 63 * MiB)
+            h.flush()
+            assert h.pread(500, 63 * MiB) == b"again" * 100
+            for i in acked:
+                assert h.pread(MiB, i * MiB) == bytes([i + 1]) * MiB
+            h.shutdown()
+        finally:
+            srv.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
