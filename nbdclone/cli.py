@@ -20,8 +20,9 @@ from rich.table import Table
 
 from nbdclone import errors
 from nbdclone.store import images
-from nbdclone.store._rocks import RocksOverlay, overlay_in_use
 from nbdclone.store.catalog import Store, default_store
+from nbdclone.store.chunks import CHUNK
+from nbdclone.store.overlay import BLOCK_SIZE
 from nbdclone.supervisor import server
 
 app = typer.Typer(
@@ -30,8 +31,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-base_app = typer.Typer(help="Import, list and remove base images.", no_args_is_help=True)
-clone_app = typer.Typer(help="Create, inspect, reset, export and remove clones.", no_args_is_help=True)
+base_app = typer.Typer(help="Base images and their versions: import, list, promote, remove.", no_args_is_help=True)
+clone_app = typer.Typer(help="Create, inspect, reset, upgrade, export and remove clones.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(clone_app, name="clone")
 
@@ -67,7 +68,7 @@ def human(n: int) -> str:
     raise AssertionError
 
 
-def _progress(description: str) -> Progress:
+def _progress() -> Progress:
     return Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -89,42 +90,84 @@ def _print_json(data: Any) -> None:
 
 @base_app.command("import")
 def base_import(
-    name: Annotated[str, typer.Argument(help="Name of the new base.")],
+    name: Annotated[str, typer.Argument(help="The base; created by its first import.")],
     source: Annotated[Path, typer.Argument(help="A raw or qcow2 disk image.")],
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
-    """Copy a raw or qcow2 disk image into the store as a read-only base. Holes stay holes."""
+    """Add a raw or qcow2 image as a new, immutable version of base NAME. Prints the version id last.
+
+    Chunks the store already holds are not stored again. The first import makes its version current;
+    later ones become current with 'nbdclone base promote'.
+    """
     st = Store(store)
-    with _progress("importing") as bar:
+    with _progress() as bar:
         task = bar.add_task(f"importing {name}", total=None)
-        record = images.import_base(st, name, source, lambda d, t: bar.update(task, completed=d, total=t))
-    out.print(f"imported base {record.name}: {human(record.size)} from {source}")
+        record, vid = images.import_base(st, name, source, lambda d, t: bar.update(task, completed=d, total=t))
+    version = record.versions[vid]
+    current = st.current_version(record)
+    state = (
+        "current" if current == vid else f"current is still {current}; flip with: nbdclone base promote {name} {vid}"
+    )
+    new = human(version.new_chunks * CHUNK)
+    out.print(f"imported {name}@{vid}: {human(version.size)} from {source}, {new} new data ({state})", soft_wrap=True)
+    out.print(vid)
 
 
 @base_app.command("list")
 def base_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """List the bases of the store."""
+    """List every version of every base: size, space shared with other versions and held only by it,
+    which version is current, and how many clones use it."""
     st = Store(store)
-    cat = st.catalog()
-    rows = []
-    for rec in cat.bases.values():
-        path = st.base_path(rec)
-        allocated = path.stat().st_blocks * 512 if path.exists() else 0
-        rows.append({**_asdict(rec), "allocated": allocated, "clones": len(cat.clones_of(rec.name))})
+    rows = [_asdict(v) for v in st.version_stats()]
     if as_json:
         _print_json(rows)
         return
-    table = Table("NAME", "SIZE", "ALLOCATED", "CLONES", "CREATED", "SOURCE", box=None)
+    table = Table("BASE", "VERSION", "SIZE", "SHARED", "ONLY HERE", "CURRENT", "CLONES", "CREATED", box=None)
     for r in rows:
-        table.add_row(r["name"], human(r["size"]), human(r["allocated"]), str(r["clones"]), r["created"], r["source"])
+        table.add_row(
+            r["base"],
+            r["version"],
+            human(r["size"]),
+            human(r["shared"]),
+            human(r["unique"]),
+            "*" if r["current"] else "",
+            str(r["clones"]),
+            r["created"],
+        )
     out.print(table)
+    pack = st.chunks.pack
+    if pack.exists():
+        out.print(f"chunk store: {human(pack.stat().st_blocks * 512)} on disk")
+
+
+@base_app.command("promote")
+def base_promote(
+    name: str,
+    version: Annotated[str, typer.Argument(help="The version to make current (an older one: a rollback).")],
+    store: StoreOpt = _DEFAULT_STORE,
+) -> None:
+    """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
+    first connection (dropping its writes). One atomic rename, whatever the number of clones."""
+    old = Store(store).promote(name, version)
+    out.print(f"{name}: current version {old} -> {version}")
 
 
 @base_app.command("rm")
-def base_rm(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
-    """Remove a base. Refused while any clone uses it."""
-    Store(store).remove_base(name)
-    out.print(f"removed base {name}")
+def base_rm(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base, or one version of it.")],
+    store: StoreOpt = _DEFAULT_STORE,
+) -> None:
+    """Remove a base (refused while a clone uses it), or one version (refused if current or in use)."""
+    st = Store(store)
+    freed = st.remove_version(ref) if "@" in ref else st.remove_base(ref)
+    out.print(f"removed {ref}; freed {human(freed)}")
+
+
+@base_app.command("gc")
+def base_gc(store: StoreOpt = _DEFAULT_STORE) -> None:
+    """Remove every version that is not current and used by no clone, and free the chunks nothing uses."""
+    removed, freed = Store(store).gc()
+    out.print(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}")
 
 
 # -- clones --------------------------------------------------------------------------------------------
@@ -132,28 +175,53 @@ def base_rm(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
 
 @clone_app.command("create")
 def clone_create(
-    name: Annotated[str, typer.Argument(help="Name of the new clone; also its NBD export name.")],
-    base: Annotated[str | None, typer.Option(help="The base image the clone starts from.")] = None,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Clone names; also their NBD export names.")],
+    base: Annotated[
+        str | None, typer.Option(help="BASE follows the base's current version; BASE@VERSION pins one.")
+    ] = None,
     size: Annotated[str | None, typer.Option(help="Size of a blank clone with no base, like 10G.")] = None,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
-    """Create a clone of BASE (or a blank disk of SIZE)."""
+    """Create clones of BASE (or blank disks of SIZE). Many names make many clones in one step."""
     if (base is None) == (size is None):
         raise errors.InvalidArgument(detail="give exactly one of --base BASE or --size SIZE")
-    record = Store(store).create_clone(name, base=base, size=parse_size(size) if size else None)
-    what = f"of base {record.base}" if record.base else "(blank)"
-    out.print(f"created clone {record.name} {what}: {human(record.size)}")
+    records = Store(store).create_clones(names, base=base, size=parse_size(size) if size else None)
+    for record in records[:20]:
+        what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
+        out.print(f"created clone {record.name} {what}")
+    if len(records) > 20:
+        out.print(f"... and {len(records) - 20} more")
+
+
+def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
+    state = st.clone_state(rec)
+    version = state.version if state is not None else st.target_version(rec)
+    target = st.target_version(rec)
+    overlay = st.overlay_path(rec, state) if state is not None else None
+    disk = sum(f.stat().st_size for f in overlay.iterdir() if f.is_file()) if overlay and overlay.is_dir() else 0
+    return {
+        **_asdict(rec),
+        "size": st.clone_size(rec, version),
+        "version": version,
+        "follows": rec.base is not None and rec.pin is None,
+        "move_pending": state is not None and version != target,
+        "overlay_disk_bytes": disk,
+        "open": st.is_open(rec),
+    }
+
+
+def _version_label(r: dict[str, Any]) -> str:
+    if r["base"] is None:
+        return "-"
+    label = f"{r['base']}@{r['version']}" + ("" if r["follows"] else " (pinned)")
+    return label + (" (moves on next open)" if r["move_pending"] else "")
 
 
 @clone_app.command("list")
 def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """List the clones of the store."""
+    """List the clones: base version, whether a move is pending, overlay size, whether it is open."""
     st = Store(store)
-    rows = []
-    for rec in st.catalog().clones.values():
-        path = st.clone_path(rec)
-        disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
-        rows.append({**_asdict(rec), "overlay_disk_bytes": disk, "open": overlay_in_use(path)})
+    rows = [_clone_row(st, rec) for rec in st.catalog().clones.values()]
     if as_json:
         _print_json(rows)
         return
@@ -161,7 +229,7 @@ def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> No
     for r in rows:
         table.add_row(
             r["name"],
-            r["base"] or "-",
+            _version_label(r),
             human(r["size"]),
             human(r["overlay_disk_bytes"]),
             "yes" if r["open"] else "no",
@@ -172,7 +240,7 @@ def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> No
 
 @clone_app.command("info")
 def clone_info(name: str, store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """Show a clone: its base, bytes written and blocks held in its overlay."""
+    """Show a clone: its base version, bytes written and blocks held in its overlay."""
     st = Store(store)
     clone = images.open_clone_readonly(st, name)
     try:
@@ -180,16 +248,12 @@ def clone_info(name: str, store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = F
     finally:
         clone.close()
         clone.base.close()
-    rec = st.get_clone(name)
-    overlay = clone.overlay
     info = {
-        **_asdict(rec),
+        **_clone_row(st, st.get_clone(name)),
         "bytes_written": usage.bytes_written,
         "data_blocks": usage.data_blocks,
         "zero_blocks": usage.zero_blocks,
-        "block_size": 4096,
-        "overlay_disk_bytes": overlay.disk_usage() if isinstance(overlay, RocksOverlay) else 0,
-        "open": overlay_in_use(st.clone_path(rec)),
+        "block_size": BLOCK_SIZE,
     }
     if as_json:
         _print_json(info)
@@ -202,9 +266,20 @@ def clone_info(name: str, store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = F
 
 @clone_app.command("reset")
 def clone_reset(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
-    """Drop every write of a clone: it reads as its base again."""
+    """Drop every write of a clone: it reads as its base version again."""
     Store(store).reset_clone(name)
     out.print(f"reset clone {name}: its writes are gone")
+
+
+@clone_app.command("upgrade")
+def clone_upgrade(
+    name: str,
+    to: Annotated[str | None, typer.Option("--to", help="Version to move to [default: the current one].")] = None,
+    store: StoreOpt = _DEFAULT_STORE,
+) -> None:
+    """Move a clone to another version of its base now. Its writes are dropped."""
+    old, new = Store(store).upgrade_clone(name, to)
+    out.print(f"clone {name}: version {old} -> {new}; its writes were dropped")
 
 
 @clone_app.command("rm")
@@ -229,7 +304,7 @@ def clone_export(
     """Write the clone's disk, as its clients see it, to a new sparse raw or qcow2 file."""
     st = Store(store)
     fmt_lit: Literal["raw", "qcow2"] = "qcow2" if fmt is ExportFormat.qcow2 else "raw"
-    with _progress("exporting") as bar:
+    with _progress() as bar:
         task = bar.add_task(f"exporting {name}", total=None)
         images.export_clone(st, name, dest, fmt_lit, lambda d, t: bar.update(task, completed=d, total=t))
     out.print(f"exported clone {name} to {dest} ({fmt_lit})")
@@ -299,10 +374,10 @@ def demo(
         finally:
             image.unlink(missing_ok=True)
         out.print("imported the demo base 'demo' (64 MiB, ext4)")
-    for clone in ("demo-1", "demo-2"):
-        if clone not in st.catalog().clones:
-            st.create_clone(clone, base="demo")
-            out.print(f"created clone {clone}")
+    missing = [c for c in ("demo-1", "demo-2") if c not in st.catalog().clones]
+    if missing:
+        st.create_clones(missing, base="demo")
+        out.print(f"created clone(s) {', '.join(missing)}")
 
     def ready(prefix: str) -> None:
         one, two = (server.clone_uri(prefix, n) for n in ("demo-1", "demo-2"))
@@ -323,6 +398,10 @@ Press Ctrl-C to stop.""",
         sys.stdout.flush()
 
     raise typer.Exit(server.run(cfg, ready))
+
+
+def _when(iso: str) -> str:
+    return iso[:16].replace("T", " ")
 
 
 def _asdict(record: Any) -> dict[str, Any]:

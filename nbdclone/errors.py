@@ -86,3 +86,13 @@ class StorageError(NbdcloneError):
     def __init__(self, err: int, **fields: Any) -> None:
         super().__init__(**fields)
         self.errno = err
+
+
+class VersionNotFound(NbdcloneError):
+    errno = _errno.ENOENT
+    template = "base {name!r} has no version {version!r} in store {store}"
+
+
+class VersionInUse(NbdcloneError):
+    errno = _errno.EBUSY
+    template = "version {version} of base {name!r} cannot be removed: {why}"

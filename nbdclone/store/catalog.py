@@ -1,26 +1,31 @@
-"""The store on disk: bases, clones and the catalog that names them.
+"""The store on disk: bases and their versions, clones, and the catalog that names them.
 
     STORE/
-      catalog.json      names -> records; replaced atomically (tmp, fsync, rename, fsync dir)
-      lock              flock: exclusive for changes (CLI), shared while a server opens a clone
-      bases/ID.raw      imported base images, read-only, sparse
-      clones/ID/        one RocksDB overlay per clone
-      tmp/              imports and exports in progress
-      run/server.json   where the running server listens
+      catalog.json            names -> records; replaced atomically (tmp, fsync, rename, fsync dir)
+      lock                    flock: exclusive for catalog changes, shared while a server opens a clone
+      chunks/pack, lock       every base version's data, stored once by content (see chunks.py)
+      bases/ID/VERSION.map    a version's chunk map: immutable once written
+      bases/ID/current        the pointer: the version a following clone uses. A flip replaces this one
+                              small file by rename, whatever the number of clones.
+      clones/ID/state.json    the version the clone's overlay was started on, and which overlay is live
+      clones/ID/OVERLAY/      the clone's RocksDB overlay on that version
+      tmp/, run/server.json   work in progress; where the running server listens
 
 Names are keys in the catalog and never become paths: files are named by random ids, so an export name
-from the network can only ever be looked up.
+from the network can only ever be looked up. Lock order, everywhere: chunks/lock, then lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -30,11 +35,15 @@ from typing import Any, Literal
 
 from nbdclone import errors
 from nbdclone.store._rocks import RocksOverlay, overlay_in_use
+from nbdclone.store.chunks import CHUNK, ChunkStore, VersionMap
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CATALOG_FORMAT = 1
+VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
+CATALOG_FORMAT = 2
+#: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip.
+CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
 
 
 def default_store() -> Path:
@@ -52,26 +61,73 @@ def is_valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name))
 
 
+def parse_base_ref(ref: str) -> tuple[str, str | None]:
+    """ "NAME" -> (NAME, None); "NAME@VERSION" -> (NAME, VERSION)."""
+    name, sep, version = ref.partition("@")
+    validate_name("base", name)
+    if sep and not VERSION_RE.fullmatch(version):
+        raise errors.InvalidArgument(detail=f"invalid version {version!r} in {ref!r}: versions are numbers")
+    return name, (version if sep else None)
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    id: str
+    size: int
+    created: str
+    source: str
+    new_chunks: int
 
 
 @dataclass(frozen=True, slots=True)
 class BaseRecord:
     name: str
     id: str
-    size: int
     created: str
-    source: str
+    next_version: int
+    versions: dict[str, VersionRecord]
+
+    def version(self, vid: str, store: Path) -> VersionRecord:
+        record = self.versions.get(vid)
+        if record is None:
+            raise errors.VersionNotFound(name=self.name, version=vid, store=store)
+        return record
 
 
 @dataclass(frozen=True, slots=True)
 class CloneRecord:
     name: str
     id: str
-    base: str | None
+    base: str | None  # None: a blank clone
+    pin: str | None  # None: follows the base's current version
+    size: int  # blank clones only; a clone of a base has its version's size
+    created: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloneState:
+    """Where a clone is now: the version its overlay started on, and that overlay's directory name."""
+
+    version: str | None
+    overlay: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStats:
+    base: str
+    version: str
     size: int
     created: str
+    source: str
+    current: bool
+    stored: int  # bytes of chunks this version references (all-zero chunks take none)
+    shared: int  # of which other versions reference too
+    unique: int  # of which only this version references: what removing it would free
+    clones: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +146,11 @@ class Catalog:
     def from_json(cls, data: dict[str, Any]) -> Catalog:
         if data.get("format") != CATALOG_FORMAT:
             raise errors.NbdcloneError(detail=f"unsupported catalog format {data.get('format')!r}")
-        return cls(
-            bases={n: BaseRecord(**r) for n, r in data["bases"].items()},
-            clones={n: CloneRecord(**r) for n, r in data["clones"].items()},
-        )
+        bases = {}
+        for n, r in data["bases"].items():
+            versions = {v: VersionRecord(**vr) for v, vr in r.pop("versions").items()}
+            bases[n] = BaseRecord(**r, versions=versions)
+        return cls(bases=bases, clones={n: CloneRecord(**r) for n, r in data["clones"].items()})
 
     def clones_of(self, base: str) -> list[str]:
         return sorted(n for n, c in self.clones.items() if c.base == base)
@@ -104,6 +161,7 @@ class Store:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path).absolute()
+        self.chunks = ChunkStore(self.path / "chunks")
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
 
     # -- paths ---------------------------------------------------------------------------------------
@@ -112,10 +170,13 @@ class Store:
     def catalog_path(self) -> Path:
         return self.path / "catalog.json"
 
-    def base_path(self, record: BaseRecord) -> Path:
-        return self.path / "bases" / f"{record.id}.raw"
+    def base_dir(self, record: BaseRecord) -> Path:
+        return self.path / "bases" / record.id
 
-    def clone_path(self, record: CloneRecord) -> Path:
+    def map_path(self, record: BaseRecord, vid: str) -> Path:
+        return self.base_dir(record) / f"{vid}.map"
+
+    def clone_dir(self, record: CloneRecord) -> Path:
         return self.path / "clones" / record.id
 
     @property
@@ -152,20 +213,17 @@ class Store:
 
     def _write_catalog(self, catalog: Catalog) -> None:
         """Replace catalog.json atomically and durably. Caller holds the exclusive lock."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"catalog.{uuid.uuid4().hex}.json"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(catalog.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.catalog_path)
-        fsync_dir(self.path)
+        write_atomic(self.catalog_path, json.dumps(catalog.to_json(), indent=1), self.tmp)
 
     def _init_dirs(self) -> None:
-        for sub in ("bases", "clones", "tmp", "run"):
+        for sub in ("bases", "clones", "chunks", "tmp", "run"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
-    # -- bases ---------------------------------------------------------------------------------------
+    def new_tmp_file(self, suffix: str) -> Path:
+        self._init_dirs()
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    # -- bases and versions --------------------------------------------------------------------------
 
     def get_base(self, name: str) -> BaseRecord:
         validate_name("base", name)
@@ -174,34 +232,178 @@ class Store:
             raise errors.BaseNotFound(name=name, store=self.path)
         return record
 
-    def add_base(self, name: str, image: Path, source: str) -> BaseRecord:
-        """Adopt `image` (a finished raw file under tmp/) as base `name`."""
+    def current_version(self, record: BaseRecord) -> str:
+        try:
+            vid = (self.base_dir(record) / "current").read_text().strip()
+        except FileNotFoundError:
+            raise errors.StorageError(
+                errno.ENOENT, what=f"base {record.name}", detail="its current pointer is missing"
+            ) from None
+        return vid
+
+    def resolve(self, ref: str) -> tuple[BaseRecord, str]:
+        """'NAME' or 'NAME@VERSION' -> (base, version id); NAME alone means its current version."""
+        name, vid = parse_base_ref(ref)
+        record = self.get_base(name)
+        vid = vid or self.current_version(record)
+        record.version(vid, self.path)
+        return record, vid
+
+    def version_map(self, record: BaseRecord, vid: str) -> VersionMap:
+        return VersionMap.load(self.map_path(record, vid))
+
+    def all_version_maps(self, catalog: Catalog | None = None) -> Iterator[VersionMap]:
+        for base in (catalog or self.catalog()).bases.values():
+            for vid in base.versions:
+                yield self.version_map(base, vid)
+
+    def add_version(self, name: str, vmap: VersionMap, source: str, new_chunks: int) -> tuple[BaseRecord, str]:
+        """Commit an imported version of base `name` (created if new). Caller holds chunks.writer()."""
         validate_name("base", name)
         with self.lock():
+            self._init_dirs()
             cat = self.catalog()
-            if name in cat.bases:
-                raise errors.BaseExists(name=name, store=self.path)
-            record = BaseRecord(name, uuid.uuid4().hex, image.stat().st_size, now(), source)
-            os.chmod(image, 0o444)
-            os.rename(image, self.base_path(record))
-            fsync_dir(self.path / "bases")
+            record = cat.bases.get(name) or BaseRecord(name, uuid.uuid4().hex, now(), 1, {})
+            vid = str(record.next_version)
+            self.base_dir(record).mkdir(exist_ok=True)
+            vmap.save(self.map_path(record, vid))
+            fsync_dir(self.base_dir(record))
+            version = VersionRecord(vid, vmap.size, now(), source, new_chunks)
+            record = replace(record, next_version=record.next_version + 1, versions={**record.versions, vid: version})
+            if name not in cat.bases:
+                self._write_pointer(record, vid)
             self._write_catalog(replace(cat, bases={**cat.bases, name: record}))
-        log.info("imported base %s (%d bytes)", name, record.size)
-        return record
+        log.info("imported version %s of base %s (%d bytes, %d new chunks)", vid, name, vmap.size, new_chunks)
+        return record, vid
 
-    def remove_base(self, name: str) -> None:
+    def promote(self, name: str, vid: str) -> str:
+        """Make `vid` the current version of base `name`: one atomic, durable rename. Returns the old one."""
         with self.lock():
             record = self.get_base(name)
-            cat = self.catalog()
-            users = cat.clones_of(name)
-            if users:
-                raise errors.BaseInUse(name=name, clones=", ".join(users))
-            self._write_catalog(replace(cat, bases={n: r for n, r in cat.bases.items() if n != name}))
-            self.base_path(record).unlink(missing_ok=True)
+            record.version(vid, self.path)
+            old = self.current_version(record)
+            self._write_pointer(record, vid)
+        return old
 
-    def new_tmp_file(self, suffix: str) -> Path:
-        self._init_dirs()
-        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+    def _write_pointer(self, record: BaseRecord, vid: str) -> None:
+        write_atomic(self.base_dir(record) / "current", vid + "\n", self.base_dir(record), crash_hooks=True)
+
+    def version_users(self, catalog: Catalog | None = None) -> dict[tuple[str, str], list[str]]:
+        """(base, version) -> the clones that use it: pinned to it, or with an overlay started on it."""
+        cat = catalog or self.catalog()
+        users: dict[tuple[str, str], list[str]] = {}
+        for clone in cat.clones.values():
+            if clone.base is None:
+                continue
+            for vid in {clone.pin, self.clone_version(clone)} - {None}:
+                users.setdefault((clone.base, vid), []).append(clone.name)  # type: ignore[arg-type]
+        return users
+
+    def version_stats(self) -> list[VersionStats]:
+        """Every version with the space it shares with other versions and the space only it holds."""
+        cat = self.catalog()
+        users = self.version_users(cat)
+        maps = {(b.name, v): self.version_map(b, v).used_slots() for b in cat.bases.values() for v in b.versions}
+        refs: dict[int, int] = {}
+        for slots in maps.values():
+            for slot in slots:
+                refs[slot] = refs.get(slot, 0) + 1
+        out = []
+        for base in cat.bases.values():
+            current = self.current_version(base)
+            for vid, rec in base.versions.items():
+                slots = maps[(base.name, vid)]
+                shared = sum(1 for s in slots if refs[s] > 1)
+                out.append(
+                    VersionStats(
+                        base=base.name,
+                        version=vid,
+                        size=rec.size,
+                        created=rec.created,
+                        source=rec.source,
+                        current=vid == current,
+                        stored=len(slots) * CHUNK,
+                        shared=shared * CHUNK,
+                        unique=(len(slots) - shared) * CHUNK,
+                        clones=len(users.get((base.name, vid), [])),
+                    )
+                )
+        return out
+
+    def remove_version(self, ref: str) -> int:
+        """Remove one version (NAME@VERSION): refused if current or used. Returns the bytes freed."""
+        name, vid = parse_base_ref(ref)
+        if vid is None:
+            raise errors.InvalidArgument(detail=f"{ref!r} names no version; use NAME@VERSION, or base rm NAME")
+        with self.chunks.writer():
+            with self.lock():
+                cat = self.catalog()
+                record = self.get_base(name)
+                record.version(vid, self.path)
+                if vid == self.current_version(record):
+                    raise errors.VersionInUse(name=name, version=vid, why="it is the current version")
+                users = self.version_users(cat).get((name, vid))
+                if users:
+                    raise errors.VersionInUse(name=name, version=vid, why=f"clone(s) {', '.join(users)} use it")
+                record = replace(record, versions={v: r for v, r in record.versions.items() if v != vid})
+                cat = replace(cat, bases={**cat.bases, name: record})
+                self._write_catalog(cat)
+                self.map_path(record, vid).unlink(missing_ok=True)
+            return self.chunks.release_unused(self.all_version_maps(cat))
+
+    def remove_base(self, name: str) -> int:
+        """Remove a base and all its versions; refused while any clone uses it. Returns the bytes freed."""
+        with self.chunks.writer():
+            with self.lock():
+                record = self.get_base(name)
+                cat = self.catalog()
+                users = cat.clones_of(name)
+                if users:
+                    raise errors.BaseInUse(name=name, clones=", ".join(users))
+                cat = replace(cat, bases={n: r for n, r in cat.bases.items() if n != name})
+                self._write_catalog(cat)
+                shutil.rmtree(self.base_dir(record), ignore_errors=True)
+            return self.chunks.release_unused(self.all_version_maps(cat))
+
+    def gc(self) -> tuple[list[str], int]:
+        """Remove every version that is not current and used by no clone; free the chunks nothing uses.
+        Returns the removed NAME@VERSION and the bytes freed."""
+        removed: list[str] = []
+        with self.chunks.writer():
+            with self.lock():
+                cat = self.catalog()
+                users = self.version_users(cat)
+                bases = dict(cat.bases)
+                for name, record in cat.bases.items():
+                    current = self.current_version(record)
+                    dead = [v for v in record.versions if v != current and (name, v) not in users]
+                    if dead:
+                        bases[name] = replace(
+                            record, versions={v: r for v, r in record.versions.items() if v not in dead}
+                        )
+                        removed += [f"{name}@{v}" for v in dead]
+                cat = replace(cat, bases=bases)
+                if removed:
+                    self._write_catalog(cat)
+                    for ref in removed:
+                        name, _, vid = ref.partition("@")
+                        self.map_path(bases[name], vid).unlink(missing_ok=True)
+            self._remove_orphans(cat)
+            return removed, self.chunks.release_unused(self.all_version_maps(cat))
+
+    def _remove_orphans(self, cat: Catalog) -> None:
+        """Overlays and temp files left by commands that crashed half-way."""
+        live = {c.id for c in cat.clones.values()}
+        clones = self.path / "clones"
+        if clones.is_dir():
+            for d in clones.iterdir():
+                if d.name not in live:
+                    shutil.rmtree(d, ignore_errors=True)
+                    continue
+                state = _read_state(d)
+                for sub in d.iterdir():
+                    if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
+                        shutil.rmtree(sub, ignore_errors=True)
 
     # -- clones --------------------------------------------------------------------------------------
 
@@ -212,27 +414,66 @@ class Store:
             raise errors.CloneNotFound(name=name, store=self.path)
         return record
 
-    def create_clone(self, name: str, *, base: str | None, size: int | None = None) -> CloneRecord:
-        validate_name("clone", name)
-        if base is None and not size:
+    def create_clones(self, names: list[str], *, base: str | None, size: int | None = None) -> list[CloneRecord]:
+        """Create clones of `base` ('NAME' follows its current version, 'NAME@VERSION' pins one) or
+        blank clones of `size`. All or nothing. The overlay is made when the clone is first opened."""
+        for name in names:
+            validate_name("clone", name)
+        if len(set(names)) != len(names):
+            raise errors.InvalidArgument(detail="a clone name is given twice")
+        if (base is None) == (size is None):
             raise errors.InvalidArgument(detail="a clone needs --base BASE or --size SIZE")
         with self.lock():
             self._init_dirs()
             cat = self.catalog()
-            if name in cat.clones:
-                raise errors.CloneExists(name=name, store=self.path)
+            for name in names:
+                if name in cat.clones:
+                    raise errors.CloneExists(name=name, store=self.path)
+            base_name, pin = (None, None)
             if base is not None:
-                size = self.get_base(base).size
-            assert size is not None
-            record = CloneRecord(name, uuid.uuid4().hex, base, size, now())
-            self._new_overlay(record)
-            self._write_catalog(replace(cat, clones={**cat.clones, name: record}))
-        return record
+                base_name, pin = parse_base_ref(base)
+                self.resolve(base)
+            records = [CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now()) for n in names]
+            self._write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
+        return records
 
-    def _new_overlay(self, record: CloneRecord) -> None:
-        path = self.clone_path(record)
-        RocksOverlay(path, create=True).close()
-        fsync_dir(path.parent)
+    def create_clone(self, name: str, *, base: str | None, size: int | None = None) -> CloneRecord:
+        return self.create_clones([name], base=base, size=size)[0]
+
+    def clone_state(self, record: CloneRecord) -> CloneState | None:
+        return _read_state(self.clone_dir(record))
+
+    def target_version(self, record: CloneRecord) -> str | None:
+        """The version the clone's next first connection will use."""
+        if record.base is None:
+            return None
+        return record.pin or self.current_version(self.get_base(record.base))
+
+    def clone_version(self, record: CloneRecord) -> str | None:
+        """The version the clone reads now (its overlay's), or for a never-opened clone, the one it will."""
+        state = self.clone_state(record)
+        return state.version if state is not None else self.target_version(record)
+
+    def clone_size(self, record: CloneRecord, vid: str | None) -> int:
+        if record.base is None or vid is None:
+            return record.size
+        return self.get_base(record.base).version(vid, self.path).size
+
+    def overlay_path(self, record: CloneRecord, state: CloneState) -> Path:
+        return self.clone_dir(record) / state.overlay
+
+    def start_overlay(self, record: CloneRecord, version: str | None) -> CloneState:
+        """Give the clone a new empty overlay on `version` and make it live; delete the old one.
+        The switch is one atomic rename of state.json, so a crash leaves the old or the new overlay."""
+        directory = self.clone_dir(record)
+        directory.mkdir(parents=True, exist_ok=True)
+        old = _read_state(directory)
+        state = CloneState(version, uuid.uuid4().hex[:12])
+        RocksOverlay(directory / state.overlay, create=True).close()
+        write_atomic(directory / "state.json", json.dumps(asdict(state)), directory)
+        if old is not None:
+            shutil.rmtree(directory / old.overlay, ignore_errors=True)
+        return state
 
     def remove_clone(self, name: str) -> None:
         with self.lock():
@@ -240,31 +481,50 @@ class Store:
             self._refuse_if_open(record)
             cat = self.catalog()
             self._write_catalog(replace(cat, clones={n: r for n, r in cat.clones.items() if n != name}))
-            shutil.rmtree(self.clone_path(record), ignore_errors=True)
+            shutil.rmtree(self.clone_dir(record), ignore_errors=True)
 
-    def reset_clone(self, name: str) -> CloneRecord:
-        """Drop every write of the clone: point it at a fresh empty overlay, then delete the old one."""
+    def reset_clone(self, name: str) -> CloneState:
+        """Drop every write of the clone; it stays on the version it is on."""
         with self.lock():
-            old = self.get_clone(name)
-            self._refuse_if_open(old)
-            new = replace(old, id=uuid.uuid4().hex)
-            self._new_overlay(new)
-            cat = self.catalog()
-            self._write_catalog(replace(cat, clones={**cat.clones, name: new}))
-            shutil.rmtree(self.clone_path(old), ignore_errors=True)
-        return new
+            record = self.get_clone(name)
+            self._refuse_if_open(record)
+            return self.start_overlay(record, self.clone_version(record))
+
+    def upgrade_clone(self, name: str, to: str | None) -> tuple[str | None, str]:
+        """Move a clone to version `to` (default: the base's current one), dropping its writes. A pinned
+        clone stays pinned, to the new version. Returns (old version, new version)."""
+        with self.lock():
+            record = self.get_clone(name)
+            if record.base is None:
+                raise errors.InvalidArgument(detail=f"clone {name!r} is blank: it has no base to upgrade")
+            base = self.get_base(record.base)
+            vid = to or self.current_version(base)
+            base.version(vid, self.path)
+            self._refuse_if_open(record)
+            old = self.clone_version(record)
+            if record.pin is not None:
+                cat = self.catalog()
+                self._write_catalog(replace(cat, clones={**cat.clones, name: replace(record, pin=vid)}))
+            elif to is not None and to != self.current_version(base):
+                raise errors.InvalidArgument(
+                    detail=f"clone {name!r} follows {record.base}; it can only move to the current version"
+                )
+            self.start_overlay(record, vid)
+            return old, vid
+
+    def is_open(self, record: CloneRecord) -> bool:
+        state = self.clone_state(record)
+        return state is not None and overlay_in_use(self.overlay_path(record, state))
 
     def _refuse_if_open(self, record: CloneRecord) -> None:
-        if overlay_in_use(self.clone_path(record)):
+        if self.is_open(record):
             raise errors.CloneInUse(name=record.name)
 
     # -- the running server --------------------------------------------------------------------------
 
     def write_server_info(self, info: dict[str, Any]) -> None:
         self._init_dirs()
-        tmp = self.server_info_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        os.rename(tmp, self.server_info_path)
+        write_atomic(self.server_info_path, json.dumps(info), self.path / "run")
 
     def server_info(self) -> dict[str, Any]:
         try:
@@ -279,6 +539,41 @@ class Store:
         with contextlib.suppress(FileNotFoundError, ValueError):
             if json.loads(self.server_info_path.read_text()).get("pid") == pid:
                 self.server_info_path.unlink()
+
+
+def _read_state(directory: Path) -> CloneState | None:
+    try:
+        return CloneState(**json.loads((directory / "state.json").read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = False) -> None:
+    """Replace `path` with `text`: write a temp file, fsync it, rename it over `path`, fsync the directory.
+    Readers see the old or the new file, never a mix; after return, the new one survives power loss."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    if crash_hooks:
+        _crash_point("write")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        if crash_hooks:
+            _crash_point("fsync")
+        os.fsync(f.fileno())
+    if crash_hooks:
+        _crash_point("rename")
+    os.rename(tmp, path)
+    if crash_hooks:
+        _crash_point("fsync-dir")
+    fsync_dir(path.parent)
+    if crash_hooks:
+        _crash_point("done")
 
 
 def fsync_dir(path: Path) -> None:

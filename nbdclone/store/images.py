@@ -1,7 +1,7 @@
 """Moving whole disks in and out of the store: base import (raw or qcow2) and clone export.
 
-Both keep holes: zero ranges are never written, so a sparse source gives a sparse base and a sparse clone
-gives a sparse export. qemu-img does the qcow2 work; raw data is copied here, extent by extent.
+Both keep holes: an import never reads a source hole and stores no all-zero chunk; an export writes only
+data extents, so a sparse clone gives a sparse file. qemu-img does the qcow2 work.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +18,9 @@ from nbdclone import errors
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.catalog import BaseRecord, Store, fsync_dir, validate_name
+from nbdclone.store.chunks import CHUNK, ChunkedBase
 from nbdclone.store.clone import EXTENT_DATA, Clone
+from nbdclone.store.overlay import MemoryOverlay, Overlay
 
 Progress = Callable[[int, int], None]
 COPY_CHUNK = 1 << 20
@@ -56,48 +58,45 @@ def probe(source: Path) -> str:
     return "raw"
 
 
-def import_base(store: Store, name: str, source: Path, progress: Progress = _noop) -> BaseRecord:
+def import_base(store: Store, name: str, source: Path, progress: Progress = _noop) -> tuple[BaseRecord, str]:
+    """Add `source` as a new version of base `name` (creating the base). Returns the base and version id."""
     validate_name("base", name)
-    if name in store.catalog().bases:
-        raise errors.BaseExists(name=name, store=store.path)
     fmt = probe(source)
-    tmp = store.new_tmp_file(".raw")
+    tmp: Path | None = None
     try:
-        if fmt == "raw":
-            _copy_raw(source, tmp, progress)
-        else:
-            _qemu_convert(["-f", "qcow2", "-O", "raw", "-S", "4k"], source, tmp, progress)
-        _fsync_file(tmp)
-        return store.add_base(name, tmp, f"{source.absolute()} ({fmt})")
+        raw = source
+        if fmt == "qcow2":
+            tmp = raw = store.new_tmp_file(".raw")
+            _qemu_convert(["-f", "qcow2", "-O", "raw", "-S", "4k"], source, tmp, lambda d, t: None)
+        image = BaseImage(raw)
+        try:
+            with store.chunks.writer():
+                vmap, new_chunks = store.chunks.import_chunks(
+                    _read_chunks(image),
+                    image.size,
+                    store.all_version_maps(),
+                    lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
+                )
+                return store.add_version(name, vmap, f"{source.absolute()} ({fmt})", new_chunks)
+        finally:
+            image.close()
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-def _copy_raw(source: Path, dest: Path, progress: Progress) -> None:
-    """Copy a raw image, leaving holes where the source has holes or all-zero chunks."""
-    src = BaseImage(source)
-    try:
-        buf = bytearray(COPY_CHUNK)
-        view = memoryview(buf)
-        with open(dest, "wb") as out:
-            out.truncate(src.size)
-            done = 0
-            for ext in src.extents(0, src.size):
-                if ext.zero:
-                    done += ext.length
-                    progress(done, src.size)
-                    continue
-                pos, end = ext.offset, ext.offset + ext.length
-                while pos < end:
-                    n = min(COPY_CHUNK, end - pos)
-                    src.pread_into(view[:n], pos)
-                    if view[:n] != _ZERO_CHUNK[:n]:
-                        os.pwrite(out.fileno(), view[:n], pos)
-                    pos += n
-                    done += n
-                    progress(done, src.size)
-    finally:
-        src.close()
+def _read_chunks(image: BaseImage) -> Iterator[tuple[int, bytes | None]]:
+    """Every chunk of `image` in order; None for a chunk that is all hole (never read)."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for i in range(-(-image.size // CHUNK)):
+        start = i * CHUNK
+        n = min(CHUNK, image.size - start)
+        if all(ext.zero for ext in image.extents(start, n)):
+            yield i, None
+            continue
+        image.pread_into(view[:n], start)
+        yield i, bytes(view[:n])
 
 
 def _qemu_convert(args: list[str], source: Path, dest: Path, progress: Progress) -> None:
@@ -118,12 +117,19 @@ def _qemu_convert(args: list[str], source: Path, dest: Path, progress: Progress)
 
 
 def open_clone_readonly(store: Store, name: str) -> Clone:
+    """The clone as it reads now (its overlay on its version), without taking its overlay's lock."""
     record = store.get_clone(name)
-    base: Base = (
-        ZeroBase(record.size) if record.base is None else BaseImage(store.base_path(store.get_base(record.base)))
+    state = store.clone_state(record)
+    version = state.version if state is not None else store.target_version(record)
+    base: Base
+    if record.base is None or version is None:
+        base = ZeroBase(record.size)
+    else:
+        base = ChunkedBase(store.chunks.pack, store.version_map(store.get_base(record.base), version))
+    overlay: Overlay = (
+        MemoryOverlay() if state is None else RocksOverlay(store.overlay_path(record, state), readonly=True)
     )
-    overlay = RocksOverlay(store.clone_path(record), readonly=True)
-    return Clone(base, overlay, record.size)
+    return Clone(base, overlay, base.size)
 
 
 def export_clone(

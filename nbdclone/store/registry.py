@@ -1,8 +1,13 @@
 """The clones a server process has open: one Clone (one RocksDB handle) per clone, shared by all of its
 connections, opened by the first connection and closed by the last.
 
-Sharing one handle is what makes a flush on one connection cover every connection's writes, so the server
-may advertise multi-conn. Bases are shared the same way between the clones that read them.
+The first connection also decides the version: a following clone takes its base's current version, a
+pinned clone its pin. If that is not the version its overlay was started on, the clone moves: a new empty
+overlay on the new version (its old writes are dropped). Later connections join the open clone, so every
+connection of a clone sees one version until the last one closes, whatever flips happen meanwhile.
+
+Sharing one handle is also what makes a flush on one connection cover every connection's writes, so the
+server may advertise multi-conn. Base versions are shared the same way between the clones that read them.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ import threading
 from dataclasses import dataclass
 
 from nbdclone.store._rocks import RocksOverlay
-from nbdclone.store.base import Base, BaseImage, ZeroBase
-from nbdclone.store.catalog import Store, validate_name
+from nbdclone.store.base import Base, ZeroBase
+from nbdclone.store.catalog import CloneRecord, Store, validate_name
+from nbdclone.store.chunks import ChunkedBase
 from nbdclone.store.clone import Clone
 
 log = logging.getLogger(__name__)
+
+BaseKey = tuple[str, str]  # (base id, version id)
 
 
 @dataclass(slots=True)
 class _Open:
     clone: Clone
-    base_key: str | None
+    base_key: BaseKey | None
+    version: str | None
     users: int
 
 
@@ -31,7 +40,7 @@ class Registry:
         self.store = store
         self._lock = threading.Lock()
         self._clones: dict[str, _Open] = {}
-        self._bases: dict[str, tuple[Base, int]] = {}
+        self._bases: dict[BaseKey, tuple[ChunkedBase, int]] = {}
 
     def acquire(self, name: str) -> Clone:
         """Open clone `name` for one more connection. Unknown or malformed names raise and create nothing."""
@@ -44,31 +53,43 @@ class Registry:
             entry.users += 1
             return entry.clone
 
+    def version_of(self, name: str) -> str | None:
+        with self._lock:
+            return self._clones[name].version
+
     def _open(self, name: str) -> _Open:
         with self.store.lock(shared=True):
             record = self.store.get_clone(name)
-            base_key = None if record.base is None else self.store.get_base(record.base).id
-            base = self._get_base(base_key, record.size)
+            version = self.store.target_version(record)
+            state = self.store.clone_state(record)
+            if state is None or state.version != version:
+                if state is not None:
+                    log.info(
+                        "clone %s moves from version %s to %s; its writes are dropped", name, state.version, version
+                    )
+                state = self.store.start_overlay(record, version)
+            key, base = self._get_base(record, version)
             try:
-                overlay = RocksOverlay(self.store.clone_path(record))
-                clone = Clone(base, overlay, record.size)
+                overlay = RocksOverlay(self.store.overlay_path(record, state))
+                clone = Clone(base, overlay, base.size)
             except BaseException:
-                self._put_base(base_key)
+                self._put_base(key)
                 raise
-        log.info("opened clone %s", name)
-        return _Open(clone, base_key, 0)
+        log.info("opened clone %s (version %s)", name, version)
+        return _Open(clone, key, version, 0)
 
-    def _get_base(self, key: str | None, size: int) -> Base:
-        if key is None:
-            return ZeroBase(size)
+    def _get_base(self, record: CloneRecord, version: str | None) -> tuple[BaseKey | None, Base]:
+        if record.base is None or version is None:
+            return None, ZeroBase(record.size)
+        base_record = self.store.get_base(record.base)
+        key = (base_record.id, version)
         base, users = self._bases.get(key, (None, 0))
         if base is None:
-            record = next(r for r in self.store.catalog().bases.values() if r.id == key)
-            base = BaseImage(self.store.base_path(record))
+            base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version))
         self._bases[key] = (base, users + 1)
-        return base
+        return key, base
 
-    def _put_base(self, key: str | None) -> None:
+    def _put_base(self, key: BaseKey | None) -> None:
         if key is None:
             return
         base, users = self._bases[key]

@@ -30,7 +30,6 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["base", "import", "x", "/nonexistent.img"], "does not exist", id="import-missing-file"),
         pytest.param(["base", "import", "x", "{tmp}/notes.txt"], "is not a disk image", id="import-not-an-image"),
         pytest.param(["base", "import", "x", "{tmp}"], "is not a disk image", id="import-a-directory"),
-        pytest.param(["base", "import", "deb", "{tmp}/b.raw"], "already exists", id="import-existing-name"),
         pytest.param(["base", "import", "../x", "{tmp}/b.raw"], "invalid base name", id="import-bad-name"),
         pytest.param(["clone", "create", "b", "--base", "nope"], "no base named 'nope'", id="create-unknown-base"),
         pytest.param(["clone", "create", "a", "--base", "deb"], "already exists", id="create-existing-clone"),
@@ -40,6 +39,15 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["clone", "create", "b"], "exactly one of --base", id="create-no-base-or-size"),
         pytest.param(["clone", "create", "b", "--size", "12Q"], "invalid size", id="create-bad-size"),
         pytest.param(["base", "rm", "deb"], "is used by clone(s) a", id="rm-base-in-use"),
+        pytest.param(["base", "rm", "deb@1"], "it is the current version", id="rm-current-version"),
+        pytest.param(["base", "rm", "deb@7"], "has no version '7'", id="rm-unknown-version"),
+        pytest.param(["base", "rm", "deb@x"], "invalid version", id="rm-malformed-version"),
+        pytest.param(["base", "promote", "deb", "9"], "has no version '9'", id="promote-unknown-version"),
+        pytest.param(["base", "promote", "nope", "1"], "no base named", id="promote-unknown-base"),
+        pytest.param(["clone", "create", "b", "--base", "deb@3"], "has no version '3'", id="create-unknown-version"),
+        pytest.param(["clone", "create", "b", "b", "--base", "deb"], "given twice", id="create-same-name-twice"),
+        pytest.param(["clone", "upgrade", "a", "--to", "5"], "has no version '5'", id="upgrade-unknown-version"),
+        pytest.param(["clone", "upgrade", "nope"], "no clone named", id="upgrade-unknown-clone"),
         pytest.param(["base", "rm", "nope"], "no base named", id="rm-unknown-base"),
         pytest.param(["clone", "rm", "nope"], "no clone named", id="rm-unknown-clone"),
         pytest.param(["clone", "reset", "nope"], "no clone named", id="reset-unknown-clone"),
@@ -65,10 +73,21 @@ def test_mistakes_are_one_line_and_change_nothing(tmp_path: Path, store: Path, a
 
 def test_lists_as_json(store: Path) -> None:
     bases = json.loads(cli("base", "list", "--json", store=store).stdout)
-    assert [(b["name"], b["size"], b["clones"]) for b in bases] == [("deb", 4 * MiB, 1)]
-    assert bases[0]["allocated"] <= 2 * MiB  # the 3 MiB hole stayed a hole
+    assert [(b["base"], b["version"], b["size"], b["current"], b["clones"]) for b in bases] == [
+        ("deb", "1", 4 * MiB, True, 1)
+    ]
+    assert bases[0]["stored"] == MiB  # the 3 MiB hole takes no space
     clones = json.loads(cli("clone", "list", "--json", store=store).stdout)
-    assert [(c["name"], c["base"], c["open"]) for c in clones] == [("a", "deb", False)]
+    assert [(c["name"], c["base"], c["version"], c["follows"], c["open"]) for c in clones] == [
+        ("a", "deb", "1", True, False)
+    ]
+
+
+def test_import_prints_the_version_id_last(tmp_path: Path, store: Path) -> None:
+    make_image(tmp_path / "b2.raw", 4 * MiB, [(0, MiB)], seed=2)
+    proc = cli("base", "import", "deb", str(tmp_path / "b2.raw"), store=store)
+    assert proc.stdout.splitlines()[-1] == "2"
+    assert "current is still 1" in proc.stdout
 
 
 def test_lifecycle(tmp_path: Path, store: Path) -> None:
@@ -94,11 +113,11 @@ def test_store_comes_from_the_environment(tmp_path: Path, store: Path, monkeypat
 def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
     runner = CliRunner()
     with mock.patch.object(cli_module, "Store") as fake:
-        fake.return_value.create_clone.return_value = mock.Mock(base=None, size=10 << 30)
-        fake.return_value.create_clone.return_value.name = "d"
-        result = runner.invoke(cli_module.app, ["clone", "create", "d", "--size", "10G", "--store", str(tmp_path)])
+        fake.return_value.create_clones.return_value = [mock.Mock(base=None, size=10 << 30)]
+        args = ["clone", "create", "d", "e", "--size", "10G", "--store", str(tmp_path)]
+        result = runner.invoke(cli_module.app, args)
     assert result.exit_code == 0, result.output
-    fake.return_value.create_clone.assert_called_once_with("d", base=None, size=10 << 30)
+    fake.return_value.create_clones.assert_called_once_with(["d", "e"], base=None, size=10 << 30)
 
 
 @pytest.mark.parametrize(

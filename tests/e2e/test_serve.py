@@ -24,16 +24,17 @@ def base(tmp_path: Path, store_path: Path) -> tuple[Path, bytes]:
     return src, data
 
 
-def base_file(store: Path) -> Path:
-    (path,) = (store / "bases").iterdir()
-    return path
+def base_files(store: Path) -> dict[str, str]:
+    """Checksums of what holds base data: the chunk pack and the version maps."""
+    paths = [store / "chunks" / "pack", *sorted((store / "bases").rglob("*.map"))]
+    return {str(p.relative_to(store)): sha256(p) for p in paths}
 
 
 def test_two_clones_are_isolated_and_the_base_never_changes(
     server: Server, store_path: Path, base: tuple[Path, bytes]
 ) -> None:
     _, data = base
-    before = sha256(base_file(store_path))
+    before = base_files(store_path)
     # Created while the server runs: served without a restart.
     cli("clone", "create", "a", "--base", "deb", store=store_path)
     cli("clone", "create", "b", "--base", "deb", store=store_path)
@@ -48,7 +49,7 @@ def test_two_clones_are_isolated_and_the_base_never_changes(
     assert pread_all(b, SIZE) == data
     a.shutdown()
     b.shutdown()
-    assert sha256(base_file(store_path)) == before
+    assert base_files(store_path) == before
 
 
 def test_qemu_io_through_nbdclone_uri(server: Server, store_path: Path, base: tuple[Path, bytes]) -> None:

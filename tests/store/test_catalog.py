@@ -60,12 +60,23 @@ def test_failed_changes_leave_the_store_unchanged(store: Store) -> None:
     assert snapshot(store.path) == before
 
 
-def test_reset_gives_an_empty_overlay(store: Store) -> None:
-    old = store.create_clone("a", base="deb")
-    new = store.reset_clone("a")
-    assert new.id != old.id
-    assert not store.clone_path(old).exists()
-    assert store.clone_path(new).is_dir()
+def test_overlay_is_made_on_first_open_and_reset_replaces_it(store: Store) -> None:
+    rec = store.create_clone("a", base="deb")
+    assert store.clone_state(rec) is None  # nothing on disk until a server opens it
+    first = store.start_overlay(rec, "1")
+    second = store.reset_clone("a")
+    assert second.version == "1" and second.overlay != first.overlay
+    assert not store.overlay_path(rec, first).exists()
+    assert store.overlay_path(rec, second).is_dir()
+
+
+def test_creating_many_clones_is_one_catalog_write(store: Store) -> None:
+    names = [f"vm{i}" for i in range(2000)]
+    store.create_clones(names, base="deb")
+    assert len(store.catalog().clones) == 2000
+    with pytest.raises(errors.CloneExists):
+        store.create_clones(["new1", "vm7"], base="deb")
+    assert "new1" not in store.catalog().clones  # all or nothing
 
 
 def _create_many(path: str, prefix: str) -> None:

@@ -1,8 +1,9 @@
-"""The clone against a plain bytearray model, driven by Hypothesis.
+"""A clone against a plain bytearray model, driven by Hypothesis through the store and the registry (what
+the server runs), including pointer flips while connections are open.
 
-The disk is small (5 blocks and a 1.5 KiB tail, so the last block is partial) and its base mixes data and
-holes, so unaligned writes, zeroes and trims hit every case: inside one block, across blocks, over a hole,
-over the tail.
+The disk is 3 chunks and a bit (the last 4 KiB block is partial); the base has two versions that differ in
+one chunk and mix data and holes, so unaligned writes, zeroes and trims hit every case: inside a block,
+across blocks and chunks, over a hole, over the tail.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nbdclone.store._rocks import RocksOverlay
-from nbdclone.store.base import BaseImage
+from nbdclone.store.catalog import Store
+from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import EXTENT_HOLE_ZERO, Clone
+from nbdclone.store.images import import_base
+from nbdclone.store.registry import Registry
 from tests.helpers import make_image
 
 BS = 4096
-SIZE = 5 * BS + 1536
-BASE_DATA = [(0, BS + 100), (3 * BS, BS), (5 * BS + 512, 512)]
+SIZE = 3 * CHUNK + 5 * BS + 1536
+V1_DATA = [(0, BS + 100), (CHUNK + 3 * BS, BS), (3 * CHUNK + 5 * BS - 512, 1024)]
+V2_DATA = [(0, BS + 100), (CHUNK, CHUNK), (3 * CHUNK + 5 * BS - 512, 1024)]
 
 
 @st.composite
 def ranges(draw: st.DrawFn) -> tuple[int, int]:
     offset = draw(st.integers(0, SIZE - 1))
-    length = draw(st.integers(1, min(SIZE - offset, 3 * BS)))
-    return offset, length
+    longest = draw(st.sampled_from([3 * BS, CHUNK + 2 * BS]))
+    return offset, draw(st.integers(1, min(SIZE - offset, longest)))
 
 
 class CloneMachine(RuleBasedStateMachine):
@@ -36,16 +40,24 @@ class CloneMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         self.tmp = tempfile.TemporaryDirectory()
         root = Path(self.tmp.name)
-        self.model = bytearray(make_image(root / "base.raw", SIZE, BASE_DATA))
-        self.base_bytes = bytes(self.model)
-        self.base = BaseImage(root / "base.raw")
-        self.path = root / "overlay"
-        self.clone = Clone(self.base, RocksOverlay(self.path, create=True), SIZE)
+        self.versions = {
+            "1": make_image(root / "v1.raw", SIZE, V1_DATA, seed=1),
+            "2": make_image(root / "v2.raw", SIZE, V2_DATA, seed=2),
+        }
+        self.store = Store(root / "store")
+        import_base(self.store, "deb", root / "v1.raw")
+        import_base(self.store, "deb", root / "v2.raw")
+        self.store.create_clone("c", base="deb")
+        self.registry = Registry(self.store)
+        self.current = "1"
+        self.version = "1"
+        self.model = bytearray(self.versions["1"])
+        self.connections = 1
+        self.clone: Clone = self.registry.acquire("c")
 
     def teardown(self) -> None:
-        if hasattr(self, "clone"):
-            self.clone.close()
-            self.base.close()
+        if hasattr(self, "registry"):
+            self.registry.close_all()
             self.tmp.cleanup()
 
     @rule(r=ranges(), fill=st.integers(1, 255), fua=st.booleans())
@@ -70,23 +82,46 @@ class CloneMachine(RuleBasedStateMachine):
     @rule(r=ranges())
     def trim(self, r: tuple[int, int]) -> None:
         # nbdclone's trim returns every whole block of the range (and the partial tail block, if the range
-        # reaches the end of the disk) to the base.
+        # reaches the end of the disk) to the base version the clone is on.
         offset, length = r
         end = offset + length
         first = -(-offset // BS) * BS
         last = SIZE if end == SIZE else end // BS * BS
         self.clone.trim(length, offset)
         if last > first:
-            self.model[first:last] = self.base_bytes[first:last]
+            self.model[first:last] = self.versions[self.version][first:last]
 
     @rule()
     def flush(self) -> None:
         self.clone.flush()
 
+    @rule(version=st.sampled_from(["1", "2"]))
+    def promote(self, version: str) -> None:
+        # A flip never changes what open connections see.
+        self.store.promote("deb", version)
+        self.current = version
+
     @rule()
-    def reopen(self) -> None:
-        self.clone.close()
-        self.clone = Clone(self.base, RocksOverlay(self.path), SIZE)
+    def connect_another(self) -> None:
+        assert self.registry.acquire("c") is self.clone  # joins the open clone, same version
+        self.connections += 1
+
+    @precondition(lambda self: getattr(self, "connections", 0) > 1)
+    @rule()
+    def disconnect_one(self) -> None:
+        self.registry.release("c")
+        self.connections -= 1
+
+    @rule()
+    def reconnect_all(self) -> None:
+        for _ in range(self.connections):
+            self.registry.release("c")
+        self.clone = self.registry.acquire("c")
+        self.connections = 1
+        if self.current != self.version:  # a following clone moves, and its writes are dropped
+            self.version = self.current
+            self.model = bytearray(self.versions[self.current])
+        assert self.registry.version_of("c") == self.version
 
     @precondition(lambda self: hasattr(self, "clone"))
     @rule(r=ranges())
@@ -118,5 +153,5 @@ class CloneMachine(RuleBasedStateMachine):
 
 TestClone = CloneMachine.TestCase
 TestClone.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=120, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

@@ -1,0 +1,299 @@
+"""Base versions stored once, by content.
+
+    version map (one per version, in memory while served)      chunk store (one per store)
+    chunk index -> slot                                          chunks/pack: slot s at offset s * CHUNK
+      0 -> 17                                                    +----+----+----+----+----+----+
+      1 -> ZERO_SLOT   (all zeros: no space)                     |    |    |... | 17 |    |    |
+      2 -> 18          (slots of one import are consecutive,     +----+----+----+----+----+----+
+                        so a long read is one pread)
+
+A version is a flat map, never a chain: reading version 100 costs what reading version 1 does. Chunks are
+keyed by a 128-bit mmh3 digest, and the bytes are compared before a chunk is shared, so a digest collision
+can only cost space, never mix data. A slot that no version references is free: gc punches it out of the
+pack (the store shrinks) and a later import fills it again. Slots written by an import that crashed before
+its version was committed are unreferenced, so they are simply free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mmh3
+
+from nbdclone.errors import ShortRead, StorageError
+from nbdclone.store.base import Extent
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+ZERO_SLOT = -1
+_ZERO_CHUNK = bytes(CHUNK)
+_MAP_MAGIC = b"NBDCLMAP"
+_MAP_HEADER = struct.Struct("<8sQQ")  # magic, size, number of chunks
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """The 128-bit content key of a chunk. Tests replace this to force collisions."""
+    return bytes(mmh3.mmh3_x64_128_digest(data))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMap:
+    """The chunks of one base version: slots[i] holds chunk i (ZERO_SLOT for an all-zero chunk)."""
+
+    size: int
+    slots: array[int]
+    digests: bytes  # 16 bytes per chunk, zeros for ZERO_SLOT chunks
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.slots)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_MAP_HEADER.pack(_MAP_MAGIC, self.size, self.nchunks))
+            f.write(self.slots.tobytes())
+            f.write(self.digests)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> VersionMap:
+        raw = path.read_bytes()
+        magic, size, n = _MAP_HEADER.unpack_from(raw)
+        if magic != _MAP_MAGIC or len(raw) != _MAP_HEADER.size + n * 24:
+            raise StorageError(errno.EIO, what=f"version map {path}", detail="corrupt")
+        slots = array("q")
+        slots.frombytes(raw[_MAP_HEADER.size : _MAP_HEADER.size + 8 * n])
+        return cls(size, slots, raw[_MAP_HEADER.size + 8 * n :])
+
+    def used_slots(self) -> set[int]:
+        return set(self.slots) - {ZERO_SLOT}
+
+
+class ChunkStore:
+    """The pack file and the lock that serialises writers (imports and gc). Readers take no lock: a slot
+    is never rewritten while a committed version references it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pack = root / "pack"
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def import_chunks(
+        self,
+        chunks: Iterable[tuple[int, bytes | None]],
+        size: int,
+        existing: Iterable[VersionMap],
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> tuple[VersionMap, int]:
+        """Store `chunks` ((index, data or None for all-zero), in order), sharing what `existing` versions
+        hold. Returns the new version's map and how many chunks it had to write. Caller holds writer()."""
+        index: dict[bytes, list[int]] = {}
+        used: set[int] = set()
+        for vm in existing:
+            for i, slot in enumerate(vm.slots):
+                if slot != ZERO_SLOT:
+                    index.setdefault(vm.digests[16 * i : 16 * i + 16], []).append(slot)
+                    used.add(slot)
+        for candidates in index.values():
+            candidates[:] = sorted(set(candidates))
+        nslots = self.nslots()
+        free = sorted(set(range(nslots)) - used, reverse=True)
+        n = -(-size // CHUNK)
+        slots = array("q", [ZERO_SLOT]) * n
+        digests = bytearray(16 * n)
+        written = 0
+        fd = os.open(self.pack, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            for i, data in chunks:
+                progress(i)
+                if data is None or data == _ZERO_CHUNK[: len(data)]:
+                    continue
+                if len(data) < CHUNK:
+                    data = data + bytes(CHUNK - len(data))
+                key = digest(data)
+                digests[16 * i : 16 * i + 16] = key
+                found = self._find(fd, index.get(key, ()), data)
+                if found is not None:
+                    slot = found
+                else:
+                    slot = free.pop() if free else nslots
+                    nslots = max(nslots, slot + 1)
+                    _pwrite_all(fd, data, slot * CHUNK)
+                    index.setdefault(key, []).append(slot)
+                    written += 1
+                slots[i] = slot
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return VersionMap(size, slots, bytes(digests)), written
+
+    def _find(self, fd: int, candidates: Iterable[int], data: bytes) -> int | None:
+        """A slot whose bytes equal `data`; the digest only nominates candidates."""
+        for slot in candidates:
+            if os.pread(fd, CHUNK, slot * CHUNK) == data:
+                return slot
+        return None
+
+    def nslots(self) -> int:
+        try:
+            return -(-self.pack.stat().st_size // CHUNK)
+        except FileNotFoundError:
+            return 0
+
+    def release_unused(self, live: Iterable[VersionMap]) -> int:
+        """Punch every slot no live version references out of the pack. Returns the bytes freed. Caller
+        holds writer() and has already removed the dead versions from the catalog."""
+        used: set[int] = set()
+        for vm in live:
+            used |= vm.used_slots()
+        nslots = self.nslots()
+        if not nslots:
+            return 0
+        fd = os.open(self.pack, os.O_RDWR | os.O_CLOEXEC)
+        freed = 0
+        try:
+            before = os.fstat(fd).st_blocks * 512
+            last_used = max(used, default=-1)
+            if last_used + 1 < nslots:
+                os.ftruncate(fd, (last_used + 1) * CHUNK)
+            for run_start, run_len in _runs(sorted(set(range(last_used + 1)) - used)):
+                _punch_hole(fd, run_start * CHUNK, run_len * CHUNK)
+            os.fsync(fd)
+            freed = before - os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+        return freed
+
+
+class ChunkedBase:
+    """A base version as clones read it: the pack file read through the version's chunk map."""
+
+    def __init__(self, pack: Path, vmap: VersionMap) -> None:
+        self.size = vmap.size
+        self.map = vmap
+        self._slots = vmap.slots
+        self._fd = os.open(pack, os.O_RDONLY | os.O_CLOEXEC) if vmap.used_slots() else -1
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        end = offset + len(buf)
+        slots = self._slots
+        pos = offset
+        while pos < end:
+            i = pos // CHUNK
+            slot = slots[i] if i < len(slots) else ZERO_SLOT
+            # Extend the run while the next chunk sits in the next slot (or is zero, with zeros).
+            j = i + 1
+            stop = min(end, (i + 1) * CHUNK)
+            while (
+                stop < end
+                and j < len(slots)
+                and (slots[j] == ZERO_SLOT if slot == ZERO_SLOT else slots[j] == slot + (j - i))
+            ):
+                j += 1
+                stop = min(end, j * CHUNK)
+            dst = buf[pos - offset : stop - offset]
+            if slot == ZERO_SLOT:
+                dst[:] = bytes(len(dst))
+            else:
+                self._read_exact(dst, slot * CHUNK + (pos - i * CHUNK))
+            pos = stop
+
+    def _read_exact(self, dst: memoryview, at: int) -> None:
+        got = 0
+        while got < len(dst):
+            n = os.preadv(self._fd, [dst[got:]], at + got)
+            if n == 0:
+                raise ShortRead(path="chunk pack", wanted=len(dst), offset=at, got=got)
+            got += n
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            i = pos // CHUNK
+            zero = i >= len(self._slots) or self._slots[i] == ZERO_SLOT
+            stop = min(end, (i + 1) * CHUNK)
+            if out and out[-1].zero == zero:
+                out[-1] = Extent(out[-1].offset, stop - out[-1].offset, zero)
+            else:
+                out.append(Extent(pos, stop - pos, zero))
+            pos = stop
+        return out
+
+    def zero_bitmap(self, first_block: int, nblocks: int, block_size: int) -> bytes:
+        per = CHUNK // block_size
+        mask = bytearray(nblocks)
+        for k in range(nblocks):
+            i = (first_block + k) // per
+            if i >= len(self._slots) or self._slots[i] == ZERO_SLOT:
+                mask[k] = 1
+        return bytes(mask)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            return
+        first, last = offset // CHUNK, (offset + length - 1) // CHUNK
+        for i in range(first, min(last + 1, len(self._slots))):
+            if self._slots[i] != ZERO_SLOT:
+                os.posix_fadvise(self._fd, self._slots[i] * CHUNK, CHUNK, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+def _runs(sorted_slots: list[int]) -> Iterator[tuple[int, int]]:
+    """(start, length) of each run of consecutive numbers."""
+    i = 0
+    while i < len(sorted_slots):
+        j = i + 1
+        while j < len(sorted_slots) and sorted_slots[j] == sorted_slots[j - 1] + 1:
+            j += 1
+        yield sorted_slots[i], j - i
+        i = j
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the disk space of [offset, offset + length) without changing the file's size."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise StorageError(err, what="punching a hole in the chunk pack", detail=os.strerror(err))
