@@ -15,7 +15,9 @@ CHUNK = 64 * 1024
 
 
 def du(path: Path) -> int:
-    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+    return int(
+        subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+    )
 
 
 def test_second_version_with_5_percent_changed_grows_the_store_by_at_most_6_percent(
