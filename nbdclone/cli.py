@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -316,7 +317,12 @@ SocketOpt = Annotated[Path | None, typer.Option(help="Unix socket to listen on [
 ListenOpt = Annotated[str | None, typer.Option(help="Listen on TCP HOST:PORT instead of a Unix socket.")]
 
 
-def _serve_config(store: Path, socket: Path | None, listen: str | None, threads: int) -> server.ServeConfig:
+WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes (one per core).", min=1, show_default="cores")]
+
+
+def _serve_config(
+    store: Path, socket: Path | None, listen: str | None, workers: int | None = None, threads: int = 1
+) -> server.ServeConfig:
     if socket is not None and listen is not None:
         raise errors.InvalidArgument(detail="give --socket or --listen, not both")
     endpoint = None
@@ -325,7 +331,8 @@ def _serve_config(store: Path, socket: Path | None, listen: str | None, threads:
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise errors.InvalidArgument(detail=f"invalid --listen {listen!r}: use HOST:PORT")
         endpoint = (host.strip("[]") or "127.0.0.1", int(port))
-    return server.ServeConfig(store=store, socket=socket, listen=endpoint, threads=threads)
+    n = workers or os.cpu_count() or 1
+    return server.ServeConfig(store=store, socket=socket, listen=endpoint, workers=n, threads=threads)
 
 
 @app.command()
@@ -333,15 +340,21 @@ def serve(
     store: StoreOpt = _DEFAULT_STORE,
     socket: SocketOpt = None,
     listen: ListenOpt = None,
-    threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 16,
+    workers: WorkersOpt = None,
+    threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 1,
 ) -> None:
-    """Serve every clone of the store over NBD until SIGTERM or Ctrl-C."""
-    cfg = _serve_config(store, socket, listen, threads)
+    """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.
 
-    def ready(prefix: str) -> None:
+    Clones are spread over worker processes, each on its own socket (SOCKET, SOCKET.1, ...);
+    'nbdclone uri NAME' prints a clone's address.
+    """
+    cfg = _serve_config(store, socket, listen, workers, threads)
+
+    def ready(templates: list[str]) -> None:
         n = len(Store(store).catalog().clones)
-        where = server.clone_uri(prefix, "NAME")
-        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} at {where}", soft_wrap=True)
+        where = server.clone_uri(templates[0], "NAME")
+        more = f" (+{len(templates) - 1} more worker socket(s); see 'nbdclone uri NAME')" if len(templates) > 1 else ""
+        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} at {where}{more}", soft_wrap=True)
         sys.stdout.flush()
 
     raise typer.Exit(server.run(cfg, ready))
@@ -352,7 +365,7 @@ def uri(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
     """Print the NBD URI of clone NAME on the running server."""
     st = Store(store)
     st.get_clone(name)
-    out.print(server.clone_uri(st.server_info()["uri"], name), soft_wrap=True)
+    out.print(server.uri_of(st.server_info(), name), soft_wrap=True)
 
 
 @app.command()
@@ -365,7 +378,7 @@ def demo(
     from nbdclone.demo import build_demo_image
 
     st = Store(store)
-    cfg = _serve_config(store, socket, listen, 16)
+    cfg = _serve_config(store, socket, listen)
     cat = st.catalog()
     if "demo" not in cat.bases:
         image = build_demo_image(st.new_tmp_file(".raw"))
@@ -379,9 +392,10 @@ def demo(
         st.create_clones(missing, base="demo")
         out.print(f"created clone(s) {', '.join(missing)}")
 
-    def ready(prefix: str) -> None:
-        one, two = (server.clone_uri(prefix, n) for n in ("demo-1", "demo-2"))
-        sock = str(cfg.endpoint()[1]).partition("socket=")[2]
+    def ready(templates: list[str]) -> None:
+        info = {"workers": [{"uri": t} for t in templates]}
+        one, two = (server.uri_of(info, n) for n in ("demo-1", "demo-2"))
+        sock = one.partition("socket=")[2]
         out.print(
             f"""
 nbdclone is serving the clones demo-1 and demo-2 of the demo base. Attach one with:

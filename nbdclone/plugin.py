@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import NbdcloneError
-from nbdclone.store.catalog import Store, is_valid_name
+from nbdclone.store.catalog import Store, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 
@@ -31,6 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 @dataclass(frozen=True, slots=True)
 class Settings:
     store: Path
+    worker: int = 0
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +64,12 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_KEYS = ("store", "worker", "workers")
+
+
 def config(key: str, value: str) -> None:
-    if key not in ("store",):
-        raise ValueError(f"nbdclone: unknown parameter {key!r} (known: store)")
+    if key not in _KEYS:
+        raise ValueError(f"nbdclone: unknown parameter {key!r} (known: {', '.join(_KEYS)})")
     _config[key] = value
 
 
@@ -72,8 +77,19 @@ def config_complete() -> None:
     global _settings
     if "store" not in _config:
         raise ValueError("nbdclone: the store=PATH parameter is required")
-    _settings = Settings(store=Path(_config["store"]))
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="nbdclone[worker]: %(message)s")
+    try:
+        worker, workers = int(_config.get("worker", "0")), int(_config.get("workers", "1"))
+    except ValueError:
+        raise ValueError("nbdclone: worker and workers are numbers") from None
+    if not 0 <= worker < workers:
+        raise ValueError(f"nbdclone: worker={worker} is not in 0..{workers - 1}")
+    _settings = Settings(store=Path(_config["store"]), worker=worker, workers=workers)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"nbdclone[worker {worker}]: %(message)s")
+
+
+def _mine(name: str) -> bool:
+    assert _settings is not None
+    return worker_of(name, _settings.workers) == _settings.worker
 
 
 def thread_model() -> int:
@@ -92,7 +108,7 @@ def _reg() -> Registry:
 @_errors
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     cat = _reg().store.catalog()
-    return [(n, f"clone of {c.base}" if c.base else "blank disk") for n, c in cat.clones.items()]
+    return [(n, f"clone of {c.base}" if c.base else "blank disk") for n, c in cat.clones.items() if _mine(n)]
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:
@@ -106,6 +122,10 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
         # Checked before any lookup: a malformed name never reaches the store.
         nbdkit.set_error(errno.ENOENT)
         raise ValueError(f"no clone named {name[:80]!r}")
+    if not _mine(name):
+        # Another worker serves it: one RocksDB handle per clone, in one process (`nbdclone uri` says where).
+        nbdkit.set_error(errno.ENOENT)
+        raise ValueError(f"clone {name!r} is served by worker {worker_of(name, _settings.workers)}")  # type: ignore[union-attr]
     return Handle(name, _reg().acquire(name))
 
 
@@ -168,14 +188,24 @@ def is_rotational(h: Handle) -> bool:
     return False
 
 
-@_errors
 def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
-    h.clone.pread_into(buf, offset)
+    # The hot path: no wrapper call, errors mapped inline (same as _errors).
+    try:
+        h.clone.pread_into(buf, offset)
+    except (NbdcloneError, OSError) as exc:
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise
 
 
-@_errors
 def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
-    h.clone.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
+    except (NbdcloneError, OSError) as exc:
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise
+
+
+_FUA = nbdkit.FLAG_FUA
 
 
 @_errors

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nbd
+
+from nbdclone.store.catalog import worker_of
+from nbdclone.supervisor.server import uri_of
 
 VENV_BIN = Path(sys.executable).parent
 NBDCLONE = str(VENV_BIN / "nbdclone")
@@ -74,12 +78,13 @@ class Server:
 
     store: Path
     socket: Path
+    args: tuple[str, ...] = ()
     proc: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [NBDCLONE, "serve", "--store", str(self.store), "--socket", str(self.socket)],
+            [NBDCLONE, "serve", "--store", str(self.store), "--socket", str(self.socket), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -93,20 +98,24 @@ class Server:
             raise AssertionError("server exited before it was ready:\n" + "".join(self.log))
         return self
 
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.store / "run" / "server.json").read_text())  # type: ignore[no-any-return]
+
     def uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.socket}"
+        return uri_of(self.info(), name)
 
-    def nbdkit_pid(self) -> int:
-        import json
+    def nbdkit_pid(self, name: str) -> int:
+        """The worker (nbdkit process) that serves clone `name`."""
+        workers = self.info()["workers"]
+        return int(workers[worker_of(name, len(workers))]["pid"])
 
-        info = json.loads((self.store / "run" / "server.json").read_text())
-        return int(info["nbdkit_pid"])
+    def sockets(self) -> list[Path]:
+        return [Path(w["uri"].partition("socket=")[2]) for w in self.info()["workers"]]
 
     def connect(self, name: str) -> nbd.NBD:
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
-        h.set_export_name(name)
-        h.connect_unix(str(self.socket))
+        h.connect_uri(self.uri(name))
         return h
 
     def stop(self) -> int:
@@ -121,12 +130,6 @@ class Server:
         rest = self.proc.stdout.read() if self.proc.stdout else ""
         self.log.append(rest)
         return self.proc.returncode
-
-    def kill9(self) -> None:
-        """kill -9 the process holding the data (nbdkit), then the supervisor."""
-        assert self.proc is not None
-        os.kill(self.nbdkit_pid(), signal.SIGKILL)
-        self.proc.wait(30)
 
 
 def pread_all(h: nbd.NBD, size: int, chunk: int = 1 << 20) -> bytes:

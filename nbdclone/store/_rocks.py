@@ -48,8 +48,11 @@ def _options(create: bool) -> rocksdict.Options:
     opts.create_if_missing(create)
     opts.set_max_open_files(64)
     opts.set_write_buffer_manager(wbm)
-    opts.set_write_buffer_size(16 << 20)
+    opts.set_write_buffer_size(32 << 20)
     opts.set_keep_log_file_num(2)
+    # Compression costs more CPU than anything else a write does here (perf: snappy was 13% of a random
+    # 4 KiB write workload) and guest blocks are often already compressed or encrypted.
+    opts.set_compression_type(rocksdict.DBCompressionType.none())
     table = rocksdict.BlockBasedOptions()
     table.set_block_cache(cache)
     opts.set_block_based_table_factory(table)

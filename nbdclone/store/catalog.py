@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -68,6 +69,11 @@ def parse_base_ref(ref: str) -> tuple[str, str | None]:
     if sep and not VERSION_RE.fullmatch(version):
         raise errors.InvalidArgument(detail=f"invalid version {version!r} in {ref!r}: versions are numbers")
     return name, (version if sep else None)
+
+
+def worker_of(name: str, workers: int) -> int:
+    """Which of `workers` server workers serves clone `name`: stable across restarts and processes."""
+    return zlib.crc32(name.encode()) % workers
 
 
 def now() -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import nbd
 import pytest
 
 from tests.helpers import Server, cli, extents, make_image, pread_all, sha256, snapshot
@@ -135,6 +138,7 @@ def test_kill_9_during_fio_keeps_every_acknowledged_write(
     # fio's power-cut trigger: after 3 s it stops the job where it is, saves which writes were acknowledged
     # (the verify state), and runs the trigger: kill -9 of the nbdkit process. (A server killed under fio's
     # feet would leave fio's nbd engine spinning on the dead connection.)
+    killed = server.nbdkit_pid("f")
     write = subprocess.run(
         [
             *job,
@@ -143,7 +147,7 @@ def test_kill_9_during_fio_keeps_every_acknowledged_write(
             f"--output={tmp_path / 'w.json'}",
             "--output-format=json",
             "--trigger-timeout=3",
-            f"--trigger=kill -9 {server.nbdkit_pid()}",
+            f"--trigger=kill -9 {killed}",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -152,33 +156,34 @@ def test_kill_9_during_fio_keeps_every_acknowledged_write(
         check=False,
     )
     assert write.returncode == 0, write.stderr[-2000:]
-    assert server.proc is not None and server.proc.wait(30) != 0  # nbdkit died: the supervisor says so
     written = json.loads((tmp_path / "w.json").read_text())["jobs"][0]["write"]["io_bytes"]
     assert 1 * MiB < written < 48 * MiB, "the kill must land during the job"
     assert list(tmp_path.glob("*verify.state"))
-    restarted = Server(store_path, server.socket).start()
-    try:
-        proc = subprocess.run(
-            [
-                *job,
-                "--verify_only=1",
-                "--verify_state_load=1",
-                "--verify_fatal=1",
-                f"--output={tmp_path / 'v.json'}",
-                "--output-format=json",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        verified = json.loads((tmp_path / "v.json").read_text())["jobs"][0]
-        assert verified["error"] == 0
-        assert verified["read"]["io_bytes"] >= written - 8 * 4096  # all but what was in flight
-    finally:
-        restarted.stop()
+    # The supervisor restarts the killed worker; it recovers the overlay from RocksDB's log on its next open.
+    deadline = time.monotonic() + 30
+    while server.nbdkit_pid("f") == killed:
+        assert time.monotonic() < deadline, "the killed worker was not restarted"
+        time.sleep(0.05)
+    assert server.proc is not None and server.proc.poll() is None
+    proc = subprocess.run(
+        [
+            *job,
+            "--verify_only=1",
+            "--verify_state_load=1",
+            "--verify_fatal=1",
+            f"--output={tmp_path / 'v.json'}",
+            "--output-format=json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verified = json.loads((tmp_path / "v.json").read_text())["jobs"][0]
+    assert verified["error"] == 0
+    assert verified["read"]["io_bytes"] >= written - 8 * 4096  # all but what was in flight
 
 
 def test_sigterm_stops_cleanly_and_restart_reads_the_same(
@@ -188,8 +193,9 @@ def test_sigterm_stops_cleanly_and_restart_reads_the_same(
     h = server.connect("s")
     h.pwrite(b"\x77" * 10000, 5)  # no flush: a clean stop must flush
     h.shutdown()
+    sockets = server.sockets()
     assert server.stop() == 0
-    assert not server.socket.exists()
+    assert sockets and not any(s.exists() for s in sockets)
     assert not (store_path / "run" / "server.json").exists()
     again = Server(store_path, server.socket).start()
     try:
@@ -236,7 +242,7 @@ def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path,
 
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
     try:
         store = small / "store"
         blank = tmp_path / "blank.raw"
@@ -245,7 +251,7 @@ def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path,
         cli("base", "import", "blank", str(blank), store=store)
         cli("clone", "create", "full", "--base", "blank", store=store)
         reserve = small / "reserve"
-        reserve.write_bytes(os.urandom(6 * MiB))  # space to give back later
+        reserve.write_bytes(os.urandom(40 * MiB))  # space to give back later: more than RocksDB needs to recover
         srv = Server(store, tmp_path / "small.sock").start()
         try:
             h = srv.connect("full")
@@ -268,3 +274,43 @@ def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path,
             srv.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_crashed_worker_is_restarted_and_other_workers_keep_serving(
+    tmp_path: Path, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    from nbdclone.store.catalog import worker_of
+
+    names = [f"w{i}" for i in range(8)]
+    cli("clone", "create", *names, "--base", "deb", store=store_path)
+    a = next(n for n in names if worker_of(n, 2) == 0)
+    b = next(n for n in names if worker_of(n, 2) == 1)
+    srv = Server(store_path, tmp_path / "w.sock", ("--workers", "2")).start()
+    try:
+        assert srv.uri(a) != srv.uri(b)
+        ha, hb = srv.connect(a), srv.connect(b)
+        hb.pwrite(b"survivor" * 512, 0)
+        hb.flush()
+        dead = srv.nbdkit_pid(a)
+        os.kill(dead, signal.SIGKILL)
+        with pytest.raises(nbd.Error):
+            ha.pread(4096, 0)  # its connection died with its worker
+        assert hb.pread(4096, 0) == b"survivor" * 512  # the other worker did not notice
+        deadline = time.monotonic() + 30
+        while srv.nbdkit_pid(a) == dead:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.05)
+        ha = srv.connect(a)
+        assert ha.pread(4096, 0) == base[1][:4096]
+        # A worker serves only its own clones: the other worker's socket refuses them, creating nothing.
+        wrong = nbd.NBD()
+        wrong.set_export_name(a)
+        with pytest.raises(nbd.Error):
+            wrong.connect_unix(str(srv.sockets()[1]))
+        assert sorted(cli("uri", n, store=store_path).stdout.strip() for n in (a, b)) == sorted(
+            [srv.uri(a), srv.uri(b)]
+        )
+        ha.shutdown()
+        hb.shutdown()
+    finally:
+        assert srv.stop() == 0
