@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from nbdclone import errors
 from nbdclone.store import images
+from nbdclone.store.cache import resident_bytes
 from nbdclone.store.catalog import Store, default_store
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
@@ -169,6 +172,17 @@ def base_gc(store: StoreOpt = _DEFAULT_STORE) -> None:
     """Remove every version that is not current and used by no clone, and free the chunks nothing uses."""
     removed, freed = Store(store).gc()
     out.print(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}")
+
+
+@base_app.command("warm")
+def base_warm(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base (its current version) or a version.")],
+    store: StoreOpt = _DEFAULT_STORE,
+) -> None:
+    """Read a version's recorded boot trace into the shared read cache now, before a boot storm."""
+    t = time.monotonic()
+    which, nbytes = images.warm_version(Store(store), ref)
+    out.print(f"warmed {which}: {human(nbytes)} in {time.monotonic() - t:.2f} s")
 
 
 # -- clones --------------------------------------------------------------------------------------------
@@ -342,13 +356,15 @@ def serve(
     listen: ListenOpt = None,
     workers: WorkersOpt = None,
     threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 1,
+    pin: Annotated[bool, typer.Option(help="Pin each worker to one core.")] = True,
+    cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
 ) -> None:
     """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.
 
     Clones are spread over worker processes, each on its own socket (SOCKET, SOCKET.1, ...);
     'nbdclone uri NAME' prints a clone's address.
     """
-    cfg = _serve_config(store, socket, listen, workers, threads)
+    cfg = replace(_serve_config(store, socket, listen, workers, threads), pin=pin, cache_size=parse_size(cache_size))
 
     def ready(templates: list[str]) -> None:
         n = len(Store(store).catalog().clones)
@@ -366,6 +382,42 @@ def uri(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
     st = Store(store)
     st.get_clone(name)
     out.print(server.uri_of(st.server_info(), name), soft_wrap=True)
+
+
+@app.command()
+def stats(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """The running server's shared read cache and workers: hits, misses, evictions, bytes held."""
+    st = Store(store)
+    info = st.server_info()
+    run = st.path / "run"
+    workers = []
+    for k in range(len(info["workers"])):
+        try:
+            workers.append(json.loads((run / f"stats-worker-{k}.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            workers.append({"worker": k})
+    try:
+        cache = json.loads((run / "stats-cache.json").read_text())
+    except (FileNotFoundError, ValueError):
+        cache = {}
+    counters = ("hits", "misses", "hit_bytes", "miss_bytes", "prefetched_bytes", "open_clones", "connections")
+    total = {c: sum(int(w.get(c, 0)) for w in workers) for c in counters}
+    c: dict[str, Any] = {**cache, "resident_bytes": resident_bytes(st.chunks.pack), **total}
+    if as_json:
+        _print_json({"cache": c, "workers": workers})
+        return
+    lookups = c["hits"] + c["misses"]
+    hit_rate = f"{c['hits'] / lookups:.1%}" if lookups else "-"
+    out.print(
+        f"cache: {human(c['resident_bytes'])} held of {human(c.get('limit', 0))}, hits {c['hits']} "
+        f"misses {c['misses']} ({hit_rate} hits), evictions {c.get('evictions', 0)}, "
+        f"prefetched {human(c['prefetched_bytes'])}",
+        soft_wrap=True,
+    )
+    table = Table("WORKER", "PID", "CLONES OPEN", "CONNECTIONS", "HITS", "MISSES", box=None)
+    for w in workers:
+        table.add_row(*(str(w.get(k, "-")) for k in ("worker", "pid", "open_clones", "connections", "hits", "misses")))
+    out.print(table)
 
 
 @app.command()

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import NbdcloneError
-from nbdclone.store.catalog import Store, is_valid_name, worker_of
+from nbdclone.store.catalog import Store, is_valid_name, worker_of, write_atomic
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 
@@ -97,12 +101,26 @@ def thread_model() -> int:
 
 
 def _reg() -> Registry:
-    # Opened lazily, after nbdkit has forked: RocksDB starts threads.
+    # Opened lazily, after nbdkit has forked: RocksDB starts threads, and so do we.
     global _registry
     if _registry is None:
         assert _settings is not None
         _registry = Registry(Store(_settings.store))
+        threading.Thread(target=_publish_stats, args=(_registry, _settings), daemon=True).start()
     return _registry
+
+
+def _publish_stats(registry: Registry, settings: Settings) -> None:
+    """Every second, write this worker's counters where `nbdclone stats` reads them."""
+    path = settings.store / "run" / f"stats-worker-{settings.worker}.json"
+    while True:
+        try:
+            write_atomic(
+                path, json.dumps({"worker": settings.worker, "pid": os.getpid(), **registry.stats()}), path.parent
+            )
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
+        time.sleep(1.0)
 
 
 @_errors

@@ -1,7 +1,13 @@
 """The RocksDB overlay: the only module that imports rocksdict.
 
-Keys are b"b" + the block index as 8 big-endian bytes, so a prefix scan walks blocks in order; the bytes-written
-counter lives under META_WRITTEN and is updated in the same WriteBatch as the data it counts. The WAL is on and
+Two key spaces, both b"<prefix>" + the block index as 8 big-endian bytes, updated in the same WriteBatch:
+
+    b"b" + block -> the block's 4 KiB          (data blocks only)
+    b"i" + block -> b"d" (data) or b"z" (zero)  (every entry: what the clone's block map is built from)
+
+so opening a clone scans the small index, never the data (measured: a clone holding 1 GiB of writes took
+over 2 s to open when the scan read the values). The bytes-written counter lives under META_WRITTEN and is
+updated in the same batch as the data it counts. The WAL is on and
 not synced per write: an applied batch survives kill -9 of the server, and `flush_wal(sync=True)` makes every
 earlier batch durable across power loss, which is what an NBD flush or FUA write promises.
 
@@ -24,6 +30,8 @@ from nbdclone.errors import StorageError
 from nbdclone.store.overlay import Change
 
 _PREFIX = b"b"
+_INDEX = b"i"
+_DATA, _ZEROED = b"d", b"z"
 _META_WRITTEN = b"m/written"
 
 _shared_lock = threading.Lock()
@@ -40,6 +48,10 @@ def _shared_resources() -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
 
 def _key(block: int) -> bytes:
     return _PREFIX + block.to_bytes(8, "big")
+
+
+def _ikey(block: int) -> bytes:
+    return _INDEX + block.to_bytes(8, "big")
 
 
 def _options(create: bool) -> rocksdict.Options:
@@ -95,12 +107,12 @@ class RocksOverlay:
 
     def scan(self) -> Iterator[tuple[int, bool]]:
         it = self._db.iter()
-        it.seek(_PREFIX)
+        it.seek(_INDEX)
         while it.valid():
             key = it.key()
-            if not key.startswith(_PREFIX):
+            if not key.startswith(_INDEX):
                 break
-            yield int.from_bytes(key[1:], "big"), len(it.value()) == 0
+            yield int.from_bytes(key[1:], "big"), it.value() == _ZEROED
             it.next()
 
     def get(self, blocks: Sequence[int]) -> list[bytes]:
@@ -119,8 +131,13 @@ class RocksOverlay:
         for block, data in changes:
             if data is None:
                 batch.delete(_key(block))
+                batch.delete(_ikey(block))
+            elif not data:  # ZERO: no data to keep
+                batch.delete(_key(block))
+                batch.put(_ikey(block), _ZEROED)
             else:
                 batch.put(_key(block), data)
+                batch.put(_ikey(block), _DATA)
         if written:
             batch.put(_META_WRITTEN, (self._written + written).to_bytes(8, "big"))
         try:

@@ -182,6 +182,10 @@ class Store:
     def map_path(self, record: BaseRecord, vid: str) -> Path:
         return self.base_dir(record) / f"{vid}.map"
 
+    def trace_path(self, record: BaseRecord, vid: str) -> Path:
+        """The boot trace of a version: the chunks its first boot read, in order."""
+        return self.base_dir(record) / f"{vid}.trace"
+
     def clone_dir(self, record: CloneRecord) -> Path:
         return self.path / "clones" / record.id
 
@@ -355,6 +359,7 @@ class Store:
                 cat = replace(cat, bases={**cat.bases, name: record})
                 self._write_catalog(cat)
                 self.map_path(record, vid).unlink(missing_ok=True)
+                self.trace_path(record, vid).unlink(missing_ok=True)
             return self.chunks.release_unused(self.all_version_maps(cat))
 
     def remove_base(self, name: str) -> int:
@@ -394,6 +399,7 @@ class Store:
                     for ref in removed:
                         name, _, vid = ref.partition("@")
                         self.map_path(bases[name], vid).unlink(missing_ok=True)
+                        self.trace_path(bases[name], vid).unlink(missing_ok=True)
             self._remove_orphans(cat)
             return removed, self.chunks.release_unused(self.all_version_maps(cat))
 

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,12 +32,15 @@ from pathlib import Path
 
 import mmh3
 
-from nbdclone.errors import ShortRead, StorageError
+from nbdclone.errors import StorageError
 from nbdclone.store.base import Extent
+from nbdclone.store.cache import PackReader
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+_SHIFT = 16
+_MASK = CHUNK - 1
 ZERO_SLOT = -1
 _ZERO_CHUNK = bytes(CHUNK)
 _MAP_MAGIC = b"NBDCLMAP"
@@ -190,17 +194,32 @@ class ChunkStore:
 
 
 class ChunkedBase:
-    """A base version as clones read it: the pack file read through the version's chunk map."""
+    """A base version as clones read it: the pack read through the version's chunk map and the process's
+    PackReader (the shared cache). Optionally records a boot trace: the chunks read first, in order."""
 
-    def __init__(self, pack: Path, vmap: VersionMap) -> None:
+    def __init__(self, pack: Path, vmap: VersionMap, reader: PackReader | None = None) -> None:
         self.size = vmap.size
         self.map = vmap
         self._slots = vmap.slots
-        self._fd = os.open(pack, os.O_RDONLY | os.O_CLOEXEC) if vmap.used_slots() else -1
+        self._own_reader = reader is None
+        used = vmap.used_slots()
+        if reader is None and used:
+            reader = PackReader(pack)
+        self._reader = reader
+        if reader is not None and used:
+            reader.ensure(max(used) + 1)
+        self.recorder: TraceRecorder | None = None
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         end = offset + len(buf)
         slots = self._slots
+        i = offset >> _SHIFT
+        if self.recorder is not None:
+            self.recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
+        if end <= (i + 1) << _SHIFT and i < len(slots) and slots[i] >= 0:
+            # The hot path: inside one stored chunk.
+            self._reader.read(buf, (slots[i] << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
+            return
         pos = offset
         while pos < end:
             i = pos // CHUNK
@@ -219,16 +238,18 @@ class ChunkedBase:
             if slot == ZERO_SLOT:
                 dst[:] = bytes(len(dst))
             else:
-                self._read_exact(dst, slot * CHUNK + (pos - i * CHUNK))
+                self._reader.read(dst, slot * CHUNK + (pos - i * CHUNK))  # type: ignore[union-attr]
             pos = stop
 
-    def _read_exact(self, dst: memoryview, at: int) -> None:
-        got = 0
-        while got < len(dst):
-            n = os.preadv(self._fd, [dst[got:]], at + got)
-            if n == 0:
-                raise ShortRead(path="chunk pack", wanted=len(dst), offset=at, got=got)
-            got += n
+    def slot_ranges(self, chunks: Iterable[int]) -> list[tuple[int, int]]:
+        """The (first slot, count) runs that hold `chunks` (zero chunks have none)."""
+        slots = sorted({self._slots[i] for i in chunks if i < len(self._slots) and self._slots[i] != ZERO_SLOT})
+        return list(_runs(slots))
+
+    def prefetch_chunks(self, chunks: Iterable[int]) -> int:
+        if self._reader is None:
+            return 0
+        return self._reader.prefetch(self.slot_ranges(chunks))
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
@@ -255,17 +276,62 @@ class ChunkedBase:
         return bytes(mask)
 
     def prefetch(self, offset: int, length: int) -> None:
-        if self._fd < 0:
-            return
-        first, last = offset // CHUNK, (offset + length - 1) // CHUNK
-        for i in range(first, min(last + 1, len(self._slots))):
-            if self._slots[i] != ZERO_SLOT:
-                os.posix_fadvise(self._fd, self._slots[i] * CHUNK, CHUNK, os.POSIX_FADV_WILLNEED)
+        self.prefetch_chunks(range(offset >> _SHIFT, ((offset + length - 1) >> _SHIFT) + 1))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self.recorder is not None:
+            self.recorder.finish()
+        if self._own_reader and self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class TraceRecorder:
+    """The chunks a version's first boot reads, in first-read order, for `seconds` or up to `limit` bytes;
+    then written beside the version (the first recording wins), for prefetching later boots."""
+
+    def __init__(self, path: Path, seconds: float = 30.0, limit: int = 512 << 20) -> None:
+        self.path = path
+        self._deadline = time.monotonic() + seconds
+        self._max = limit // CHUNK
+        self._seen: set[int] = set()
+        self._order = array("I")
+        self.done = False
+
+    def add(self, chunks: Iterable[int]) -> None:
+        if self.done:
+            return
+        for c in chunks:
+            if c not in self._seen:
+                self._seen.add(c)
+                self._order.append(c)
+        if len(self._order) >= self._max or time.monotonic() > self._deadline:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if not self._order:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(self._order.tobytes())
+        try:
+            os.link(tmp, self.path)  # never replaces a trace another worker finished first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("recorded a boot trace of %d chunks: %s", len(self._order), self.path)
+
+
+def load_trace(path: Path) -> array[int]:
+    trace = array("I")
+    try:
+        trace.frombytes(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    return trace
 
 
 def _pwrite_all(fd: int, data: bytes, at: int) -> None:

@@ -24,6 +24,8 @@ from nbdclone.store.overlay import BLOCK_SIZE, ZERO, Change, Overlay
 BASE, DATA, ZEROED = 0, 1, 2
 _OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_SHIFT = BLOCK_SIZE.bit_length() - 1
+assert 1 << _SHIFT == BLOCK_SIZE
 
 #: Extent types, as NBD (and nbdkit) number them.
 EXTENT_DATA = 0
@@ -56,10 +58,13 @@ class Clone:
     # -- reads ---------------------------------------------------------------------------------------
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        if not len(buf):
+        n = len(buf)
+        if not n:
             return
-        first, stop = offset // BLOCK_SIZE, (offset + len(buf) - 1) // BLOCK_SIZE + 1
-        if self._state.count(BASE, first, stop) == stop - first:
+        first, stop = offset >> _SHIFT, ((offset + n - 1) >> _SHIFT) + 1
+        state = self._state
+        # The hot path: blocks the clone never wrote are one base read, with no database lookup.
+        if state[first] == BASE if stop - first == 1 else state.count(BASE, first, stop) == stop - first:
             self.base.pread_into(buf, offset)
             return
         with self._lock:

@@ -18,7 +18,7 @@ from nbdclone import errors
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.catalog import BaseRecord, Store, fsync_dir, validate_name
-from nbdclone.store.chunks import CHUNK, ChunkedBase
+from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
 from nbdclone.store.overlay import MemoryOverlay, Overlay
 
@@ -185,3 +185,28 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def warm_version(store: Store, ref: str) -> tuple[str, int]:
+    """Read a version's boot trace into the shared cache now (and wait for it). Returns (NAME@VERSION, bytes)."""
+    record, vid = store.resolve(ref)
+    trace = load_trace(store.trace_path(record, vid))
+    if not trace:
+        raise errors.InvalidArgument(
+            detail=f"{record.name}@{vid} has no boot trace yet: one is recorded when its first clone boots"
+        )
+    base = ChunkedBase(store.chunks.pack, store.version_map(record, vid))
+    try:
+        total = 0
+        buf = bytearray(CHUNK)
+        for slot, count in base.slot_ranges(trace):
+            for k in range(count):
+                total += os.preadv(_pack_fd(base), [buf], (slot + k) * CHUNK)
+        return f"{record.name}@{vid}", total
+    finally:
+        base.close()
+
+
+def _pack_fd(base: ChunkedBase) -> int:
+    assert base._reader is not None
+    return base._reader.fd

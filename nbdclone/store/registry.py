@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, ZeroBase
+from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import CloneRecord, Store, validate_name
-from nbdclone.store.chunks import ChunkedBase
+from nbdclone.store.chunks import ChunkedBase, TraceRecorder, load_trace
 from nbdclone.store.clone import Clone
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,19 @@ class _Open:
 
 
 class Registry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, record_traces: bool = True) -> None:
         self.store = store
+        self.record_traces = record_traces
         self._lock = threading.Lock()
         self._clones: dict[str, _Open] = {}
         self._bases: dict[BaseKey, tuple[ChunkedBase, int]] = {}
+        self._traces: dict[BaseKey, list[tuple[int, int]]] = {}
+        self._reader: PackReader | None = None
+
+    @property
+    def reader(self) -> PackReader | None:
+        """This process's reader of the chunk pack (the shared cache), once a base version is open."""
+        return self._reader
 
     def acquire(self, name: str) -> Clone:
         """Open clone `name` for one more connection. Unknown or malformed names raise and create nothing."""
@@ -69,6 +78,9 @@ class Registry:
                     )
                 state = self.store.start_overlay(record, version)
             key, base = self._get_base(record, version)
+            if key is not None and self._traces.get(key) and self._reader is not None:
+                # A clone of a version with a recorded boot trace connects: bring its boot blocks in now.
+                self._reader.prefetch(self._traces[key])
             try:
                 overlay = RocksOverlay(self.store.overlay_path(record, state))
                 clone = Clone(base, overlay, base.size)
@@ -85,7 +97,15 @@ class Registry:
         key = (base_record.id, version)
         base, users = self._bases.get(key, (None, 0))
         if base is None:
-            base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version))
+            if self._reader is None:
+                self._reader = PackReader(self.store.chunks.pack, self.store.path / "run" / "cache.clock")
+            base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version), self._reader)
+            trace_path = self.store.trace_path(base_record, version)
+            trace = load_trace(trace_path)
+            if trace:
+                self._traces[key] = base.slot_ranges(trace)
+            elif self.record_traces:
+                base.recorder = TraceRecorder(trace_path)
         self._bases[key] = (base, users + 1)
         return key, base
 
@@ -112,6 +132,15 @@ class Registry:
                 self._put_base(entry.base_key)
         log.info("closed clone %s", name)
 
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "open_clones": len(self._clones),
+                "open_versions": len(self._bases),
+                "connections": sum(e.users for e in self._clones.values()),
+                **(self._reader.stats.as_dict() if self._reader is not None else {}),
+            }
+
     def close_all(self) -> None:
         with self._lock:
             for name, entry in list(self._clones.items()):
@@ -121,3 +150,6 @@ class Registry:
                     log.exception("closing clone %s", name)
                 self._put_base(entry.base_key)
             self._clones.clear()
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -34,7 +35,8 @@ import uvloop
 
 import nbdclone
 from nbdclone import errors
-from nbdclone.store.catalog import Store, worker_of
+from nbdclone.store.cache import Evictor
+from nbdclone.store.catalog import Store, worker_of, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class ServeConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads: int = 1
     pin: bool = True
+    cache_size: int = 1 << 30
     grace: float = 10.0
     verbose: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -144,6 +147,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
             if not await _start(w, cfg, env):
                 return 1
         _write_info(store, workers)
+        evictor = asyncio.ensure_future(_bound_cache(store, cfg.cache_size, stop))
         announce([w.uri for w in workers])
         while not stop.is_set():
             waits = {asyncio.ensure_future(w.proc.wait()): w for w in workers if w.proc is not None}
@@ -158,6 +162,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
                 if fut in waits:
                     await _restart(waits[fut], cfg, env, stop)
             _write_info(store, workers)
+        evictor.cancel()
         return 0
     finally:
         restore()
@@ -199,6 +204,27 @@ async def _restart(w: Worker, cfg: ServeConfig, env: dict[str, str], stop: async
         if cfg.listen is None:
             Path(cfg.endpoint(w.index)[0][1]).unlink(missing_ok=True)
         await _start(w, cfg, env)
+
+
+async def _bound_cache(store: Store, limit: int, stop: asyncio.Event) -> None:
+    """Keep the shared read cache (the pack's pages in memory) under `limit`, once a second."""
+    evictor = Evictor(store.chunks.pack, store.path / "run" / "cache.clock", limit)
+    path = store.path / "run" / "stats-cache.json"
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        try:
+            resident = await loop.run_in_executor(None, evictor.run_once)
+            stats = {
+                "limit": limit,
+                "resident_bytes": resident,
+                "evictions": evictor.evictions,
+                "evicted_bytes": evictor.evicted_bytes,
+            }
+            await loop.run_in_executor(None, write_atomic, path, json.dumps(stats), path.parent)
+        except OSError as exc:
+            log.warning("cache bound: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
 def _write_info(store: Store, workers: list[Worker]) -> None:
