@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,32 @@ def test_flip_is_constant_work_whatever_the_number_of_clones(
     after = {p: p.stat().st_mtime_ns for p in store_path.rglob("*") if p.is_file()}
     changed = sorted(str(p.relative_to(store_path)) for p in after if before.get(p) != after[p])
     assert len(changed) == 1 and changed[0].endswith("/current"), changed
+
+
+def test_boot_trace_stats_and_warm_through_the_server(
+    tmp_path: Path, server: Server, store_path: Path, images: dict[str, bytes]
+) -> None:
+    import_version(tmp_path, store_path, "v1")
+    cli("clone", "create", "first", "second", "--base", "os", store=store_path)
+    proc = cli("base", "warm", "os", store=store_path, check=False)
+    assert proc.returncode != 0 and "no boot trace yet" in proc.stderr
+    h = server.connect("first")  # the first boot of os@1 is recorded...
+    for off in (0, 3 * MiB, 5 * MiB + 100):
+        h.pread(4096, off)
+    h.shutdown()  # ...and written when the version closes
+    out = cli("base", "warm", "os", store=store_path).stdout
+    assert "warmed os@1: 192.0 KiB" in out  # three 64 KiB chunks
+    h = server.connect("second")
+    assert pread_all(h, SIZE) == images["v1"]
+    h.shutdown()
+    deadline = time.monotonic() + 10
+    while True:  # workers publish their counters every second
+        stats = json.loads(cli("stats", "--json", store=store_path).stdout)["cache"]
+        if stats["hits"] + stats["misses"] >= 3 + SIZE // MiB or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stats["hits"] + stats["misses"] >= 3 + SIZE // MiB  # one lookup per request to the base
+    assert stats["prefetched_bytes"] >= 3 * 64 * 1024  # the second clone's connect prefetched the trace
+    assert 0 < stats["resident_bytes"] <= stats["limit"]
+    table = cli("stats", store=store_path).stdout
+    assert "hits" in table and "WORKER" in table

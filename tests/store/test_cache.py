@@ -1,0 +1,136 @@
+"""The shared read cache: the page cache over the chunk pack, with our counters, bound and boot traces."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from nbdclone.store.cache import CHUNK, Evictor, PackReader, resident_bytes
+from nbdclone.store.catalog import Store
+from nbdclone.store.chunks import ChunkedBase, load_trace
+from nbdclone.store.images import import_base
+from nbdclone.store.registry import Registry
+
+MiB = 1 << 20
+
+
+def drop_from_memory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def io_read_bytes() -> int:
+    """Bytes this process made the storage layer read (page cache misses), from /proc/self/io."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise AssertionError("no read_bytes in /proc/self/io")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    st = Store(tmp_path / "store")
+    v1 = os.urandom(16 * MiB)
+    (tmp_path / "v1.raw").write_bytes(v1)
+    # v2 shares its first 8 MiB with v1.
+    (tmp_path / "v2.raw").write_bytes(v1[: 8 * MiB] + os.urandom(8 * MiB))
+    import_base(st, "os", tmp_path / "v1.raw")
+    import_base(st, "os", tmp_path / "v2.raw")
+    return st
+
+
+def test_concurrent_misses_of_one_block_read_the_base_once(store: Store) -> None:
+    pack = store.chunks.pack
+    drop_from_memory(pack)
+    assert resident_bytes(pack) == 0, "the test needs the pack out of memory"
+    reader = PackReader(pack)
+    reader.ensure(1000)
+    os.posix_fadvise(reader.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: count exactly what is read
+    start = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def read() -> None:
+        buf = bytearray(4096)
+        start.wait()
+        reader.read(memoryview(buf), 5 * CHUNK)
+        results.append(bytes(buf))
+
+    before = io_read_bytes()
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1
+    assert io_read_bytes() - before <= 4096 * 4  # one read of the page (block-layer granularity), not eight
+
+
+def test_a_flip_keeps_shared_blocks_cached(store: Store) -> None:
+    rec = store.get_base("os")
+    reader = PackReader(store.chunks.pack)
+    v1 = ChunkedBase(store.chunks.pack, store.version_map(rec, "1"), reader)
+    v2 = ChunkedBase(store.chunks.pack, store.version_map(rec, "2"), reader)
+    buf = memoryview(bytearray(CHUNK))
+    for off in range(0, 16 * MiB, CHUNK):
+        v1.pread_into(buf, off)
+    drop_from_memory(store.chunks.pack)
+    for off in range(0, 8 * MiB, CHUNK):  # what v1 boots from after the drop
+        v1.pread_into(buf, off)
+    hits, misses = reader.stats.hits, reader.stats.misses
+    for off in range(0, 8 * MiB, CHUNK):  # the same blocks, read through v2: the same cached chunks
+        v2.pread_into(buf, off)
+    assert reader.stats.misses == misses
+    assert reader.stats.hits == hits + 8 * MiB // CHUNK
+
+
+def test_the_cache_never_exceeds_its_bound(store: Store, tmp_path: Path) -> None:
+    pack = store.chunks.pack
+    clock = tmp_path / "cache.clock"
+    reader = PackReader(pack, clock)
+    reader.ensure(10_000)
+    buf = memoryview(bytearray(CHUNK))
+    evictor = Evictor(pack, clock, 4 * MiB)
+    for rnd in range(3):
+        for off in range(0, os.stat(pack).st_size, CHUNK):
+            reader.read(buf, off)
+        evictor.run_once()
+        # Pages a reader has mapped are let go at its next read after the pass; the next pass evicts them.
+        reader.read(buf, 0)
+        resident = evictor.run_once()
+        assert resident <= 4 * MiB, (rnd, resident)
+        assert resident_bytes(pack) <= 4 * MiB + 64 * 1024
+    assert evictor.evictions > 0
+    # Evicted data still reads correctly (from disk again), and counts as a miss.
+    misses = reader.stats.misses
+    for off in range(0, os.stat(pack).st_size, CHUNK):
+        reader.read(buf, off)
+    assert reader.stats.misses > misses
+
+
+def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) -> None:
+    store.create_clone("a", base="os")
+    store.create_clone("b", base="os")
+    rec = store.get_base("os")
+    trace = store.trace_path(rec, "1")
+    reg = Registry(store)
+    clone = reg.acquire("a")
+    buf = memoryview(bytearray(4096))
+    boot = [3 * CHUNK, 0, 7 * CHUNK + 5, 3 * CHUNK]
+    for off in boot:
+        clone.pread_into(buf, off)
+    reg.release("a")  # the version closes: its recording is written
+    assert list(load_trace(trace)) == [3, 0, 7]
+    reg2 = Registry(store)
+    clone = reg2.acquire("b")  # a second boot of the same version: prefetched, not recorded again
+    assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 3 * CHUNK
+    for off in range(0, 16 * MiB, CHUNK):
+        clone.pread_into(buf, off)
+    reg2.release("b")
+    assert list(load_trace(trace)) == [3, 0, 7]
