@@ -209,6 +209,7 @@ class ChunkedBase:
         if reader is not None and used:
             reader.ensure(max(used) + 1)
         self.recorder: TraceRecorder | None = None
+        self._zero_bitmaps: dict[tuple[int, int, int], bytes] = {}
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         end = offset + len(buf)
@@ -267,13 +268,19 @@ class ChunkedBase:
         return out
 
     def zero_bitmap(self, first_block: int, nblocks: int, block_size: int) -> bytes:
-        per = CHUNK // block_size
-        mask = bytearray(nblocks)
-        for k in range(nblocks):
-            i = (first_block + k) // per
-            if i >= len(self._slots) or self._slots[i] == ZERO_SLOT:
-                mask[k] = 1
-        return bytes(mask)
+        # Every clone of the version asks for the same map when it opens: built once per version.
+        key = (first_block, nblocks, block_size)
+        cached = self._zero_bitmaps.get(key)
+        if cached is None:
+            per = CHUNK // block_size
+            whole = bytearray(b"\x01" * ((len(self._slots) + 1) * per))
+            one = b"\x00" * per
+            for i, slot in enumerate(self._slots):
+                if slot != ZERO_SLOT:
+                    whole[i * per : (i + 1) * per] = one
+            mask = bytes(whole[first_block : first_block + nblocks])
+            cached = self._zero_bitmaps[key] = mask + b"\x01" * (nblocks - len(mask))
+        return cached
 
     def prefetch(self, offset: int, length: int) -> None:
         self.prefetch_chunks(range(offset >> _SHIFT, ((offset + length - 1) >> _SHIFT) + 1))
