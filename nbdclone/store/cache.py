@@ -125,6 +125,16 @@ class PackReader:
         self.stats.prefetched_bytes += total
         return total
 
+    def load(self, ranges: list[tuple[int, int]]) -> int:
+        """Read (slot, count) ranges into memory and wait until they are there. Returns bytes."""
+        buf = memoryview(bytearray(CHUNK))
+        total = 0
+        for slot, count in ranges:
+            for s in range(slot, slot + count):
+                total += os.preadv(self.fd, [buf], s << _SHIFT)
+        self.stats.prefetched_bytes += total
+        return total
+
     def close(self) -> None:
         os.close(self.fd)
 

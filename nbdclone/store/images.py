@@ -17,6 +17,7 @@ from typing import Literal
 from nbdclone import errors
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
+from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import BaseRecord, Store, fsync_dir, validate_name
 from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
@@ -195,18 +196,10 @@ def warm_version(store: Store, ref: str) -> tuple[str, int]:
         raise errors.InvalidArgument(
             detail=f"{record.name}@{vid} has no boot trace yet: one is recorded when its first clone boots"
         )
-    base = ChunkedBase(store.chunks.pack, store.version_map(record, vid))
+    reader = PackReader(store.chunks.pack)
+    base = ChunkedBase(store.chunks.pack, store.version_map(record, vid), reader)
     try:
-        total = 0
-        buf = bytearray(CHUNK)
-        for slot, count in base.slot_ranges(trace):
-            for k in range(count):
-                total += os.preadv(_pack_fd(base), [buf], (slot + k) * CHUNK)
-        return f"{record.name}@{vid}", total
+        return f"{record.name}@{vid}", reader.load(base.slot_ranges(trace))
     finally:
         base.close()
-
-
-def _pack_fd(base: ChunkedBase) -> int:
-    assert base._reader is not None
-    return base._reader.fd
+        reader.close()
