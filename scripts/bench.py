@@ -111,7 +111,9 @@ class PythonNull(FilePlugin):
 
     def start(self, n: int) -> None:
         size = self.base.stat().st_size
-        self._nbdkit(self.work / "pynull.sock", *self.threads, "python", str(ROOT / "scripts" / "null_plugin.py"), f"size={size}")
+        self._nbdkit(
+            self.work / "pynull.sock", *self.threads, "python", str(ROOT / "scripts" / "null_plugin.py"), f"size={size}"
+        )
 
 
 class CowFilter(Server):
@@ -137,8 +139,16 @@ class QemuNbd(Server):
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw", str(ov)], check=True
             )
             p = subprocess.Popen(
-                ["qemu-nbd", "--persistent", "--shared=0", "--format=qcow2", "--cache=writeback",
-                 f"--socket={sock}", f"--pid-file={pid}", str(ov)]
+                [
+                    "qemu-nbd",
+                    "--persistent",
+                    "--shared=0",
+                    "--format=qcow2",
+                    "--cache=writeback",
+                    f"--socket={sock}",
+                    f"--pid-file={pid}",
+                    str(ov),
+                ]
             )
             self.procs.append(p)
             self.sockets.append(sock)
@@ -160,15 +170,22 @@ class Nbdclone(Server):
         store = self.work / "store"
         cli = [str(VENV / "nbdclone")]
         for base, prefix in (("base", "c"), ("boot", "b")):
-            subprocess.run([*cli, "base", "import", base, str(self.base), "--store", str(store)], check=True,
-                           capture_output=True)
-            subprocess.run([*cli, "clone", "create", *[f"{prefix}{i}" for i in range(64)], "--base", base,
-                            "--store", str(store)], check=True, capture_output=True)
+            subprocess.run(
+                [*cli, "base", "import", base, str(self.base), "--store", str(store)], check=True, capture_output=True
+            )
+            subprocess.run(
+                [*cli, "clone", "create", *[f"{prefix}{i}" for i in range(64)], "--base", base, "--store", str(store)],
+                check=True,
+                capture_output=True,
+            )
         self.prefix = "b"
         self.start(1)
         try:
-            run_fio(Workload("record", 1, [f"--read_iolog={TRACE}", "--replay_no_stall=1"], "s"), self.uris(1),
-                    self.work / "fio.json")
+            run_fio(
+                Workload("record", 1, [f"--read_iolog={TRACE}", "--replay_no_stall=1"], "s"),
+                self.uris(1),
+                self.work / "fio.json",
+            )
         finally:
             self.stop()  # the recording is written when the version closes
 
@@ -176,11 +193,15 @@ class Nbdclone(Server):
         store = self.work / "store"
         cli = [str(VENV / "nbdclone")]
         for i in range(n):  # a fresh overlay for every run
-            subprocess.run([*cli, "clone", "reset", f"{self.prefix}{i}", "--store", str(store)], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [*cli, "clone", "reset", f"{self.prefix}{i}", "--store", str(store)], check=True, capture_output=True
+            )
         sock = self.work / "nbdclone.sock"
-        p = subprocess.Popen([*cli, "serve", "--store", str(store), "--socket", str(sock), *self.extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [*cli, "serve", "--store", str(store), "--socket", str(sock), *self.extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(p)
         self.sockets.append(sock)
         assert p.stdout is not None
@@ -194,8 +215,12 @@ class Nbdclone(Server):
     def uris(self, n: int) -> list[str]:
         cli = [str(VENV / "nbdclone")]
         return [
-            subprocess.run([*cli, "uri", f"{self.prefix}{i}", "--store", str(self.store)], check=True,
-                           capture_output=True, text=True).stdout.strip()
+            subprocess.run(
+                [*cli, "uri", f"{self.prefix}{i}", "--store", str(self.store)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             for i in range(n)
         ]
 
@@ -322,7 +347,10 @@ def main() -> None:
                 f.write(os.urandom(16 * MiB))
         Nbdclone.extra = args.nbdclone_args.split()
         kinds: dict[str, type[Server]] = {
-            "file": FilePlugin, "cow": CowFilter, "qemu-nbd": QemuNbd, "python-null": PythonNull,
+            "file": FilePlugin,
+            "cow": CowFilter,
+            "qemu-nbd": QemuNbd,
+            "python-null": PythonNull,
             "python-null-t1": type("PythonNull1", (PythonNull,), {"threads": ["--threads", "1"]}),
             "nbdclone": Nbdclone,
         }
@@ -330,8 +358,9 @@ def main() -> None:
         for srv in servers:
             if isinstance(srv, Nbdclone):
                 srv.setup()
-        loads = [w for w in workloads(args.seconds, size, [int(n) for n in args.storms.split(",")])
-                 if args.only in w.name]
+        loads = [
+            w for w in workloads(args.seconds, size, [int(n) for n in args.storms.split(",")]) if args.only in w.name
+        ]
         results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
         can_drop = True
         for rnd in range(args.rounds):
@@ -368,8 +397,10 @@ def main() -> None:
 
 
 def print_table(loads: list[Workload], servers: list[Server], results: dict) -> None:  # type: ignore[type-arg]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, nbdkit {_version(['nbdkit', '--version'])}, "
-          f"{_version(['qemu-nbd', '--version'])}; medians of {len(next(iter(results.values())))} rounds\n")
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, nbdkit {_version(['nbdkit', '--version'])}, "
+        f"{_version(['qemu-nbd', '--version'])}; medians of {len(next(iter(results.values())))} rounds\n"
+    )
     head = f"| {'workload':32} | {'server':11} | {'result':>14} | {'vs file':>7} | {'CPU/IO':>9} | {'memory':>9} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -389,8 +420,10 @@ def print_table(loads: list[Workload], servers: list[Server], results: dict) -> 
             cpu = statistics.median(r[1] for r in rs)
             mem = statistics.median(r[2] for r in rs) / MiB
             unit = {"s": " s", "IOPS": " IOPS", "MB/s": " MB/s"}[w.unit]
-            print(f"| {w.name:32} | {srv.name:11} | {med:>9.{2 if w.unit == 's' else 0}f}{unit:5} | {ratio:>7} | "
-                  f"{cpu:>6.1f} us | {mem:>5.0f} MiB |")
+            print(
+                f"| {w.name:32} | {srv.name:11} | {med:>9.{2 if w.unit == 's' else 0}f}{unit:5} | {ratio:>7} | "
+                f"{cpu:>6.1f} us | {mem:>5.0f} MiB |"
+            )
     print("\nvs file: result / nbdkit file plugin's, per round, median (for times in s, lower is better).")
     _ = ref_med
 

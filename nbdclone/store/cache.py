@@ -89,8 +89,10 @@ class PackReader:
                 self._warm[:] = bytes(len(self._warm))
                 if self._mm is not None:
                     self._mm.madvise(mmap.MADV_DONTNEED)
-            for s in range(first, last + 1):
-                clock[_HEADER + s] = 1
+            if first == last:
+                clock[_HEADER + first] = 1
+            else:
+                clock[_HEADER + first : _HEADER + last + 1] = b"\x01" * (last + 1 - first)
         n = len(dst)
         if first == last and self._warm[first]:
             view = self._view

@@ -51,7 +51,7 @@ class ServeConfig:
     listen: tuple[str, int] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads: int = 1
-    pin: bool = True
+    pin: bool = False
     cache_size: int = 1 << 30
     grace: float = 10.0
     verbose: bool = False
