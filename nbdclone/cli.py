@@ -356,7 +356,7 @@ def serve(
     listen: ListenOpt = None,
     workers: WorkersOpt = None,
     threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 1,
-    pin: Annotated[bool, typer.Option(help="Pin each worker to one core (RocksDB threads too).")] = False,
+    pin: Annotated[bool, typer.Option(help="Pin each worker's connection threads to one core.")] = True,
     cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
 ) -> None:
     """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.

@@ -51,7 +51,7 @@ class ServeConfig:
     listen: tuple[str, int] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads: int = 1
-    pin: bool = False
+    pin: bool = True
     cache_size: int = 1 << 30
     grace: float = 10.0
     verbose: bool = False
@@ -105,14 +105,11 @@ def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path) -> list[str]:
     cmd += ["--threads", str(cfg.threads)]
     if cfg.verbose:
         cmd.append("--verbose")
-    return [
-        *cmd,
-        "python",
-        str(PLUGIN),
-        f"store={cfg.store.absolute()}",
-        f"worker={worker}",
-        f"workers={cfg.workers}",
-    ]
+    plugin = [f"store={cfg.store.absolute()}", f"worker={worker}", f"workers={cfg.workers}"]
+    if cfg.pin and cfg.workers > 1:
+        cpus = sorted(os.sched_getaffinity(0))
+        plugin.append(f"cpu={cpus[worker % len(cpus)]}")
+    return [*cmd, "python", str(PLUGIN), *plugin]
 
 
 @dataclass
@@ -179,11 +176,6 @@ async def _start(w: Worker, cfg: ServeConfig, env: dict[str, str]) -> bool:
     w.pidfile.unlink(missing_ok=True)
     w.proc = await asyncio.create_subprocess_exec(*nbdkit_command(cfg, w.index, w.pidfile), env=env)
     w.started = time.monotonic()
-    if cfg.pin and cfg.workers > 1:
-        # One worker per core: handing the GIL between cores doubles the CPU per request (FACTS).
-        cpus = sorted(os.sched_getaffinity(0))
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(w.proc.pid, {cpus[w.index % len(cpus)]})
     while not w.pidfile.exists():  # nbdkit writes its pidfile once it accepts connections
         if w.proc.returncode is not None:
             log.error("worker %d (nbdkit) exited with status %s while starting", w.index, w.proc.returncode)
