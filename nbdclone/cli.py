@@ -394,8 +394,8 @@ def stats(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     for k in range(len(info["workers"])):
         try:
             workers.append(json.loads((run / f"stats-worker-{k}.json").read_text()))
-        except (FileNotFoundError, ValueError):
-            workers.append({"worker": k})
+        except (FileNotFoundError, ValueError):  # a worker publishes once its first client has come
+            workers.append({"worker": k, "pid": info["workers"][k].get("pid", "-")})
     try:
         cache = json.loads((run / "stats-cache.json").read_text())
     except (FileNotFoundError, ValueError):

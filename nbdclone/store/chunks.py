@@ -297,6 +297,10 @@ class TraceRecorder:
     """The chunks a version's first boot reads, in first-read order, for `seconds` or up to `limit` bytes;
     then written beside the version (the first recording wins), for prefetching later boots."""
 
+    #: A recording smaller than this is not a boot (a probe such as nbdinfo's): it is dropped, and the
+    #: version's next first connection records again.
+    MIN_CHUNKS = 16
+
     def __init__(self, path: Path, seconds: float = 30.0, limit: int = 512 << 20) -> None:
         self.path = path
         self._deadline = time.monotonic() + seconds
@@ -319,7 +323,7 @@ class TraceRecorder:
         if self.done:
             return
         self.done = True
-        if not self._order:
+        if len(self._order) < self.MIN_CHUNKS:
             return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(self._order.tobytes())

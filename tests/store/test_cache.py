@@ -115,22 +115,24 @@ def test_the_cache_never_exceeds_its_bound(store: Store, tmp_path: Path) -> None
 
 
 def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) -> None:
-    store.create_clone("a", base="os")
-    store.create_clone("b", base="os")
+    store.create_clones(["probe", "a", "b"], base="os")
     rec = store.get_base("os")
     trace = store.trace_path(rec, "1")
-    reg = Registry(store)
-    clone = reg.acquire("a")
     buf = memoryview(bytearray(4096))
-    boot = [3 * CHUNK, 0, 7 * CHUNK + 5, 3 * CHUNK]
+    reg = Registry(store)
+    reg.acquire("probe").pread_into(buf, 0)  # a probe (nbdinfo) reads a block or two: not a boot
+    reg.release("probe")
+    assert not trace.exists()
+    clone = reg.acquire("a")
+    boot = [c * CHUNK for c in (9, 3, 0, 7, *range(20, 40))] + [3 * CHUNK + 5]
     for off in boot:
         clone.pread_into(buf, off)
     reg.release("a")  # the version closes: its recording is written
-    assert list(load_trace(trace)) == [3, 0, 7]
+    assert list(load_trace(trace)) == [9, 3, 0, 7, *range(20, 40)]
     reg2 = Registry(store)
     clone = reg2.acquire("b")  # a second boot of the same version: prefetched, not recorded again
-    assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 3 * CHUNK
+    assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 24 * CHUNK
     for off in range(0, 16 * MiB, CHUNK):
         clone.pread_into(buf, off)
     reg2.release("b")
-    assert list(load_trace(trace)) == [3, 0, 7]
+    assert list(load_trace(trace)) == [9, 3, 0, 7, *range(20, 40)]
