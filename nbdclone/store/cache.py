@@ -131,9 +131,12 @@ class PackReader:
         """Read (slot, count) ranges into memory and wait until they are there. Returns bytes."""
         buf = memoryview(bytearray(CHUNK))
         total = 0
-        for slot, count in ranges:
-            for s in range(slot, slot + count):
-                total += os.preadv(self.fd, [buf], s << _SHIFT)
+        try:
+            for slot, count in ranges:
+                for s in range(slot, slot + count):
+                    total += os.preadv(self.fd, [buf], s << _SHIFT)
+        except OSError as exc:  # the reader was closed under a background prefetch: stop quietly
+            log.debug("prefetch stopped: %s", exc)
         self.stats.prefetched_bytes += total
         return total
 

@@ -242,10 +242,16 @@ class ChunkedBase:
                 self._reader.read(dst, slot * CHUNK + (pos - i * CHUNK))  # type: ignore[union-attr]
             pos = stop
 
-    def slot_ranges(self, chunks: Iterable[int]) -> list[tuple[int, int]]:
-        """The (first slot, count) runs that hold `chunks` (zero chunks have none)."""
-        slots = sorted({self._slots[i] for i in chunks if i < len(self._slots) and self._slots[i] != ZERO_SLOT})
-        return list(_runs(slots))
+    def slot_ranges(self, chunks: Iterable[int], *, ordered: bool = False) -> list[tuple[int, int]]:
+        """The (first slot, count) runs that hold `chunks` (zero chunks have none): sorted by slot, or, if
+        `ordered`, in the order of `chunks` (a boot trace), merging only slots that follow each other."""
+        seen: set[int] = set()
+        slots = []
+        for i in chunks:
+            if i < len(self._slots) and self._slots[i] != ZERO_SLOT and self._slots[i] not in seen:
+                seen.add(self._slots[i])
+                slots.append(self._slots[i])
+        return list(_runs(slots if ordered else sorted(slots)))
 
     def prefetch_chunks(self, chunks: Iterable[int]) -> int:
         if self._reader is None:

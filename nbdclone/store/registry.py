@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from nbdclone.store._rocks import RocksOverlay
@@ -26,6 +27,7 @@ from nbdclone.store.clone import Clone
 log = logging.getLogger(__name__)
 
 BaseKey = tuple[str, str]  # (base id, version id)
+PREFETCH_EVERY = 30.0  # seconds: a version's trace is read in again at most this often per process
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class Registry:
         self._clones: dict[str, _Open] = {}
         self._bases: dict[BaseKey, tuple[ChunkedBase, int]] = {}
         self._traces: dict[BaseKey, list[tuple[int, int]]] = {}
+        self._prefetched: dict[BaseKey, float] = {}
         self._reader: PackReader | None = None
 
     @property
@@ -79,8 +82,7 @@ class Registry:
                 state = self.store.start_overlay(record, version)
             key, base = self._get_base(record, version)
             if key is not None and self._traces.get(key) and self._reader is not None:
-                # A clone of a version with a recorded boot trace connects: bring its boot blocks in now.
-                self._reader.prefetch(self._traces[key])
+                self._prefetch(key)
             try:
                 overlay = RocksOverlay(self.store.overlay_path(record, state))
                 clone = Clone(base, overlay, base.size)
@@ -89,6 +91,18 @@ class Registry:
                 raise
         log.info("opened clone %s (version %s)", name, version)
         return _Open(clone, key, version, 0)
+
+    def _prefetch(self, key: BaseKey) -> None:
+        """A clone of a version with a boot trace connects: read the trace into the cache, in the order the
+        boot will want it, on a thread of its own (reads release the GIL), so it stays ahead of the boot.
+        A storm of clones connecting at once starts one prefetch per version, not one each."""
+        now = time.monotonic()
+        if now - self._prefetched.get(key, -PREFETCH_EVERY) < PREFETCH_EVERY:
+            return
+        self._prefetched[key] = now
+        reader, ranges = self._reader, self._traces[key]
+        assert reader is not None
+        threading.Thread(target=reader.load, args=(ranges,), name="nbdclone-prefetch", daemon=True).start()
 
     def _get_base(self, record: CloneRecord, version: str | None) -> tuple[BaseKey | None, Base]:
         if record.base is None or version is None:
@@ -103,7 +117,7 @@ class Registry:
             trace_path = self.store.trace_path(base_record, version)
             trace = load_trace(trace_path)
             if trace:
-                self._traces[key] = base.slot_ranges(trace)
+                self._traces[key] = base.slot_ranges(trace, ordered=True)
             elif self.record_traces:
                 base.recorder = TraceRecorder(trace_path)
         self._bases[key] = (base, users + 1)

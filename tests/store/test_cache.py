@@ -131,6 +131,9 @@ def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) ->
     assert list(load_trace(trace)) == [9, 3, 0, 7, *range(20, 40)]
     reg2 = Registry(store)
     clone = reg2.acquire("b")  # a second boot of the same version: prefetched, not recorded again
+    for t in threading.enumerate():
+        if t.name == "nbdclone-prefetch":
+            t.join(10)
     assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 24 * CHUNK
     for off in range(0, 16 * MiB, CHUNK):
         clone.pread_into(buf, off)
