@@ -210,17 +210,15 @@ def clone_create(
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
     state = st.clone_state(rec)
-    version = state.version if state is not None else st.target_version(rec)
     target = st.target_version(rec)
-    overlay = st.overlay_path(rec, state) if state is not None else None
-    disk = sum(f.stat().st_size for f in overlay.iterdir() if f.is_file()) if overlay and overlay.is_dir() else 0
+    version = state.version if state is not None else target
     return {
         **_asdict(rec),
         "size": st.clone_size(rec, version),
         "version": version,
         "follows": rec.base is not None and rec.pin is None,
         "move_pending": state is not None and version != target,
-        "overlay_disk_bytes": disk,
+        "overlay_disk_bytes": st.overlay_disk_bytes(rec),
         "open": st.is_open(rec),
     }
 

@@ -175,9 +175,6 @@ class RocksOverlay:
     def bytes_written(self) -> int:
         return self._written
 
-    def disk_usage(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
     def close(self) -> None:
         try:
             if not self._readonly:

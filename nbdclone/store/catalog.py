@@ -524,6 +524,14 @@ class Store:
             self.start_overlay(record, vid)
             return old, vid
 
+    def overlay_disk_bytes(self, record: CloneRecord) -> int:
+        """What the clone's overlay takes on disk (0 before its first connection)."""
+        state = self.clone_state(record)
+        path = self.overlay_path(record, state) if state is not None else None
+        if path is None or not path.is_dir():
+            return 0
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
     def is_open(self, record: CloneRecord) -> bool:
         state = self.clone_state(record)
         return state is not None and overlay_in_use(self.overlay_path(record, state))

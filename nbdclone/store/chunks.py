@@ -215,8 +215,11 @@ class ChunkedBase:
         end = offset + len(buf)
         slots = self._slots
         i = offset >> _SHIFT
-        if self.recorder is not None:
-            self.recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
+            if recorder.done:  # off the hot path for the rest of the version's life
+                self.recorder = None
         if end <= (i + 1) << _SHIFT and i < len(slots) and slots[i] >= 0:
             # The hot path: inside one stored chunk.
             self._reader.read(buf, (slots[i] << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
@@ -253,11 +256,6 @@ class ChunkedBase:
                 slots.append(self._slots[i])
         return list(_runs(slots if ordered else sorted(slots)))
 
-    def prefetch_chunks(self, chunks: Iterable[int]) -> int:
-        if self._reader is None:
-            return 0
-        return self._reader.prefetch(self.slot_ranges(chunks))
-
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         end = offset + length
@@ -289,7 +287,8 @@ class ChunkedBase:
         return cached
 
     def prefetch(self, offset: int, length: int) -> None:
-        self.prefetch_chunks(range(offset >> _SHIFT, ((offset + length - 1) >> _SHIFT) + 1))
+        if self._reader is not None:
+            self._reader.prefetch(self.slot_ranges(range(offset >> _SHIFT, ((offset + length - 1) >> _SHIFT) + 1)))
 
     def close(self) -> None:
         if self.recorder is not None:
