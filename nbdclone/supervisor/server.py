@@ -131,8 +131,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
     store = Store(cfg.store)
     with store.lock():
         (store.path / "run").mkdir(parents=True, exist_ok=True)
+    _refuse_second_server(store)
     if cfg.socket is None and cfg.listen is None:
-        _remove_stale_sockets(store, cfg)
+        _remove_stale_sockets(store)
     env = {**os.environ, "PYTHONPATH": plugin_pythonpath(), **cfg.extra_env}
     workers = [
         Worker(k, cfg.endpoint(k)[1], store.path / "run" / f"worker-{os.getpid()}-{k}.pid") for k in range(cfg.workers)
@@ -255,12 +256,16 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return restore
 
 
-def _remove_stale_sockets(store: Store, cfg: ServeConfig) -> None:
+def _refuse_second_server(store: Store) -> None:
+    """One server per store: a clone's overlay can be open in one process only."""
     try:
-        store.server_info()
+        info = store.server_info()
     except errors.ServerNotRunning:
-        run = store.path / "run"
-        for sock in [run / SOCKET_NAME, *run.glob(f"{SOCKET_NAME}.*")]:
-            sock.unlink(missing_ok=True)
         return
-    raise errors.NbdcloneError(detail=f"a server is already running for store {store.path}")
+    raise errors.NbdcloneError(detail=f"a server (pid {info['pid']}) is already running for store {store.path}")
+
+
+def _remove_stale_sockets(store: Store) -> None:
+    run = store.path / "run"
+    for sock in [run / SOCKET_NAME, *run.glob(f"{SOCKET_NAME}.*")]:
+        sock.unlink(missing_ok=True)

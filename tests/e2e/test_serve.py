@@ -12,7 +12,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.helpers import Server, cli, extents, make_image, pread_all, sha256, snapshot
+from tests.helpers import NBDCLONE, Server, cli, extents, make_image, pread_all, sha256, snapshot
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -314,3 +314,16 @@ def test_a_crashed_worker_is_restarted_and_other_workers_keep_serving(
         hb.shutdown()
     finally:
         assert srv.stop() == 0
+
+
+def test_a_second_server_on_the_same_store_is_refused(tmp_path: Path, server: Server, store_path: Path) -> None:
+    proc = subprocess.run(
+        [NBDCLONE, "serve", "--store", str(store_path), "--socket", str(tmp_path / "other.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "already running" in proc.stderr
+    assert not (tmp_path / "other.sock").exists()
