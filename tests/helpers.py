@@ -54,7 +54,7 @@ def snapshot(store: Path) -> dict[str, str]:
     out = {}
     for p in sorted(store.rglob("*")):
         rel = p.relative_to(store)
-        if rel.parts[0] == "run" or p.name == "lock" or p.suffix == ".trace":
+        if rel.parts[0] == "run" or p.name == "lock" or ".trace" in p.name:  # traces and their temp files
             continue
         if p.is_file():
             out[str(p.relative_to(store))] = sha256(p)
