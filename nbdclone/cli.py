@@ -209,18 +209,7 @@ def clone_create(
 
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
-    state = st.clone_state(rec)
-    target = st.target_version(rec)
-    version = state.version if state is not None else target
-    return {
-        **_asdict(rec),
-        "size": st.clone_size(rec, version),
-        "version": version,
-        "follows": rec.base is not None and rec.pin is None,
-        "move_pending": state is not None and version != target,
-        "overlay_disk_bytes": st.overlay_disk_bytes(rec),
-        "open": st.is_open(rec),
-    }
+    return {**_asdict(rec), **_asdict(st.status(rec))}
 
 
 def _version_label(r: dict[str, Any]) -> str:

@@ -123,6 +123,16 @@ class CloneState:
 
 
 @dataclass(frozen=True, slots=True)
+class CloneStatus:
+    version: str | None  # what it reads now, or for a never-opened clone, what it will
+    size: int
+    follows: bool
+    move_pending: bool  # a following clone whose base flipped since its overlay started
+    overlay_disk_bytes: int
+    open: bool  # a server has its overlay open
+
+
+@dataclass(frozen=True, slots=True)
 class VersionStats:
     base: str
     version: str
@@ -524,13 +534,21 @@ class Store:
             self.start_overlay(record, vid)
             return old, vid
 
-    def overlay_disk_bytes(self, record: CloneRecord) -> int:
-        """What the clone's overlay takes on disk (0 before its first connection)."""
+    def status(self, record: CloneRecord) -> CloneStatus:
+        """Where a clone stands, from one read of its state."""
         state = self.clone_state(record)
+        target = self.target_version(record)
+        version = state.version if state is not None else target
         path = self.overlay_path(record, state) if state is not None else None
-        if path is None or not path.is_dir():
-            return 0
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        on_disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path and path.is_dir() else 0
+        return CloneStatus(
+            version=version,
+            size=self.clone_size(record, version),
+            follows=record.base is not None and record.pin is None,
+            move_pending=state is not None and version != target,
+            overlay_disk_bytes=on_disk,
+            open=path is not None and overlay_in_use(path),
+        )
 
     def is_open(self, record: CloneRecord) -> bool:
         state = self.clone_state(record)
