@@ -540,7 +540,7 @@ class Store:
         target = self.target_version(record)
         version = state.version if state is not None else target
         path = self.overlay_path(record, state) if state is not None else None
-        on_disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path and path.is_dir() else 0
+        on_disk = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file()) if path and path.is_dir() else 0
         return CloneStatus(
             version=version,
             size=self.clone_size(record, version),

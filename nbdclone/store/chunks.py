@@ -17,8 +17,6 @@ its version was committed are unreferenced, so they are simply free.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -33,6 +31,7 @@ from pathlib import Path
 import mmh3
 
 from nbdclone.errors import StorageError
+from nbdclone.store._fs import punch_hole, runs
 from nbdclone.store.base import Extent
 from nbdclone.store.cache import PackReader
 
@@ -184,8 +183,8 @@ class ChunkStore:
             last_used = max(used, default=-1)
             if last_used + 1 < nslots:
                 os.ftruncate(fd, (last_used + 1) * CHUNK)
-            for run_start, run_len in _runs(sorted(set(range(last_used + 1)) - used)):
-                _punch_hole(fd, run_start * CHUNK, run_len * CHUNK)
+            for run_start, run_len in runs(sorted(set(range(last_used + 1)) - used)):
+                punch_hole(fd, run_start * CHUNK, run_len * CHUNK, what="the chunk pack")
             os.fsync(fd)
             freed = before - os.fstat(fd).st_blocks * 512
         finally:
@@ -254,7 +253,7 @@ class ChunkedBase:
             if i < len(self._slots) and self._slots[i] != ZERO_SLOT and self._slots[i] not in seen:
                 seen.add(self._slots[i])
                 slots.append(self._slots[i])
-        return list(_runs(slots if ordered else sorted(slots)))
+        return list(runs(slots if ordered else sorted(slots)))
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
@@ -355,27 +354,3 @@ def _pwrite_all(fd: int, data: bytes, at: int) -> None:
     while view:
         n = os.pwrite(fd, view, at)
         view, at = view[n:], at + n
-
-
-def _runs(sorted_slots: list[int]) -> Iterator[tuple[int, int]]:
-    """(start, length) of each run of consecutive numbers."""
-    i = 0
-    while i < len(sorted_slots):
-        j = i + 1
-        while j < len(sorted_slots) and sorted_slots[j] == sorted_slots[j - 1] + 1:
-            j += 1
-        yield sorted_slots[i], j - i
-        i = j
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the disk space of [offset, offset + length) without changing the file's size."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise StorageError(err, what="punching a hole in the chunk pack", detail=os.strerror(err))

@@ -2,15 +2,16 @@
 
     client request (any offset, any length)
           |
-    [ state: one byte per block ]  BASE: read the base   DATA: read the overlay   ZERO: reads as zeros
+    [ state: one byte per block ]  BASE: read the base   DATA: read the overlay   ZEROED: reads as zeros
           |                    \\
-    overlay (RocksDB, per clone)  base (shared, read-only)
+    overlay (per clone)           base (shared, read-only)
 
-The state array is built from the overlay at open, so a read of blocks the clone never wrote is one base
-read with no database lookup. A write is one overlay batch: whole blocks are stored as given, a partial
-block is merged with what the block reads as now (read-modify-write, under the clone's write lock so two
-partial writes to one block cannot lose each other's bytes). All-zero blocks are stored as zero markers,
-or as nothing where the base block is a hole, so a zeroed clone stays small and its extents stay sparse.
+The state array is built from the overlay's map at open, so a read of blocks the clone never wrote is one
+base read with no database lookup, and a run of written blocks is one read of the overlay's data file.
+A write is one overlay write of whole blocks (a partial block is merged with what it reads as now, under
+the clone's lock so two partial writes to one block cannot lose each other's bytes) and, only for blocks
+whose state changes, one batch of map changes. All-zero blocks become zero markers, or nothing where the
+base block is a hole, so a zeroed clone stays small and its extents stay sparse.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import threading
 from dataclasses import dataclass
 
 from nbdclone.store.base import Base
-from nbdclone.store.overlay import BLOCK_SIZE, ZERO, Change, Overlay
+from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Change, Overlay
 
-BASE, DATA, ZEROED = 0, 1, 2
 _OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _SHIFT = BLOCK_SIZE.bit_length() - 1
+_MASK = BLOCK_SIZE - 1
 assert 1 << _SHIFT == BLOCK_SIZE
 
 #: Extent types, as NBD (and nbdkit) number them.
@@ -49,9 +50,9 @@ class Clone:
         self.size = size
         self.nblocks = -(-size // BLOCK_SIZE)
         self._state = bytearray(self.nblocks)
-        for block, is_zero in overlay.scan():
+        for block, state in overlay.scan():
             if block < self.nblocks:
-                self._state[block] = ZEROED if is_zero else DATA
+                self._state[block] = state
         self._base_zero = base.zero_bitmap(0, self.nblocks, BLOCK_SIZE)
         self._lock = threading.Lock()
 
@@ -83,10 +84,7 @@ class Clone:
             elif kind == ZEROED:
                 dst[:] = bytes(hi - lo)
             else:
-                for k, value in enumerate(self.overlay.get(range(i, j))):
-                    start = (i + k) * BLOCK_SIZE
-                    a, b = max(lo, start), min(hi, start + BLOCK_SIZE)
-                    dst[a - lo : b - lo] = memoryview(value)[a - start : b - start]
+                self.overlay.read(dst, lo)
             i = j
 
     def _run_end(self, i: int, stop: int) -> int:
@@ -98,16 +96,15 @@ class Clone:
                 end = at
         return end
 
-    def _block(self, block: int) -> bytes:
-        """What `block` reads as now, as BLOCK_SIZE bytes. Caller holds the lock."""
+    def _block(self, block: int) -> bytearray:
+        """What `block` reads as now. Caller holds the lock."""
+        buf = bytearray(BLOCK_SIZE)
         kind = self._state[block]
         if kind == DATA:
-            return self.overlay.get([block])[0]
-        if kind == ZEROED:
-            return _ZERO_BLOCK
-        buf = bytearray(BLOCK_SIZE)
-        self.base.pread_into(memoryview(buf), block * BLOCK_SIZE)
-        return bytes(buf)
+            self.overlay.read(memoryview(buf), block << _SHIFT)
+        elif kind == BASE:
+            self.base.pread_into(memoryview(buf), block << _SHIFT)
+        return buf
 
     # -- writes --------------------------------------------------------------------------------------
 
@@ -118,34 +115,56 @@ class Clone:
         self._modify(offset, length, None, fua=fua)
 
     def _modify(self, offset: int, length: int, buf: memoryview | None, *, fua: bool) -> None:
-        """Write `buf` (or zeros, if None) at offset as one overlay batch."""
+        """Make [offset, offset + length) read as `buf` (or as zeros, if None)."""
         if not length:
             return
         end = offset + length
-        first, stop = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
+        first, stop = offset >> _SHIFT, ((end - 1) >> _SHIFT) + 1
+        n = stop - first
         with self._lock:
+            # New contents: a merged head block, the blocks the request covers whole, a merged tail block.
+            head = self._merged(first, offset, end, buf) if offset & _MASK else None
+            tail = self._merged(stop - 1, offset, end, buf) if end & _MASK and (head is None or n > 1) else None
+            lo, hi = first + (head is not None), stop - (tail is not None)
+            middle = None if buf is None or lo >= hi else buf[(lo << _SHIFT) - offset : (hi << _SHIFT) - offset]
+            zero = bytearray(n)  # 1 for each block whose new content is all zeros
+            if head is not None and head == _ZERO_BLOCK:
+                zero[0] = 1
+            if tail is not None and tail == _ZERO_BLOCK:
+                zero[n - 1] = 1
+            if buf is None:
+                zero[lo - first : hi - first] = b"\1" * (hi - lo)
+            elif middle is not None:
+                for k in _zero_blocks(middle):
+                    zero[lo - first + k] = 1
+            nzero = zero.count(1)
+            stored = False  # whether zero blocks' bytes went to the overlay too (then they must be released)
+            if nzero < n:
+                if buf is not None:  # one write for the whole request
+                    self.overlay.write([p for p in (head, middle, tail) if p is not None], first << _SHIFT)
+                    stored = nzero > 0
+                else:  # a zero request: only a partial head or tail can hold data
+                    for block, piece in ((first, head), (stop - 1, tail)):
+                        if piece is not None and not zero[block - first]:
+                            self.overlay.write([piece], block << _SHIFT)
+            state = self._state
             changes: list[Change] = []
-            for block in range(first, stop):
-                start = block * BLOCK_SIZE
-                lo, hi = max(offset, start), min(end, start + BLOCK_SIZE)
-                if hi - lo == BLOCK_SIZE:
-                    data = _ZERO_BLOCK if buf is None else bytes(buf[lo - offset : hi - offset])
-                else:
-                    merged = bytearray(self._block(block))
-                    merged[lo - start : hi - start] = bytes(hi - lo) if buf is None else buf[lo - offset : hi - offset]
-                    data = bytes(merged)
-                change = self._change_for(block, data)
-                if change is not None:
-                    changes.append(change)
+            if nzero or state.count(DATA, first, stop) != n:  # else: rewriting written blocks, no map change
+                base_zero = self._base_zero
+                for i in range(n):
+                    b = first + i
+                    new = (BASE if base_zero[b] else ZEROED) if zero[i] else DATA
+                    if new != state[b] or (stored and zero[i]):
+                        changes.append((b, new))
             self._commit(changes, written=length, sync=fua)
 
-    def _change_for(self, block: int, data: bytes) -> Change | None:
-        """The overlay change that makes `block` read as `data`, or None if it already does for free."""
-        if data != _ZERO_BLOCK:
-            return (block, data)
-        if self._base_zero[block]:
-            return None if self._state[block] == BASE else (block, None)
-        return None if self._state[block] == ZEROED else (block, ZERO)
+    def _merged(self, block: int, offset: int, end: int, buf: memoryview | None) -> bytearray:
+        """`block` as it reads now, with the request's part of it laid over."""
+        start = block << _SHIFT
+        merged = self._block(block)
+        a, b = max(offset, start), min(end, start + BLOCK_SIZE)
+        merged[a - start : b - start] = bytes(b - a) if buf is None else buf[a - offset : b - offset]
+        return merged
 
     def trim(self, length: int, offset: int, *, fua: bool = False) -> None:
         """Drop the clone's copies of whole blocks in the range: they read from the base again.
@@ -158,14 +177,14 @@ class Clone:
         if offset + length == self.size:
             stop = self.nblocks
         with self._lock:
-            changes: list[Change] = [(b, None) for b in range(first, stop) if self._state[b] != BASE]
+            changes: list[Change] = [(b, BASE) for b in range(first, stop) if self._state[b] != BASE]
             self._commit(changes, written=0, sync=fua)
 
     def _commit(self, changes: list[Change], *, written: int, sync: bool) -> None:
         if changes or written or sync:
             self.overlay.apply(changes, written=written, sync=sync)
-        for block, data in changes:
-            self._state[block] = BASE if data is None else ZEROED if data == ZERO else DATA
+        for block, new in changes:
+            self._state[block] = new
 
     def flush(self) -> None:
         self.overlay.flush()
@@ -209,3 +228,16 @@ class Clone:
 
     def close(self) -> None:
         self.overlay.close()
+
+
+def _zero_blocks(view: memoryview) -> list[int]:
+    """Indices of the all-zero blocks in `view` (whole blocks). Only blocks whose first byte is zero are
+    compared in full: comparing a memoryview to bytes does not use memcmp, so each candidate is copied."""
+    firsts = bytes(view[::BLOCK_SIZE])
+    out = []
+    k = firsts.find(0)
+    while k != -1:
+        if view[k << _SHIFT : (k + 1) << _SHIFT].tobytes() == _ZERO_BLOCK:
+            out.append(k)
+        k = firsts.find(0, k + 1)
+    return out

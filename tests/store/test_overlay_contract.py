@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from nbdclone.errors import StorageError
-from nbdclone.store._rocks import RocksOverlay, overlay_in_use
-from nbdclone.store.overlay import BLOCK_SIZE, ZERO, MemoryOverlay, Overlay
+from nbdclone.store._rocks import DATA_FILE, RocksOverlay, overlay_in_use
+from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, MemoryOverlay, Overlay
 
 
 def block(fill: int) -> bytes:
@@ -25,52 +25,82 @@ class OverlayContract:
     def reopen(self, overlay: Overlay) -> Overlay:
         raise NotImplementedError
 
+    def read(self, ov: Overlay, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        ov.read(memoryview(buf), offset)
+        return bytes(buf)
+
     def test_new_overlay_is_empty(self) -> None:
         ov = self.make()
         assert list(ov.scan()) == []
         assert ov.bytes_written() == 0
 
-    def test_put_then_get(self) -> None:
+    def test_write_apply_then_read(self) -> None:
         ov = self.make()
-        ov.apply([(3, block(3)), (1, block(1))], written=2 * BLOCK_SIZE)
-        assert ov.get([1, 3]) == [block(1), block(3)]
-        assert ov.bytes_written() == 2 * BLOCK_SIZE
+        ov.write([block(1), block(2), block(3)], 1 * BLOCK_SIZE)
+        ov.apply([(1, DATA), (2, DATA), (3, DATA)], written=3 * BLOCK_SIZE)
+        assert self.read(ov, BLOCK_SIZE, 3 * BLOCK_SIZE) == block(1) + block(2) + block(3)
+        assert ov.bytes_written() == 3 * BLOCK_SIZE
 
-    def test_scan_is_in_block_order_and_flags_zero_markers(self) -> None:
+    @pytest.mark.parametrize(
+        ("offset", "length"),
+        [
+            pytest.param(BLOCK_SIZE + 1, 10, id="inside-one-block"),
+            pytest.param(BLOCK_SIZE - 0, 2 * BLOCK_SIZE - 7, id="aligned-start-short-end"),
+            pytest.param(2 * BLOCK_SIZE - 5, 10, id="across-a-block-boundary"),
+        ],
+    )
+    def test_unaligned_reads(self, offset: int, length: int) -> None:
         ov = self.make()
-        ov.apply([(300, block(1)), (2, ZERO), (70000, block(2)), (256, ZERO)])
-        assert list(ov.scan()) == [(2, True), (256, True), (300, False), (70000, False)]
+        data = block(1) + block(2)
+        ov.write([data], BLOCK_SIZE)
+        ov.apply([(1, DATA), (2, DATA)])
+        assert self.read(ov, offset, length) == data[offset - BLOCK_SIZE : offset - BLOCK_SIZE + length]
 
-    def test_none_drops_the_entry(self) -> None:
+    def test_scan_is_in_block_order_with_states(self) -> None:
         ov = self.make()
-        ov.apply([(5, block(5)), (6, ZERO)])
-        ov.apply([(5, None), (6, None), (7, None)])
+        ov.write([block(1)], 300 * BLOCK_SIZE)
+        ov.write([block(2)], 70000 * BLOCK_SIZE)
+        ov.apply([(300, DATA), (2, ZEROED), (70000, DATA), (256, ZEROED)])
+        assert list(ov.scan()) == [(2, ZEROED), (256, ZEROED), (300, DATA), (70000, DATA)]
+
+    def test_base_drops_the_entry(self) -> None:
+        ov = self.make()
+        ov.write([block(5)], 5 * BLOCK_SIZE)
+        ov.apply([(5, DATA), (6, ZEROED)])
+        ov.apply([(5, BASE), (6, BASE), (7, BASE)])
         assert list(ov.scan()) == []
 
-    def test_later_change_of_a_block_wins(self) -> None:
+    def test_rewriting_a_data_block_needs_no_map_change(self) -> None:
         ov = self.make()
-        ov.apply([(9, block(1))])
-        ov.apply([(9, block(2))])
-        ov.apply([(9, ZERO)])
-        assert list(ov.scan()) == [(9, True)]
-        ov.apply([(9, block(3))])
-        assert ov.get([9]) == [block(3)]
+        ov.write([block(1)], 9 * BLOCK_SIZE)
+        ov.apply([(9, DATA)])
+        ov.write([block(2)], 9 * BLOCK_SIZE)
+        assert self.read(ov, 9 * BLOCK_SIZE, BLOCK_SIZE) == block(2)
+        ov.apply([(9, ZEROED)])
+        assert list(ov.scan()) == [(9, ZEROED)]
+        ov.write([block(3)], 9 * BLOCK_SIZE)
+        ov.apply([(9, DATA)])
+        assert self.read(ov, 9 * BLOCK_SIZE, BLOCK_SIZE) == block(3)
 
     def test_everything_survives_reopen(self) -> None:
         ov = self.make()
-        ov.apply([(0, block(7)), (1, ZERO)], written=123)
+        ov.write([block(7)], 0)
+        ov.apply([(0, DATA), (1, ZEROED)], written=123)
+        ov.apply([], written=100)
         ov.flush()
         ov = self.reopen(ov)
-        assert list(ov.scan()) == [(0, False), (1, True)]
-        assert ov.get([0]) == [block(7)]
-        assert ov.bytes_written() == 123
+        assert list(ov.scan()) == [(0, DATA), (1, ZEROED)]
+        assert self.read(ov, 0, BLOCK_SIZE) == block(7)
+        assert ov.bytes_written() == 223
 
     def test_sync_apply_and_flush_are_accepted(self) -> None:
         ov = self.make()
-        ov.apply([(4, block(4))], sync=True)
+        ov.write([block(4)], 4 * BLOCK_SIZE)
+        ov.apply([(4, DATA)], sync=True)
         ov.flush()
         ov.apply([], written=0, sync=True)
-        assert ov.get([4]) == [block(4)]
+        assert self.read(ov, 4 * BLOCK_SIZE, BLOCK_SIZE) == block(4)
 
 
 class TestMemoryOverlay(OverlayContract):
@@ -104,10 +134,34 @@ class TestRocksOverlay(OverlayContract):
         assert info.value.errno == errno.ENOENT
         assert not path.exists()
 
-    def test_missing_block_is_an_error_not_zeros(self) -> None:
+    def test_reading_past_the_data_is_an_error_not_zeros(self) -> None:
         ov = self.make()
-        with pytest.raises(StorageError):
-            ov.get([42])
+        ov.write([block(1)], 0)
+        with pytest.raises(StorageError) as info:
+            self.read(ov, 42 * BLOCK_SIZE, BLOCK_SIZE)
+        assert info.value.errno == errno.EIO
+
+    def test_blocks_that_stop_being_data_give_their_space_back(self) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.write([b"\xaa" * (256 * BLOCK_SIZE)], 0)
+        ov.apply([(b, DATA) for b in range(256)])
+        data = ov.path / DATA_FILE
+        assert data.stat().st_blocks * 512 >= 256 * BLOCK_SIZE
+        ov.apply([(b, ZEROED) for b in range(0, 128)] + [(b, BASE) for b in range(128, 255)])
+        assert data.stat().st_blocks * 512 <= 2 * BLOCK_SIZE
+        assert self.read(ov, 255 * BLOCK_SIZE, BLOCK_SIZE) == b"\xaa" * BLOCK_SIZE
+
+    def test_an_overlay_of_the_old_format_is_refused_not_misread(self) -> None:
+        import rocksdict
+
+        path = self.dir / "old"
+        db = rocksdict.Rdict(str(path), rocksdict.Options(raw_mode=True))
+        db[b"b" + (3).to_bytes(8, "big")] = block(3)
+        db[b"i" + (3).to_bytes(8, "big")] = b"d"
+        db.close()
+        with pytest.raises(StorageError, match="older nbdclone"):
+            RocksOverlay(path)
 
     def test_in_use_is_seen_from_another_process(self) -> None:
         import subprocess

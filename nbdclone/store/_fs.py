@@ -1,0 +1,36 @@
+"""File-system helpers the store shares: punching holes, and runs of consecutive numbers."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterable, Iterator
+
+from nbdclone.errors import StorageError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def punch_hole(fd: int, offset: int, length: int, *, what: str) -> None:
+    """Free the disk space of [offset, offset + length) of `what` without changing the file's size."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise StorageError(err, what=f"punching a hole in {what}", detail=os.strerror(err))
+
+
+def runs(sorted_numbers: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(start, length) of each run of consecutive numbers."""
+    start = prev = None
+    for n in sorted_numbers:
+        if prev is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None and prev is not None:
+            yield start, prev - start + 1
+        start = prev = n
+    if start is not None and prev is not None:
+        yield start, prev - start + 1
