@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import nbd
 
-from nbdclone.store.catalog import worker_of
+from nbdclone.store.catalog import Store, worker_of
 from nbdclone.supervisor.server import uri_of
 
 VENV_BIN = Path(sys.executable).parent
@@ -61,6 +62,16 @@ def snapshot(store: Path) -> dict[str, str]:
         elif p.is_dir():
             out[str(p.relative_to(store)) + "/"] = "dir"
     return out
+
+
+def wait_closed(store: Path, *names: str, timeout: float = 30) -> None:
+    """Wait until the server has closed these clones: a client's disconnect returns before the server
+    closes the clone, and closing writes to the clone's overlay."""
+    catalog = Store(store)
+    deadline = time.monotonic() + timeout
+    while any(catalog.is_open(catalog.get_clone(name)) for name in names):
+        assert time.monotonic() < deadline, f"the server did not close {names}"
+        time.sleep(0.02)
 
 
 def cli(*args: str, store: Path, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:

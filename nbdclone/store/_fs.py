@@ -1,9 +1,10 @@
-"""File-system helpers the store shares: punching holes, and runs of consecutive numbers."""
+"""File-system helpers the store shares: finding data and holes, punching holes, runs of numbers."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterable, Iterator
 
@@ -34,3 +35,18 @@ def runs(sorted_numbers: Iterable[int]) -> Iterator[tuple[int, int]]:
         start = prev = n
     if start is not None and prev is not None:
         yield start, prev - start + 1
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each range of the file below `size` that holds data (SEEK_DATA / SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, size)
+        pos = hole

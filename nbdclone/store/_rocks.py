@@ -4,17 +4,25 @@ An overlay directory holds a RocksDB database, the clone's block map, and DATA_F
 out like the disk that holds the bytes of the clone's DATA blocks:
 
     RocksDB  b"i" + block (8 bytes, big-endian) -> b"d" (data) or b"z" (zero)
-             b"m/written" -> bytes-written counter     b"m/format" -> b"2"
+             b"m/written" -> bytes-written counter   b"m/format" -> b"2"   b"m/open" -> b"1" while served
     blocks   block * BLOCK_SIZE -> the block's bytes   (holes everywhere else)
 
 Why the bytes are not in RocksDB: a 4 KiB value goes through the WAL, the memtable, an SST and every
-compaction that rewrites it, and measured here that capped 4 KiB random writes at 16k/s and 1 MiB writes
-at 0.11x a plain file. Now a write is one pwritev of the client's buffer, and RocksDB sees a write only
-when a block's state changes (first write, zeroing, trim): a small key in one atomic batch.
+compaction that rewrites it; measured here that capped 4 KiB random writes at 16k/s and 1 MiB writes at
+0.11x a plain file. A write is one pwritev of the client's buffer instead.
 
-Durability: the data reaches the page cache and the batch the WAL (not synced) before a write is
-acknowledged, so both survive kill -9 of the server; a flush or FUA write fdatasyncs the data file and
-then syncs the WAL, so everything acknowledged before it survives power loss as well.
+Why "became DATA" is not written to RocksDB per request: a batch per first write of a block cost half the
+4 KiB random-write rate. A block holds data in the data file exactly when the map says (or will say) DATA:
+blocks that stop being DATA are punched out *before* their new map entry is written, and a block's bytes
+are written before it becomes DATA. So the map's DATA entries can be written lazily (with the next flush,
+FUA write, batch of other changes, or every _PENDING_MAX blocks) and recovered after a crash from the data
+file itself: b"m/open" is set while an overlay is open for writing, and an open that finds it set (the
+server was killed) adds every allocated block of the data file to the map as DATA before anything reads
+the map. Other changes (zero markers, trims) are written before the request is acknowledged.
+
+Durability: an acknowledged write's bytes are in the page cache and its other map changes in the WAL, so it
+survives kill -9 of the server; a flush or FUA write fdatasyncs the data file, writes the pending entries
+and syncs the WAL, so everything acknowledged before it survives power loss as well.
 
 All overlays of a process share one block cache and one write-buffer budget (FACTS: per-database defaults of
 32 MiB + 128 MiB would not scale to hundreds of clones).
@@ -31,7 +39,7 @@ from pathlib import Path
 import rocksdict
 
 from nbdclone.errors import StorageError
-from nbdclone.store._fs import punch_hole, runs
+from nbdclone.store._fs import data_ranges, punch_hole, runs
 from nbdclone.store.overlay import BLOCK_SIZE, DATA, ZEROED, Change
 
 DATA_FILE = "blocks"  # a name RocksDB does not parse as one of its own files, so it never deletes it
@@ -41,6 +49,8 @@ _VALUE = {DATA: b"d", ZEROED: b"z"}
 _STATE = {v: k for k, v in _VALUE.items()}
 _META_WRITTEN = b"m/written"
 _META_FORMAT, _FORMAT = b"m/format", b"2"
+_META_OPEN, _OPEN, _CLOSED = b"m/open", b"1", b"0"
+_PENDING_MAX = 1 << 16  # blocks that became DATA, at most, before their map entries are written anyway
 
 _shared_lock = threading.Lock()
 _shared: tuple[rocksdict.Cache, rocksdict.WriteBufferManager] | None = None
@@ -97,17 +107,25 @@ class RocksOverlay:
             raise StorageError(errno.ENOENT, what=f"overlay {path}", detail="does not exist")
         self._db = self._open(create)
         self._fd = -1
+        self._pending: set[int] = set()  # blocks that became DATA; their map entries are not written yet
+        self._recovered: set[int] = set()  # read-only open of a crashed overlay: DATA blocks found by allocation
         try:
-            self._check_format(create)
+            self._check_format()
             raw = self._db.get(_META_WRITTEN)
             self._written = int.from_bytes(raw, "big") if raw else 0
-            self._written_saved = self._written
             flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
             try:
                 self._fd = os.open(path / DATA_FILE, flags | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:  # read-only, and nothing was ever written
                 pass
+            if self._db.get(_META_OPEN) == _OPEN:
+                self._recover()
+            if not readonly:
+                self._db.put(_META_OPEN, _OPEN)
+                self._db.flush_wal(True)
         except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
             self._db.close()
             raise
         self._needs_reopen = False
@@ -121,7 +139,7 @@ class RocksOverlay:
         except Exception as exc:
             raise StorageError(_errno_of(exc), what=f"opening overlay {self.path}", detail=str(exc)) from exc
 
-    def _check_format(self, create: bool) -> None:
+    def _check_format(self) -> None:
         if self._db.get(_META_FORMAT) == _FORMAT:
             return
         it = self._db.iter()
@@ -135,7 +153,27 @@ class RocksOverlay:
         if not self._readonly:  # empty or zero-only overlays of format 1 are already format 2
             self._db.put(_META_FORMAT, _FORMAT)
 
-    def scan(self) -> Iterator[Change]:
+    def _recover(self) -> None:
+        """The overlay was not closed (the server was killed): blocks written since the map was last
+        written hold data in the data file but may lack their DATA entries. Add them."""
+        if self._fd < 0:
+            return
+        size = os.fstat(self._fd).st_size
+        mapped = {block for block, state in self._scan_map() if state == DATA}
+        found: set[int] = set()
+        for start, end in data_ranges(self._fd, size):
+            found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+        found -= mapped
+        if self._readonly:
+            self._recovered = found
+        elif found:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for block in found:
+                batch.put(_ikey(block), _VALUE[DATA])
+            self._db.write(batch)
+            self._db.flush_wal(True)
+
+    def _scan_map(self) -> Iterator[Change]:
         it = self._db.iter()
         it.seek(_INDEX)
         while it.valid():
@@ -144,6 +182,14 @@ class RocksOverlay:
                 break
             yield int.from_bytes(key[1:], "big"), _STATE[it.value()]
             it.next()
+
+    def scan(self) -> Iterator[Change]:
+        if not self._recovered:
+            yield from self._scan_map()
+            return
+        merged = dict(self._scan_map())
+        merged.update(dict.fromkeys(self._recovered, DATA))
+        yield from sorted(merged.items())
 
     def read(self, buf: memoryview, offset: int) -> None:
         try:
@@ -157,9 +203,8 @@ class RocksOverlay:
         if self._readonly:
             raise StorageError(errno.EROFS, what=f"overlay {self.path}", detail="opened read-only")
         try:
-            want = sum(len(b) for b in bufs)
             n = os.pwritev(self._fd, bufs, offset)
-            if n != want:  # a regular file writes all or fails, but a short count must not pass as a write
+            if n != sum(len(b) for b in bufs):  # a regular file writes all or fails; never let a short count pass
                 os.pwrite(self._fd, b"".join(bufs)[n:], offset + n)
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
@@ -168,46 +213,54 @@ class RocksOverlay:
         if self._needs_reopen:
             self._reopen()
         self._written += written
-        if changes or sync:
-            batch = rocksdict.WriteBatch(raw_mode=True)
-            for block, state in changes:
-                if state in _VALUE:
-                    batch.put(_ikey(block), _VALUE[state])
-                else:
-                    batch.delete(_ikey(block))
-            batch.put(_META_WRITTEN, self._written.to_bytes(8, "big"))
-            try:
-                self._db.write(batch)
-            except Exception as exc:
-                self._failed(exc, "writing")
-            self._written_saved = self._written
-            # The map no longer points at these blocks' bytes: give their space back (after the batch, so a
-            # crash in between leaves a block whose map entry still says DATA with its bytes in place).
-            gone = [block for block, state in changes if state != DATA]
-            for start, count in runs(sorted(gone)):
-                punch_hole(self._fd, start * BLOCK_SIZE, count * BLOCK_SIZE, what=f"overlay {self.path}")
+        others = []
+        for change in changes:
+            if change[1] == DATA:
+                self._pending.add(change[0])
+            else:
+                self._pending.discard(change[0])
+                others.append(change)
+        # Punch first: a crash before the batch must not leave bytes where the map will say zero or base.
+        for start, count in runs(sorted(block for block, _ in others)):
+            punch_hole(self._fd, start * BLOCK_SIZE, count * BLOCK_SIZE, what=f"overlay {self.path}")
         if sync:
-            self._sync()
+            self._datasync()
+        if others or sync or len(self._pending) >= _PENDING_MAX:
+            self._write_map(others, sync=sync)
+
+    def _write_map(self, others: Sequence[Change], *, sync: bool) -> None:
+        """One batch: the pending DATA entries, `others`, and the counter; synced to disk if `sync`."""
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        data = _VALUE[DATA]
+        for block in self._pending:
+            batch.put(_ikey(block), data)
+        for block, state in others:
+            if state in _VALUE:
+                batch.put(_ikey(block), _VALUE[state])
+            else:
+                batch.delete(_ikey(block))
+        batch.put(_META_WRITTEN, self._written.to_bytes(8, "big"))
+        try:
+            self._db.write(batch)
+            if sync:
+                self._db.flush_wal(True)
+        except Exception as exc:
+            self._failed(exc, "writing")
+        self._pending.clear()
 
     def flush(self) -> None:
         if self._readonly:
             return
         if self._needs_reopen:
             self._reopen()
-        if self._written != self._written_saved:
-            self.apply([], sync=True)
-        else:
-            self._sync()
+        self._datasync()
+        self._write_map((), sync=True)
 
-    def _sync(self) -> None:
+    def _datasync(self) -> None:
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"syncing overlay {self.path}", detail=str(exc)) from exc
-        try:
-            self._db.flush_wal(True)
-        except Exception as exc:
-            self._failed(exc, "flushing")
 
     def _failed(self, exc: Exception, doing: str) -> None:
         # After a write error RocksDB stays read-only until resumed; rocksdict has no Resume(), so the
@@ -230,14 +283,16 @@ class RocksOverlay:
         try:
             if not self._readonly:
                 self.flush()
+                try:
+                    self._db.put(_META_OPEN, _CLOSED)
+                    self._db.flush_wal(True)
+                except Exception as exc:
+                    raise StorageError(_errno_of(exc), what=f"closing overlay {self.path}", detail=str(exc)) from exc
         finally:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            try:
-                self._db.close()
-            except Exception as exc:
-                raise StorageError(_errno_of(exc), what=f"closing overlay {self.path}", detail=str(exc)) from exc
+            self._db.close()
 
 
 def overlay_in_use(path: Path) -> bool:

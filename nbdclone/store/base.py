@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nbdclone.errors import ShortRead, StorageError
+from nbdclone.store._fs import data_ranges
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,8 @@ class BaseImage:
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"opening base {path}", detail=exc.strerror) from exc
         self.size = os.fstat(self._fd).st_size
-        self._starts, self._ends = _data_ranges(self._fd, self.size)
+        ranges = list(data_ranges(self._fd, self.size))
+        self._starts, self._ends = [r[0] for r in ranges], [r[1] for r in ranges]
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill `buf` exactly with the bytes at `offset`; past the end of the file reads as zeros."""
@@ -121,21 +123,3 @@ class ZeroBase:
 
     def close(self) -> None:
         pass
-
-
-def _data_ranges(fd: int, size: int) -> tuple[list[int], list[int]]:
-    starts: list[int] = []
-    ends: list[int] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos
-                break
-            raise
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        starts.append(data)
-        ends.append(min(hole, size))
-        pos = hole
-    return starts, ends

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nbdclone.store.catalog import CRASH_AT_ENV
-from tests.helpers import NBDCLONE, Server, cli, pread_all, snapshot
+from tests.helpers import NBDCLONE, Server, cli, pread_all, snapshot, wait_closed
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -158,7 +158,7 @@ def test_gc_and_rm_free_space_and_keep_every_clone_intact(
         h = server.connect(name)
         expected[name] = pread_all(h, SIZE)
         h.shutdown()
-
+    wait_closed(store_path, "pinned", "follower")
     before = snapshot(store_path)
     for ref, why in (("os@2", "pinned use it"), ("os@3", "current version")):
         proc = cli("base", "rm", ref, store=store_path, check=False)

@@ -163,6 +163,42 @@ class TestRocksOverlay(OverlayContract):
         with pytest.raises(StorageError, match="older nbdclone"):
             RocksOverlay(path)
 
+    def test_a_killed_writer_loses_no_acknowledged_change(self) -> None:
+        """Blocks that became DATA are mapped lazily; after the writer dies without closing (kill -9),
+        the next open finds them in the data file. Zero markers and trims were written before returning."""
+        import subprocess
+        import sys
+
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.write([block(1) * 3], 0)
+        ov.apply([(0, DATA), (1, DATA), (2, DATA)], written=3 * BLOCK_SIZE)
+        ov.close()
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store._rocks import RocksOverlay
+from nbdclone.store.overlay import BASE, DATA, ZEROED
+ov = RocksOverlay(Path({str(ov.path)!r}))
+ov.write([b"\\x07" * {BLOCK_SIZE}], {10 * BLOCK_SIZE})
+ov.apply([(10, DATA)])
+ov.write([b"\\x08" * {BLOCK_SIZE}], {11 * BLOCK_SIZE})
+ov.apply([(11, DATA), (12, ZEROED), (0, ZEROED), (1, BASE)])
+ov.write([b"\\x09" * {BLOCK_SIZE}], {13 * BLOCK_SIZE})
+ov.apply([(13, DATA)])  # only in memory when the kill lands
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        for readonly in (True, False):  # an export of the crashed clone sees the same as the next server
+            again = RocksOverlay(ov.path, readonly=readonly)
+            try:
+                assert list(again.scan()) == [(0, ZEROED), (2, DATA), (10, DATA), (11, DATA), (12, ZEROED), (13, DATA)]
+                expect = block(7) + block(8) + bytes(BLOCK_SIZE) + block(9)
+                assert self.read(again, 10 * BLOCK_SIZE, 4 * BLOCK_SIZE) == expect
+                assert self.read(again, 2 * BLOCK_SIZE, BLOCK_SIZE) == block(1)
+            finally:
+                again.close()
+
     def test_in_use_is_seen_from_another_process(self) -> None:
         import subprocess
         import sys
