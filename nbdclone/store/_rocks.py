@@ -156,14 +156,8 @@ class RocksOverlay:
     def _recover(self) -> None:
         """The overlay was not closed (the server was killed): blocks written since the map was last
         written hold data in the data file but may lack their DATA entries. Add them."""
-        if self._fd < 0:
-            return
-        size = os.fstat(self._fd).st_size
         mapped = {block for block, state in self._scan_map() if state == DATA}
-        found: set[int] = set()
-        for start, end in data_ranges(self._fd, size):
-            found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
-        found -= mapped
+        found = self.allocated_blocks() - mapped
         if self._readonly:
             self._recovered = found
         elif found:
@@ -172,6 +166,14 @@ class RocksOverlay:
                 batch.put(_ikey(block), _VALUE[DATA])
             self._db.write(batch)
             self._db.flush_wal(True)
+
+    def allocated_blocks(self) -> set[int]:
+        """The blocks that hold data in the data file: those the map says (or will say) are DATA."""
+        found: set[int] = set()
+        if self._fd >= 0:
+            for start, end in data_ranges(self._fd, os.fstat(self._fd).st_size):
+                found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+        return found
 
     def _scan_map(self) -> Iterator[Change]:
         it = self._db.iter()
@@ -204,7 +206,9 @@ class RocksOverlay:
             raise StorageError(errno.EROFS, what=f"overlay {self.path}", detail="opened read-only")
         try:
             n = os.pwritev(self._fd, bufs, offset)
-            if n != sum(len(b) for b in bufs):  # a regular file writes all or fails; never let a short count pass
+            if n != (
+                len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs)
+            ):  # a regular file writes all or fails; never let a short count pass
                 os.pwrite(self._fd, b"".join(bufs)[n:], offset + n)
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
@@ -220,9 +224,9 @@ class RocksOverlay:
             else:
                 self._pending.discard(change[0])
                 others.append(change)
-        # Punch first: a crash before the batch must not leave bytes where the map will say zero or base.
-        for start, count in runs(sorted(block for block, _ in others)):
-            punch_hole(self._fd, start * BLOCK_SIZE, count * BLOCK_SIZE, what=f"overlay {self.path}")
+        if others:  # punch first: a crash before the batch must not leave bytes where the map says zero or base
+            for start, count in runs(sorted(block for block, _ in others)):
+                punch_hole(self._fd, start * BLOCK_SIZE, count * BLOCK_SIZE, what=f"overlay {self.path}")
         if sync:
             self._datasync()
         if others or sync or len(self._pending) >= _PENDING_MAX:

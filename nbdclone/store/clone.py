@@ -109,7 +109,23 @@ class Clone:
     # -- writes --------------------------------------------------------------------------------------
 
     def pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
-        self._modify(offset, len(buf), buf, fua=fua)
+        length = len(buf)
+        if (offset | length) & _MASK or not length or not buf[0] or not buf[-1]:
+            self._modify(offset, length, buf, fua=fua)
+            return
+        # The hot path: whole blocks whose first and last bytes are not zero. Then only blocks after the
+        # first can be all zeros, and random or written-over data rarely has them.
+        first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
+        if stop - first > 1 and _zero_blocks(buf):
+            self._modify(offset, length, buf, fua=fua)
+            return
+        state = self._state
+        with self._lock:
+            self.overlay.write((buf,), offset)
+            changes: list[Change] = []
+            if state.count(DATA, first, stop) != stop - first:
+                changes = [(b, DATA) for b in range(first, stop) if state[b] != DATA]
+            self._commit(changes, written=length, sync=fua)
 
     def zero(self, length: int, offset: int, *, fua: bool = False) -> None:
         self._modify(offset, length, None, fua=fua)
