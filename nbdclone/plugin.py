@@ -197,8 +197,8 @@ def can_fua(h: Handle) -> int:
 
 
 def can_multi_conn(h: Handle) -> bool:
-    # Every connection to a clone shares one overlay handle in this process; a flush syncs its WAL,
-    # which covers every write acknowledged on any connection.
+    # Every connection to a clone shares one overlay handle in this process; a flush syncs its data file
+    # and its WAL, which covers every write acknowledged on any connection.
     return True
 
 

@@ -50,7 +50,7 @@ _STATE = {v: k for k, v in _VALUE.items()}
 _META_WRITTEN = b"m/written"
 _META_FORMAT, _FORMAT = b"m/format", b"2"
 _META_OPEN, _OPEN, _CLOSED = b"m/open", b"1", b"0"
-_PENDING_MAX = 1 << 16  # blocks that became DATA, at most, before their map entries are written anyway
+_PENDING_MAX = 8192  # blocks that became DATA before their map entries are written anyway (~0.5 MiB)
 
 _shared_lock = threading.Lock()
 _shared: tuple[rocksdict.Cache, rocksdict.WriteBufferManager] | None = None

@@ -8,7 +8,7 @@
       bases/ID/current        the pointer: the version a following clone uses. A flip replaces this one
                               small file by rename, whatever the number of clones.
       clones/ID/state.json    the version the clone's overlay was started on, and which overlay is live
-      clones/ID/OVERLAY/      the clone's RocksDB overlay on that version
+      clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
       tmp/, run/server.json   work in progress; where the running server listens
 
 Names are keys in the catalog and never become paths: files are named by random ids, so an export name
