@@ -170,9 +170,21 @@ class RocksOverlay:
     def allocated_blocks(self) -> set[int]:
         """The blocks that hold data in the data file: those the map says (or will say) are DATA."""
         found: set[int] = set()
-        if self._fd >= 0:
-            for start, end in data_ranges(self._fd, os.fstat(self._fd).st_size):
-                found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+        if self._fd < 0:
+            return found
+        st = os.fstat(self._fd)
+        reported = 0
+        for start, end in data_ranges(self._fd, st.st_size):
+            found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+            reported += end - start
+        if reported > st.st_blocks * 512 + (1 << 20):
+            # A file system that reports holes as data would turn every unwritten block into zeros here.
+            raise StorageError(
+                errno.EOPNOTSUPP,
+                what=f"overlay {self.path}",
+                detail="its file system does not report holes (SEEK_HOLE), so the blocks written before "
+                "the server was killed cannot be told apart; put the store on ext4, XFS, btrfs or tmpfs",
+            )
         return found
 
     def _scan_map(self) -> Iterator[Change]:

@@ -327,3 +327,26 @@ def test_a_second_server_on_the_same_store_is_refused(tmp_path: Path, server: Se
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "already running" in proc.stderr
     assert not (tmp_path / "other.sock").exists()
+
+
+def test_connections_that_come_and_go_leave_every_worker_serving(
+    server: Server, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    """Each connection holds a Python thread state from open to close (plugin.py): connections opened and
+    closed in any order, many times, on every worker, must neither crash a worker nor leak into others."""
+    _, data = base
+    names = [f"cc{i}" for i in range(6)]
+    cli("clone", "create", *names, "--base", "deb", store=store_path)
+    pids = {name: server.nbdkit_pid(name) for name in names}
+    for round_ in range(5):
+        handles = [server.connect(name) for name in names for _ in range(2)]
+        for k, h in enumerate(handles):
+            h.pwrite(bytes([round_ + 1, k + 1]) * 2048, k * 4096)
+        for h in reversed(handles[::2]) if round_ % 2 else handles[::2]:
+            h.shutdown()
+        for k, h in enumerate(handles):
+            if k % 2:
+                assert h.pread(4096, k * 4096) == bytes([round_ + 1, k + 1]) * 2048
+                assert h.pread(4096, 30 * MiB) == data[30 * MiB : 30 * MiB + 4096]
+                h.shutdown()
+    assert {name: server.nbdkit_pid(name) for name in names} == pids, "a worker was restarted"
