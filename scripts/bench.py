@@ -379,6 +379,8 @@ def main() -> None:
                     srv.start(w.clones)
                     try:
                         uris = srv.uris(w.clones)
+                        # No run pays for the write-back of the data an earlier run left dirty.
+                        os.sync()
                         if w.cold:
                             can_drop = drop_caches()
                             if not can_drop:
