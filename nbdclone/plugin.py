@@ -166,7 +166,10 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
         # Pin this connection's thread (only it: pid 0 is the calling thread) to the worker's core: handing
         # the GIL between cores doubles the CPU per request (FACTS). RocksDB's background threads were
         # started by the first open, before any pin, and stay free to use the other cores.
-        os.sched_setaffinity(0, {_settings.cpu})
+        try:
+            os.sched_setaffinity(0, {_settings.cpu})
+        except OSError as exc:  # a cpuset without that core: serve unpinned rather than refuse the client
+            log.warning("cannot pin connection thread to CPU %d: %s", _settings.cpu, exc)
     return Handle(name, clone, threading.get_ident(), _ensure())  # last: nothing after it can fail
 
 
