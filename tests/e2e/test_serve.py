@@ -155,7 +155,11 @@ def test_kill_9_during_fio_keeps_every_acknowledged_write(
         timeout=120,
         check=False,
     )
-    assert write.returncode == 0, write.stderr[-2000:]
+    # The kill can land while fio's nbd engine still polls the connection it is closing: fio then reports
+    # the reset and exits 1, with its results and verify state already saved (checked below and by the
+    # verification run, which fails if any acknowledged write is missing).
+    reset_at_exit = write.returncode == 1 and write.stderr.strip().endswith("Connection reset by peer")
+    assert write.returncode == 0 or reset_at_exit, write.stderr[-2000:]
     written = json.loads((tmp_path / "w.json").read_text())["jobs"][0]["write"]["io_bytes"]
     assert 1 * MiB < written < 48 * MiB, "the kill must land during the job"
     assert list(tmp_path.glob("*verify.state"))
