@@ -226,9 +226,11 @@ class RocksOverlay:
             raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
 
     def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
+        self._written += written
+        if not changes and not sync:  # rewriting written blocks: nothing to record
+            return
         if self._needs_reopen:
             self._reopen()
-        self._written += written
         others = []
         for change in changes:
             if change[1] == DATA:
