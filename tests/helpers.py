@@ -124,6 +124,13 @@ class Server:
         workers = self.info()["workers"]
         return int(workers[worker_of(name, len(workers))]["pid"])
 
+    def wait_restarted(self, name: str, dead: int, timeout: float = 30) -> None:
+        """Wait until the supervisor has replaced worker `dead`, which served clone `name`."""
+        deadline = time.monotonic() + timeout
+        while self.nbdkit_pid(name) == dead:
+            assert time.monotonic() < deadline, f"worker {dead} was not restarted"
+            time.sleep(0.05)
+
     def sockets(self) -> list[Path]:
         return [Path(w["uri"].partition("socket=")[2]) for w in self.info()["workers"]]
 

@@ -122,13 +122,6 @@ class Clone:
         state = self._state
         with self._lock:
             self.overlay.write((buf,), offset)
-            if stop - first == 1:
-                if state[first] == DATA:
-                    self.overlay.apply((), written=length, sync=fua)
-                else:
-                    self.overlay.apply(((first, DATA),), written=length, sync=fua)
-                    state[first] = DATA
-                return
             changes: list[Change] = []
             if state.count(DATA, first, stop) != stop - first:
                 changes = [(b, DATA) for b in range(first, stop) if state[b] != DATA]
