@@ -159,7 +159,7 @@ class CloneMachine(RuleBasedStateMachine):
         overlay = self.clone.overlay
         assert isinstance(overlay, RocksOverlay)
         state = self.clone._state
-        assert overlay.allocated_blocks() == {b for b in range(len(state)) if state[b] == DATA}
+        assert overlay.stored_blocks() == {b for b in range(len(state)) if state[b] == DATA}
 
     @invariant()
     def zero_extents_read_as_zero(self) -> None:
