@@ -241,7 +241,7 @@ class RocksOverlay:
         if self._reserve:
             group = offset >> _GROUP_SHIFT
             if group not in self._reserved or (offset + length - 1) >> _GROUP_SHIFT != group:
-                self._reserve_groups(group, ((offset + length - 1) >> _GROUP_SHIFT) + 1)
+                self._reserve_groups(offset, length)
         try:
             n = os.pwritev(self._fd, bufs, offset)
             if n != length:  # a regular file writes all or fails; never let a short count pass
@@ -249,9 +249,13 @@ class RocksOverlay:
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
 
-    def _reserve_groups(self, first: int, stop: int) -> None:
-        for group in range(first, stop):
-            if group not in self._reserved:
+    def _reserve_groups(self, offset: int, length: int) -> None:
+        """Reserve the groups a write of `length` bytes at `offset` covers in part (a write that fills a
+        group allocates it in one go: reserving it first only costs a system call)."""
+        end = offset + length
+        for group in range(offset >> _GROUP_SHIFT, ((end - 1) >> _GROUP_SHIFT) + 1):
+            lo, hi = group << _GROUP_SHIFT, (group + 1) << _GROUP_SHIFT
+            if group not in self._reserved and not (offset <= lo and hi <= end):
                 # Failing (no space left) only costs speed: the write itself reports what is wrong.
                 preallocate(self._fd, group << _GROUP_SHIFT, 1 << _GROUP_SHIFT)
                 self._reserved.add(group)
