@@ -368,7 +368,7 @@ def uri(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
     """Print the NBD URI of clone NAME on the running server."""
     st = Store(store)
     st.get_clone(name)
-    out.print(server.uri_of(st.server_info(), name), soft_wrap=True)
+    out.print(server.uri_of(st.server_info(), st.catalog(), name), soft_wrap=True)
 
 
 @app.command()
@@ -433,7 +433,7 @@ def demo(
 
     def ready(templates: list[str]) -> None:
         info = {"workers": [{"uri": t} for t in templates]}
-        one, two = (server.uri_of(info, n) for n in ("demo-1", "demo-2"))
+        one, two = (server.uri_of(info, st.catalog(), n) for n in ("demo-1", "demo-2"))
         sock = one.partition("socket=")[2]
         out.print(
             f"""

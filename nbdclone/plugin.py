@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import NbdcloneError
-from nbdclone.store.catalog import Store, is_valid_name, worker_of, write_atomic
+from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of, write_atomic
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 
@@ -108,9 +108,14 @@ def config_complete() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"nbdclone[worker {worker}]: %(message)s")
 
 
-def _mine(name: str) -> bool:
+def _worker_of(name: str, cat: Catalog | None = None) -> int:
     assert _settings is not None
-    return worker_of(name, _settings.workers) == _settings.worker
+    return worker_of(cat or _reg().store.catalog(), name, _settings.workers)
+
+
+def _mine(name: str, cat: Catalog | None = None) -> bool:
+    assert _settings is not None
+    return _worker_of(name, cat) == _settings.worker
 
 
 def thread_model() -> int:
@@ -143,7 +148,7 @@ def _publish_stats(registry: Registry, settings: Settings) -> None:
 @_errors
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     cat = _reg().store.catalog()
-    return [(n, f"clone of {c.base}" if c.base else "blank disk") for n, c in cat.clones.items() if _mine(n)]
+    return [(n, f"clone of {c.base}" if c.base else "blank disk") for n, c in cat.clones.items() if _mine(n, cat)]
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:
@@ -160,7 +165,7 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
     if not _mine(name):
         # Another worker serves it: one RocksDB handle per clone, in one process (`nbdclone uri` says where).
         nbdkit.set_error(errno.ENOENT)
-        raise ValueError(f"clone {name!r} is served by worker {worker_of(name, _settings.workers)}")  # type: ignore[union-attr]
+        raise ValueError(f"clone {name!r} is served by worker {_worker_of(name)}")
     clone = _reg().acquire(name)
     if _settings is not None and _settings.cpu is not None:
         # Pin this connection's thread (only it: pid 0 is the calling thread) to the worker's core: handing

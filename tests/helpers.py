@@ -117,12 +117,12 @@ class Server:
         return json.loads((self.store / "run" / "server.json").read_text())  # type: ignore[no-any-return]
 
     def uri(self, name: str) -> str:
-        return uri_of(self.info(), name)
+        return uri_of(self.info(), Store(self.store).catalog(), name)
 
     def nbdkit_pid(self, name: str) -> int:
         """The worker (nbdkit process) that serves clone `name`."""
         workers = self.info()["workers"]
-        return int(workers[worker_of(name, len(workers))]["pid"])
+        return int(workers[worker_of(Store(self.store).catalog(), name, len(workers))]["pid"])
 
     def wait_restarted(self, name: str, dead: int, timeout: float = 30) -> None:
         """Wait until the supervisor has replaced worker `dead`, which served clone `name`."""

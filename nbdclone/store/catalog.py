@@ -71,8 +71,15 @@ def parse_base_ref(ref: str) -> tuple[str, str | None]:
     return name, (version if sep else None)
 
 
-def worker_of(name: str, workers: int) -> int:
-    """Which of `workers` server workers serves clone `name`: stable across restarts and processes."""
+def worker_of(cat: Catalog, name: str, workers: int) -> int:
+    """Which of `workers` server workers serves clone `name`: stable across restarts and processes.
+
+    Clones are dealt to workers in the order they were created, so clones made together (a boot storm's)
+    spread evenly over the workers (a hash of the names split 32 clones 18/14 over two). Clones from before
+    creation numbers, and names the catalog does not know, go by a hash of the name."""
+    record = cat.clones.get(name)
+    if record is not None and record.seq >= 0:
+        return record.seq % workers
     return zlib.crc32(name.encode()) % workers
 
 
@@ -112,6 +119,7 @@ class CloneRecord:
     pin: str | None  # None: follows the base's current version
     size: int  # blank clones only; a clone of a base has its version's size
     created: str
+    seq: int = -1  # creation number (which worker serves it); -1: created before clones had one
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +463,10 @@ class Store:
             if base is not None:
                 base_name, pin = parse_base_ref(base)
                 self.resolve(base)
-            records = [CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now()) for n in names]
+            seq = max((c.seq for c in cat.clones.values()), default=-1) + 1
+            records = [
+                CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now(), seq + i) for i, n in enumerate(names)
+            ]
             self._write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
         return records
 

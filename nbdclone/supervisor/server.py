@@ -8,7 +8,7 @@
                                  flushes and closes every overlay), wait up to `grace` seconds, then SIGKILL
 
 One Python process cannot use more than about one core (the GIL), so clones are spread over workers: clone
-NAME is served by worker worker_of(NAME, workers), on that worker's socket. `nbdclone uri NAME` says where.
+NAME is served by worker worker_of(catalog, NAME, workers), on that worker's socket. `nbdclone uri NAME` says where.
 Each worker runs one nbdkit thread per connection: with the GIL, more threads only add hand-offs (measured:
 4 KiB random reads went from 18k to 43k requests/s with --threads 1 instead of 16).
 
@@ -36,7 +36,7 @@ import uvloop
 import nbdclone
 from nbdclone import errors
 from nbdclone.store.cache import Evictor
-from nbdclone.store.catalog import Store, worker_of, write_atomic
+from nbdclone.store.catalog import Catalog, Store, worker_of, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ def clone_uri(template: str, name: str) -> str:
     return template.replace("{name}", name)
 
 
-def uri_of(info: Mapping[str, Any], name: str) -> str:
+def uri_of(info: Mapping[str, Any], cat: Catalog, name: str) -> str:
     """The URI of clone `name` on the server described by run/server.json."""
     templates = info["workers"]
     assert isinstance(templates, list)
-    return clone_uri(templates[worker_of(name, len(templates))]["uri"], name)
+    return clone_uri(templates[worker_of(cat, name, len(templates))]["uri"], name)
 
 
 def plugin_pythonpath() -> str:

@@ -313,12 +313,13 @@ def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path,
 def test_a_crashed_worker_is_restarted_and_other_workers_keep_serving(
     tmp_path: Path, store_path: Path, base: tuple[Path, bytes]
 ) -> None:
-    from nbdclone.store.catalog import worker_of
+    from nbdclone.store.catalog import Store, worker_of
 
     names = [f"w{i}" for i in range(8)]
     cli("clone", "create", *names, "--base", "deb", store=store_path)
-    a = next(n for n in names if worker_of(n, 2) == 0)
-    b = next(n for n in names if worker_of(n, 2) == 1)
+    cat = Store(store_path).catalog()
+    a = next(n for n in names if worker_of(cat, n, 2) == 0)
+    b = next(n for n in names if worker_of(cat, n, 2) == 1)
     srv = Server(store_path, tmp_path / "w.sock", ("--workers", "2")).start()
     try:
         assert srv.uri(a) != srv.uri(b)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nbdclone import errors
-from nbdclone.store.catalog import Store, validate_name
+from nbdclone.store.catalog import Store, validate_name, worker_of
 from nbdclone.store.images import import_base
 from tests.helpers import make_image, snapshot
 
@@ -83,6 +83,25 @@ def _create_many(path: str, prefix: str) -> None:
     st = Store(path)
     for i in range(15):
         st.create_clone(f"{prefix}{i}", base="deb")
+
+
+def test_clones_made_together_spread_evenly_over_the_workers(store: Store) -> None:
+    store.create_clones([f"b{i}" for i in range(31)], base="deb")
+    store.create_clone("b31", base="deb")  # a later command continues the count
+    cat = store.catalog()
+    for workers in (2, 3, 4):
+        loads = [0] * workers
+        for i in range(32):
+            loads[worker_of(cat, f"b{i}", workers)] += 1
+        assert max(loads) - min(loads) <= 1, (workers, loads)
+    # A clone from before creation numbers (and an unknown name) goes by its name's hash, the same everywhere.
+    raw = json.loads(store.catalog_path.read_text())
+    del raw["clones"]["b5"]["seq"]
+    store.catalog_path.write_text(json.dumps(raw))
+    old = store.catalog()
+    assert old.clones["b5"].seq == -1
+    assert worker_of(old, "b5", 4) in range(4)
+    assert worker_of(old, "nosuch", 2) in (0, 1)
 
 
 def test_concurrent_writers_lose_nothing(store: Store) -> None:
