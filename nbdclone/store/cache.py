@@ -94,7 +94,7 @@ class PackReader:
             else:
                 clock[_HEADER + first : _HEADER + last + 1] = b"\x01" * (last + 1 - first)
         n = len(dst)
-        if first == last and self._warm[first]:
+        if self._warm[first] if first == last else self._warm.find(0, first, last + 1) == -1:
             view = self._view
             assert view is not None
             dst[:] = view[at : at + n]
