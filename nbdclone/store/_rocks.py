@@ -134,8 +134,10 @@ class RocksOverlay:
             if self._db.get(_META_OPEN) == _OPEN:
                 self._recover()
             if not readonly:
+                # Not synced: a kill -9 finds it in the WAL (which the process does not buffer), and the WAL
+                # sync of the first flush makes it durable before anything written after it is (syncing
+                # here took 0-12 ms of every clone's open: the opening of a 32-clone storm).
                 self._db.put(_META_OPEN, _OPEN)
-                self._db.flush_wal(True)
         except BaseException:
             if self._fd >= 0:
                 os.close(self._fd)
