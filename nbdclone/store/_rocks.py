@@ -17,8 +17,9 @@ blocks that stop being DATA are punched out *before* their new map entry is writ
 are written before it becomes DATA. So the map's DATA entries can be written lazily (with the next flush,
 FUA write, batch of other changes, or every _PENDING_MAX blocks) and recovered after a crash from the data
 file itself: b"m/open" is set while an overlay is open for writing, and an open that finds it set (the
-server was killed) adds every allocated block of the data file to the map as DATA before anything reads
-the map. Other changes (zero markers, trims) are written before the request is acknowledged.
+server was killed) adds every block the data file holds to the map as DATA before anything reads the map.
+Other changes (zero markers, trims) are written before the request is acknowledged; pending blocks among
+them are mapped before their punch.
 
 Space: where the file system can say which extents were written (FIEMAP: ext4, XFS, btrfs), the data file's
 space is reserved 1 MiB at a time ahead of the writes (unwritten extents, which read as zeros): a first write

@@ -209,6 +209,41 @@ os.kill(os.getpid(), signal.SIGKILL)
             finally:
                 again.close()
 
+    def test_a_kill_between_punch_and_map_keeps_an_acknowledged_write(self) -> None:
+        """Block 5 was written (acknowledged, its DATA entry still pending), then a zero request for it dies
+        after the punch and before its batch. Block 5 must read as that write or as zeros, never as the base."""
+        import subprocess
+        import sys
+
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.close()
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store import _rocks
+from nbdclone.store.overlay import DATA, ZEROED
+real = _rocks.RocksOverlay._write_map
+def dying(self, others, *, sync):
+    if others:  # the zero request's batch: the punch is done
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, others, sync=sync)
+_rocks.RocksOverlay._write_map = dying
+ov = _rocks.RocksOverlay(Path({str(ov.path)!r}))
+ov.write([b"\\x05" * {BLOCK_SIZE}], {5 * BLOCK_SIZE})
+ov.apply([(5, DATA)])
+ov.apply([(5, ZEROED)])
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        again = RocksOverlay(ov.path)
+        try:
+            state = dict(again.scan()).get(5, BASE)
+            assert state != BASE
+            if state == DATA:
+                assert self.read(again, 5 * BLOCK_SIZE, BLOCK_SIZE) in (block(5), bytes(BLOCK_SIZE))
+        finally:
+            again.close()
+
     def test_reserved_space_is_released_at_close(self) -> None:
         ov = self.make()
         assert isinstance(ov, RocksOverlay)
