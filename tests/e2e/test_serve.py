@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import nbd
@@ -405,3 +406,47 @@ def test_requests_do_not_create_a_python_thread_state_each(
     faults = _minor_faults(pid) - before
     h.shutdown()
     assert faults < 400, f"{faults} minor page faults in 4000 requests"
+
+
+def test_connection_threads_are_pinned_only_when_they_share_a_worker(
+    tmp_path: Path, store_path: Path, base: tuple[Path, bytes]
+) -> None:
+    """One connection runs where the scheduler likes (off its client's core); two or more on one worker are
+    all pinned to the worker's core (they share its GIL). RocksDB's threads stay free."""
+    from nbdclone.store.catalog import Store, worker_of
+
+    names = [f"p{i}" for i in range(4)]
+    cli("clone", "create", *names, "--base", "deb", store=store_path)
+    cat = Store(store_path).catalog()
+    mine = [n for n in names if worker_of(cat, n, 2) == 0]
+    assert len(mine) == 2  # dealt in creation order
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "this test needs a machine with two cores"
+
+    def pinned(pid: int) -> int:
+        """Threads of worker `pid` allowed on its core alone."""
+        count = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            status = (task / "status").read_text()
+            allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+            count += allowed == str(cpus[0])
+        return count
+
+    srv = Server(store_path, tmp_path / "p.sock", ("--workers", "2")).start()
+    try:
+        worker = srv.nbdkit_pid(mine[0])
+        one = srv.connect(mine[0])
+        assert one.pread(4096, 0) == base[1][:4096]
+        assert pinned(worker) == 0
+        two = srv.connect(mine[1])
+        assert two.pread(4096, 0) == base[1][:4096]
+        assert pinned(worker) == 2
+        two.shutdown()
+        deadline = time.monotonic() + 10
+        while pinned(worker) and time.monotonic() < deadline:  # close runs after the client has gone
+            time.sleep(0.05)
+        assert pinned(worker) == 0
+        assert one.pread(4096, 4096) == base[1][4096:8192]
+        one.shutdown()
+    finally:
+        srv.stop()
