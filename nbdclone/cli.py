@@ -343,7 +343,9 @@ def serve(
     listen: ListenOpt = None,
     workers: WorkersOpt = None,
     threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 1,
-    pin: Annotated[bool, typer.Option(help="Pin each worker's connection threads to one core.")] = True,
+    pin: Annotated[
+        bool, typer.Option(help="Pin a worker's connection threads to its core while it has more than one.")
+    ] = True,
     cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
 ) -> None:
     """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.
