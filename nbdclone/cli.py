@@ -435,7 +435,8 @@ def demo(
 
     def ready(templates: list[str]) -> None:
         info = {"workers": [{"uri": t} for t in templates]}
-        one, two = (server.uri_of(info, st.catalog(), n) for n in ("demo-1", "demo-2"))
+        cat = st.catalog()
+        one, two = (server.uri_of(info, cat, n) for n in ("demo-1", "demo-2"))
         sock = one.partition("socket=")[2]
         out.print(
             f"""
