@@ -9,6 +9,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from nbdclone.errors import StorageError
 
@@ -23,6 +24,14 @@ _FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")  # logical, physical, length, flag
 _FIEMAP_BATCH = 512
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def punch_hole(fd: int, offset: int, length: int, *, what: str) -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nbdclone import errors
-from nbdclone.store._rocks import RocksOverlay, overlay_in_use
+from nbdclone.store._fs import fsync_dir
+from nbdclone.store._rocks import create_overlay, overlay_in_use
 from nbdclone.store.chunks import CHUNK, ChunkStore, VersionMap
 
 log = logging.getLogger(__name__)
@@ -502,7 +503,7 @@ class Store:
         directory.mkdir(parents=True, exist_ok=True)
         old = _read_state(directory)
         state = CloneState(version, uuid.uuid4().hex[:12])
-        RocksOverlay(directory / state.overlay, create=True).close()
+        create_overlay(directory / state.overlay)
         write_atomic(directory / "state.json", json.dumps(asdict(state)), directory)
         if old is not None:
             shutil.rmtree(directory / old.overlay, ignore_errors=True)
@@ -623,14 +624,6 @@ def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = Fa
     fsync_dir(path.parent)
     if crash_hooks:
         _crash_point("done")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 from nbdclone import errors
+from nbdclone.store._fs import fsync_dir
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.cache import PackReader
-from nbdclone.store.catalog import BaseRecord, Store, fsync_dir, validate_name
+from nbdclone.store.catalog import BaseRecord, Store, validate_name
 from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
 from nbdclone.store.overlay import MemoryOverlay, Overlay

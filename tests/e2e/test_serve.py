@@ -427,7 +427,10 @@ def test_connection_threads_are_pinned_only_when_they_share_a_worker(
         """Threads of worker `pid` allowed on its core alone."""
         count = 0
         for task in Path(f"/proc/{pid}/task").iterdir():
-            status = (task / "status").read_text()
+            try:
+                status = (task / "status").read_text()
+            except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+                continue
             allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
             count += allowed == str(cpus[0])
         return count

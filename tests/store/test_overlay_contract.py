@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbdclone.errors import StorageError
-from nbdclone.store._rocks import DATA_FILE, RocksOverlay, overlay_in_use
+from nbdclone.store._rocks import DATA_FILE, EMPTY_MARK, RocksOverlay, create_overlay, overlay_in_use
 from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, MemoryOverlay, Overlay
 
 
@@ -293,3 +293,91 @@ class TestRocksOverlayOnTmpfs(TestRocksOverlay):
             self.dir = Path(d)
             self.opened = []
             yield
+
+
+class TestRocksOverlayOpenedEmpty(TestRocksOverlay):
+    """Overlays made as the store makes them (marked empty), so each one is opened without its database
+    and starts it at its first change: the whole contract again, and what the mark must guarantee."""
+
+    def make(self) -> Overlay:
+        path = self.dir / f"ov{len(self.opened)}"
+        create_overlay(path)
+        ov = RocksOverlay(path)
+        self.opened.append(ov)
+        return ov
+
+    def test_an_unchanged_overlay_opens_no_database(self) -> None:
+        path = self.dir / "new"
+        create_overlay(path)
+        files = sorted(p.name for p in path.iterdir())
+        assert EMPTY_MARK in files
+        for readonly in (False, True, False):
+            ov = RocksOverlay(path, readonly=readonly)
+            assert list(ov.scan()) == []
+            ov.flush()
+            ov.apply([], written=0, sync=True)
+            ov.close()
+        # A RocksDB open writes a new MANIFEST, OPTIONS file, WAL and LOG: none of that happened.
+        assert sorted(p.name for p in path.iterdir()) == files
+
+    def test_the_first_change_removes_the_mark(self) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.write([block(1)], 0)
+        assert not (ov.path / EMPTY_MARK).exists()
+        ov.apply([(0, DATA)], written=BLOCK_SIZE)
+        again = self.reopen(ov)
+        try:
+            assert list(again.scan()) == [(0, DATA)]
+        finally:
+            again.close()
+
+    def test_a_zero_request_is_a_change_too(self) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.apply([(3, ZEROED)])
+        assert not (ov.path / EMPTY_MARK).exists()
+        again = self.reopen(ov)
+        try:
+            assert list(again.scan()) == [(3, ZEROED)]
+        finally:
+            again.close()
+
+    def test_a_writer_killed_after_its_first_write_loses_nothing(self) -> None:
+        import subprocess
+        import sys
+
+        path = self.dir / "killed"
+        create_overlay(path)
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store._rocks import RocksOverlay
+from nbdclone.store.overlay import DATA
+ov = RocksOverlay(Path({str(path)!r}))
+ov.write([b"\\x06" * {BLOCK_SIZE}], {6 * BLOCK_SIZE})
+ov.apply([(6, DATA)], written={BLOCK_SIZE})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        again = RocksOverlay(path)
+        try:
+            assert list(again.scan()) == [(6, DATA)]
+            assert self.read(again, 6 * BLOCK_SIZE, BLOCK_SIZE) == block(6)
+        finally:
+            again.close()
+
+    def test_a_second_writer_process_is_refused(self) -> None:
+        import subprocess
+        import sys
+
+        ov = self.make()
+        code = (
+            "import sys; from pathlib import Path; from nbdclone.store._rocks import RocksOverlay\n"
+            "try:\n    RocksOverlay(Path(sys.argv[1]))\nexcept Exception as e:\n"
+            "    sys.exit(4 if getattr(e, 'errno', 0) == 16 else 5)\n"
+        )
+        assert isinstance(ov, RocksOverlay)
+        assert subprocess.run([sys.executable, "-c", code, str(ov.path)]).returncode == 4
+        ov.write([block(2)], 0)  # now RocksDB's own lock: still refused
+        assert subprocess.run([sys.executable, "-c", code, str(ov.path)]).returncode == 4
