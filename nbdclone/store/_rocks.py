@@ -130,6 +130,7 @@ class RocksOverlay:
         self._reserve = False  # whether the data file's space is reserved ahead of writes
         self._reserved: set[int] = set()  # groups (1 << _GROUP_SHIFT bytes) reserved since the open
         self._written = 0
+        self._changed = False  # whether anything was written or changed since the last flush began
         self._needs_reopen = False
         self._start_lock = threading.Lock()
         self._empty = not create and (path / EMPTY_MARK).exists()
@@ -290,6 +291,7 @@ class RocksOverlay:
             group = offset >> _GROUP_SHIFT
             if group not in self._reserved or (offset + length - 1) >> _GROUP_SHIFT != group:
                 self._reserve_groups(offset, length)
+        self._changed = True
         try:
             n = os.pwritev(self._fd, bufs, offset)
             if n != length:  # a regular file writes all or fails; never let a short count pass
@@ -325,6 +327,8 @@ class RocksOverlay:
         self._written += written
         if not changes and not sync:  # rewriting written blocks: nothing to record
             return
+        if changes:
+            self._changed = True
         if self._needs_reopen:
             self._reopen()
         others = [change for change in changes if change[1] != DATA]
@@ -345,9 +349,15 @@ class RocksOverlay:
                     range(start >> _GROUP_BLOCKS, ((start + count - 1) >> _GROUP_BLOCKS) + 1)
                 )
         if sync:
-            self._datasync()
-        if others or sync or len(self._pending) >= _PENDING_MAX:
-            self._write_map(others, sync=sync)
+            self._changed = False
+        try:
+            if sync:
+                self._datasync()
+            if others or sync or len(self._pending) >= _PENDING_MAX:
+                self._write_map(others, sync=sync)
+        except BaseException:
+            self._changed = True  # the next flush must not take this for synced
+            raise
 
     def _write_map(self, others: Sequence[Change], *, sync: bool) -> None:
         """One batch: the pending DATA entries, `others`, and the counter; synced to disk if `sync`."""
@@ -370,12 +380,17 @@ class RocksOverlay:
         self._pending.clear()
 
     def flush(self) -> None:
-        if self._readonly or self._empty:
-            return
-        if self._needs_reopen:
-            self._reopen()
-        self._datasync()
-        self._write_map((), sync=True)
+        if self._readonly or self._empty or not (self._changed or self._needs_reopen):
+            return  # nothing written since the last flush: a boot flushes often, twice in a row at times
+        self._changed = False  # before syncing: what is written meanwhile waits for the next flush
+        try:
+            if self._needs_reopen:
+                self._reopen()
+            self._datasync()
+            self._write_map((), sync=True)
+        except BaseException:
+            self._changed = True
+            raise
 
     def _datasync(self) -> None:
         try:

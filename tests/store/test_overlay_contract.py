@@ -262,6 +262,47 @@ ov.apply([(5, ZEROED)])
         finally:
             again.close()
 
+    def test_a_flush_after_nothing_syncs_nothing_and_a_failed_sync_is_redone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import os
+
+        from nbdclone.store import _rocks
+
+        synced: list[int] = []
+        fail = [False]
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            if fail[0]:
+                fail[0] = False
+                raise OSError(errno.EIO, "injected")
+            synced.append(fd)
+            real(fd)
+
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        monkeypatch.setattr(_rocks.os, "fdatasync", fdatasync)
+        ov.write([block(1)], 0)
+        ov.apply([(0, DATA)], written=BLOCK_SIZE)
+        ov.flush()
+        assert len(synced) == 1
+        ov.flush()  # nothing since: no sync
+        assert len(synced) == 1
+        ov.write([block(2)], 0)  # a rewrite changes no map entry, but its bytes need the next sync
+        ov.apply([], written=BLOCK_SIZE)
+        fail[0] = True
+        with pytest.raises(StorageError):
+            ov.flush()
+        ov.flush()  # the failed one does not count as done
+        assert len(synced) == 2
+        fail[0] = True
+        ov.write([block(3)], BLOCK_SIZE)
+        with pytest.raises(StorageError):
+            ov.apply([(1, DATA)], written=BLOCK_SIZE, sync=True)  # a FUA write whose sync fails
+        ov.flush()
+        assert len(synced) == 3
+
     def test_in_use_is_seen_from_another_process(self) -> None:
         import subprocess
         import sys
