@@ -7,7 +7,11 @@ overlay on the new version (its old writes are dropped). Later connections join 
 connection of a clone sees one version until the last one closes, whatever flips happen meanwhile.
 
 Sharing one handle is also what makes a flush on one connection cover every connection's writes, so the
-server may advertise multi-conn. Base versions are shared the same way between the clones that read them.
+server may advertise multi-conn. Base versions are shared the same way between the clones that read them,
+and a version no clone reads any more stays open for a while (the IDLE_VERSIONS most recently used): a
+client that connects, asks the size and disconnects before connecting again (fio does, for every job) would
+otherwise load the version's map again each time (measured: 6.4 ms per connect of a 1 GiB base, 0.2 ms for
+nbdkit's file plugin).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BaseKey = tuple[str, str]  # (base id, version id)
 PREFETCH_EVERY = 30.0  # seconds: a version's trace is read in again at most this often per process
+IDLE_VERSIONS = 8  # versions kept open with no clone reading them, least recently used closed first
 
 
 @dataclass(slots=True)
@@ -45,6 +50,7 @@ class Registry:
         self._lock = threading.Lock()
         self._clones: dict[str, _Open] = {}
         self._bases: dict[BaseKey, tuple[ChunkedBase, int]] = {}
+        self._idle: dict[BaseKey, ChunkedBase] = {}  # open versions no clone reads, oldest first
         self._traces: dict[BaseKey, list[tuple[int, int]]] = {}
         self._prefetched: dict[BaseKey, float] = {}
         self._reader: PackReader | None = None
@@ -111,15 +117,18 @@ class Registry:
         key = (base_record.id, version)
         base, users = self._bases.get(key, (None, 0))
         if base is None:
-            if self._reader is None:
-                self._reader = PackReader(self.store.chunks.pack, self.store.path / "run" / "cache.clock")
-            base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version), self._reader)
-            trace_path = self.store.trace_path(base_record, version)
-            trace = load_trace(trace_path)
-            if trace:
-                self._traces[key] = base.slot_ranges(trace, ordered=True)
-            elif self.record_traces:
-                base.recorder = TraceRecorder(trace_path)
+            base = self._idle.pop(key, None)
+            if base is None:
+                if self._reader is None:
+                    self._reader = PackReader(self.store.chunks.pack, self.store.path / "run" / "cache.clock")
+                base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version), self._reader)
+            if key not in self._traces:
+                trace_path = self.store.trace_path(base_record, version)
+                trace = load_trace(trace_path)
+                if trace:
+                    self._traces[key] = base.slot_ranges(trace, ordered=True)
+                elif self.record_traces and base.recorder is None:
+                    base.recorder = TraceRecorder(trace_path)
         self._bases[key] = (base, users + 1)
         return key, base
 
@@ -127,11 +136,16 @@ class Registry:
         if key is None:
             return
         base, users = self._bases[key]
-        if users == 1:
-            del self._bases[key]
-            base.close()
-        else:
+        if users > 1:
             self._bases[key] = (base, users - 1)
+            return
+        del self._bases[key]
+        if base.recorder is not None:  # the first boot ended: close, so the recording is written now
+            base.close()
+            return
+        self._idle[key] = base
+        while len(self._idle) > IDLE_VERSIONS:
+            self._idle.pop(next(iter(self._idle))).close()
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -151,6 +165,7 @@ class Registry:
             return {
                 "open_clones": len(self._clones),
                 "open_versions": len(self._bases),
+                "idle_versions": len(self._idle),
                 "connections": sum(e.users for e in self._clones.values()),
                 **(self._reader.stats.as_dict() if self._reader is not None else {}),
             }
@@ -164,6 +179,9 @@ class Registry:
                     log.exception("closing clone %s", name)
                 self._put_base(entry.base_key)
             self._clones.clear()
+            for base in self._idle.values():
+                base.close()
+            self._idle.clear()
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None

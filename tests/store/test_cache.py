@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdclone.store import registry
 from nbdclone.store.cache import CHUNK, Evictor, PackReader, resident_bytes
 from nbdclone.store.catalog import Store
 from nbdclone.store.chunks import ChunkedBase, load_trace
@@ -131,11 +132,56 @@ def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) ->
     assert list(load_trace(trace)) == [9, 3, 0, 7, *range(20, 40)]
     reg2 = Registry(store)
     clone = reg2.acquire("b")  # a second boot of the same version: prefetched, not recorded again
-    for t in threading.enumerate():
-        if t.name == "nbdclone-prefetch":
-            t.join(10)
+    _join_prefetches()
     assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 24 * CHUNK
     for off in range(0, 16 * MiB, CHUNK):
         clone.pread_into(buf, off)
     reg2.release("b")
     assert list(load_trace(trace)) == [9, 3, 0, 7, *range(20, 40)]
+
+
+def _join_prefetches() -> None:
+    for t in threading.enumerate():
+        if t.name == "nbdclone-prefetch":
+            t.join(10)
+
+
+def test_a_version_no_clone_reads_stays_open_for_the_next_connection(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "IDLE_VERSIONS", 1)
+    store.create_clones(["a", "b", "c"], base="os")
+    reg = Registry(store, record_traces=False)
+    v1 = reg.acquire("a").base
+    reg.release("a")
+    assert (reg.stats()["open_versions"], reg.stats()["idle_versions"]) == (0, 1)
+    assert reg.acquire("b").base is v1  # the map was not loaded again
+    reg.release("b")
+    store.promote("os", "2")
+    assert reg.acquire("c").base is not v1
+    reg.release("c")
+    assert reg.stats()["idle_versions"] == 1  # the bound: the least recently used idle version was closed
+    store.promote("os", "1")
+    assert reg.acquire("a").base is not v1
+    reg.release("a")
+    reg.close_all()
+    assert reg.stats()["idle_versions"] == 0
+
+
+def test_an_idle_version_takes_up_a_trace_recorded_meanwhile(store: Store) -> None:
+    store.create_clones(["a", "b"], base="os")
+    buf = memoryview(bytearray(4096))
+    reg = Registry(store, record_traces=False)
+    reg.acquire("a")
+    reg.release("a")  # the version is now open and idle here, with no trace
+    recorder = Registry(store)  # another worker boots a clone of the version first: it records the trace
+    clone = recorder.acquire("b")
+    for c in range(24):
+        clone.pread_into(buf, c * CHUNK)
+    recorder.release("b")
+    assert len(load_trace(store.trace_path(store.get_base("os"), "1"))) == 24
+    reg.acquire("a")
+    _join_prefetches()
+    assert reg.reader is not None and reg.reader.stats.prefetched_bytes == 24 * CHUNK
+    reg.close_all()
+    recorder.close_all()
