@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from nbdclone.errors import StorageError
-from nbdclone.store._rocks import DATA_FILE, EMPTY_MARK, RocksOverlay, create_overlay, overlay_in_use
+from nbdclone.store._rocks import (
+    DATA_FILE,
+    EMPTY_MARK,
+    WRITTEN_FILE,
+    RocksOverlay,
+    create_overlay,
+    overlay_in_use,
+)
 from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, MemoryOverlay, Overlay
 
 
@@ -94,6 +101,20 @@ class OverlayContract:
         assert list(ov.scan()) == [(0, DATA), (1, ZEROED)]
         assert self.read(ov, 0, BLOCK_SIZE) == block(7)
         assert ov.bytes_written() == 223
+
+    def test_writes_and_trims_survive_reopen(self) -> None:
+        ov = self.make()
+        ov.write([block(1), block(2), block(3), block(4)], 0)
+        ov.apply([(b, DATA) for b in range(4)], written=4 * BLOCK_SIZE)
+        ov.write([block(9)], 9000 * BLOCK_SIZE)
+        ov.apply([(9000, DATA), (2, BASE), (5, BASE)], written=BLOCK_SIZE)
+        ov.flush()
+        ov = self.reopen(ov)
+        assert list(ov.scan()) == [(0, DATA), (1, DATA), (3, DATA), (9000, DATA)]
+        assert self.read(ov, 0, 2 * BLOCK_SIZE) == block(1) + block(2)
+        assert self.read(ov, 3 * BLOCK_SIZE, BLOCK_SIZE) == block(4)
+        assert self.read(ov, 9000 * BLOCK_SIZE, BLOCK_SIZE) == block(9)
+        assert ov.bytes_written() == 5 * BLOCK_SIZE
 
     def test_sync_apply_and_flush_are_accepted(self) -> None:
         ov = self.make()
@@ -337,8 +358,42 @@ class TestRocksOverlayOnTmpfs(TestRocksOverlay):
 
 
 class TestRocksOverlayOpenedEmpty(TestRocksOverlay):
-    """Overlays made as the store makes them (marked empty), so each one is opened without its database
-    and starts it at its first change: the whole contract again, and what the mark must guarantee."""
+    """Overlays made as the store makes them (marked: the data file is the map), so each one is opened
+    without its database, and keeps it closed until a change the file cannot hold: the whole contract
+    again, and what the mark must guarantee."""
+
+    file_is_map = True
+    reserves = False  # not while the file is the map: see the next test
+
+    def test_a_clone_that_writes_a_lot_moves_to_the_database_and_reserves(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from nbdclone.store import _rocks
+
+        monkeypatch.setattr(_rocks, "_FILEMAP_MAX", 3)
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        data = ov.path / DATA_FILE
+        for b in (0, 300, 600):  # three blocks in three 1 MiB groups: the file is still the map
+            ov.write([block(b % 250 + 1)], b * BLOCK_SIZE)
+            ov.apply([(b, DATA)], written=BLOCK_SIZE)
+        assert (ov.path / EMPTY_MARK).exists() == self.file_is_map
+        assert data.stat().st_blocks * 512 <= 4 * BLOCK_SIZE  # nothing reserved (and an extent tree block)
+        ov.write([block(9)], 900 * BLOCK_SIZE)
+        ov.apply([(900, DATA)], written=BLOCK_SIZE)  # the fourth: it moves
+        assert not (ov.path / EMPTY_MARK).exists()
+        ov.write([block(8)], 1200 * BLOCK_SIZE)
+        ov.apply([(1200, DATA)], written=BLOCK_SIZE)
+        if self.file_is_map:  # FIEMAP here: from now on space is reserved ahead
+            assert data.stat().st_blocks * 512 >= 1 << 20
+        again = self.reopen(ov)
+        try:
+            assert list(again.scan()) == [(b, DATA) for b in (0, 300, 600, 900, 1200)]
+            assert self.read(again, 600 * BLOCK_SIZE, BLOCK_SIZE) == block(600 % 250 + 1)
+            assert self.read(again, 1200 * BLOCK_SIZE, BLOCK_SIZE) == block(8)
+            assert again.bytes_written() == 5 * BLOCK_SIZE
+        finally:
+            again.close()
 
     def make(self) -> Overlay:
         path = self.dir / f"ov{len(self.opened)}"
@@ -361,26 +416,60 @@ class TestRocksOverlayOpenedEmpty(TestRocksOverlay):
         # A RocksDB open writes a new MANIFEST, OPTIONS file, WAL and LOG: none of that happened.
         assert sorted(p.name for p in path.iterdir()) == files
 
-    def test_the_first_change_removes_the_mark(self) -> None:
+    def test_writes_and_trims_keep_the_file_as_the_map(self) -> None:
+        """Where FIEMAP tells written extents apart, data and trims need no database: the mark stays, and
+        neither the changes nor the flushes nor the next open add a RocksDB file. Elsewhere (tmpfs) the first
+        write moves the map to the database."""
         ov = self.make()
         assert isinstance(ov, RocksOverlay)
-        ov.write([block(1)], 0)
-        assert not (ov.path / EMPTY_MARK).exists()
-        ov.apply([(0, DATA)], written=BLOCK_SIZE)
+        files = {p.name for p in ov.path.iterdir()}
+        ov.write([block(1), block(2)], 0)
+        ov.apply([(0, DATA), (1, DATA)], written=2 * BLOCK_SIZE, sync=True)
+        ov.apply([(1, BASE)])
+        ov.flush()
+        assert (ov.path / EMPTY_MARK).exists() == self.file_is_map
         again = self.reopen(ov)
         try:
             assert list(again.scan()) == [(0, DATA)]
+            assert again.bytes_written() == 2 * BLOCK_SIZE
         finally:
             again.close()
+        if self.file_is_map:
+            assert {p.name for p in ov.path.iterdir()} == files | {DATA_FILE, WRITTEN_FILE}
 
-    def test_a_zero_request_is_a_change_too(self) -> None:
+    def test_a_zero_marker_moves_the_map_to_the_database(self) -> None:
         ov = self.make()
         assert isinstance(ov, RocksOverlay)
+        ov.write([block(1)], 0)
+        ov.apply([(0, DATA)], written=BLOCK_SIZE)
         ov.apply([(3, ZEROED)])
         assert not (ov.path / EMPTY_MARK).exists()
         again = self.reopen(ov)
         try:
-            assert list(again.scan()) == [(3, ZEROED)]
+            assert list(again.scan()) == [(0, DATA), (3, ZEROED)]
+            assert self.read(again, 0, BLOCK_SIZE) == block(1)
+            assert again.bytes_written() == BLOCK_SIZE
+        finally:
+            again.close()
+
+    def test_a_move_cut_short_leaves_the_file_as_the_map(self) -> None:
+        """A crash after the move's batch and before the mark's removal: the database holds entries, the mark
+        is still there. The file is the map; the stale entries are ignored, and cleared by the next move."""
+        path = self.dir / "cut"
+        create_overlay(path)
+        (path / EMPTY_MARK).unlink()
+        ov = RocksOverlay(path)
+        ov.write([block(5)], 5 * BLOCK_SIZE)
+        ov.apply([(5, DATA), (6, ZEROED)])
+        ov.close()
+        (path / EMPTY_MARK).touch()  # as the crash left it, and since then block 5 went back to the base
+        ov = RocksOverlay(path)
+        ov.apply([(5, BASE)])
+        assert list(ov.scan()) == []
+        ov.apply([(7, ZEROED)])
+        again = self.reopen(ov)
+        try:
+            assert list(again.scan()) == [(7, ZEROED)]
         finally:
             again.close()
 
@@ -422,3 +511,9 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert subprocess.run([sys.executable, "-c", code, str(ov.path)]).returncode == 4
         ov.write([block(2)], 0)  # now RocksDB's own lock: still refused
         assert subprocess.run([sys.executable, "-c", code, str(ov.path)]).returncode == 4
+
+
+class TestRocksOverlayOpenedEmptyOnTmpfs(TestRocksOverlayOpenedEmpty, TestRocksOverlayOnTmpfs):
+    """Marked overlays where the file system has no FIEMAP: the first write moves the map to the database."""
+
+    file_is_map = False
