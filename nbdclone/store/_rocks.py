@@ -398,7 +398,8 @@ class RocksOverlay:
             else:
                 self._pending.discard(block)
         # Punch first: a crash before the batch must not leave bytes where the map says zero or base.
-        self._punch([block for block, _ in others])
+        if others:
+            self._punch([block for block, _ in others])
         if sync:
             self._changed = False
         try:
