@@ -50,12 +50,13 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     return bool(_libc.fallocate(fd, 0, offset, length) == 0)
 
 
-def extents(fd: int) -> Iterator[tuple[int, int, bool]]:
+def extents(fd: int, *, sync: bool = True) -> Iterator[tuple[int, int, bool]]:
     """(start, end, unwritten) of each allocated extent of the file (FIEMAP), after writing its dirty
-    pages back: then an unwritten extent holds nothing that was ever written, whatever the page cache
-    holds (SEEK_DATA reports cached pages of unwritten extents as data, including pages that were only
-    read). Raises OSError(EOPNOTSUPP) where the file system has no FIEMAP (tmpfs)."""
-    start, flags = 0, _FIEMAP_FLAG_SYNC
+    pages back if `sync`: then an unwritten extent holds nothing that was ever written, whatever the page
+    cache holds (SEEK_DATA reports cached pages of unwritten extents as data, including pages that were only
+    read). A file with no unwritten extents needs no write-back: blocks not yet allocated are reported as
+    (delayed-allocation) extents. Raises OSError(EOPNOTSUPP) where the file system has no FIEMAP (tmpfs)."""
+    start, flags = 0, _FIEMAP_FLAG_SYNC if sync else 0
     while True:
         buf = bytearray(_FIEMAP_HEAD.size + _FIEMAP_EXTENT.size * _FIEMAP_BATCH)
         _FIEMAP_HEAD.pack_into(buf, 0, start, (1 << 64) - 1 - start, flags, 0, _FIEMAP_BATCH, 0)

@@ -278,8 +278,11 @@ class RocksOverlay:
         if self._fd < 0:
             return found
         if has_extent_map(self._fd):
-            os.fsync(self._fd)  # written back, the written parts of reserved space are written extents
-            for start, end, unwritten in extents(self._fd):
+            # A marked overlay never reserved space: its extents are exact without a write-back.
+            sync = not self._filemap
+            if sync:
+                os.fsync(self._fd)  # written back, the written parts of reserved space are written extents
+            for start, end, unwritten in extents(self._fd, sync=sync):
                 if not unwritten:
                     found.update(range(start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
             return found
