@@ -140,9 +140,9 @@ class Registry:
             self._bases[key] = (base, users - 1)
             return
         del self._bases[key]
-        if base.recorder is not None:  # the first boot ended: close, so the recording is written now
-            base.close()
-            return
+        if base.recorder is not None:  # the first boot ended: its recording is written now (or, a probe's, dropped)
+            base.recorder.finish()
+            base.recorder = None  # the next first connection takes up the trace, or records again
         self._idle[key] = base
         while len(self._idle) > IDLE_VERSIONS:
             self._idle.pop(next(iter(self._idle))).close()

@@ -124,6 +124,7 @@ def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) ->
     reg.acquire("probe").pread_into(buf, 0)  # a probe (nbdinfo) reads a block or two: not a boot
     reg.release("probe")
     assert not trace.exists()
+    assert reg.stats()["idle_versions"] == 1  # the version stays open: the next connection records again
     clone = reg.acquire("a")
     boot = [c * CHUNK for c in (9, 3, 0, 7, *range(20, 40))] + [3 * CHUNK + 5]
     for off in boot:
