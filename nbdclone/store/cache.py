@@ -33,6 +33,7 @@ CHUNK = 64 * 1024
 _SHIFT = 16
 _HEADER = 8  # cache.clock starts with a generation byte (bumped by every eviction pass), then padding
 PAGE = mmap.PAGESIZE
+_LOAD_CHUNKS = 32  # a prefetch reads up to this many chunks (2 MiB) at a time
 
 
 @dataclass(slots=True)
@@ -133,14 +134,15 @@ class PackReader:
 
         All of them are asked for first, without waiting (the disk gets a deep queue instead of one 64 KiB
         read at a time); the ordered reads then wait for each range in the order a boot wants them."""
-        buf = memoryview(bytearray(CHUNK))
+        buf = memoryview(bytearray(_LOAD_CHUNKS * CHUNK))
         total = 0
         try:
             for slot, count in ranges:
                 os.posix_fadvise(self.fd, slot << _SHIFT, count << _SHIFT, os.POSIX_FADV_WILLNEED)
-            for slot, count in ranges:
-                for s in range(slot, slot + count):
-                    total += os.preadv(self.fd, [buf], s << _SHIFT)
+            for slot, count in ranges:  # a read per range, of at most _LOAD_CHUNKS (a boot trace: 2.6 per range)
+                for s in range(slot, slot + count, _LOAD_CHUNKS):
+                    n = min(_LOAD_CHUNKS, slot + count - s)
+                    total += os.preadv(self.fd, [buf[: n * CHUNK]], s << _SHIFT)
         except OSError as exc:  # the reader was closed under a background prefetch: stop quietly
             log.debug("prefetch stopped: %s", exc)
         self.stats.prefetched_bytes += total
