@@ -539,9 +539,8 @@ class RocksOverlay:
 
 
 def create_overlay(path: Path) -> None:
-    """Make a new, empty overlay at `path`, marked so that opening it needs no database until its first
-    change (a RocksDB open took 4.6 ms, most of it holding the GIL, fsyncing its MANIFEST, CURRENT and
-    OPTIONS: paid by every connection of a boot storm)."""
+    """Make a new, empty overlay at `path`, marked: its data file is its map, so opening it, and writing
+    and trimming it, need no database until a change the file cannot hold (see the module docstring)."""
     RocksOverlay(path, create=True).close()
     (path / EMPTY_MARK).touch()
     fsync_dir(path)
