@@ -190,12 +190,17 @@ def test_kill_9_during_fio_keeps_every_acknowledged_write(
     assert verified["read"]["io_bytes"] >= written - 8 * 4096  # all but what was in flight
 
 
+@pytest.mark.parametrize("change", ["zero", "trim"])
 def test_kill_9_with_a_connection_open_keeps_every_acknowledged_write(
-    server: Server, store_path: Path, base: tuple[Path, bytes]
+    server: Server, store_path: Path, base: tuple[Path, bytes], change: str
 ) -> None:
     """Writes acknowledged after the last flush (whose map entries are still pending in the worker), zeroes
-    and trims, then kill -9 with the connection still open: the restarted worker reads every one back."""
+    or trims, then kill -9 with the connection still open: the restarted worker reads every one back. With
+    trims and no zeroes (12 MiB written) the clone's data file is still its map (no database) when killed."""
     import random
+
+    from nbdclone.store._rocks import EMPTY_MARK
+    from nbdclone.store.catalog import Store
 
     _, data = base
     cli("clone", "create", "k", "--base", "deb", store=store_path)
@@ -203,16 +208,25 @@ def test_kill_9_with_a_connection_open_keeps_every_acknowledged_write(
     rng = random.Random(7)
     model = bytearray(data)
     for i in range(3000):
-        off = rng.randrange(SIZE // 4096) * 4096
+        off = rng.randrange(SIZE // 4096 - 1) * 4096
         if i % 97 == 5:
-            h.zero(2 * 4096, off)
-            model[off : off + 2 * 4096] = bytes(2 * 4096)
+            if change == "zero":
+                h.zero(2 * 4096, off)
+                model[off : off + 2 * 4096] = bytes(2 * 4096)
+            else:
+                h.trim(2 * 4096, off)  # whole blocks go back to the base
+                model[off : off + 2 * 4096] = data[off : off + 2 * 4096]
         else:
             block = rng.randbytes(4096)
             h.pwrite(block, off)  # acknowledged when it returns
             model[off : off + 4096] = block
         if i == 1000:
             h.flush()
+    store = Store(store_path)
+    record = store.get_clone("k")
+    state = store.clone_state(record)
+    assert state is not None
+    assert (store.overlay_path(record, state) / EMPTY_MARK).exists() == (change == "trim")
     killed = server.nbdkit_pid("k")
     os.kill(killed, signal.SIGKILL)
     server.wait_restarted("k", killed)
