@@ -508,33 +508,25 @@ class RocksOverlay:
         return self._written
 
     def close(self) -> None:
-        if self._filemap:
-            try:
-                if not self._readonly:
-                    self.flush()
-                    if self._reserved:
-                        self._release_reserved()
-            finally:
-                if self._fd >= 0:
-                    os.close(self._fd)
-                    self._fd = -1
-                self._close_lock()
-            return
         try:
             if not self._readonly:
                 self.flush()
                 if self._reserved:
                     self._release_reserved()
-                try:
-                    self._db.put(_META_OPEN, _CLOSED)
-                    self._db.flush_wal(True)
-                except Exception as exc:
-                    raise StorageError(_errno_of(exc), what=f"closing overlay {self.path}", detail=str(exc)) from exc
+                if not self._filemap:
+                    try:
+                        self._db.put(_META_OPEN, _CLOSED)
+                        self._db.flush_wal(True)
+                    except Exception as exc:
+                        raise StorageError(
+                            _errno_of(exc), what=f"closing overlay {self.path}", detail=str(exc)
+                        ) from exc
         finally:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            self._db.close()
+            if not self._filemap:
+                self._db.close()
             self._close_lock()
 
 
