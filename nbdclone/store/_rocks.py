@@ -141,7 +141,7 @@ class RocksOverlay:
             raise StorageError(errno.ENOENT, what=f"overlay {path}", detail="does not exist")
         self._db: rocksdict.Rdict
         self._fd = -1
-        self._lock_fd = -1  # while empty and writable: our hold of the database's LOCK (in use, to others)
+        self._lock_fd = -1  # while marked and writable: our hold of the database's LOCK (in use, to others)
         self._pending: set[int] = set()  # blocks that became DATA; their map entries are not written yet
         self._recovered: set[int] = set()  # read-only open of a crashed overlay: DATA blocks found by allocation
         self._fiemap = False  # whether the data file's file system tells written extents apart (FIEMAP)
