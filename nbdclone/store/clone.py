@@ -26,6 +26,9 @@ _OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _SHIFT = BLOCK_SIZE.bit_length() - 1
 _MASK = BLOCK_SIZE - 1
+#: Bytes of each block looked at before comparing the whole block with zeros: spread out, none at the start
+#: of a 512-byte sector (where small integers and fio's offsets put zero bytes).
+_PROBES = (BLOCK_SIZE // 3 + 1, BLOCK_SIZE // 2 + 1, 2 * BLOCK_SIZE // 3 + 1, BLOCK_SIZE - 1)
 assert 1 << _SHIFT == BLOCK_SIZE
 
 #: Extent types, as NBD (and nbdkit) number them.
@@ -110,15 +113,15 @@ class Clone:
 
     def pwrite(self, buf: memoryview, offset: int, *, fua: bool = False) -> None:
         length = len(buf)
-        if (offset | length) & _MASK or not length or not buf[0] or not buf[-1]:
+        if (offset | length) & _MASK or not length:
             self._modify(offset, length, buf, fua=fua)
             return
-        # The hot path: whole blocks whose first and last bytes are not zero. Then only blocks after the
-        # first can be all zeros, and random or written-over data rarely has them.
+        zeros = _zero_blocks(buf)
+        if zeros:
+            self._modify(offset, length, buf, fua=fua, zeros=zeros)
+            return
+        # The hot path: whole blocks, none of them all zeros.
         first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
-        if stop - first > 1 and _zero_blocks(buf):
-            self._modify(offset, length, buf, fua=fua)
-            return
         state = self._state
         with self._lock:
             self.overlay.write((buf,), offset)
@@ -130,8 +133,11 @@ class Clone:
     def zero(self, length: int, offset: int, *, fua: bool = False) -> None:
         self._modify(offset, length, None, fua=fua)
 
-    def _modify(self, offset: int, length: int, buf: memoryview | None, *, fua: bool) -> None:
-        """Make [offset, offset + length) read as `buf` (or as zeros, if None)."""
+    def _modify(
+        self, offset: int, length: int, buf: memoryview | None, *, fua: bool, zeros: list[int] | None = None
+    ) -> None:
+        """Make [offset, offset + length) read as `buf` (or as zeros, if None). `zeros`: the all-zero blocks
+        of `buf`, where the caller found them already (whole blocks only)."""
         if not length:
             return
         end = offset + length
@@ -151,7 +157,7 @@ class Clone:
             if buf is None:
                 zero[lo - first : hi - first] = b"\1" * (hi - lo)
             elif middle is not None:
-                for k in _zero_blocks(middle):
+                for k in _zero_blocks(middle) if zeros is None else zeros:
                     zero[lo - first + k] = 1
             nzero = zero.count(1)
             stored = False  # whether zero blocks' bytes went to the overlay too (then they must be released)
@@ -247,13 +253,26 @@ class Clone:
 
 
 def _zero_blocks(view: memoryview) -> list[int]:
-    """Indices of the all-zero blocks in `view` (whole blocks). Only blocks whose first byte is zero are
-    compared in full: comparing a memoryview to bytes does not use memcmp, so each candidate is copied."""
-    firsts = bytes(view[::BLOCK_SIZE])
+    """Indices of the all-zero blocks in `view` (whole blocks).
+
+    Only blocks whose bytes at every probe position are zero are compared in full (comparing a memoryview to
+    bytes does not use memcmp, so each candidate is copied). Checking only a block's first byte is not
+    enough: fio, like much real data, starts most blocks with a zero byte (an offset, little-endian), and
+    copying and comparing every block cost 90 us per 1 MiB write.
+    """
+    if len(view) == BLOCK_SIZE:
+        if view[_PROBES[0]] or view[_PROBES[1]] or view[_PROBES[2]] or view[_PROBES[3]]:
+            return []
+        return [0] if view.tobytes() == _ZERO_BLOCK else []
+    # A byte-wise OR of the probed bytes of every block, in C: one big integer per probe position.
+    acc = 0
+    for p in _PROBES:
+        acc |= int.from_bytes(view[p::BLOCK_SIZE])
+    probed = acc.to_bytes(len(view) >> _SHIFT)
     out = []
-    k = firsts.find(0)
+    k = probed.find(0)
     while k != -1:
         if view[k << _SHIFT : (k + 1) << _SHIFT].tobytes() == _ZERO_BLOCK:
             out.append(k)
-        k = firsts.find(0, k + 1)
+        k = probed.find(0, k + 1)
     return out
