@@ -390,7 +390,10 @@ class RocksOverlay:
             self._changed = True
         if self._needs_reopen:
             self._reopen()
-        others = [change for change in changes if change[1] != DATA]
+        if len(changes) == 1:  # a write of one block: no comprehension
+            others = [] if changes[0][1] == DATA else list(changes)
+        else:
+            others = [change for change in changes if change[1] != DATA]
         if others and self._pending and not self._pending.isdisjoint(block for block, _ in others):
             # Blocks written since the map was are about to be punched: map them first, or a crash right
             # after the punch would leave them reading as they did before those acknowledged writes.

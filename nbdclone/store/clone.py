@@ -125,9 +125,12 @@ class Clone:
         state = self._state
         with self._lock:
             self.overlay.write((buf,), offset)
-            changes: list[Change] = []
-            if state.count(DATA, first, stop) != stop - first:
+            if stop - first == 1:  # one block: no scan of the state, no comprehension
+                changes: list[Change] = [] if state[first] == DATA else [(first, DATA)]
+            elif state.count(DATA, first, stop) != stop - first:
                 changes = [(b, DATA) for b in range(first, stop) if state[b] != DATA]
+            else:
+                changes = []
             self._commit(changes, written=length, sync=fua)
 
     def zero(self, length: int, offset: int, *, fua: bool = False) -> None:
