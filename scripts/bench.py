@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -166,6 +167,7 @@ class Nbdclone(Server):
     the same content (stored once), whose boot trace is recorded by one replay before the rounds start."""
 
     extra: ClassVar[list[str]] = []
+    trace: ClassVar[Path] = TRACE
     prefix = "c"
 
     def setup(self) -> None:
@@ -184,7 +186,7 @@ class Nbdclone(Server):
         self.start(1)
         try:
             run_fio(
-                Workload("record", 1, [f"--read_iolog={TRACE}", "--replay_no_stall=1"], "s"),
+                Workload("record", 1, [f"--read_iolog={self.trace}", "--replay_no_stall=1"], "s"),
                 self.uris(1),
                 self.work / "fio.json",
             )
@@ -283,7 +285,7 @@ class Workload:
     cold: bool = False
 
 
-def workloads(seconds: int, size: int, storms: list[int]) -> list[Workload]:
+def workloads(seconds: int, size: int, storms: list[int], trace: Path = TRACE) -> list[Workload]:
     timed = ["--time_based", f"--runtime={seconds}", "--ramp_time=1", f"--size={size}", "--iodepth=32"]
     out = [
         Workload("4 KiB random read", 1, [*timed, "--rw=randread", "--bs=4k"], "IOPS"),
@@ -292,7 +294,7 @@ def workloads(seconds: int, size: int, storms: list[int]) -> list[Workload]:
         Workload("1 MiB sequential write", 1, [*timed, "--rw=write", "--bs=1M", "--iodepth=8"], "MB/s"),
         Workload("8 clones, 4 KiB random read", 8, [*timed, "--rw=randread", "--bs=4k"], "IOPS"),
     ]
-    replay = [f"--read_iolog={TRACE}", "--replay_no_stall=1"]
+    replay = [f"--read_iolog={trace}", "--replay_no_stall=1"]
     for n in storms:
         out.append(Workload(f"boot storm x{n}, warm", n, replay, "s"))
         out.append(Workload(f"boot storm x{n}, cold", n, replay, "s", cold=True))
@@ -351,9 +353,13 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--servers", default="file,cow,qemu-nbd,python-null,python-null-t1,nbdclone")
     ap.add_argument("--nbdclone-args", default="", help="extra arguments for nbdclone serve")
+    ap.add_argument("--trace", type=Path, default=TRACE, help="fio iolog of a recorded boot (default: %(default)s)")
     ap.add_argument("--no-prime", dest="prime", action="store_false", help="do not touch free memory before write runs")
     args = ap.parse_args()
-
+    if not args.trace.is_file():
+        ap.error(f"no boot trace at {args.trace} (the repository's ../shared/traces; or give --trace PATH)")
+    if not re.fullmatch(r"[1-9][0-9]*[MG]", args.size):
+        ap.error(f"--size {args.size!r}: give a number of MiB or GiB, like 512M or 1G")
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     work = Path(tempfile.mkdtemp(prefix="nbdclone-bench-"))
     try:
@@ -363,6 +369,7 @@ def main() -> None:
             for _ in range(size // (16 * MiB)):
                 f.write(os.urandom(16 * MiB))
         Nbdclone.extra = args.nbdclone_args.split()
+        Nbdclone.trace = args.trace
         kinds: dict[str, type[Server]] = {
             "file": FilePlugin,
             "cow": CowFilter,
@@ -376,7 +383,9 @@ def main() -> None:
             if isinstance(srv, Nbdclone):
                 srv.setup()
         loads = [
-            w for w in workloads(args.seconds, size, [int(n) for n in args.storms.split(",")]) if args.only in w.name
+            w
+            for w in workloads(args.seconds, size, [int(n) for n in args.storms.split(",")], args.trace)
+            if args.only in w.name
         ]
         results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
         can_drop = True
