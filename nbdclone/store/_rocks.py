@@ -80,7 +80,8 @@ _META_OPEN, _OPEN, _CLOSED = b"m/open", b"1", b"0"
 _PENDING_MAX = 8192  # blocks that became DATA before their map entries are written anyway (~0.5 MiB)
 _GROUP_SHIFT = 20  # the data file's space is reserved 1 MiB at a time (measured: 64 KiB groups gain nothing)
 _FILEMAP_MAX = 4096  # DATA blocks (16 MiB) a marked overlay holds before it moves to the database
-_GROUP_BLOCKS = _GROUP_SHIFT - (BLOCK_SIZE.bit_length() - 1)  # block >> _GROUP_BLOCKS: its group
+_BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1
+_GROUP_BLOCKS = _GROUP_SHIFT - _BLOCK_SHIFT  # block >> _GROUP_BLOCKS: its group
 
 _shared_lock = threading.Lock()
 _shared: tuple[rocksdict.Cache, rocksdict.WriteBufferManager] | None = None
@@ -355,6 +356,26 @@ class RocksOverlay:
                 os.pwrite(self._fd, b"".join(bufs)[n:], offset + n)
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
+
+    def write_block(self, buf: memoryview, offset: int, *, new: bool, sync: bool) -> None:
+        if self._filemap or sync or self._readonly or self._needs_reopen or self._fd < 0:
+            self.write((buf,), offset)
+            self.apply([(offset >> _BLOCK_SHIFT, DATA)] if new else (), written=len(buf), sync=sync)
+            return
+        # In the database, unsynced: a pwrite, and a first write of the block joins the pending entries.
+        if self._reserve and offset >> _GROUP_SHIFT not in self._reserved:
+            self._reserve_groups(offset, BLOCK_SIZE)
+        self._changed = True
+        try:
+            if os.pwrite(self._fd, buf, offset) != BLOCK_SIZE:
+                raise OSError(errno.EIO, "short write to a regular file")
+        except OSError as exc:
+            raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
+        self._written += BLOCK_SIZE
+        if new:
+            self._pending.add(offset >> _BLOCK_SHIFT)
+            if len(self._pending) >= _PENDING_MAX:
+                self._write_map((), sync=False)
 
     def _reserve_groups(self, offset: int, length: int) -> None:
         """Reserve the groups a write of `length` bytes at `offset` covers in part (a write that fills a

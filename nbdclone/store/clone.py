@@ -116,6 +116,15 @@ class Clone:
         if (offset | length) & _MASK or not length:
             self._modify(offset, length, buf, fua=fua)
             return
+        if length == BLOCK_SIZE and (buf[_PROBES[0]] or buf[_PROBES[1]] or buf[_PROBES[2]] or buf[_PROBES[3]]):
+            # The hottest path: one block, not all zeros (a probed byte is set).
+            block = offset >> _SHIFT
+            with self._lock:
+                new = self._state[block] != DATA
+                self.overlay.write_block(buf, offset, new=new, sync=fua)
+                if new:
+                    self._state[block] = DATA
+            return
         zeros = _zero_blocks(buf)
         if zeros:
             self._modify(offset, length, buf, fua=fua, zeros=zeros)
@@ -125,9 +134,7 @@ class Clone:
         state = self._state
         with self._lock:
             self.overlay.write((buf,), offset)
-            if stop - first == 1:  # one block: no scan of the state, no comprehension
-                changes: list[Change] = [] if state[first] == DATA else [(first, DATA)]
-            elif state.count(DATA, first, stop) != stop - first:
+            if state.count(DATA, first, stop) != stop - first:
                 changes = [(b, DATA) for b in range(first, stop) if state[b] != DATA]
             else:
                 changes = []

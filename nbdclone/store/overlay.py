@@ -41,6 +41,11 @@ class Overlay(Protocol):
         """Store whole blocks, the concatenation of `bufs`, at the block-aligned `offset`."""
         ...
 
+    def write_block(self, buf: memoryview, offset: int, *, new: bool, sync: bool) -> None:
+        """Store one whole block at the block-aligned `offset` and count its bytes as written; if `new`, the
+        block becomes DATA. The same as `write` then `apply`, in one call: the hot path of 4 KiB writes."""
+        ...
+
     def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
         """Apply map `changes` atomically (releasing the bytes of blocks that stop being DATA) and add
         `written` to the bytes-written counter."""
@@ -88,6 +93,10 @@ class MemoryOverlay:
             raise ValueError(f"write of {len(joined)} bytes at {offset} is not in whole blocks")
         for i in range(0, len(joined), BLOCK_SIZE):
             self._data[(offset + i) // BLOCK_SIZE] = joined[i : i + BLOCK_SIZE]
+
+    def write_block(self, buf: memoryview, offset: int, *, new: bool, sync: bool) -> None:
+        self.write((buf,), offset)
+        self.apply([(offset // BLOCK_SIZE, DATA)] if new else [], written=len(buf), sync=sync)
 
     def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
         for block, state in changes:

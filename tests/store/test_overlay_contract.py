@@ -91,6 +91,25 @@ class OverlayContract:
         ov.apply([(9, DATA)])
         assert self.read(ov, 9 * BLOCK_SIZE, BLOCK_SIZE) == block(3)
 
+    @pytest.mark.parametrize("in_database", [False, True], ids=["new-overlay", "after-a-zero-marker"])
+    def test_write_block_is_a_write_then_an_apply(self, in_database: bool) -> None:
+        ov = self.make()
+        if in_database:  # a zero marker over a base block moves a marked overlay's map to the database
+            ov.apply([(1, ZEROED)])
+        ov.write_block(memoryview(block(4)), 4 * BLOCK_SIZE, new=True, sync=False)
+        ov.write_block(memoryview(block(5)), 4 * BLOCK_SIZE, new=False, sync=False)  # a rewrite
+        ov.write_block(memoryview(block(6)), 600 * BLOCK_SIZE, new=True, sync=True)
+        ov.write_block(memoryview(block(7)), 7 * BLOCK_SIZE, new=True, sync=False)
+        assert self.read(ov, 4 * BLOCK_SIZE, BLOCK_SIZE) == block(5)
+        assert ov.bytes_written() == 4 * BLOCK_SIZE
+        ov.flush()
+        ov = self.reopen(ov)
+        zero = [(1, ZEROED)] if in_database else []
+        assert list(ov.scan()) == [*zero, (4, DATA), (7, DATA), (600, DATA)]
+        assert self.read(ov, 4 * BLOCK_SIZE, BLOCK_SIZE) == block(5)
+        assert self.read(ov, 600 * BLOCK_SIZE, BLOCK_SIZE) == block(6)
+        assert ov.bytes_written() == 4 * BLOCK_SIZE
+
     def test_everything_survives_reopen(self) -> None:
         ov = self.make()
         ov.write([block(7)], 0)
