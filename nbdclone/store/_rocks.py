@@ -83,6 +83,7 @@ _FILEMAP_MAX = 4096  # DATA blocks (16 MiB) a marked overlay holds before it mov
 _BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1
 _GROUP_BLOCKS = _GROUP_SHIFT - _BLOCK_SHIFT  # block >> _GROUP_BLOCKS: its group
 
+BLOCK_CACHE_BYTES = 32 << 20  # the block cache every overlay of a process shares
 _shared_lock = threading.Lock()
 _shared: tuple[rocksdict.Cache, rocksdict.WriteBufferManager] | None = None
 
@@ -91,7 +92,7 @@ def _shared_resources() -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = (rocksdict.Cache(32 << 20), rocksdict.WriteBufferManager(64 << 20, False))
+            _shared = (rocksdict.Cache(BLOCK_CACHE_BYTES), rocksdict.WriteBufferManager(64 << 20, False))
         return _shared
 
 
@@ -235,11 +236,13 @@ class RocksOverlay:
             self._lock_fd = -1
 
     def _open(self, create: bool) -> rocksdict.Rdict:
+        # The column family's options are passed too: without them rocksdict reopens an existing database
+        # with the ones its OPTIONS file records, and a block cache of its own (8 MiB per overlay) instead
+        # of the process's shared one.
+        opts = _options(create and not self._readonly)
+        access = rocksdict.AccessType.read_only() if self._readonly else rocksdict.AccessType.read_write()
         try:
-            if self._readonly:
-                access = rocksdict.AccessType.read_only()
-                return rocksdict.Rdict(str(self.path), _options(False), access_type=access)
-            return rocksdict.Rdict(str(self.path), _options(create))
+            return rocksdict.Rdict(str(self.path), opts, column_families={"default": opts}, access_type=access)
         except Exception as exc:
             raise StorageError(_errno_of(exc), what=f"opening overlay {self.path}", detail=str(exc)) from exc
 

@@ -10,10 +10,12 @@ import pytest
 
 from nbdclone.errors import StorageError
 from nbdclone.store._rocks import (
+    BLOCK_CACHE_BYTES,
     DATA_FILE,
     EMPTY_MARK,
     WRITTEN_FILE,
     RocksOverlay,
+    _shared_resources,
     create_overlay,
     overlay_in_use,
 )
@@ -342,6 +344,18 @@ ov.apply([(5, ZEROED)])
             ov.apply([(1, DATA)], written=BLOCK_SIZE, sync=True)  # a FUA write whose sync fails
         ov.flush()
         assert len(synced) == 3
+
+    def test_reopened_overlays_share_the_process_block_cache(self) -> None:
+        first, second = self.make(), self.make()
+        for ov in (first, second):
+            ov.apply([(1, ZEROED)])  # a map in the database (a zero marker moves a marked overlay there)
+        first, second = self.reopen(first), self.reopen(second)
+        assert isinstance(first, RocksOverlay) and isinstance(second, RocksOverlay)
+        assert list(first.scan()) == [(1, ZEROED)]
+        cache, _ = _shared_resources()
+        for ov in (first, second):  # not a cache of its own, as its OPTIONS file alone would give it
+            assert ov._db.property_int_value("rocksdb.block-cache-capacity") == BLOCK_CACHE_BYTES
+        assert first._db.property_int_value("rocksdb.block-cache-usage") == cache.get_usage()
 
     def test_in_use_is_seen_from_another_process(self) -> None:
         import subprocess
