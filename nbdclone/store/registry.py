@@ -88,7 +88,7 @@ class Registry:
                 state = self.store.start_overlay(record, version)
             key, base = self._get_base(record, version)
             if key is not None and self._traces.get(key) and self._reader is not None:
-                self._prefetch(key)
+                self._prefetch(key, f"{record.base}@{version}")
             try:
                 overlay = RocksOverlay(self.store.overlay_path(record, state))
                 clone = Clone(base, overlay, base.size)
@@ -98,7 +98,7 @@ class Registry:
         log.info("opened clone %s (version %s)", name, version)
         return _Open(clone, key, version, 0)
 
-    def _prefetch(self, key: BaseKey) -> None:
+    def _prefetch(self, key: BaseKey, label: str) -> None:
         """A clone of a version with a boot trace connects: read the trace into the cache, in the order the
         boot will want it, on a thread of its own (reads release the GIL), so it stays ahead of the boot.
         A storm of clones connecting at once starts one prefetch per version, not one each."""
@@ -108,7 +108,15 @@ class Registry:
         self._prefetched[key] = now
         reader, ranges = self._reader, self._traces[key]
         assert reader is not None
-        threading.Thread(target=reader.load, args=(ranges,), name="nbdclone-prefetch", daemon=True).start()
+
+        def load() -> None:
+            started = time.monotonic()
+            loaded = reader.load(ranges)
+            log.info(
+                "prefetched %s: %.1f MiB in %.0f ms", label, loaded / (1 << 20), (time.monotonic() - started) * 1e3
+            )
+
+        threading.Thread(target=load, name="nbdclone-prefetch", daemon=True).start()
 
     def _get_base(self, record: CloneRecord, version: str | None) -> tuple[BaseKey | None, Base]:
         if record.base is None or version is None:

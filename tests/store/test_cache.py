@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -115,7 +116,8 @@ def test_the_cache_never_exceeds_its_bound(store: Store, tmp_path: Path) -> None
     assert reader.stats.misses > misses
 
 
-def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) -> None:
+def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nbdclone")
     store.create_clones(["probe", "a", "b"], base="os")
     rec = store.get_base("os")
     trace = store.trace_path(rec, "1")
@@ -135,6 +137,7 @@ def test_boot_trace_is_recorded_once_per_version_and_prefetched(store: Store) ->
     clone = reg2.acquire("b")  # a second boot of the same version: prefetched, not recorded again
     _join_prefetches()
     assert reg2.reader is not None and reg2.reader.stats.prefetched_bytes == 24 * CHUNK
+    assert any(r.getMessage().startswith("prefetched os@1: 1.5 MiB in ") for r in caplog.records)
     for off in range(0, 16 * MiB, CHUNK):
         clone.pread_into(buf, off)
     reg2.release("b")
