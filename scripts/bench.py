@@ -346,7 +346,7 @@ def run_fio(w: Workload, uris: list[str], out: Path) -> tuple[float, int, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are taken over them)")
     ap.add_argument("--seconds", type=int, default=5, help="duration of each timed fio run")
     ap.add_argument("--size", default="1G", help="size of the base image (at least 256M for the boot trace)")
     ap.add_argument("--storms", default="1,8,32", help="boot storm sizes")
