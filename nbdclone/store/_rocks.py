@@ -353,6 +353,9 @@ class RocksOverlay:
             if group not in self._reserved or (offset + length - 1) >> _GROUP_SHIFT != group:
                 self._reserve_groups(offset, length)
         self._changed = True
+        self._store(bufs, offset, length)
+
+    def _store(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, length: int) -> None:
         try:
             n = os.pwritev(self._fd, bufs, offset)
             if n != length:  # a regular file writes all or fails; never let a short count pass
@@ -369,11 +372,7 @@ class RocksOverlay:
         if self._reserve and offset >> _GROUP_SHIFT not in self._reserved:
             self._reserve_groups(offset, BLOCK_SIZE)
         self._changed = True
-        try:
-            if os.pwrite(self._fd, buf, offset) != BLOCK_SIZE:
-                raise OSError(errno.EIO, "short write to a regular file")
-        except OSError as exc:
-            raise StorageError(exc.errno or errno.EIO, what=f"writing overlay {self.path}", detail=str(exc)) from exc
+        self._store((buf,), offset, BLOCK_SIZE)
         self._written += BLOCK_SIZE
         if new:
             self._pending.add(offset >> _BLOCK_SHIFT)
