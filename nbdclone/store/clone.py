@@ -16,11 +16,10 @@ base block is a hole, so a zeroed clone stays small and its extents stay sparse.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from nbdclone.store.base import Base
-from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Change, Overlay
+from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Move, Overlay
 
 _OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -57,7 +56,7 @@ class Clone:
             if block < self.nblocks:
                 self._state[block] = state
         self._base_zero = base.zero_bitmap(0, self.nblocks, BLOCK_SIZE)
-        self._lock = threading.Lock()
+        self._lock = overlay.lock  # the overlay's: one lock orders every change of the clone (I5)
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -120,10 +119,11 @@ class Clone:
             # The hottest path: one block, not all zeros (a probed byte is set).
             block = offset >> _SHIFT
             with self._lock:
-                new = self._state[block] != DATA
-                self.overlay.write_block(buf, offset, new=new, sync=fua)
-                if new:
-                    self._state[block] = DATA
+                old = self._state[block]
+                self.overlay.update((buf,), offset, ((block, old, DATA),) if old != DATA else (), written=BLOCK_SIZE)
+                self._state[block] = DATA
+            if fua:
+                self.overlay.flush()
             return
         zeros = _zero_blocks(buf)
         if zeros:
@@ -133,12 +133,14 @@ class Clone:
         first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
         state = self._state
         with self._lock:
-            self.overlay.write((buf,), offset)
             if state.count(DATA, first, stop) != stop - first:
-                changes = [(b, DATA) for b in range(first, stop) if state[b] != DATA]
+                moves = [(b, state[b], DATA) for b in range(first, stop) if state[b] != DATA]
             else:
-                changes = []
-            self._commit(changes, written=length, sync=fua)
+                moves = []
+            self.overlay.update((buf,), offset, moves, written=length)
+            state[first:stop] = b"\1" * (stop - first)
+        if fua:
+            self.overlay.flush()
 
     def zero(self, length: int, offset: int, *, fua: bool = False) -> None:
         self._modify(offset, length, None, fua=fua)
@@ -170,25 +172,31 @@ class Clone:
                 for k in _zero_blocks(middle) if zeros is None else zeros:
                     zero[lo - first + k] = 1
             nzero = zero.count(1)
-            stored = False  # whether zero blocks' bytes went to the overlay too (then they must be released)
-            if nzero < n:
-                if buf is not None:  # one write for the whole request
-                    self.overlay.write([p for p in (head, middle, tail) if p is not None], first << _SHIFT)
-                    stored = nzero > 0
-                else:  # a zero request: only a partial head or tail can hold data
-                    for block, piece in ((first, head), (stop - 1, tail)):
-                        if piece is not None and not zero[block - first]:
-                            self.overlay.write([piece], block << _SHIFT)
             state = self._state
-            changes: list[Change] = []
+            moves: list[Move] = []
             if nzero or state.count(DATA, first, stop) != n:  # else: rewriting written blocks, no map change
                 base_zero = self._base_zero
+                stored = buf is not None and 0 < nzero < n  # zero blocks' bytes go to the data file too
                 for i in range(n):
                     b = first + i
                     new = (BASE if base_zero[b] else ZEROED) if zero[i] else DATA
-                    if new != state[b] or (stored and zero[i]):
-                        changes.append((b, new))
-            self._commit(changes, written=length, sync=fua)
+                    if new != state[b] or (stored and zero[i]):  # the latter: only their bytes are released
+                        moves.append((b, state[b], new))
+            if buf is not None:  # one update for the whole request
+                pieces = [p for p in (head, middle, tail) if p is not None] if nzero < n else []
+                self.overlay.update(pieces, first << _SHIFT, moves, written=length)
+            else:  # a zero request: only a partial head or tail can hold data, each stored with its move
+                for block, piece in ((first, head), (stop - 1, tail)):
+                    if piece is not None and not zero[block - first]:
+                        mine = [m for m in moves if m[0] == block]
+                        self.overlay.update((piece,), block << _SHIFT, mine, written=0)
+                        state[block] = DATA
+                        moves = [m for m in moves if m[0] != block]
+                self.overlay.update((), 0, moves, written=length)
+            for b, _, new in moves:
+                state[b] = new
+        if fua:
+            self.overlay.flush()
 
     def _merged(self, block: int, offset: int, end: int, buf: memoryview | None) -> bytearray:
         """`block` as it reads now, with the request's part of it laid over."""
@@ -209,14 +217,14 @@ class Clone:
         if offset + length == self.size:
             stop = self.nblocks
         with self._lock:
-            changes: list[Change] = [(b, BASE) for b in range(first, stop) if self._state[b] != BASE]
-            self._commit(changes, written=0, sync=fua)
-
-    def _commit(self, changes: list[Change], *, written: int, sync: bool) -> None:
-        if changes or written or sync:
-            self.overlay.apply(changes, written=written, sync=sync)
-        for block, new in changes:
-            self._state[block] = new
+            state = self._state
+            moves: list[Move] = [(b, state[b], BASE) for b in range(first, stop) if state[b] != BASE]
+            if moves:
+                self.overlay.update((), 0, moves, written=0)
+            for b, _, _ in moves:
+                state[b] = BASE
+        if fua:
+            self.overlay.flush()
 
     def flush(self) -> None:
         self.overlay.flush()

@@ -1,33 +1,55 @@
 """The per-clone overlay: the blocks a clone changed, as a block map plus the blocks' bytes.
 
-    map (durable, atomic per batch)          data (addressed like the disk, sparse)
-    block -> DATA    the clone wrote it   -> its bytes are at block * BLOCK_SIZE in the data
+    map (RocksDB, the only authority)        data file (addressed like the disk, sparse)
+    block -> DATA    the clone wrote it   -> its bytes are at block * BLOCK_SIZE
     block -> ZEROED  it reads as zeros, whatever the base holds
     (no entry)       it reads from the base
 
-A write stores the bytes first (`write`, one call for the whole request, nothing copied) and then, only
-for blocks whose state changes, one atomic batch of map changes (`apply`). Rewriting blocks that are
-already DATA changes no map entry. So a crash between the two leaves the block reading as it did before:
-its map entry still says where it read from. `apply(..., sync=True)` and `flush()` return only once the
-data written so far and every batch applied so far are on stable storage.
+The invariants (RocksOverlay keeps them; docs/overlay.md says why each one holds, and which test shows it):
+
+I1  The map alone says what a block is. Nothing is ever inferred from the file system's view of the data
+    file (extents, holes, SEEK_DATA): those differ by file system and by mount option, and lie after a crash.
+I2  Bytes before entry. A block's bytes reach the data file (pwritev) before the map entry that makes it DATA
+    reaches the write-ahead log, and both happen before the write is acknowledged: a kill -9 of the server
+    keeps every acknowledged write (the page cache and the WAL's written records survive the process).
+I3  Tentative until synced. An entry that makes a block DATA carries the block's previous state and the flush
+    generation it was written in. A flush takes a new generation, fdatasyncs the data file, then records
+    "generations up to G are durable" and syncs the WAL. After a power cut (recognised by a changed boot id),
+    entries of generations after the last durable one are put back to their previous state: their bytes may
+    not have reached the disk, and a block must read its old or its new contents, never zeros nobody wrote.
+I4  Entry before free. A block that stops being DATA (zero, trim, all-zero write) keeps its bytes in the data
+    file until the entry saying so is durable (after the next flush's WAL sync); only then is it punched out,
+    and only if it did not become DATA again meanwhile. So no crash can leave a DATA entry over freed bytes.
+I5  One lock per overlay. `lock` serialises every change (callers hold it around `update`); `flush` takes it
+    only to start a generation and to punch, so writes go on while it syncs; flushes run one at a time.
+
+Thread-safety contract: `update` is called with `lock` held. `read` may run without it only for blocks that
+are DATA and that no concurrent `update` changes (the clone holds `lock` whenever a state could change under
+a read). `flush` and `bytes_written` may be called from any thread, without `lock`. `scan` before serving;
+`close` when no other call is in flight.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 BLOCK_SIZE = 4096
 
-#: Block states, in an overlay's map and in a clone's one-byte-per-block state array.
+#: Block states, in an overlay's map and in a clone's per-block state.
 BASE, DATA, ZEROED = 0, 1, 2
 
-#: One map change: (block, new state).
+#: One map entry: (block, state).
 Change = tuple[int, int]
+#: One state change: (block, old state, new state).
+Move = tuple[int, int, int]
 
 
 class Overlay(Protocol):
     """What a clone needs from its overlay. Implementations: MemoryOverlay here, RocksOverlay in _rocks."""
+
+    lock: threading.Lock
 
     def scan(self) -> Iterator[Change]:
         """Yield (block, DATA or ZEROED) for every map entry, in block order."""
@@ -37,22 +59,16 @@ class Overlay(Protocol):
         """Fill `buf` with the stored bytes at `offset` (any alignment); every block it covers must be DATA."""
         ...
 
-    def write(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
-        """Store whole blocks, the concatenation of `bufs`, at the block-aligned `offset`."""
-        ...
-
-    def write_block(self, buf: memoryview, offset: int, *, new: bool, sync: bool) -> None:
-        """Store one whole block at the block-aligned `offset` and count its bytes as written; if `new`, the
-        block becomes DATA. The same as `write` then `apply`, in one call: the hot path of 4 KiB writes."""
-        ...
-
-    def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
-        """Apply map `changes` atomically (releasing the bytes of blocks that stop being DATA) and add
-        `written` to the bytes-written counter."""
+    def update(
+        self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move], *, written: int
+    ) -> None:
+        """Store whole blocks (the concatenation of `bufs`, at the block-aligned `offset`; none if `bufs` is
+        empty), then apply `moves` to the map in one atomic batch, and count `written` bytes. Every block that
+        becomes DATA must be among the stored ones. Caller holds `lock`."""
         ...
 
     def flush(self) -> None:
-        """Make every write and change so far durable."""
+        """Make every update that returned before this call durable (I3, I4)."""
         ...
 
     def bytes_written(self) -> int:
@@ -64,9 +80,10 @@ class Overlay(Protocol):
 
 
 class MemoryOverlay:
-    """The reference overlay: dicts, for tests. `flush` snapshots what a crash would keep."""
+    """The reference overlay: dicts, for tests. `durable` is what a power cut would keep after a flush."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self._map: dict[int, int] = {}
         self._data: dict[int, bytes] = {}
         self._written = 0
@@ -87,30 +104,22 @@ class MemoryOverlay:
             buf[pos - offset : pos - offset + n] = self._data[block][within : within + n]
             pos += n
 
-    def write(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+    def update(
+        self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move], *, written: int
+    ) -> None:
         joined = b"".join(bufs)
         if offset % BLOCK_SIZE or len(joined) % BLOCK_SIZE:
             raise ValueError(f"write of {len(joined)} bytes at {offset} is not in whole blocks")
         for i in range(0, len(joined), BLOCK_SIZE):
             self._data[(offset + i) // BLOCK_SIZE] = joined[i : i + BLOCK_SIZE]
-
-    def write_block(self, buf: memoryview, offset: int, *, new: bool, sync: bool) -> None:
-        self.write((buf,), offset)
-        self.apply([(offset // BLOCK_SIZE, DATA)] if new else [], written=len(buf), sync=sync)
-
-    def apply(self, changes: Sequence[Change], *, written: int = 0, sync: bool = False) -> None:
-        for block, state in changes:
-            if state == DATA:
-                self._map[block] = DATA
+        for block, _, state in moves:
+            if state == BASE:
+                self._map.pop(block, None)
             else:
+                self._map[block] = state
+            if state != DATA:
                 self._data.pop(block, None)
-                if state == BASE:
-                    self._map.pop(block, None)
-                else:
-                    self._map[block] = ZEROED
         self._written += written
-        if sync:
-            self.flush()
 
     def flush(self) -> None:
         self.durable = dict(self._map)

@@ -15,12 +15,10 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.catalog import Store
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import EXTENT_HOLE_ZERO, Clone, _zero_blocks
 from nbdclone.store.images import import_base
-from nbdclone.store.overlay import DATA
 from nbdclone.store.registry import Registry
 from tests.helpers import make_image
 
@@ -158,14 +156,6 @@ class CloneMachine(RuleBasedStateMachine):
             buf = bytearray(SIZE)
             self.clone.pread_into(memoryview(buf), 0)
             assert buf == self.model
-
-    @invariant()
-    def data_file_holds_exactly_the_data_blocks(self) -> None:
-        # What crash recovery relies on: a block has bytes in the overlay's data file iff it is DATA.
-        overlay = self.clone.overlay
-        assert isinstance(overlay, RocksOverlay)
-        state = self.clone._state
-        assert overlay.stored_blocks() == {b for b in range(len(state)) if state[b] == DATA}
 
     @invariant()
     def zero_extents_read_as_zero(self) -> None:

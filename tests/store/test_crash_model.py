@@ -1,0 +1,399 @@
+"""The overlay under several connections at once, kill -9 and power cuts, against a model of what was
+acknowledged and what was flushed (overlay invariants I1-I5).
+
+Connections are threads: each batch runs 2-4 of them at once against one clone, each on its own range of
+blocks (so what a block holds at the end is known), while other threads flush. Crashes:
+
+- kill: the process dies. The overlay's memory is gone; its files are as the page cache holds them (what
+  it wrote reaches the files at once). Every acknowledged write must read back, exactly.
+- power cut: only what was synced survives. The fault layer records, at each sync, what the data file held
+  and how long each WAL file was just before the sync began; a power cut then keeps, for every data block,
+  either that synced copy or the current bytes (any subset of dirty pages reaches the disk), and a random
+  prefix of the unsynced part of each WAL (RocksDB replays the longest valid prefix). The boot id changes.
+  Every block must read a content it held at or after the last completed flush that began after its
+  write was acknowledged (its "floor"), never zeros nobody wrote, and the same again after another crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, note, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from nbdclone.store import _blockmap, _datafile, _recovery
+from nbdclone.store._rocks import RocksOverlay, create_overlay
+from nbdclone.store.base import BaseImage
+from nbdclone.store.clone import Clone
+from tests.helpers import make_image
+
+BS = 4096
+REGION = 24  # blocks per connection
+THREADS = 4
+NBLOCKS = REGION * THREADS
+SIZE = NBLOCKS * BS
+# Mostly data (a block going back to the base must read differently from zeros), a few holes and partial blocks.
+BASE_DATA = [(0, 17 * BS + 100), (20 * BS, 30 * BS), (53 * BS - 512, 20 * BS), (80 * BS, 14 * BS)]
+
+_seq = itertools.count(1)  # a global order of acknowledgements and flush starts (thread-safe in CPython)
+
+
+class PowerCut(Exception):
+    """Raised by the fault layer at an armed sync: the power fails as that sync begins."""
+
+
+#: How a power cut treats what was not synced: each dirty data page and the WAL's unsynced tail at random,
+#: or the two worst cases (all dirty data reached the disk and no unsynced WAL did, or the other way round).
+POLICIES = ("random", "data-not-wal", "wal-not-data")
+
+
+class FaultLayer:
+    """What a power cut may leave: the data file and WAL as of the syncs, recorded as they begin."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, overlay_dir: Path) -> None:
+        self.dir = overlay_dir
+        self.synced_data = b""
+        self.synced_logs: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.armed = -1  # the number of syncs still allowed before the power fails (-1: never)
+        data_sync, map_sync = _datafile.DataFile.sync, _blockmap.BlockMap.sync
+        layer = self
+
+        def on_data_sync(df: _datafile.DataFile) -> None:
+            layer._maybe_fail()
+            before = layer._read_data()
+            data_sync(df)
+            with layer.lock:
+                layer.synced_data = before
+
+        def on_map_sync(m: _blockmap.BlockMap) -> None:
+            layer._maybe_fail()
+            before = {p.name: p.stat().st_size for p in layer.dir.glob("*.log")}
+            map_sync(m)
+            with layer.lock:
+                layer.synced_logs.update(before)
+
+        monkeypatch.setattr(_datafile.DataFile, "sync", on_data_sync)
+        monkeypatch.setattr(_blockmap.BlockMap, "sync", on_map_sync)
+
+    def _maybe_fail(self) -> None:
+        with self.lock:
+            if self.armed == 0:
+                self.armed = -1
+                raise PowerCut
+            if self.armed > 0:
+                self.armed -= 1
+
+    def _read_data(self) -> bytes:
+        try:
+            return (self.dir / _datafile.NAME).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def opened(self) -> None:
+        """After an open: everything RocksDB wrote at open is treated as synced (it syncs its own files)."""
+        with self.lock:
+            self.synced_logs = {p.name: p.stat().st_size for p in self.dir.glob("*.log")}
+            self.synced_data = self._read_data()
+
+    def cut_power(self, rnd: random.Random, policy: str = "random") -> None:
+        with self.lock:
+            self.armed = -1
+            current = bytearray(self._read_data())
+            old = self.synced_data
+            for b in range(0, len(current), BS):
+                lost = rnd.random() < 0.5 if policy == "random" else policy == "wal-not-data"
+                if lost:  # this dirty page never reached the disk
+                    piece = old[b : b + BS]
+                    current[b : b + BS] = piece + bytes(len(current[b : b + BS]) - len(piece))
+            if len(current):
+                (self.dir / _datafile.NAME).write_bytes(bytes(current))
+            for log in self.dir.glob("*.log"):
+                size = log.stat().st_size
+                synced = min(self.synced_logs.get(log.name, 0), size)
+                rand = rnd.choice([synced, size, rnd.randint(synced, size)])  # a cut inside a record loses it
+                keep = {"random": rand, "data-not-wal": synced}.get(policy, size)
+                with open(log, "r+b") as f:
+                    f.truncate(keep)
+
+
+def die(overlay: object) -> None:
+    """The process ends without closing anything: its memory is gone, its files stay as written. (The
+    handles must still be closed to open the overlay again in this process, and rocksdict's close writes the
+    memtable to a new SST: the database's files are put back as they were at the moment of death.)"""
+    assert isinstance(overlay, RocksOverlay) and overlay._data is not None
+    files = {}
+    for p in overlay.path.iterdir():
+        if p.name != _datafile.NAME and not p.name.startswith("LOG"):  # (RocksDB's info log rotates)
+            with contextlib.suppress(FileNotFoundError):
+                files[p.name] = p.read_bytes()
+    overlay._data.close()
+    overlay._map.close()
+    for p in overlay.path.iterdir():
+        if p.name not in files and p.name != _datafile.NAME and not p.name.startswith("LOG"):
+            p.unlink()
+    for name, content in files.items():
+        (overlay.path / name).write_bytes(content)
+
+
+class CrashMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mp = pytest.MonkeyPatch()
+
+    @initialize(seed=st.integers(0, 2**32 - 1))
+    def setup(self, seed: int) -> None:
+        self.rnd = random.Random(seed)
+        self.tmp = tempfile.TemporaryDirectory()
+        root = Path(self.tmp.name)
+        self.base_bytes = make_image(root / "base.raw", SIZE, BASE_DATA, seed=seed % 7)
+        self.base = BaseImage(root / "base.raw")
+        self.boot = root / "boot_id"
+        self.boot.write_text("boot-1\n")
+        self.mp.setattr(_recovery, "_BOOT_ID", self.boot)
+        self.path = root / "clone" / "ov"
+        self.path.parent.mkdir()
+        create_overlay(self.path)
+        self.faults = FaultLayer(self.mp, self.path)
+        self.current = [self.base_bytes[b * BS : (b + 1) * BS] for b in range(NBLOCKS)]
+        self.history: list[list[tuple[int, bytes]]] = [[(0, c)] for c in self.current]  # (ack seq, content)
+        self.floor_seq = 0  # the start of the last completed flush
+        self.block_floor: dict[int, int] = {}  # past the acknowledgement of a block's last FUA write
+        self._open()
+
+    def _open(self) -> None:
+        self.clone = Clone(self.base, RocksOverlay(self.path), SIZE)
+        self.faults.opened()
+
+    def teardown(self) -> None:
+        if hasattr(self, "clone"):
+            self.clone.close()
+            self.tmp.cleanup()
+        self.mp.undo()
+
+    # -- requests, from several connections at once ------------------------------------------------------
+
+    def _ack(self, first: int, data: bytes | None, offset: int, length: int) -> None:
+        """Record what the blocks of [offset, offset + length) read now (`data` is their new content)."""
+        seq = next(_seq)
+        for b in range(offset // BS, -(-(offset + length) // BS)):
+            block = bytearray(self.current[b])
+            lo, hi = max(offset, b * BS), min(offset + length, (b + 1) * BS)
+            block[lo - b * BS : hi - b * BS] = bytes(hi - lo) if data is None else data[lo - offset : hi - offset]
+            self.current[b] = bytes(block)
+            self.history[b].append((seq, self.current[b]))
+
+    def _trimmed(self, offset: int, length: int) -> None:
+        seq = next(_seq)
+        for b in range(-(-offset // BS), (offset + length) // BS):
+            self.current[b] = self.base_bytes[b * BS : (b + 1) * BS]
+            self.history[b].append((seq, self.current[b]))
+
+    def _connection(self, region: int, ops: list[tuple[str, int, int, int]]) -> Callable[[], None]:
+        def run() -> None:
+            lo = region * REGION * BS
+            for kind, at, length, fill in ops:
+                offset = lo + min(at, REGION * BS - 1)
+                length = min(length, lo + REGION * BS - offset)
+                if kind == "flush":
+                    start = next(_seq)
+                    self.clone.flush()
+                    self.floor_seq = max(self.floor_seq, start)
+                elif kind in ("write", "fua"):
+                    data = bytes((fill + i) % 251 + 1 for i in range(length)) if fill else bytes(length)
+                    self.clone.pwrite(memoryview(data), offset, fua=kind == "fua")
+                    self._ack(0, data, offset, length)
+                    if kind == "fua":  # durable now, but only these blocks (other writes may be in flight)
+                        for b in range(offset // BS, -(-(offset + length) // BS)):
+                            self.block_floor[b] = self.history[b][-1][0] + 1
+                elif kind == "zero":
+                    self.clone.zero(length, offset)
+                    self._ack(0, None, offset, length)
+                else:
+                    self.clone.trim(length, offset)
+                    self._trimmed(offset, length)
+
+        return run
+
+    @rule(
+        batches=st.lists(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["write", "write", "write", "fua", "zero", "trim", "flush", "flush"]),
+                    st.integers(0, REGION * BS - 1),
+                    st.sampled_from([1, 512, BS, 2 * BS, 3 * BS + 7, 8 * BS]),
+                    st.integers(0, 255),
+                ),
+                min_size=1,
+                max_size=12,
+            ),
+            min_size=2,
+            max_size=THREADS,
+        )
+    )
+    def connections(self, batches: list[list[tuple[str, int, int, int]]]) -> None:
+        note(f"{len(batches)} connections: {batches}")
+        threads = [threading.Thread(target=self._connection(i, ops)) for i, ops in enumerate(batches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    @rule()
+    def flush(self) -> None:
+        start = next(_seq)
+        self.clone.flush()
+        self.floor_seq = start
+
+    # -- crashes ---------------------------------------------------------------------------------------
+
+    def _die(self) -> None:
+        die(self.clone.overlay)
+
+    def _read_all(self) -> list[bytes]:
+        buf = bytearray(SIZE)
+        self.clone.pread_into(memoryview(buf), 0)
+        return [bytes(buf[b * BS : (b + 1) * BS]) for b in range(NBLOCKS)]
+
+    def _settled(self, now: list[bytes]) -> None:
+        """After a recovery everything the clone reads is durable: it is the new model."""
+        self.current = now
+        self.history = [[(0, c)] for c in now]
+        self.floor_seq = next(_seq)
+        self.block_floor = {}
+
+    @rule()
+    def kill(self) -> None:
+        self._die()
+        self._open()
+        now = self._read_all()
+        lost = [b for b in range(NBLOCKS) if now[b] != self.current[b]]
+        assert not lost, f"kill -9 lost acknowledged writes of blocks {lost}"
+        self._settled(now)
+
+    @rule(second=st.booleans(), policy=st.sampled_from(POLICIES), during_flush=st.sampled_from([None, 0, 1, 2]))
+    def power_cut(self, second: bool, policy: str, during_flush: int | None) -> None:
+        """The power fails, between requests or as the n-th sync of a flush begins."""
+        if during_flush is not None:
+            self.faults.armed = during_flush
+            try:
+                self.clone.flush()
+            except PowerCut:
+                pass
+            else:
+                self.floor_seq = next(_seq)  # the flush needed fewer syncs: it completed
+        self._die()
+        self.faults.cut_power(self.rnd, policy)
+        self.boot.write_text(f"boot-{next(_seq)}\n")
+        self._open()
+        now = self._read_all()
+        for b in range(NBLOCKS):
+            hist = self.history[b]
+            durable_from = max(self.floor_seq, self.block_floor.get(b, 0))
+            floor = max((i for i, (seq, _) in enumerate(hist) if seq < durable_from), default=0)
+            allowed = [content for _, content in hist[floor:]]
+            assert now[b] in allowed, (
+                f"block {b} after a power cut reads {now[b][:8].hex()}..., not one of its "
+                f"{len(allowed)} contents since the last flush (floor {hist[floor][1][:8].hex()}...)"
+            )
+        if second:  # what a recovery settled on stays, through another cut with nothing written since
+            self._die()
+            self.faults.cut_power(self.rnd, policy)
+            self.boot.write_text(f"boot-{next(_seq)}\n")
+            self._open()
+            assert self._read_all() == now, "a second power cut changed what the first recovery read"
+        self._settled(now)
+
+    @rule()
+    def clean_reopen(self) -> None:
+        self.clone.close()
+        self._open()
+        assert self._read_all() == self.current
+
+    @invariant()
+    def reads_match_the_model(self) -> None:
+        if hasattr(self, "clone"):
+            assert self._read_all() == self.current
+
+
+TestCrashes = CrashMachine.TestCase
+TestCrashes.settings = settings(
+    max_examples=150, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
+def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: bool, policy: str
+) -> None:
+    """The fault model is not vacuous: an unflushed first write goes back to the base (not to zeros), a
+    flushed one stays, whichever dirty pages reached the disk."""
+    monkeypatch.setattr(_recovery, "_BOOT_ID", tmp_path / "boot")
+    (tmp_path / "boot").write_text("a")
+    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=3)
+    path = tmp_path / "ov"
+    for attempt in range(8):
+        shutil.rmtree(path, ignore_errors=True)
+        create_overlay(path)
+        faults = FaultLayer(monkeypatch, path)
+        clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+        faults.opened()
+        clone.pwrite(memoryview(b"\x77" * BS), 0)
+        if flushed:
+            clone.flush()
+        die(clone.overlay)
+        faults.cut_power(random.Random(attempt), policy)
+        (tmp_path / "boot").write_text(f"b{attempt}")
+        clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+        buf = bytearray(BS)
+        clone.pread_into(memoryview(buf), 0)
+        assert bytes(buf) == (b"\x77" * BS if flushed else base[:BS])
+        clone.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES[1:])
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda c: c.trim(BS, 0), id="trim"),
+        pytest.param(lambda c: c.zero(BS, 0), id="zero"),
+        pytest.param(lambda c: c.pwrite(memoryview(bytes(BS)), 0), id="all-zero-write"),
+        pytest.param(lambda c: c.pwrite(memoryview(b"\x55" * BS), 0), id="rewrite"),
+        pytest.param(lambda c: (c.trim(BS, 0), c.pwrite(memoryview(b"\x55" * BS), 0)), id="trim-then-write"),
+    ],
+)
+def test_a_flushed_block_changed_after_the_flush_reads_old_or_new_after_a_power_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Clone], object], policy: str
+) -> None:
+    """I4 in the worst cases: the change's map entry lost with its data kept, or the other way round."""
+    monkeypatch.setattr(_recovery, "_BOOT_ID", tmp_path / "boot")
+    (tmp_path / "boot").write_text("a")
+    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=5)
+    path = tmp_path / "ov"
+    create_overlay(path)
+    faults = FaultLayer(monkeypatch, path)
+    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+    faults.opened()
+    clone.pwrite(memoryview(b"\x77" * BS), 0)
+    clone.flush()
+    change(clone)
+    new = bytearray(BS)
+    clone.pread_into(memoryview(new), 0)
+    die(clone.overlay)
+    faults.cut_power(random.Random(0), policy)
+    (tmp_path / "boot").write_text("b")
+    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+    got = bytearray(BS)
+    clone.pread_into(memoryview(got), 0)
+    assert got in (b"\x77" * BS, new, base[:BS])  # base: the state between trim and write
+    clone.close()
