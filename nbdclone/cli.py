@@ -151,9 +151,16 @@ def base_promote(
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
     """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
-    first connection (dropping its writes). One atomic rename, whatever the number of clones."""
-    old = Store(store).promote(name, version)
+    first connection (dropping its writes), once no client may come back to the version it is on (its
+    last connection closed while the server ran). One atomic rename, whatever the number of clones."""
+    st = Store(store)
+    old = st.promote(name, version)
+    now, wait = st.moves(name)
     out.print(f"{name}: current version {old} -> {version}")
+    out.print(
+        f"{len(now)} clone(s) move at their next connection; {len(wait)} wait until their clients are gone"
+        + (f" ({', '.join(wait[:10])}{', ...' if len(wait) > 10 else ''})" if wait else "")
+    )
 
 
 @base_app.command("rm")

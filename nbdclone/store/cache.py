@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import mmap
 import os
@@ -63,6 +64,9 @@ class PackReader:
         self._warm = bytearray()  # slots this process has seen in memory since the last eviction pass
         self._clock: mmap.mmap | None = None
         self._generation = 0
+        # preadv2(RWF_NOWAIT) says whether a read was served from memory; tmpfs, FUSE and NFS do not take
+        # the flag (EOPNOTSUPP). There every read counts as a miss, and is a plain preadv.
+        self._nowait = os.RWF_NOWAIT
 
     def ensure(self, nslots: int) -> None:
         """Map at least `nslots` slots of the pack (it grows as versions are imported)."""
@@ -103,10 +107,17 @@ class PackReader:
             self.stats.hits += 1
             self.stats.hit_bytes += n
             return
-        try:
-            got = os.preadv(self.fd, [dst], at, os.RWF_NOWAIT)
-        except BlockingIOError:
-            got = 0
+        got = 0
+        if self._nowait:
+            try:
+                got = os.preadv(self.fd, [dst], at, self._nowait)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = 0
+                log.info("%s: no RWF_NOWAIT on its file system; every read counts as a miss", self.pack)
         if got == n:
             self.stats.hits += 1
             self.stats.hit_bytes += n
@@ -152,14 +163,23 @@ class PackReader:
         os.close(self.fd)
 
 
-def open_clock(path: Path, nslots: int) -> mmap.mmap:
-    """The shared access bytes, grown to cover `nslots` slots."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def open_clock(path: Path, nslots: int) -> mmap.mmap | None:
+    """The shared access bytes, grown to cover `nslots` slots, or None where they cannot be (no space).
+
+    The file's blocks are allocated before it is mapped: a store of a sparse shared mapping whose page
+    needs a block on a full disk kills the process with SIGBUS instead of failing a system call."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("cache access bytes %s unavailable (%s): the cache bound is not enforced", path, exc)
+        return None
     try:
         want = _HEADER + nslots
-        if os.fstat(fd).st_size < want:
-            os.ftruncate(fd, want)
+        os.posix_fallocate(fd, 0, want)
         return mmap.mmap(fd, want)
+    except OSError as exc:
+        log.warning("cache access bytes %s unavailable (%s): the cache bound is not enforced", path, exc)
+        return None
     finally:
         os.close(fd)
 
@@ -247,6 +267,8 @@ class Evictor:
         per_region = self.REGION * CHUNK // PAGE
         nregions = -(-len(pages) // per_region)
         clock = open_clock(self.clock_path, nregions * self.REGION)
+        if clock is None:
+            return resident
         fd = os.open(self.pack, os.O_RDONLY | os.O_CLOEXEC)
         try:
             target = int(self.limit * 0.9)

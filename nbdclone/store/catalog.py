@@ -8,6 +8,9 @@
       bases/ID/current        the pointer: the version a following clone uses. A flip replaces this one
                               small file by rename, whatever the number of clones.
       clones/ID/state.json    the version the clone's overlay was started on, and which overlay is live
+      clones/ID/held          present (durably) from a server's first open of a following clone until its
+                              last connection closes with the server running: while it is, clients may
+                              come back to that version, so the clone does not move
       clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
       tmp/, run/server.json   work in progress; where the running server listens
 
@@ -137,6 +140,7 @@ class CloneStatus:
     size: int
     follows: bool
     move_pending: bool  # a following clone whose base flipped since its overlay started
+    held: bool  # its clients may come back (open, or a server stopped or died with it open): it waits
     overlay_disk_bytes: int
     open: bool  # a server has its overlay open
 
@@ -558,9 +562,46 @@ class Store:
             size=self.clone_size(record, version),
             follows=record.base is not None and record.pin is None,
             move_pending=state is not None and version != target,
+            held=self.is_held(record),
             overlay_disk_bytes=on_disk,
             open=path is not None and overlay_in_use(path),
         )
+
+    # -- the move rule: a following clone changes disks only when no client may come back --------------
+
+    def hold(self, record: CloneRecord) -> None:
+        """Mark the clone held, durably, before its first connection is served."""
+        directory = self.clone_dir(record)
+        path = directory / "held"
+        if path.exists():
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        fsync_dir(directory)
+
+    def unhold(self, record: CloneRecord) -> None:
+        """Its last connection closed while the server runs. (Not synced: if a crash loses this, the clone
+        only stays held, the safe way.)"""
+        (self.clone_dir(record) / "held").unlink(missing_ok=True)
+
+    def is_held(self, record: CloneRecord) -> bool:
+        return (self.clone_dir(record) / "held").exists()
+
+    def moves(self, base: str) -> tuple[list[str], list[str]]:
+        """The clones following `base` that are not on its current version: (move at their next connection,
+        wait until their clients are gone)."""
+        record = self.get_base(base)
+        current = self.current_version(record)
+        now: list[str] = []
+        wait: list[str] = []
+        for clone in self.catalog().clones.values():
+            if clone.base != base or clone.pin is not None:
+                continue
+            state = self.clone_state(clone)
+            if state is None or state.version == current:
+                continue
+            (wait if self.is_held(clone) or self.is_open(clone) else now).append(clone.name)
+        return now, wait
 
     def is_open(self, record: CloneRecord) -> bool:
         state = self.clone_state(record)

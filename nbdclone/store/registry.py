@@ -2,9 +2,13 @@
 connections, opened by the first connection and closed by the last.
 
 The first connection also decides the version: a following clone takes its base's current version, a
-pinned clone its pin. If that is not the version its overlay was started on, the clone moves: a new empty
-overlay on the new version (its old writes are dropped). Later connections join the open clone, so every
-connection of a clone sees one version until the last one closes, whatever flips happen meanwhile.
+pinned clone its pin. If that is not the version its overlay was started on, the clone moves (a new empty
+overlay on the new version; its old writes are dropped), but only if no client may come back to the old
+one: a following clone is *held* (durably, before its first connection is served) until its last connection
+closes while the server runs. A server that is stopped, or dies, or a worker that dies, leaves it held, so a
+client that reconnects after the restart (QEMU's reconnect-delay, nbd-client -persist) finds the same disk.
+Later connections join the open clone, so every connection of a clone sees one version until the last one
+closes, whatever flips happen meanwhile.
 
 Sharing one handle is also what makes a flush on one connection cover every connection's writes, so the
 server may advertise multi-conn. Base versions are shared the same way between the clones that read them,
@@ -41,6 +45,7 @@ class _Open:
     base_key: BaseKey | None
     version: str | None
     users: int
+    record: CloneRecord
 
 
 class Registry:
@@ -80,12 +85,24 @@ class Registry:
             record = self.store.get_clone(name)
             version = self.store.target_version(record)
             state = self.store.clone_state(record)
-            if state is None or state.version != version:
+            follows = record.base is not None and record.pin is None
+            if state is not None and state.version != version and follows and self.store.is_held(record):
+                log.info(
+                    "clone %s stays on version %s (its clients may come back); it moves to %s after its last "
+                    "connection closes",
+                    name,
+                    state.version,
+                    version,
+                )
+                version = state.version
+            elif state is None or state.version != version:
                 if state is not None:
                     log.info(
                         "clone %s moves from version %s to %s; its writes are dropped", name, state.version, version
                     )
                 state = self.store.start_overlay(record, version)
+            if follows:
+                self.store.hold(record)
             key, base = self._get_base(record, version)
             if key is not None and self._traces.get(key) and self._reader is not None:
                 self._prefetch(key, f"{record.base}@{version}")
@@ -96,7 +113,7 @@ class Registry:
                 self._put_base(key)
                 raise
         log.info("opened clone %s (version %s)", name, version)
-        return _Open(clone, key, version, 0)
+        return _Open(clone, key, version, 0, record)
 
     def _prefetch(self, key: BaseKey, label: str) -> None:
         """A clone of a version with a boot trace connects: read the trace into the cache, in the order the
@@ -164,6 +181,7 @@ class Registry:
             del self._clones[name]
             try:
                 entry.clone.close()
+                self.store.unhold(entry.record)  # its last client left while we run: it may move now
             finally:
                 self._put_base(entry.base_key)
         log.info("closed clone %s", name)

@@ -24,6 +24,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -132,8 +134,10 @@ async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
     with store.lock():
         (store.path / "run").mkdir(parents=True, exist_ok=True)
     _refuse_second_server(store)
-    if cfg.socket is None and cfg.listen is None:
-        _remove_stale_sockets(store)
+    await _reap_orphans(store, cfg.grace)
+    if cfg.listen is None:
+        for k in range(cfg.workers):
+            _remove_stale_socket(Path(cfg.endpoint(k)[0][1]))
     env = {**os.environ, "PYTHONPATH": plugin_pythonpath(), **cfg.extra_env}
     workers = [
         Worker(k, cfg.endpoint(k)[1], store.path / "run" / f"worker-{os.getpid()}-{k}.pid") for k in range(cfg.workers)
@@ -221,12 +225,15 @@ async def _bound_cache(store: Store, limit: int, stop: asyncio.Event) -> None:
 
 
 def _write_info(store: Store, workers: list[Worker]) -> None:
-    store.write_server_info(
-        {
-            "pid": os.getpid(),
-            "workers": [{"pid": w.proc.pid if w.proc else 0, "uri": w.uri} for w in workers],
-        }
-    )
+    try:
+        store.write_server_info(
+            {
+                "pid": os.getpid(),
+                "workers": [{"pid": w.proc.pid if w.proc else 0, "uri": w.uri} for w in workers],
+            }
+        )
+    except OSError as exc:  # a full disk must not stop the server: clients keep their connections
+        log.error("cannot write %s (%s): `nbdclone uri` will not find this server", store.server_info_path, exc)
 
 
 async def _shutdown(w: Worker, grace: float) -> None:
@@ -265,7 +272,45 @@ def _refuse_second_server(store: Store) -> None:
     raise errors.NbdcloneError(detail=f"a server (pid {info['pid']}) is already running for store {store.path}")
 
 
-def _remove_stale_sockets(store: Store) -> None:
-    run = store.path / "run"
-    for sock in [run / SOCKET_NAME, *run.glob(f"{SOCKET_NAME}.*")]:
-        sock.unlink(missing_ok=True)
+async def _reap_orphans(store: Store, grace: float) -> None:
+    """Workers of a server that was killed: `--exit-with-parent` sent them SIGTERM, and they may still be
+    closing their clones (and holding their overlays and sockets). Wait for them, then kill what is left."""
+    for pidfile in (store.path / "run").glob("worker-*-*.pid"):
+        supervisor = int(pidfile.name.split("-")[1])
+        if supervisor == os.getpid() or Path(f"/proc/{supervisor}").exists():
+            continue
+        try:
+            pid = int(pidfile.read_text().strip())
+            alive = b"nbdkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            alive = False
+        if alive:
+            log.info("waiting for worker %d of the server (pid %d) that stopped without cleaning up", pid, supervisor)
+            deadline = time.monotonic() + grace
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # acknowledged writes survive this (overlay I2)
+                while Path(f"/proc/{pid}").exists():
+                    await asyncio.sleep(0.05)
+        pidfile.unlink(missing_ok=True)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A server that was killed leaves its sockets behind, and a new bind to them fails ("Address already
+    in use"). Remove one only if it is a socket that nothing answers on; anything else is an error."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise errors.InvalidArgument(detail=f"{path} exists and is not a socket; choose another --socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            log.info("removed the stale socket %s left by a server that did not stop cleanly", path)
+            return
+    raise errors.InvalidArgument(detail=f"another process is listening on {path}")

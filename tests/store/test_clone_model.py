@@ -142,6 +142,17 @@ class CloneMachine(RuleBasedStateMachine):
             self.model = bytearray(self.versions[self.current])
         assert self.registry.version_of("c") == self.version
 
+    @rule()
+    def server_restart(self) -> None:
+        """The server stops (or dies) with the clone open and starts again: its clients may come back, so the
+        clone stays on its version whatever was promoted, with its writes; it moves only after its last
+        connection closes while the server runs."""
+        self.registry.close_all()
+        self.registry = Registry(self.store)
+        self.clone = self.registry.acquire("c")
+        self.connections = 1
+        assert self.registry.version_of("c") == self.version
+
     @precondition(lambda self: hasattr(self, "clone"))
     @rule(r=ranges())
     def read_range(self, r: tuple[int, int]) -> None:
