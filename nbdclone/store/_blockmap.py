@@ -1,10 +1,11 @@
 """An overlay's block map in RocksDB: the only module that imports rocksdict.
 
-    b"i" + block (8 bytes, big-endian) -> DATA_DONE          b"d"                  DATA
-                                          TENTATIVE + prev  b"t" prev(1) gen(8)   DATA, not yet known durable
-                                          ZERO              b"z"                  ZEROED
+    b"i" + block (8 bytes, big-endian) -> DATA_DONE  b"d"                               DATA
+                                          TENTATIVE  b"t" prev(1) gen(8) print(8) [print(8)]  DATA since
+                                                     generation `gen`, its bytes fingerprinted (_recovery)
+                                          ZERO       b"z"                               ZEROED
     b"m/format" -> b"3"    b"m/written" -> bytes written (8)    b"m/durable" -> last durable generation (8)
-    b"m/open" -> b"1" while a server has it open, b"0" after a clean close    b"m/boot" -> the opener's boot id
+    b"m/open" -> b"1" while a server has it open, b"0" after a clean close
 
 One WriteBatch per request is atomic; the WAL is written (not synced) at every write, so a kill -9 of the
 process keeps it; `sync` makes every earlier write durable. All overlays of a process share one block cache
@@ -31,7 +32,6 @@ META_FORMAT, FORMAT = b"m/format", b"3"
 META_WRITTEN = b"m/written"
 META_DURABLE = b"m/durable"
 META_OPEN = b"m/open"
-META_BOOT = b"m/boot"
 OLD_DATA = b"b"  # format 1 kept block bytes in RocksDB under this prefix
 
 BLOCK_CACHE_BYTES = 32 << 20  # the block cache every overlay of a process shares

@@ -50,6 +50,13 @@ class DataFile:
         if n != len(buf):  # never turn missing bytes into zeros
             raise StorageError(errno.EIO, what=f"reading {self.path}", detail=f"short read at {offset}: {n} bytes")
 
+    def read_block(self, block: int) -> bytes:
+        """What the file holds at `block` (zeros past its end): for recovery, which compares, never serves."""
+        if self.fd < 0:
+            return bytes(self.block_size)
+        got = os.pread(self.fd, self.block_size, block * self.block_size)
+        return got + bytes(self.block_size - len(got))
+
     def write(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, length: int) -> None:
         try:
             n = os.pwritev(self.fd, bufs, offset)

@@ -1,52 +1,64 @@
-"""Crash recovery of an overlay's map (invariant I3), as pure functions of what the database holds.
+"""Crash recovery of an overlay's map (invariant I3): what an entry means after the writer stopped unclean.
 
-    opened after          what survived                            what the map's entries mean
-    a clean close         everything (close flushed)               as written
-    a kill -9             page cache and written WAL records:      as written: every tentative entry's
-    (same boot id)        every acknowledged update                bytes are in the data file
-    a power cut or OS     the data file as of its last fdatasync,  tentative entries of generations after
-    crash (boot id        a prefix of the WAL                      the last durable one go back to their
-    changed, or unknown)                                           previous state; older ones are data
+    opened after        what survived                          what a tentative entry newer than the last
+                                                               durable generation means
+    a clean close       everything (close flushed)             (there is none)
+    a kill -9           the page cache and written WAL         its block holds the bytes it fingerprints
+    a power cut, an OS  the data file as of its last           the bytes may or may not be there: keep the
+    crash, a file-      fdatasync (perhaps more), a prefix     entry if the block holds bytes it
+    system shutdown     of the WAL                             fingerprints, else put back the previous state
 
-A tentative entry of a generation after the last durable one was written after the last completed flush's
-fdatasync began, so its bytes may or may not be on disk: the block reads its previous state (BASE or ZEROED:
-a block that was DATA already is rewritten in place and gets no new entry), which is what it read before
-that unflushed write. Entries that the WAL lost are simply older states, for the same reason.
+One rule covers all three, so recovery never has to guess which happened (a file system that was shut down
+and mounted again has lost its page cache without a reboot). An entry older than the last durable generation
+needs no check: its bytes were fdatasynced before that generation was recorded. A block that was DATA already
+when it was rewritten gets no new entry: it is rewritten in place and reads old or new bytes. A block whose
+entry is put back reads its previous state (BASE or ZEROED), which is what it read before the unflushed
+write; WAL records that a power cut lost are older states for the same reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import xxhash
 
 from nbdclone.store import _blockmap as bm
 from nbdclone.store.overlay import BASE, DATA, ZEROED, Change
 
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_HEAD = 10  # tag, previous state, generation (8)
+_PRINT = 8
 
 
-def boot_id() -> bytes:
-    """This boot of the kernel: a page cache that a killed process wrote into is still here if it matches."""
-    try:
-        return _BOOT_ID.read_bytes().strip()
-    except OSError:
-        return b""  # unknown: every unclean open is then treated as a power cut, the safe side
+def fingerprint(block: bytes | bytearray | memoryview) -> bytes:
+    """What tells a block's bytes apart from the bytes that were there before (xxh3: 0.17 us per 4 KiB here,
+    mmh3's 128 bits 0.70 us)."""
+    return xxhash.xxh3_64_digest(block)
 
 
-def tentative(prev: int, generation: int) -> bytes:
-    return bm.TENTATIVE + bytes((prev,)) + generation.to_bytes(8, "big")
+def tentative(prev: int, generation: int, *prints: bytes) -> bytes:
+    """A block became DATA in `generation`; its bytes are one of `prints` (the acknowledged one, and one being
+    written over it)."""
+    return bm.TENTATIVE + bytes((prev,)) + generation.to_bytes(8, "big") + b"".join(prints)
 
 
-def decode(value: bytes) -> tuple[int, int, int]:
-    """(state, previous state, generation) of a map value; generation 0 for entries known durable."""
+@dataclass(frozen=True, slots=True)
+class Entry:
+    state: int
+    prev: int
+    generation: int  # 0: known durable
+    prints: tuple[bytes, ...]
+
+
+def decode(value: bytes) -> Entry:
     tag = value[:1]
     if tag == bm.DATA_DONE:
-        return DATA, DATA, 0
+        return Entry(DATA, DATA, 0, ())
     if tag == bm.ZERO:
-        return ZEROED, ZEROED, 0
-    if tag == bm.TENTATIVE and len(value) == 10 and value[1] in (BASE, ZEROED):
-        return DATA, value[1], int.from_bytes(value[2:], "big")
+        return Entry(ZEROED, ZEROED, 0, ())
+    if tag == bm.TENTATIVE and len(value) in (_HEAD + _PRINT, _HEAD + 2 * _PRINT) and value[1] in (BASE, ZEROED):
+        prints = tuple(value[i : i + _PRINT] for i in range(_HEAD, len(value), _PRINT))
+        return Entry(DATA, value[1], int.from_bytes(value[2:_HEAD], "big"), prints)
     raise ValueError(f"unknown map value {value!r}")
 
 
@@ -57,16 +69,19 @@ class Recovered:
     last_generation: int = 0  # the newest generation any entry carries
 
 
-def recover(entries: Iterable[tuple[int, bytes]], *, lost_power: bool, durable: int) -> Recovered:
-    """The map as it must be read, from the raw `entries` of an overlay whose last opener did not close it
-    (lost_power: the page cache of that opener is gone) or did (lost_power False, nothing to undo)."""
+def recover(
+    entries: Iterable[tuple[int, bytes]], *, unclean: bool, durable: int, read_block: Callable[[int], bytes]
+) -> Recovered:
+    """The map as it must be read, from the raw `entries` of an overlay whose last writer did not close it
+    (`unclean`) or did. `read_block(block)` returns what the data file holds there (zeros past its end)."""
     out = Recovered()
     for block, value in entries:
-        state, prev, generation = decode(value)
-        out.last_generation = max(out.last_generation, generation)
-        if lost_power and generation > durable:
-            out.fixes.append((bm.key(block), None if prev == BASE else bm.ZERO))
-            state = prev
+        entry = decode(value)
+        out.last_generation = max(out.last_generation, entry.generation)
+        state = entry.state
+        if unclean and entry.generation > durable and fingerprint(read_block(block)) not in entry.prints:
+            out.fixes.append((bm.key(block), None if entry.prev == BASE else bm.ZERO))
+            state = entry.prev
         if state != BASE:
             out.states.append((block, state))
     return out

@@ -9,14 +9,17 @@ The invariants (RocksOverlay keeps them; docs/overlay.md says why each one holds
 
 I1  The map alone says what a block is. Nothing is ever inferred from the file system's view of the data
     file (extents, holes, SEEK_DATA): those differ by file system and by mount option, and lie after a crash.
-I2  Bytes before entry. A block's bytes reach the data file (pwritev) before the map entry that makes it DATA
-    reaches the write-ahead log, and both happen before the write is acknowledged: a kill -9 of the server
-    keeps every acknowledged write (the page cache and the WAL's written records survive the process).
-I3  Tentative until synced. An entry that makes a block DATA carries the block's previous state and the flush
-    generation it was written in. A flush takes a new generation, fdatasyncs the data file, then records
-    "generations up to G are durable" and syncs the WAL. After a power cut (recognised by a changed boot id),
-    entries of generations after the last durable one are put back to their previous state: their bytes may
-    not have reached the disk, and a block must read its old or its new contents, never zeros nobody wrote.
+I2  Acknowledged means recorded. Before a write is acknowledged, its bytes are in the data file (pwritev) and
+    every map entry it changes is in the write-ahead log: a kill -9 of the server keeps every acknowledged
+    write (the page cache and the WAL's written records survive the process).
+I3  Tentative until synced. An entry that makes a block DATA carries the block's previous state, the flush
+    generation it was written in, and a fingerprint of the bytes (of the acknowledged bytes and of the ones
+    being written over them, for a block rewritten before a flush). A flush takes a new generation,
+    fdatasyncs the data file, then records "generations up to G are durable" and syncs the WAL. An open after
+    any unclean stop (kill -9, power cut, OS crash, file-system shutdown) keeps a tentative entry of a later
+    generation only if its block holds fingerprinted bytes, and otherwise puts the previous state back:
+    every block reads its old or its new contents, never zeros nobody wrote, and recovery never has to guess
+    what kind of stop it was.
 I4  Entry before free. A block that stops being DATA (zero, trim, all-zero write) keeps its bytes in the data
     file until the entry saying so is durable (after the next flush's WAL sync); only then is it punched out,
     and only if it did not become DATA again meanwhile. So no crash can leave a DATA entry over freed bytes.
