@@ -72,6 +72,38 @@ def mounted(kind: str, work: Path, size: int = IMAGE_SIZE) -> Iterator[Path]:
             image.unlink(missing_ok=True)
 
 
+class LoopFs:
+    """A file system on a loop-mounted image that can lose power: `cut_power` shuts it down without
+    flushing its log (what reached the disk stays, the page cache and the rest are gone, as in a power
+    cut), and `remount` mounts it again, replaying its journal."""
+
+    def __init__(self, kind: str, work: Path, size: int = IMAGE_SIZE) -> None:
+        mkfs, self.options = KINDS[kind]
+        self.image = work / f"{kind}-{uuid.uuid4().hex[:6]}.img"
+        self.path = work / f"mnt-{kind}-{uuid.uuid4().hex[:6]}"
+        self.path.mkdir(parents=True)
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        run(*mkfs, str(self.image))
+        self._mount()
+
+    def _mount(self) -> None:
+        run("mount", "-o", f"loop{',' + self.options if self.options else ''}", str(self.image), str(self.path))
+
+    def cut_power(self) -> None:
+        run("xfs_io", "-x", "-c", "shutdown", str(self.path))  # no -f: the log is not flushed
+
+    def remount(self) -> None:
+        run("umount", str(self.path))
+        self._mount()
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.path)], check=False, capture_output=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        self.image.unlink(missing_ok=True)
+
+
 def fs_type(path: Path) -> str:
     out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True)
     return out.stdout.strip()
