@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import subprocess
 import sys
@@ -114,7 +113,7 @@ class Server:
         return self
 
     def info(self) -> dict[str, Any]:
-        return json.loads((self.store / "run" / "server.json").read_text())  # type: ignore[no-any-return]
+        return Store(self.store).server_info()
 
     def uri(self, name: str) -> str:
         return uri_of(self.info(), Store(self.store).catalog(), name)

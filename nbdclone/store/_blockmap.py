@@ -16,6 +16,7 @@ clones).
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,6 +72,27 @@ def _options(create: bool) -> rocksdict.Options:
     return opts
 
 
+_CONFIG = "rocksdict-config.json"
+_READONLY_LOGS = Path("/dev/shm/nbdclone-rocksdb-logs")
+
+
+def _unwritten_config(path: Path) -> None:
+    """rocksdict rewrites its config file (O_TRUNC) at every open, read-only ones included: on a full disk
+    that fails the open and leaves the file empty. Every option is passed at open, so the file carries
+    nothing (measured: rocksdict opens with it empty, missing or linked to /dev/null); linked to /dev/null,
+    no open writes it."""
+    config = path / _CONFIG
+    if config.is_symlink() or not path.is_dir():
+        return
+    tmp = path / f".{_CONFIG}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.devnull)
+        tmp.rename(config)
+    except OSError:  # no space for the link: rocksdict writes the file as before
+        tmp.unlink(missing_ok=True)
+
+
 def errno_of(exc: BaseException) -> int:
     text = str(exc)
     if "No space left" in text or "ENOSPC" in text or "NoSpace" in text:
@@ -98,6 +120,12 @@ class BlockMap:
         # The column family's options are passed too: without them rocksdict reopens an existing database
         # with the ones its OPTIONS file records, and a block cache of its own instead of the shared one.
         opts = _options(create and not self.readonly)
+        if not self.readonly:
+            _unwritten_config(self.path)
+        elif _READONLY_LOGS.parent.is_dir():
+            # A reader writes nothing to the store (it may be full): RocksDB's info log goes to memory.
+            _READONLY_LOGS.mkdir(exist_ok=True)
+            opts.set_db_log_dir(str(_READONLY_LOGS))
         access = rocksdict.AccessType.read_only() if self.readonly else rocksdict.AccessType.read_write()
         try:
             return rocksdict.Rdict(str(self.path), opts, column_families={"default": opts}, access_type=access)

@@ -66,16 +66,16 @@ class RocksOverlay:
                 what=f"overlay {path}",
                 detail="keeps its map in the format of nbdclone 0.1; export it with that version, then reset",
             )
-        self._map = bm.BlockMap(path, create=create, readonly=readonly)
-        self._data: DataFile | None = None
+        self._full = False  # opened read-only for want of space: writes get ENOSPC until a reopen succeeds
         try:
-            self._data = DataFile(path / DATA_FILE, BLOCK_SIZE, readonly=readonly)
-            self._states: list[Change] | None = self._open_map(create)
-        except BaseException:
-            if self._data is not None:
-                self._data.close()
-            self._map.close()
-            raise
+            self._states: list[Change] | None = self._start(create)
+        except StorageError as exc:
+            if exc.errno != errno.ENOSPC or readonly or create:
+                raise
+            # A full disk: RocksDB cannot open for writing (it makes new files), but the clone can be read.
+            log.warning("overlay %s opened read-only: no space left to open it for writing", path)
+            self._readonly = self._full = True
+            self._states = self._start(False)
         self._dirty = False  # anything updated since the last flush began
         # Blocks that became DATA in a generation not yet durable: block -> (prev state, generation, print).
         self._tentative: dict[int, tuple[int, int, bytes]] = {}
@@ -83,6 +83,36 @@ class RocksOverlay:
         self._punching: set[int] = set()  # ... whose entries the running (or last failed) flush makes durable
 
     # -- open and recovery ---------------------------------------------------------------------------
+
+    def _start(self, create: bool) -> list[Change]:
+        """Open the map and the data file, and recover if the last writer did not close."""
+        self._map = bm.BlockMap(self.path, create=create, readonly=self._readonly)
+        self._data: DataFile | None = None
+        try:
+            self._data = DataFile(self.path / DATA_FILE, BLOCK_SIZE, readonly=self._readonly)
+            return self._open_map(create)
+        except BaseException:
+            if self._data is not None:
+                self._data.close()
+            self._map.close()
+            raise
+
+    def _retry_writable(self) -> None:
+        """Opened read-only on a full disk: try to open for writing again (space may be back). Caller holds
+        `lock`; nothing was written meanwhile, so the map it finds is the one the clone reads."""
+        old_map, old_data = self._map, self._data
+        self._readonly = False
+        try:
+            self._start(False)
+        except StorageError:
+            self._readonly = True
+            self._map, self._data = old_map, old_data
+            raise
+        old_map.close()
+        if old_data is not None:
+            old_data.close()
+        self._full = False
+        log.info("overlay %s is writable again", self.path)
 
     def _open_map(self, create: bool) -> list[Change]:
         m, data = self._map, self._data
@@ -145,6 +175,8 @@ class RocksOverlay:
     def update(
         self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move], *, written: int
     ) -> None:
+        if self._full:
+            self._retry_writable()
         if self._readonly:
             raise StorageError(errno.EROFS, what=f"overlay {self.path}", detail="opened read-only")
         if self._map.broken:
@@ -284,7 +316,7 @@ class RocksOverlay:
 
     def close(self) -> None:
         try:
-            if not self._readonly:
+            if not self._readonly and not self._full:
                 self.flush()
                 self._map.write(
                     [(bm.META_OPEN, _CLOSED), (bm.META_WRITTEN, self._written.to_bytes(8, "big"))], sync=True

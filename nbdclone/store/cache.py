@@ -2,7 +2,7 @@
 
     worker 1 ─┐                         ┌─ pack pages held in memory (one copy, whoever read them)
     worker 2 ─┼─ PackReader ── mmap ────┤
-    CLI warm ─┘   hit: copy from the    └─ run/cache.clock: one access byte per chunk slot, shared
+    CLI warm ─┘   hit: copy from the    └─ the clock (/dev/shm): an access byte per chunk slot, shared
                   mapping (no syscall,       by every process; the supervisor's CLOCK hand evicts
                   the GIL kept)              unreferenced chunks (fadvise DONTNEED) past --cache-size
                   miss: preadv (the GIL released while the disk works)

@@ -13,6 +13,7 @@
                               come back to that version, so the clone does not move
       clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
       tmp/, run/server.json   work in progress; where the running server listens
+      /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Store.clock_path)
 
 Names are keys in the catalog and never become paths: files are named by random ids, so an export name
 from the network can only ever be looked up. Lock order, everywhere: chunks/lock, then lock.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -219,6 +221,15 @@ class Store:
     @property
     def server_info_path(self) -> Path:
         return self.path / "run" / "server.json"
+
+    @property
+    def clock_path(self) -> Path:
+        """The shared cache's access bytes: in shared memory, not on the store's file system, where a store
+        into a mapped page can need a new block (a copy-on-write file system, a full disk) and so turn into
+        a SIGBUS. They are hints: a reboot may lose them."""
+        shm = Path("/dev/shm")
+        key = hashlib.sha1(str(self.path.resolve()).encode(), usedforsecurity=False).hexdigest()[:16]
+        return shm / f"nbdclone-{key}.clock" if shm.is_dir() else self.path / "run" / "cache.clock"
 
     # -- catalog -------------------------------------------------------------------------------------
 
@@ -613,23 +624,41 @@ class Store:
 
     # -- the running server --------------------------------------------------------------------------
 
+    def _runtime_paths(self) -> list[Path]:
+        """Where the running server says where it listens: in shared memory (always writable, gone with a
+        reboot, as the server is) and in the store's run/ (for a look with ls); the first readable one with
+        a live process wins."""
+        return [self.clock_path.with_suffix(".server.json"), self.server_info_path]
+
     def write_server_info(self, info: dict[str, Any]) -> None:
+        """Record the running server; raises only if no copy could be written (a full disk fails one)."""
         self._init_dirs()
-        write_atomic(self.server_info_path, json.dumps(info), self.path / "run")
+        failed: OSError | None = None
+        written = 0
+        for path in self._runtime_paths():
+            try:
+                write_atomic(path, json.dumps(info), path.parent)
+                written += 1
+            except OSError as exc:
+                failed = exc
+        if not written and failed is not None:
+            raise failed
 
     def server_info(self) -> dict[str, Any]:
-        try:
-            info: dict[str, Any] = json.loads(self.server_info_path.read_text())
-        except (FileNotFoundError, ValueError):
-            raise errors.ServerNotRunning(store=self.path) from None
-        if not _pid_alive(int(info.get("pid", 0))):
-            raise errors.ServerNotRunning(store=self.path)
-        return info
+        for path in self._runtime_paths():
+            try:
+                info: dict[str, Any] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if _pid_alive(int(info.get("pid", 0))):
+                return info
+        raise errors.ServerNotRunning(store=self.path)
 
     def clear_server_info(self, pid: int) -> None:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if json.loads(self.server_info_path.read_text()).get("pid") == pid:
-                self.server_info_path.unlink()
+        for path in self._runtime_paths():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text()).get("pid") == pid:
+                    path.unlink()
 
 
 def _read_state(directory: Path) -> CloneState | None:

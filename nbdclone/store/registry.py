@@ -145,7 +145,7 @@ class Registry:
             base = self._idle.pop(key, None)
             if base is None:
                 if self._reader is None:
-                    self._reader = PackReader(self.store.chunks.pack, self.store.path / "run" / "cache.clock")
+                    self._reader = PackReader(self.store.chunks.pack, self.store.clock_path)
                 base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version), self._reader)
             if key not in self._traces:
                 trace_path = self.store.trace_path(base_record, version)

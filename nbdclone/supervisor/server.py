@@ -205,7 +205,7 @@ async def _restart(w: Worker, cfg: ServeConfig, env: dict[str, str], stop: async
 
 async def _bound_cache(store: Store, limit: int, stop: asyncio.Event) -> None:
     """Keep the shared read cache (the pack's pages in memory) under `limit`, once a second."""
-    evictor = Evictor(store.chunks.pack, store.path / "run" / "cache.clock", limit)
+    evictor = Evictor(store.chunks.pack, store.clock_path, limit)
     path = store.path / "run" / "stats-cache.json"
     loop = asyncio.get_running_loop()
     while not stop.is_set():
@@ -233,7 +233,7 @@ def _write_info(store: Store, workers: list[Worker]) -> None:
             }
         )
     except OSError as exc:  # a full disk must not stop the server: clients keep their connections
-        log.error("cannot write %s (%s): `nbdclone uri` will not find this server", store.server_info_path, exc)
+        log.error("cannot record this server (%s): `nbdclone uri` will not find it", exc)
 
 
 async def _shutdown(w: Worker, grace: float) -> None:
