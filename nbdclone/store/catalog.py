@@ -479,12 +479,32 @@ class Store:
             if base is not None:
                 base_name, pin = parse_base_ref(base)
                 self.resolve(base)
+            if size is not None:
+                self._check_file_size(size)
             seq = max((c.seq for c in cat.clones.values()), default=-1) + 1
             records = [
                 CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now(), seq + i) for i, n in enumerate(names)
             ]
             self._write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
         return records
+
+    def _check_file_size(self, size: int) -> None:
+        """A clone's data file is laid out like its disk: refuse a size no file of the store can reach
+        (ext4 stops at 16 TiB), which a server could open but never write to the end of."""
+        if size <= 0 or size >= 1 << 63:
+            raise errors.InvalidArgument(detail=f"clone size {size} is not between 1 byte and 8 EiB")
+        probe = self.new_tmp_file(".size-probe")
+        try:
+            with open(probe, "wb") as f:
+                f.truncate(size)
+        except OSError as exc:
+            if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                raise
+            raise errors.InvalidArgument(
+                detail=f"clone size {size} is more than the store's file system can hold in one file"
+            ) from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def create_clone(self, name: str, *, base: str | None, size: int | None = None) -> CloneRecord:
         return self.create_clones([name], base=base, size=size)[0]

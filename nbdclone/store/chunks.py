@@ -208,7 +208,6 @@ class ChunkedBase:
         if reader is not None and used:
             reader.ensure(max(used) + 1)
         self.recorder: TraceRecorder | None = None
-        self._zero_bitmaps: dict[tuple[int, int, int], bytes] = {}
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         end = offset + len(buf)
@@ -271,19 +270,17 @@ class ChunkedBase:
         return out
 
     def zero_bitmap(self, first_block: int, nblocks: int, block_size: int) -> bytes:
-        # Every clone of the version asks for the same map when it opens: built once per version.
-        key = (first_block, nblocks, block_size)
-        cached = self._zero_bitmaps.get(key)
-        if cached is None:
-            per = CHUNK // block_size
-            whole = bytearray(b"\x01" * ((len(self._slots) + 1) * per))
-            one = b"\x00" * per
-            for i, slot in enumerate(self._slots):
-                if slot != ZERO_SLOT:
-                    whole[i * per : (i + 1) * per] = one
-            mask = bytes(whole[first_block : first_block + nblocks])
-            cached = self._zero_bitmaps[key] = mask + b"\x01" * (nblocks - len(mask))
-        return cached
+        """One byte per block of the range: 1 where the block is in an all-zero chunk (or past the end)."""
+        per = CHUNK // block_size
+        first_chunk, stop_chunk = first_block // per, -(-(first_block + nblocks) // per)
+        slots = self._slots
+        out = bytearray(b"\x01" * ((stop_chunk - first_chunk) * per))
+        data = b"\x00" * per
+        for i in range(first_chunk, min(stop_chunk, len(slots))):
+            if slots[i] != ZERO_SLOT:
+                out[(i - first_chunk) * per : (i - first_chunk + 1) * per] = data
+        skip = first_block - first_chunk * per
+        return bytes(out[skip : skip + nblocks])
 
     def prefetch(self, offset: int, length: int) -> None:
         if self._reader is not None:

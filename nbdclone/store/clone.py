@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 from nbdclone.store.base import Base
 from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Move, Overlay
+from nbdclone.store.states import GROUP, GROUP_SHIFT, BlockStates
 
-_OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _SHIFT = BLOCK_SIZE.bit_length() - 1
 _MASK = BLOCK_SIZE - 1
+_GMASK = GROUP - 1
+_ZERO_PIECE = 1 << 30
 #: Bytes of each block looked at before comparing the whole block with zeros: spread out, none at the start
 #: of a 512-byte sector (where small integers and fio's offsets put zero bytes): 342, 257, 171, 511 into one.
 _PROBES = (BLOCK_SIZE // 3 + 1, BLOCK_SIZE // 2 + 257, 2 * BLOCK_SIZE // 3 + 1, BLOCK_SIZE - 1)
@@ -51,11 +53,10 @@ class Clone:
         self.overlay = overlay
         self.size = size
         self.nblocks = -(-size // BLOCK_SIZE)
-        self._state = bytearray(self.nblocks)
+        self._state = BlockStates(self.nblocks)
         for block, state in overlay.scan():
             if block < self.nblocks:
                 self._state[block] = state
-        self._base_zero = base.zero_bitmap(0, self.nblocks, BLOCK_SIZE)
         self._lock = overlay.lock  # the overlay's: one lock orders every change of the clone (I5)
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -65,9 +66,13 @@ class Clone:
         if not n:
             return
         first, stop = offset >> _SHIFT, ((offset + n - 1) >> _SHIFT) + 1
-        state = self._state
         # The hot path: blocks the clone never wrote are one base read, with no database lookup.
-        if state[first] == BASE if stop - first == 1 else state.count(BASE, first, stop) == stop - first:
+        if stop - first == 1:
+            g = self._state.groups.get(first >> GROUP_SHIFT)
+            if g is None or g[first & _GMASK] == BASE:
+                self.base.pread_into(buf, offset)
+                return
+        elif self._state.all_base(first, stop):
             self.base.pread_into(buf, offset)
             return
         with self._lock:
@@ -91,12 +96,7 @@ class Clone:
 
     def _run_end(self, i: int, stop: int) -> int:
         """The first block after i, before stop, whose state differs from block i's."""
-        end = stop
-        for other in _OTHERS[self._state[i]]:
-            at = self._state.find(other, i, end)
-            if at != -1:
-                end = at
-        return end
+        return self._state.run_end(i, stop)
 
     def _block(self, block: int) -> bytearray:
         """What `block` reads as now. Caller holds the lock."""
@@ -138,12 +138,18 @@ class Clone:
             else:
                 moves = []
             self.overlay.update((buf,), offset, moves, written=length)
-            state[first:stop] = b"\1" * (stop - first)
+            state.fill(first, stop, DATA)
         if fua:
             self.overlay.flush()
 
     def zero(self, length: int, offset: int, *, fua: bool = False) -> None:
-        self._modify(offset, length, None, fua=fua)
+        # In pieces of at most 1 GiB: a zero of a whole large disk keeps per-request arrays small.
+        end = offset + length
+        while end - offset > _ZERO_PIECE:
+            piece = _ZERO_PIECE - (offset & _MASK)
+            self._modify(offset, piece, None, fua=False)
+            offset += piece
+        self._modify(offset, end - offset, None, fua=fua)
 
     def _modify(
         self, offset: int, length: int, buf: memoryview | None, *, fua: bool, zeros: list[int] | None = None
@@ -174,12 +180,16 @@ class Clone:
             nzero = zero.count(1)
             state = self._state
             moves: list[Move] = []
-            if nzero or state.count(DATA, first, stop) != n:  # else: rewriting written blocks, no map change
-                base_zero = self._base_zero
+            base_zero = self.base.zero_bitmap(first, n, BLOCK_SIZE) if nzero else b""
+            if buf is None and head is None and tail is None and base_zero.count(1) == n:
+                # Zeroing whole blocks over base holes: only the blocks the clone holds change (a blank disk's
+                # whole-device zero costs what the clone wrote, not its size).
+                moves = [(b, s, BASE) for b, s in state.non_base(first, stop)]
+            elif nzero or state.count(DATA, first, stop) != n:  # else: rewriting written blocks, no map change
                 stored = buf is not None and 0 < nzero < n  # zero blocks' bytes go to the data file too
                 for i in range(n):
                     b = first + i
-                    new = (BASE if base_zero[b] else ZEROED) if zero[i] else DATA
+                    new = (BASE if base_zero[i] else ZEROED) if zero[i] else DATA
                     if new != state[b] or (stored and zero[i]):  # the latter: only their bytes are released
                         moves.append((b, state[b], new))
             if buf is not None:  # one update for the whole request
@@ -218,7 +228,7 @@ class Clone:
             stop = self.nblocks
         with self._lock:
             state = self._state
-            moves: list[Move] = [(b, state[b], BASE) for b in range(first, stop) if state[b] != BASE]
+            moves: list[Move] = [(b, s, BASE) for b, s in state.non_base(first, stop)]
             if moves:
                 self.overlay.update((), 0, moves, written=0)
             for b, _, _ in moves:
@@ -261,8 +271,8 @@ class Clone:
 
     def usage(self) -> CloneUsage:
         return CloneUsage(
-            data_blocks=self._state.count(DATA),
-            zero_blocks=self._state.count(ZEROED),
+            data_blocks=self._state.total(DATA),
+            zero_blocks=self._state.total(ZEROED),
             bytes_written=self.overlay.bytes_written(),
         )
 

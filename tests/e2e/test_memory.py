@@ -1,0 +1,59 @@
+"""Memory follows what a clone wrote, not its size; sizes no server could serve are refused at create."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.filesystems import LoopFs
+from tests.helpers import Server, cli
+
+TiB = 1 << 40
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_an_open_4_tib_blank_clone_costs_a_few_mib(tmp_path: Path, store_path: Path) -> None:
+    cli("clone", "create", "small", "--size", "64M", store=store_path)
+    cli("clone", "create", "huge", "--size", "4T", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", args=("--workers", "1")).start()
+    try:
+        warm = server.connect("small")  # the worker's own start-up (Python, RocksDB) is not counted
+        warm.pwrite(b"\x01" * 4096, 0)
+        pid = server.nbdkit_pid("huge")
+        before = _rss(pid)
+        h = server.connect("huge")
+        assert h.get_size() == 4 * TiB
+        for off in (0, TiB, 4 * TiB - 4096):  # writes far apart, reads, zeroes of 2 GiB (NBD's bound: 4 GiB)
+            h.pwrite(b"\x5a" * 4096, off)
+            assert h.pread(4096, off) == b"\x5a" * 4096
+        assert h.pread(4096, 2 * TiB) == bytes(4096)
+        h.flush()
+        grown = _rss(pid) - before
+        assert grown < 16 << 20, f"opening a 4 TiB clone grew the worker by {grown >> 20} MiB"
+        h.zero(2 << 30, TiB - (1 << 30))
+        assert h.pread(4096, TiB) == bytes(4096)
+        assert h.pread(4096, 0) == b"\x5a" * 4096
+        assert _rss(pid) - before < 16 << 20
+        h.shutdown()
+        warm.shutdown()
+    finally:
+        server.stop()
+
+
+def test_a_size_the_file_system_cannot_hold_is_refused_at_create(tmp_path: Path) -> None:
+    fs = LoopFs("ext4", tmp_path)  # with 4 KiB blocks, ext4 files stop at 16 TiB
+    try:
+        store = fs.path / "store"
+        proc = cli("clone", "create", "too-big", "--size", "1000T", store=store, check=False)
+        assert proc.returncode != 0
+        assert proc.stderr.count("\n") == 1 and "file system can hold" in proc.stderr, proc.stderr
+        assert "too-big" not in cli("clone", "list", store=store).stdout
+        cli("clone", "create", "fits", "--size", "15T", store=store)
+    finally:
+        fs.close()
+
