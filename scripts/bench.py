@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -356,6 +357,8 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=TRACE, help="fio iolog of a recorded boot (default: %(default)s)")
     ap.add_argument("--no-prime", dest="prime", action="store_false", help="do not touch free memory before write runs")
     args = ap.parse_args()
+    # SIGTERM (a CI timeout, kill PID) unwinds like Ctrl-C, so the finally blocks stop every server by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.trace.is_file():
         ap.error(f"no boot trace at {args.trace} (the repository's ../shared/traces; or give --trace PATH)")
     if not re.fullmatch(r"[1-9][0-9]*[MG]", args.size):

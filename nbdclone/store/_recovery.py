@@ -39,7 +39,12 @@ def fingerprint(block: bytes | bytearray | memoryview) -> bytes:
 def tentative(prev: int, generation: int, *prints: bytes) -> bytes:
     """A block became DATA in `generation`; its bytes are one of `prints` (the acknowledged one, and one being
     written over it)."""
-    return bm.TENTATIVE + bytes((prev,)) + generation.to_bytes(8, "big") + b"".join(prints)
+    return tentative_head(prev, generation) + b"".join(prints)
+
+
+def tentative_head(prev: int, generation: int) -> bytes:
+    """What every tentative entry of blocks that were `prev` in `generation` starts with."""
+    return bm.TENTATIVE + bytes((prev,)) + generation.to_bytes(8, "big")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,10 +39,11 @@ from nbdclone.store import _blockmap as bm
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._datafile import DataFile
 from nbdclone.store._fs import fsync_dir, runs
-from nbdclone.store._recovery import fingerprint, recover, tentative
-from nbdclone.store.overlay import BLOCK_SIZE, DATA, Change, Move
+from nbdclone.store._recovery import fingerprint, recover, tentative, tentative_head
+from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Change, Move
 
 _SHIFT = BLOCK_SIZE.bit_length() - 1
+_INDEX = bm.INDEX
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class RocksOverlay:
             buf = bufs[0]
             if moves:  # a first write
                 data.write(bufs, offset, BLOCK_SIZE)
-                self._first_writes([(block, moves[0][1], buf)])
+                self._first_writes([(block, moves[0][1])], memoryview(buf), block)
             elif block in tentative_blocks:
                 self._rewrite_tentative([(block, buf)])
                 data.write(bufs, offset, BLOCK_SIZE)
@@ -203,45 +204,48 @@ class RocksOverlay:
     def _update(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move]) -> None:
         data = self._data
         assert data is not None
-        firsts = {block: old for block, old, new in moves if new == DATA}
-        if bufs:
-            length = sum(len(b) for b in bufs)
-            whole = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs))
-            first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
-            tentative_blocks = self._tentative
-
-            def view(block: int) -> memoryview:
-                return whole[(block - first) << _SHIFT : (block - first + 1) << _SHIFT]
-
-            if tentative_blocks:
-                again = [b for b in range(first, stop) if b in tentative_blocks and b not in firsts]
-                if again:
-                    self._rewrite_tentative([(b, view(b)) for b in again])
-            data.write(bufs, offset, length)
+        firsts = [(block, old) for block, old, new in moves if new == DATA]
+        if not bufs:
             if firsts:
-                self._first_writes([(b, old, view(b)) for b, old in firsts.items()], others=moves)
-                return
-        elif firsts:
-            raise ValueError("a block cannot become DATA without its bytes")
-        self._apply(moves)
+                raise ValueError("a block cannot become DATA without its bytes")
+            self._apply(moves)
+            return
+        length = sum(len(b) for b in bufs)
+        whole = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs))
+        first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
+        tentative_blocks = self._tentative
+        if tentative_blocks and len(firsts) < stop - first:
+            new = {block for block, _ in firsts}
+            again = [b for b in range(first, stop) if b in tentative_blocks and b not in new]
+            if again:
+                self._rewrite_tentative([(b, whole[(b - first) << _SHIFT : (b - first + 1) << _SHIFT]) for b in again])
+        data.write(bufs, offset, length)
+        if firsts:
+            self._first_writes(firsts, whole, first, others=moves)
+        else:
+            self._apply(moves)
 
     def _first_writes(
-        self, blocks: Sequence[tuple[int, int, bytes | bytearray | memoryview]], others: Sequence[Move] = ()
+        self, firsts: Sequence[tuple[int, int]], whole: memoryview, first: int, others: Sequence[Move] = ()
     ) -> None:
-        """Blocks whose bytes are written become DATA: tentative entries (I3), in one batch with `others`."""
+        """Blocks whose bytes are written (`whole` holds them, from block `first` on) become DATA: tentative
+        entries (I3), in one batch with the changes of `others` that are not first writes."""
         gen = self._gen
+        heads = {BASE: tentative_head(BASE, gen), ZEROED: tentative_head(ZEROED, gen)}  # not DATA: KeyError
+        tentative_blocks = self._tentative
         batch: list[tuple[bytes, bytes | None]] = []
-        for block, old, buf in blocks:
-            assert old != DATA, f"block {block} is DATA already"
-            mark = fingerprint(buf)
-            batch.append((bm.key(block), tentative(old, gen, mark)))
-            self._tentative[block] = (old, gen, mark)
+        append = batch.append
+        for block, old in firsts:
+            at = (block - first) << _SHIFT
+            mark = fingerprint(whole[at : at + BLOCK_SIZE])
+            append((_INDEX + block.to_bytes(8, "big"), heads[old] + mark))
+            tentative_blocks[block] = (old, gen, mark)
         if len(batch) == 1 and not others:
             self._map.put(*batch[0])  # type: ignore[arg-type]
         else:
             self._apply(others, batch)
         if self._to_punch or self._punching:
-            for block, _, _ in blocks:
+            for block, _ in firsts:
                 self._to_punch.discard(block)
                 self._punching.discard(block)
 

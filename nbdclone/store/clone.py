@@ -133,8 +133,9 @@ class Clone:
         first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
         state = self._state
         with self._lock:
-            if state.count(DATA, first, stop) != stop - first:
-                moves = [(b, state[b], DATA) for b in range(first, stop) if state[b] != DATA]
+            now = state.slice(first, stop)
+            if now.count(DATA) != stop - first:
+                moves = [(first + i, s, DATA) for i, s in enumerate(now) if s != DATA]
             else:
                 moves = []
             self.overlay.update((buf,), offset, moves, written=length)

@@ -47,6 +47,14 @@ class BlockStates:
             first = end
         return out
 
+    def slice(self, first: int, stop: int) -> bytes:
+        """The states of blocks [first, stop), a byte each."""
+        if first >> GROUP_SHIFT == (stop - 1) >> GROUP_SHIFT:
+            g = self.groups.get(first >> GROUP_SHIFT)
+            return bytes(stop - first) if g is None else bytes(g[first & _MASK : ((stop - 1) & _MASK) + 1])
+        spans = self._spans(first, stop)
+        return b"".join(self.slice((gi << GROUP_SHIFT) + lo, (gi << GROUP_SHIFT) + hi) for gi, lo, hi in spans)
+
     def fill(self, first: int, stop: int, state: int) -> None:
         for gi, lo, hi in self._spans(first, stop):
             g = self.groups.get(gi)
@@ -108,10 +116,6 @@ class BlockStates:
 
     def total(self, state: int) -> int:
         held = sum(g.count(state) for g in self.groups.values())
-        if state == BASE:
+        if state == BASE:  # blocks of groups not held; the last group's bytes past the disk cancel out
             held += self.nblocks - len(self.groups) * GROUP
-            # the last group may extend past the disk: its bytes there are BASE and were counted
-            last = (self.nblocks - 1) >> GROUP_SHIFT
-            if last in self.groups:
-                held -= GROUP - (self.nblocks - (last << GROUP_SHIFT))
         return held
