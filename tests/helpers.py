@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -151,6 +152,19 @@ class Server:
         rest = self.proc.stdout.read() if self.proc.stdout else ""
         self.log.append(rest)
         return self.proc.returncode
+
+
+def wait_gone(pids: list[int], timeout: float = 15, *, kill: bool = True) -> None:
+    """Wait until each process has ended; past `timeout`, kill it (or fail, if not `kill`)."""
+    for pid in pids:
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if Path(f"/proc/{pid}").exists():
+            assert kill, f"process {pid} did not end"
+            os.kill(pid, signal.SIGKILL)
+            while Path(f"/proc/{pid}").exists():
+                time.sleep(0.02)
 
 
 def pread_all(h: nbd.NBD, size: int, chunk: int = 1 << 20) -> bytes:

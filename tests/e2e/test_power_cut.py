@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
 import subprocess
 import threading
 import time
@@ -24,7 +22,7 @@ import nbd
 import pytest
 
 from tests.filesystems import LoopFs
-from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all
+from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_gone
 
 BS = 4096
 SIZE = 8 << 20
@@ -86,21 +84,8 @@ def _flusher(h: nbd.NBD, history: History, stop: threading.Event) -> None:
 
 def _stop(server: Server, workers: list[int]) -> None:
     """Stop a server whose store just failed under it: ask, then kill; wait until its `workers` are gone."""
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
-    for pid in workers:
-        deadline = time.monotonic() + 15
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
-            while Path(f"/proc/{pid}").exists():
-                time.sleep(0.02)
+    server.stop()
+    wait_gone(workers)
 
 
 def _check(server: Server, histories: dict[str, History], when: str) -> dict[str, bytes]:

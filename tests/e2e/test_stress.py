@@ -12,14 +12,13 @@ import os
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 
 import nbd
 import pytest
 
 from tests.filesystems import KINDS, mounted
-from tests.helpers import Server, cli, make_image, pread_all
+from tests.helpers import Server, cli, make_image, pread_all, wait_gone
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -83,13 +82,6 @@ def _verify(server: Server, models: dict[str, bytearray], when: str) -> None:
             raise AssertionError(f"{when}: clone {name} lost {len(bad)} acknowledged block(s), first {bad[:8]}")
 
 
-def _gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not Path(f"/proc/{pid}").exists(), f"process {pid} did not end"
-
-
 BASE = b""
 
 
@@ -122,8 +114,7 @@ def test_connections_restarts_and_kills_keep_every_acknowledged_write(tmp_path: 
             workers = [w["pid"] for w in server.info()["workers"]]
             server.proc.send_signal(signal.SIGKILL)  # its workers go too (--exit-with-parent)
             server.proc.wait()
-            for pid in workers:
-                _gone(pid)
+            wait_gone(workers, 30, kill=False)
             server = Server(store, sock, args=("--workers", "2")).start()  # its stale sockets are in the way
             _verify(server, models, "after kill -9 of the supervisor")
         finally:

@@ -327,6 +327,25 @@ TestCrashes.settings = settings(
 )
 
 
+def _scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> tuple[bytes, FaultLayer, Clone]:
+    """A clone of an all-data base on a new overlay watched by a fault layer: (base bytes, layer, clone)."""
+    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=seed)
+    path = tmp_path / "ov"
+    create_overlay(path)
+    faults = FaultLayer(monkeypatch, path)
+    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+    faults.opened()
+    return base, faults, clone
+
+
+def _after_power_cut(tmp_path: Path, clone: Clone, faults: FaultLayer, seed: int, policy: str) -> Clone:
+    die(clone.overlay)
+    faults.cut_power(random.Random(seed), policy)
+    overlay = clone.overlay
+    assert isinstance(overlay, RocksOverlay)
+    return Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(overlay.path), SIZE)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
 def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
@@ -334,20 +353,13 @@ def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
 ) -> None:
     """The fault model is not vacuous: an unflushed first write whose bytes or entry did not reach the disk
     goes back to the base (never to zeros); one whose bytes and entry both did may stay; a flushed one stays."""
-    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=3)
-    path = tmp_path / "ov"
     for attempt in range(8):
-        shutil.rmtree(path, ignore_errors=True)
-        create_overlay(path)
-        faults = FaultLayer(monkeypatch, path)
-        clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
-        faults.opened()
+        shutil.rmtree(tmp_path / "ov", ignore_errors=True)
+        base, faults, clone = _scenario(tmp_path, monkeypatch, 3)
         clone.pwrite(memoryview(b"\x77" * BS), 0)
         if flushed:
             clone.flush()
-        die(clone.overlay)
-        faults.cut_power(random.Random(attempt), policy)
-        clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+        clone = _after_power_cut(tmp_path, clone, faults, attempt, policy)
         buf = bytearray(BS)
         clone.pread_into(memoryview(buf), 0)
         if flushed:
@@ -374,20 +386,13 @@ def test_a_flushed_block_changed_after_the_flush_reads_old_or_new_after_a_power_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Clone], object], policy: str
 ) -> None:
     """I4 in the worst cases: the change's map entry lost with its data kept, or the other way round."""
-    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=5)
-    path = tmp_path / "ov"
-    create_overlay(path)
-    faults = FaultLayer(monkeypatch, path)
-    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
-    faults.opened()
+    base, faults, clone = _scenario(tmp_path, monkeypatch, 5)
     clone.pwrite(memoryview(b"\x77" * BS), 0)
     clone.flush()
     change(clone)
     new = bytearray(BS)
     clone.pread_into(memoryview(new), 0)
-    die(clone.overlay)
-    faults.cut_power(random.Random(0), policy)
-    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+    clone = _after_power_cut(tmp_path, clone, faults, 0, policy)
     got = bytearray(BS)
     clone.pread_into(memoryview(got), 0)
     assert got in (b"\x77" * BS, new, base[:BS])  # base: the state between trim and write
@@ -401,21 +406,14 @@ def test_a_power_cut_inside_a_flush_leaves_old_or_new_never_zeros(
 ) -> None:
     """I3's order: the data file is synced before the map says its generation is durable. A cut between the
     two syncs of a flush must leave each block with its old or its new bytes."""
-    base = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)], seed=6)
-    path = tmp_path / "ov"
-    create_overlay(path)
-    faults = FaultLayer(monkeypatch, path)
-    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
-    faults.opened()
+    base, faults, clone = _scenario(tmp_path, monkeypatch, 6)
     new = [bytes([b + 1]) * BS for b in range(8)]
     for b in range(8):
         clone.pwrite(memoryview(new[b]), b * BS)
     faults.armed = cut_at
     with pytest.raises(PowerCut):
         clone.flush()
-    die(clone.overlay)
-    faults.cut_power(random.Random(cut_at), policy)
-    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
+    clone = _after_power_cut(tmp_path, clone, faults, cut_at, policy)
     for b in range(8):
         got = bytearray(BS)
         clone.pread_into(memoryview(got), b * BS)
