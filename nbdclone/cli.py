@@ -223,7 +223,9 @@ def _version_label(r: dict[str, Any]) -> str:
     if r["base"] is None:
         return "-"
     label = f"{r['base']}@{r['version']}" + ("" if r["follows"] else " (pinned)")
-    return label + (" (moves on next open)" if r["move_pending"] else "")
+    if not r["move_pending"]:
+        return label
+    return label + (" (moves once its clients are gone)" if r["held"] else " (moves on next open)")
 
 
 @clone_app.command("list")
