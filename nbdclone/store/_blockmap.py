@@ -66,6 +66,12 @@ def _options(create: bool) -> rocksdict.Options:
     opts.set_skip_stats_update_on_db_open(True)
     # Map entries are tiny and incompressible enough; compression only costs CPU on the write path.
     opts.set_compression_type(rocksdict.DBCompressionType.none())
+    # A block rewritten before the next flush gets its entry rewritten (two fingerprints, the same size
+    # each time): updated in place, the memtable does not grow with rewrites and is not flushed to disk
+    # for them (measured: a rewrite's put 5.7 -> 2.9 us, no level-0 file after 786k rewrites of 262k keys).
+    # In-place updates need memtable writes from one writer at a time, which the overlay's lock gives.
+    opts.set_allow_concurrent_memtable_write(False)
+    opts.set_inplace_update_support(True)
     table = rocksdict.BlockBasedOptions()
     table.set_block_cache(cache)
     opts.set_block_based_table_factory(table)

@@ -238,7 +238,7 @@ class RocksOverlay:
         for block, old in firsts:
             at = (block - first) << _SHIFT
             mark = fingerprint(whole[at : at + BLOCK_SIZE])
-            append((_INDEX + block.to_bytes(8, "big"), heads[old] + mark))
+            append((_INDEX + block.to_bytes(8, "big"), heads[old] + mark + mark))  # rewrites' size: in place
             tentative_blocks[block] = (old, gen, mark)
         if len(batch) == 1 and not others:
             self._map.put(*batch[0])  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ nbdkit's file plugin).
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -102,7 +103,14 @@ class Registry:
                     )
                 state = self.store.start_overlay(record, version)
             if follows:
-                self.store.hold(record)
+                try:
+                    self.store.hold(record)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    # A full disk: serve the clone (reads) rather than refuse it; it is not marked held, so a
+                    # crash before its clients leave could let a pending promote move it.
+                    log.warning("clone %s: cannot mark it held (%s); serving it unmarked", name, exc)
             key, base = self._get_base(record, version)
             if key is not None and self._traces.get(key) and self._reader is not None:
                 self._prefetch(key, f"{record.base}@{version}")
