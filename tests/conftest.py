@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +21,17 @@ def server(tmp_path: Path, store_path: Path) -> Iterator[Server]:
     store_path.mkdir(exist_ok=True)
     yield srv.start()
     srv.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_memory_left_clean() -> Iterator[None]:
+    """Stores made by tests keep their cache access bytes (and read-only RocksDB logs) in /dev/shm: remove
+    what this session added there."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("nbdclone-*"))
+    yield
+    for path in set(shm.glob("nbdclone-*")) - before:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -170,6 +170,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
         restore()
         await asyncio.gather(*(_shutdown(w, cfg.grace) for w in workers))
         store.clear_server_info(os.getpid())
+        store.clock_path.unlink(missing_ok=True)  # access hints; the next server starts them afresh
         for w in workers:
             w.pidfile.unlink(missing_ok=True)
             if cfg.listen is None:
