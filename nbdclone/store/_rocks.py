@@ -47,10 +47,8 @@ _INDEX = bm.INDEX
 
 log = logging.getLogger(__name__)
 
-BLOCK_CACHE_BYTES = bm.BLOCK_CACHE_BYTES
 LEGACY_MARK = "EMPTY"  # nbdclone 0.1 kept some overlays' maps in the data file's extents (unreliable: I1)
 _OPEN, _CLOSED = b"1", b"0"
-_shared_resources = bm.shared_resources
 
 
 class RocksOverlay:

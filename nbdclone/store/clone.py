@@ -82,7 +82,7 @@ class Clone:
         end = offset + len(buf)
         i = first
         while i < stop:
-            j = self._run_end(i, stop)
+            j = self._state.run_end(i, stop)
             lo, hi = max(offset, i * BLOCK_SIZE), min(end, j * BLOCK_SIZE)
             dst = buf[lo - offset : hi - offset]
             kind = self._state[i]
@@ -93,10 +93,6 @@ class Clone:
             else:
                 self.overlay.read(dst, lo)
             i = j
-
-    def _run_end(self, i: int, stop: int) -> int:
-        """The first block after i, before stop, whose state differs from block i's."""
-        return self._state.run_end(i, stop)
 
     def _block(self, block: int) -> bytearray:
         """What `block` reads as now. Caller holds the lock."""
@@ -256,7 +252,7 @@ class Clone:
         first, stop = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
         i = first
         while i < stop and len(out) < MAX_EXTENTS:
-            j = self._run_end(i, stop)
+            j = self._state.run_end(i, stop)
             lo, hi = max(offset, i * BLOCK_SIZE), min(end, j * BLOCK_SIZE)
             kind = self._state[i]
             if kind == BASE:
