@@ -67,6 +67,10 @@ class BaseImage:
                 raise ShortRead(path=self.path, wanted=want, offset=offset, got=got)
             got += n
 
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """The (start, end) byte ranges that are not holes, in order."""
+        return list(zip(self._starts, self._ends, strict=True))
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Data and zero (hole) extents covering [offset, offset + length)."""
         end = offset + length

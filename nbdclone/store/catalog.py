@@ -293,13 +293,13 @@ class Store:
         record.version(vid, self.path)
         return record, vid
 
-    def version_map(self, record: BaseRecord, vid: str) -> VersionMap:
-        return VersionMap.load(self.map_path(record, vid))
+    def version_map(self, record: BaseRecord, vid: str, *, digests: bool = False) -> VersionMap:
+        return VersionMap.load(self.map_path(record, vid), digests=digests)
 
-    def all_version_maps(self, catalog: Catalog | None = None) -> Iterator[VersionMap]:
+    def all_version_maps(self, catalog: Catalog | None = None, *, digests: bool = False) -> Iterator[VersionMap]:
         for base in (catalog or self.catalog()).bases.values():
             for vid in base.versions:
-                yield self.version_map(base, vid)
+                yield self.version_map(base, vid, digests=digests)
 
     def add_version(self, name: str, vmap: VersionMap, source: str, new_chunks: int) -> tuple[BaseRecord, str]:
         """Commit an imported version of base `name` (created if new). Caller holds chunks.writer()."""

@@ -7,7 +7,10 @@
       2 -> 18          (slots of one import are consecutive,     +----+----+----+----+----+----+
                         so a long read is one pread)
 
-A version is a flat map, never a chain: reading version 100 costs what reading version 1 does. Chunks are
+A version is one map, never a chain: reading version 100 costs what reading version 1 does. The map is
+paged (PAGE chunks, 256 MiB of disk, per page) and a page exists only where the version holds data, so a
+1 TiB base holding 12 MiB costs a page or two, in memory and on disk, and imports in the time its data
+takes (an import reads only the source's data ranges). Chunks are
 keyed by a 128-bit mmh3 digest, and the bytes are compared before a chunk is shared, so a digest collision
 can only cost space, never mix data. A slot that no version references is free: gc punches it out of the
 pack (the store shrinks) and a later import fills it again. Slots written by an import that crashed before
@@ -25,8 +28,9 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import mmh3
 
@@ -42,8 +46,14 @@ _SHIFT = 16
 _MASK = CHUNK - 1
 ZERO_SLOT = -1
 _ZERO_CHUNK = bytes(CHUNK)
-_MAP_MAGIC = b"NBDCLMAP"
-_MAP_HEADER = struct.Struct("<8sQQ")  # magic, size, number of chunks
+PAGE_SHIFT = 12
+PAGE = 1 << PAGE_SHIFT  # chunks per version-map page
+PAGE_MASK = PAGE - 1
+_FLAT_MAGIC = b"NBDCLMAP"
+_MAP_MAGIC = b"NBDCLMP2"
+_MAP_HEADER = struct.Struct("<8sQQ")  # magic, size, number of pages (flat maps: of chunks)
+_PAGE_INDEX = struct.Struct("<Q")
+_PAGE_BYTES = _PAGE_INDEX.size + 24 * PAGE  # index, slots, digests
 
 
 def digest(data: bytes | memoryview) -> bytes:
@@ -51,40 +61,111 @@ def digest(data: bytes | memoryview) -> bytes:
     return bytes(mmh3.mmh3_x64_128_digest(data))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class VersionMap:
-    """The chunks of one base version: slots[i] holds chunk i (ZERO_SLOT for an all-zero chunk)."""
+    """The chunks of one base version, paged: a page maps PAGE chunks (256 MiB of disk) and exists only where
+    the version holds data, so a map costs what the base holds, not its size (a 1 TiB base with 12 MiB of
+    data: one page). `pages[p][k]` is the slot of chunk p * PAGE + k, ZERO_SLOT for an all-zero chunk;
+    `digest_pages[p]` holds 16 bytes per chunk of that page (zeros for ZERO_SLOT chunks), loaded only where
+    an import needs them (serving never does)."""
 
     size: int
-    slots: array[int]
-    digests: bytes  # 16 bytes per chunk, zeros for ZERO_SLOT chunks
+    pages: dict[int, array[int]] = field(default_factory=dict)
+    digest_pages: dict[int, bytearray] | None = field(default_factory=dict)
 
     @property
     def nchunks(self) -> int:
-        return len(self.slots)
+        return -(-self.size // CHUNK)
+
+    def slot(self, i: int) -> int:
+        page = self.pages.get(i >> PAGE_SHIFT)
+        return ZERO_SLOT if page is None else page[i & PAGE_MASK]
+
+    def put(self, i: int, slot: int, key: bytes) -> None:
+        """Record chunk i (an import's; i below nchunks) as stored in `slot` with digest `key`."""
+        p = i >> PAGE_SHIFT
+        page = self.pages.get(p)
+        if page is None:
+            page = self.pages[p] = array("q", [ZERO_SLOT]) * PAGE
+            assert self.digest_pages is not None
+            self.digest_pages[p] = bytearray(16 * PAGE)
+        page[i & PAGE_MASK] = slot
+        k = 16 * (i & PAGE_MASK)
+        self.digest_pages[p][k : k + 16] = key  # type: ignore[index]
+
+    def stored(self) -> Iterator[tuple[int, int, bytes]]:
+        """(chunk, slot, digest) of every chunk that is not all zeros, in chunk order."""
+        assert self.digest_pages is not None, "loaded without digests"
+        for p in sorted(self.pages):
+            page, keys = self.pages[p], self.digest_pages[p]
+            for k, slot in enumerate(page):
+                if slot != ZERO_SLOT:
+                    yield (p << PAGE_SHIFT) + k, slot, bytes(keys[16 * k : 16 * k + 16])
+
+    def used_slots(self) -> set[int]:
+        used: set[int] = set()
+        for page in self.pages.values():
+            used.update(page)
+        used.discard(ZERO_SLOT)
+        return used
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, VersionMap)
+            and self.size == other.size
+            and {p: list(s) for p, s in self.pages.items()} == {p: list(s) for p, s in other.pages.items()}
+        )
 
     def save(self, path: Path) -> None:
+        """Written once, beside the version, before the catalog names it (fsync, then rename)."""
+        assert self.digest_pages is not None, "loaded without digests"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(_MAP_HEADER.pack(_MAP_MAGIC, self.size, self.nchunks))
-            f.write(self.slots.tobytes())
-            f.write(self.digests)
+            f.write(_MAP_HEADER.pack(_MAP_MAGIC, self.size, len(self.pages)))
+            for p in sorted(self.pages):
+                f.write(_PAGE_INDEX.pack(p))
+                f.write(self.pages[p].tobytes())
+                f.write(self.digest_pages[p])
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> VersionMap:
-        raw = path.read_bytes()
-        magic, size, n = _MAP_HEADER.unpack_from(raw)
-        if magic != _MAP_MAGIC or len(raw) != _MAP_HEADER.size + n * 24:
-            raise StorageError(errno.EIO, what=f"version map {path}", detail="corrupt")
-        slots = array("q")
-        slots.frombytes(raw[_MAP_HEADER.size : _MAP_HEADER.size + 8 * n])
-        return cls(size, slots, raw[_MAP_HEADER.size + 8 * n :])
+    def load(cls, path: Path, *, digests: bool = False) -> VersionMap:
+        """The map at `path`; with `digests`, also each chunk's digest (what an import compares against)."""
+        corrupt = StorageError(errno.EIO, what=f"version map {path}", detail="corrupt")
+        with open(path, "rb") as f:
+            raw = f.read(_MAP_HEADER.size)
+            if len(raw) != _MAP_HEADER.size:
+                raise corrupt
+            magic, size, n = _MAP_HEADER.unpack(raw)
+            if magic == _FLAT_MAGIC:
+                return cls._load_flat(f, size, n, corrupt)
+            if magic != _MAP_MAGIC or os.fstat(f.fileno()).st_size != _MAP_HEADER.size + n * _PAGE_BYTES:
+                raise corrupt
+            vm = cls(size, {}, {} if digests else None)
+            for _ in range(n):
+                raw = f.read(_PAGE_BYTES)
+                (p,) = _PAGE_INDEX.unpack_from(raw)
+                if p << PAGE_SHIFT >= vm.nchunks or p in vm.pages:
+                    raise corrupt
+                vm.pages[p] = array("q", raw[_PAGE_INDEX.size : _PAGE_INDEX.size + 8 * PAGE])
+                if vm.digest_pages is not None:
+                    vm.digest_pages[p] = bytearray(raw[_PAGE_INDEX.size + 8 * PAGE :])
+        return vm
 
-    def used_slots(self) -> set[int]:
-        return set(self.slots) - {ZERO_SLOT}
+    @classmethod
+    def _load_flat(cls, f: BinaryIO, size: int, n: int, corrupt: Exception) -> VersionMap:
+        """The first format (one slot and digest for every chunk), as stores before paged maps wrote it."""
+        raw = f.read()
+        if len(raw) != n * 24:
+            raise corrupt
+        slots = array("q", raw[: 8 * n])
+        vm = cls(size)
+        for i, slot in enumerate(slots):
+            if slot != ZERO_SLOT:
+                vm.put(i, slot, raw[8 * n + 16 * i : 8 * n + 16 * i + 16])
+        return vm
 
 
 class ChunkStore:
@@ -112,22 +193,20 @@ class ChunkStore:
         existing: Iterable[VersionMap],
         progress: Callable[[int], None] = lambda n: None,
     ) -> tuple[VersionMap, int]:
-        """Store `chunks` ((index, data or None for all-zero), in order), sharing what `existing` versions
-        hold. Returns the new version's map and how many chunks it had to write. Caller holds writer()."""
+        """Store `chunks` ((index, data or None for all-zero), in order; a chunk not given is all zeros),
+        sharing what `existing` versions hold (loaded with digests). Returns the new version's map and how
+        many chunks it had to write. Caller holds writer()."""
         index: dict[bytes, list[int]] = {}
         used: set[int] = set()
         for vm in existing:
-            for i, slot in enumerate(vm.slots):
-                if slot != ZERO_SLOT:
-                    index.setdefault(vm.digests[16 * i : 16 * i + 16], []).append(slot)
-                    used.add(slot)
+            for _, slot, key in vm.stored():
+                index.setdefault(key, []).append(slot)
+                used.add(slot)
         for candidates in index.values():
             candidates[:] = sorted(set(candidates))
         nslots = self.nslots()
         free = sorted(set(range(nslots)) - used, reverse=True)
-        n = -(-size // CHUNK)
-        slots = array("q", [ZERO_SLOT]) * n
-        digests = bytearray(16 * n)
+        vmap = VersionMap(size)
         written = 0
         fd = os.open(self.pack, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -138,7 +217,6 @@ class ChunkStore:
                 if len(data) < CHUNK:
                     data = data + bytes(CHUNK - len(data))
                 key = digest(data)
-                digests[16 * i : 16 * i + 16] = key
                 found = self._find(fd, index.get(key, ()), data)
                 if found is not None:
                     slot = found
@@ -148,11 +226,11 @@ class ChunkStore:
                     _pwrite_all(fd, data, slot * CHUNK)
                     index.setdefault(key, []).append(slot)
                     written += 1
-                slots[i] = slot
+                vmap.put(i, slot, key)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return VersionMap(size, slots, bytes(digests)), written
+        return vmap, written
 
     def _find(self, fd: int, candidates: Iterable[int], data: bytes) -> int | None:
         """A slot whose bytes equal `data`; the digest only nominates candidates."""
@@ -199,7 +277,7 @@ class ChunkedBase:
     def __init__(self, pack: Path, vmap: VersionMap, reader: PackReader | None = None) -> None:
         self.size = vmap.size
         self.map = vmap
-        self._slots = vmap.slots
+        self._pages = vmap.pages
         self._own_reader = reader is None
         used = vmap.used_slots()
         if reader is None and used:
@@ -211,36 +289,33 @@ class ChunkedBase:
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         end = offset + len(buf)
-        slots = self._slots
         i = offset >> _SHIFT
         recorder = self.recorder
         if recorder is not None:
             recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
             if recorder.done:  # off the hot path for the rest of the version's life
                 self.recorder = None
-        if end <= (i + 1) << _SHIFT and i < len(slots) and slots[i] >= 0:
+        page = self._pages.get(i >> PAGE_SHIFT)
+        if end <= (i + 1) << _SHIFT and page is not None and (slot := page[i & PAGE_MASK]) >= 0:
             # The hot path: inside one stored chunk.
-            self._reader.read(buf, (slots[i] << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
+            self._reader.read(buf, (slot << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
             return
+        slot_of = self.map.slot
         pos = offset
         while pos < end:
-            i = pos // CHUNK
-            slot = slots[i] if i < len(slots) else ZERO_SLOT
+            i = pos >> _SHIFT
+            slot = slot_of(i)
             # Extend the run while the next chunk sits in the next slot (or is zero, with zeros).
             j = i + 1
-            stop = min(end, (i + 1) * CHUNK)
-            while (
-                stop < end
-                and j < len(slots)
-                and (slots[j] == ZERO_SLOT if slot == ZERO_SLOT else slots[j] == slot + (j - i))
-            ):
+            stop = min(end, j << _SHIFT)
+            while stop < end and slot_of(j) == (ZERO_SLOT if slot == ZERO_SLOT else slot + (j - i)):
                 j += 1
-                stop = min(end, j * CHUNK)
+                stop = min(end, j << _SHIFT)
             dst = buf[pos - offset : stop - offset]
             if slot == ZERO_SLOT:
                 dst[:] = bytes(len(dst))
             else:
-                self._reader.read(dst, slot * CHUNK + (pos - i * CHUNK))  # type: ignore[union-attr]
+                self._reader.read(dst, (slot << _SHIFT) + (pos - (i << _SHIFT)))  # type: ignore[union-attr]
             pos = stop
 
     def slot_ranges(self, chunks: Iterable[int], *, ordered: bool = False) -> list[tuple[int, int]]:
@@ -249,36 +324,49 @@ class ChunkedBase:
         seen: set[int] = set()
         slots = []
         for i in chunks:
-            if i < len(self._slots) and self._slots[i] != ZERO_SLOT and self._slots[i] not in seen:
-                seen.add(self._slots[i])
-                slots.append(self._slots[i])
+            slot = self.map.slot(i)
+            if slot != ZERO_SLOT and slot not in seen:
+                seen.add(slot)
+                slots.append(slot)
         return list(runs(slots if ordered else sorted(slots)))
+
+    def _chunk_runs(self, first: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """(first chunk, end chunk, zero) runs covering chunks [first, stop): a missing page is one run."""
+        i = first
+        while i < stop:
+            page = self._pages.get(i >> PAGE_SHIFT)
+            page_end = min(stop, ((i >> PAGE_SHIFT) + 1) << PAGE_SHIFT)
+            if page is None:
+                yield i, page_end, True
+                i = page_end
+                continue
+            while i < page_end:
+                zero = page[i & PAGE_MASK] == ZERO_SLOT
+                j = i + 1
+                while j < page_end and (page[j & PAGE_MASK] == ZERO_SLOT) == zero:
+                    j += 1
+                yield i, j, zero
+                i = j
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         end = offset + length
-        pos = offset
-        while pos < end:
-            i = pos // CHUNK
-            zero = i >= len(self._slots) or self._slots[i] == ZERO_SLOT
-            stop = min(end, (i + 1) * CHUNK)
+        for first, stop, zero in self._chunk_runs(offset >> _SHIFT, ((end - 1) >> _SHIFT) + 1):
+            lo, hi = max(offset, first << _SHIFT), min(end, stop << _SHIFT)
             if out and out[-1].zero == zero:
-                out[-1] = Extent(out[-1].offset, stop - out[-1].offset, zero)
+                out[-1] = Extent(out[-1].offset, hi - out[-1].offset, zero)
             else:
-                out.append(Extent(pos, stop - pos, zero))
-            pos = stop
+                out.append(Extent(lo, hi - lo, zero))
         return out
 
     def zero_bitmap(self, first_block: int, nblocks: int, block_size: int) -> bytes:
         """One byte per block of the range: 1 where the block is in an all-zero chunk (or past the end)."""
         per = CHUNK // block_size
         first_chunk, stop_chunk = first_block // per, -(-(first_block + nblocks) // per)
-        slots = self._slots
         out = bytearray(b"\x01" * ((stop_chunk - first_chunk) * per))
-        data = b"\x00" * per
-        for i in range(first_chunk, min(stop_chunk, len(slots))):
-            if slots[i] != ZERO_SLOT:
-                out[(i - first_chunk) * per : (i - first_chunk + 1) * per] = data
+        for first, stop, zero in self._chunk_runs(first_chunk, stop_chunk):
+            if not zero:
+                out[(first - first_chunk) * per : (stop - first_chunk) * per] = bytes((stop - first) * per)
         skip = first_block - first_chunk * per
         return bytes(out[skip : skip + nblocks])
 

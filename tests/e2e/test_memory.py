@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.filesystems import LoopFs
@@ -45,6 +46,47 @@ def test_an_open_4_tib_blank_clone_costs_a_few_mib(tmp_path: Path, store_path: P
         server.stop()
 
 
+def _allocated(root: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in root.rglob("*") if f.is_file())
+
+
+def test_a_clone_of_a_1_tib_sparse_base_costs_what_the_base_holds(tmp_path: Path, store_path: Path) -> None:
+    source = tmp_path / "sparse.raw"
+    pieces = {k * (TiB // 12) + 4096 * k: os.urandom(1 << 20) for k in range(12)}  # 12 MiB, unaligned, far apart
+    with open(source, "wb") as f:
+        f.truncate(TiB)
+        for off, data in pieces.items():
+            f.seek(off)
+            f.write(data)
+    cli("base", "import", "sparse", str(source), store=store_path)
+    assert _allocated(store_path) < 32 << 20, "a 1 TiB base with 12 MiB of data takes more than its data"
+    cli("clone", "create", "small", "--size", "64M", store=store_path)
+    cli("clone", "create", "vm", "--base", "sparse", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", args=("--workers", "1")).start()
+    try:
+        warm = server.connect("small")
+        warm.pwrite(b"\x01" * 4096, 0)
+        pid = server.nbdkit_pid("vm")
+        before = _rss(pid)
+        h = server.connect("vm")
+        assert h.get_size() == TiB
+        for off, data in pieces.items():
+            assert h.pread(len(data), off) == data
+            assert h.pread(4096, off + len(data)) == bytes(4096)
+            h.pwrite(b"\x5a" * 4096, off)
+        assert h.pread(4096, TiB // 2 + 12345 * 4096) == bytes(4096)
+        h.flush()
+        h.zero(1 << 30, 4 << 30)  # 4 GiB of zeros over the base (a whole-disk discard is a series of these)
+        first = next(iter(pieces))
+        assert h.pread(4096, first) == b"\x5a" * 4096
+        grown = _rss(pid) - before
+        assert grown < 16 << 20, f"opening a clone of a 1 TiB sparse base grew the worker by {grown >> 20} MiB"
+        h.shutdown()
+        warm.shutdown()
+    finally:
+        server.stop()
+
+
 def test_a_size_the_file_system_cannot_hold_is_refused_at_create(tmp_path: Path) -> None:
     fs = LoopFs("ext4", tmp_path)  # with 4 KiB blocks, ext4 files stop at 16 TiB
     try:
@@ -56,4 +98,3 @@ def test_a_size_the_file_system_cannot_hold_is_refused_at_create(tmp_path: Path)
         cli("clone", "create", "fits", "--size", "15T", store=store)
     finally:
         fs.close()
-

@@ -61,9 +61,7 @@ def _socket_of(uri: str) -> str:
     return uri.partition("socket=")[2]
 
 
-def test_qemu_keeps_its_disk_across_a_promote_a_worker_kill_and_a_server_kill(
-    tmp_path: Path, store_path: Path
-) -> None:
+def test_qemu_keeps_its_disk_across_a_promote_a_worker_kill_and_a_server_kill(tmp_path: Path, store_path: Path) -> None:
     v1 = make_image(tmp_path / "v1.raw", SIZE, [(0, SIZE)], seed=1)
     v2 = make_image(tmp_path / "v2.raw", SIZE, [(0, SIZE)], seed=2)
     cli("base", "import", "deb", str(tmp_path / "v1.raw"), store=store_path)

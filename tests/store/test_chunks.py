@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import struct
 from array import array
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdclone.store import chunks
 from nbdclone.store.chunks import CHUNK, ZERO_SLOT, ChunkedBase, ChunkStore, VersionMap
@@ -39,14 +42,14 @@ def read_all(cs: ChunkStore, vm: VersionMap) -> bytes:
 def test_identical_chunks_are_stored_once(cs: ChunkStore) -> None:
     vm, written = store_image(cs, [chunk(1), chunk(2), chunk(1), chunk(1)])
     assert written == 2
-    assert vm.slots[0] == vm.slots[2] == vm.slots[3] != vm.slots[1]
+    assert vm.slot(0) == vm.slot(2) == vm.slot(3) != vm.slot(1)
     assert read_all(cs, vm) == chunk(1) + chunk(2) + chunk(1) + chunk(1)
 
 
 def test_zero_chunks_take_no_space(cs: ChunkStore) -> None:
     vm, written = store_image(cs, [None, bytes(CHUNK), chunk(3)])
     assert written == 1
-    assert list(vm.slots[:2]) == [ZERO_SLOT, ZERO_SLOT]
+    assert [vm.slot(0), vm.slot(1)] == [ZERO_SLOT, ZERO_SLOT]
     assert os.stat(cs.pack).st_size == CHUNK
     assert read_all(cs, vm) == bytes(2 * CHUNK) + chunk(3)
 
@@ -55,7 +58,7 @@ def test_a_new_version_stores_only_what_changed(cs: ChunkStore) -> None:
     v1, _ = store_image(cs, [chunk(i) for i in range(1, 11)])
     v2, written = store_image(cs, [chunk(i) for i in range(1, 10)] + [chunk(99)], (v1,))
     assert written == 1
-    assert list(v2.slots[:9]) == list(v1.slots[:9])
+    assert [v2.slot(i) for i in range(9)] == [v1.slot(i) for i in range(9)]
     assert read_all(cs, v2)[-CHUNK:] == chunk(99)
 
 
@@ -64,18 +67,82 @@ def test_a_forced_digest_collision_never_shares_a_chunk(cs: ChunkStore, monkeypa
     v1, _ = store_image(cs, [chunk(1)])
     v2, written = store_image(cs, [chunk(2), chunk(1)], (v1,))
     assert written == 1  # chunk(2) got its own slot; chunk(1) was shared after comparing bytes
-    assert v2.slots[0] != v1.slots[0] and v2.slots[1] == v1.slots[0]
+    assert v2.slot(0) != v1.slot(0) and v2.slot(1) == v1.slot(0)
     assert read_all(cs, v1) == chunk(1)
     assert read_all(cs, v2) == chunk(2) + chunk(1)
 
 
 def test_version_map_round_trips_and_rejects_corruption(tmp_path: Path) -> None:
-    vm = VersionMap(3 * CHUNK - 512, array("q", [5, ZERO_SLOT, 7]), bytes(range(48)))
+    vm = VersionMap(3 * CHUNK - 512)
+    vm.put(0, 5, bytes(range(16)))
+    vm.put(2, 7, bytes(range(16, 32)))
     vm.save(tmp_path / "v.map")
-    assert VersionMap.load(tmp_path / "v.map") == vm
+    loaded = VersionMap.load(tmp_path / "v.map", digests=True)
+    assert loaded == vm and list(loaded.stored()) == list(vm.stored())
+    assert VersionMap.load(tmp_path / "v.map").digest_pages is None  # serving does not load digests
     (tmp_path / "v.map").write_bytes((tmp_path / "v.map").read_bytes()[:-1])
     with pytest.raises(Exception, match="corrupt"):
         VersionMap.load(tmp_path / "v.map")
+
+
+def test_a_map_costs_what_the_base_holds_not_its_size(tmp_path: Path) -> None:
+    vm = VersionMap(1 << 40)  # 1 TiB: 16 Mi chunks
+    far = (1 << 40) // CHUNK - 1
+    vm.put(0, 1, b"a" * 16)
+    vm.put(far, 2, b"b" * 16)
+    vm.save(tmp_path / "v.map")
+    assert (tmp_path / "v.map").stat().st_size < 256 << 10  # two pages; the flat format took 384 MiB
+    loaded = VersionMap.load(tmp_path / "v.map")
+    assert (loaded.slot(0), loaded.slot(1), loaded.slot(far - 1), loaded.slot(far)) == (1, ZERO_SLOT, ZERO_SLOT, 2)
+    assert loaded.used_slots() == {1, 2}
+
+
+def test_flat_maps_of_earlier_stores_still_load(tmp_path: Path) -> None:
+    slots = array("q", [5, ZERO_SLOT, 7])
+    digests = bytes(range(16)) + bytes(16) + bytes(range(16, 32))
+    (tmp_path / "v.map").write_bytes(struct.pack("<8sQQ", b"NBDCLMAP", 3 * CHUNK, 3) + slots.tobytes() + digests)
+    vm = VersionMap.load(tmp_path / "v.map")
+    assert [vm.slot(i) for i in range(3)] == [5, ZERO_SLOT, 7]
+    assert [key for _, _, key in vm.stored()] == [bytes(range(16)), bytes(range(16, 32))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.lists(st.sampled_from(["zero", "data", "same"]), min_size=1, max_size=3 * chunks.PAGE + 5),
+    reads=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 5 * CHUNK)), min_size=1, max_size=8),
+)
+def test_paged_reads_extents_and_zero_bitmaps_match_the_bytes(
+    tmp_path_factory: pytest.TempPathFactory, layout: list[str], reads: list[tuple[int, int]]
+) -> None:
+    cs = ChunkStore(tmp_path_factory.mktemp("chunks"))
+    # Chunks far apart land on different pages; "same" repeats the previous chunk (a shared slot).
+    data: list[bytes | None] = []
+    for i, kind in enumerate(layout):
+        data.append(
+            None if kind == "zero" else data[-1] if kind == "same" and data and data[-1] else chunk(i % 251 + 1)
+        )
+    vm, _ = store_image(cs, data)
+    whole = b"".join(d or bytes(CHUNK) for d in data)
+    base = ChunkedBase(cs.pack, vm)
+    try:
+        for offset, length in reads:
+            offset %= len(whole)
+            buf = bytearray(length)
+            base.pread_into(memoryview(buf), offset)
+            expect = whole[offset : offset + length]
+            assert buf == expect + bytes(length - len(expect))
+            extents = base.extents(offset, length)
+            assert extents[0].offset == offset and sum(e.length for e in extents) == length
+            for e in extents:  # stored chunks never hold zeros here, so extents are exact
+                span = whole[e.offset : e.offset + e.length]
+                assert e.zero == (span.count(0) == len(span)), (e, layout)
+            first, n = offset // 4096, -(-length // 4096)
+            bitmap = base.zero_bitmap(first, n, 4096)
+            for k, flag in enumerate(bitmap):
+                block = whole[(first + k) * 4096 : (first + k + 1) * 4096]
+                assert flag == (block.count(0) == len(block)), (first + k, layout)
+    finally:
+        base.close()
 
 
 def test_release_unused_punches_holes_and_slots_are_reused(cs: ChunkStore) -> None:
@@ -89,7 +156,7 @@ def test_release_unused_punches_holes_and_slots_are_reused(cs: ChunkStore) -> No
     assert read_all(cs, v2) == chunk(1) + chunk(50) + chunk(51)
     v3, written = store_image(cs, [chunk(60), chunk(61)], (v2,))
     assert written == 2
-    assert max(v3.slots) < cs.nslots() and cs.nslots() == 10  # filled freed slots, did not grow
+    assert max(v3.used_slots()) < cs.nslots() and cs.nslots() == 10  # filled freed slots, did not grow
 
 
 def test_reads_across_chunks_and_partial_tail(cs: ChunkStore) -> None:
