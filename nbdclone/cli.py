@@ -96,17 +96,32 @@ def _print_json(data: Any) -> None:
 def base_import(
     name: Annotated[str, typer.Argument(help="The base; created by its first import.")],
     source: Annotated[Path, typer.Argument(help="A raw or qcow2 disk image.")],
+    allow_backing: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow-backing",
+            help="A backing file or external data file the qcow2 may read (repeat for a chain). "
+            "Without it, an image that reads another file is refused.",
+        ),
+    ] = None,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
     """Add a raw or qcow2 image as a new, immutable version of base NAME. Prints the version id last.
 
     Chunks the store already holds are not stored again. The first import makes its version current;
-    later ones become current with 'nbdclone base promote'.
+    later ones become current with 'nbdclone base promote'. The image is checked first: a damaged qcow2,
+    or one that reads a file not named with --allow-backing, is refused.
     """
     st = Store(store)
     with _progress() as bar:
         task = bar.add_task(f"importing {name}", total=None)
-        record, vid = images.import_base(st, name, source, lambda d, t: bar.update(task, completed=d, total=t))
+        record, vid = images.import_base(
+            st,
+            name,
+            source,
+            lambda d, t: bar.update(task, completed=d, total=t),
+            allow_backing=allow_backing or (),
+        )
     version = record.versions[vid]
     current = st.current_version(record)
     state = (
@@ -431,11 +446,8 @@ def demo(
     cfg = _serve_config(store, socket, listen)
     cat = st.catalog()
     if "demo" not in cat.bases:
-        image = build_demo_image(st.new_tmp_file(".raw"))
-        try:
-            images.import_base(st, "demo", image)
-        finally:
-            image.unlink(missing_ok=True)
+        with st.scratch(".raw") as image:
+            images.import_base(st, "demo", build_demo_image(image))
         out.print("imported the demo base 'demo' (64 MiB, ext4)")
     missing = [c for c in ("demo-1", "demo-2") if c not in st.catalog().clones]
     if missing:

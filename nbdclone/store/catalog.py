@@ -267,6 +267,56 @@ class Store:
         self._init_dirs()
         return self.tmp / f"{uuid.uuid4().hex}{suffix}"
 
+    @contextlib.contextmanager
+    def scratch(self, suffix: str) -> Iterator[Path]:
+        """A work file in STORE/tmp, locked (flock) for as long as this process works on it and removed
+        after. A file there that nobody holds is a leftover of a killed command (`leftovers`)."""
+        while True:
+            path = self.new_tmp_file(suffix)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # a cleanup that found it unlocked before our flock did not remove it
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def leftovers(self) -> list[Path]:
+        """Files of STORE/tmp no running command holds: what killed imports, exports and catalog writes
+        left. (Catalog writes hold the store lock; callers that remove these hold it too.)"""
+        found = []
+        for path in sorted(self.tmp.iterdir()) if self.tmp.is_dir() else ():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                found.append(path)  # not a file we could open: still not ours to keep
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running command's
+            else:
+                found.append(path)
+            finally:
+                os.close(fd)
+        return found
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove `leftovers()`; returns them. Caller holds the store lock (no catalog write is half done)."""
+        removed = self.leftovers()
+        for path in removed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return removed
+
     # -- bases and versions --------------------------------------------------------------------------
 
     def get_base(self, name: str) -> BaseRecord:
@@ -411,8 +461,8 @@ class Store:
             return self.chunks.release_unused(self.all_version_maps(cat))
 
     def gc(self) -> tuple[list[str], int]:
-        """Remove every version that is not current and used by no clone; free the chunks nothing uses.
-        Returns the removed NAME@VERSION and the bytes freed."""
+        """Remove every version that is not current and used by no clone, the leftovers of killed commands,
+        and free the chunks nothing uses. Returns the removed NAME@VERSION and the bytes freed."""
         removed: list[str] = []
         with self.chunks.writer():
             with self.lock():
@@ -434,7 +484,8 @@ class Store:
                         name, _, vid = ref.partition("@")
                         self.map_path(bases[name], vid).unlink(missing_ok=True)
                         self.trace_path(bases[name], vid).unlink(missing_ok=True)
-            self._remove_orphans(cat)
+                self._remove_orphans(cat)
+                self.remove_leftovers()
             return removed, self.chunks.release_unused(self.all_version_maps(cat))
 
     def _remove_orphans(self, cat: Catalog) -> None:

@@ -6,22 +6,23 @@ data extents, so a sparse clone gives a sparse file. qemu-img does the qcow2 wor
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 from nbdclone import errors
-from nbdclone.store._fs import fsync_dir
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import BaseRecord, Store, validate_name
 from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
+from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect, limits
 from nbdclone.store.overlay import MemoryOverlay, Overlay
 
 Progress = Callable[[int, int], None]
@@ -34,58 +35,32 @@ def _noop(done: int, total: int) -> None:
     pass
 
 
-def probe(source: Path) -> str:
-    """The format of `source` ("raw" or "qcow2"), or a NotADiskImage/SourceNotFound error."""
-    if not source.exists():
-        raise errors.SourceNotFound(path=source)
-    if not source.is_file() and not source.is_block_device():
-        raise errors.NotADiskImage(path=source, reason="not a regular file or block device")
-    proc = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(source)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["qemu-img cannot read it"])[-1]
-        raise errors.NotADiskImage(path=source, reason=reason)
-    info = json.loads(proc.stdout)
-    fmt = info.get("format")
-    if fmt == "qcow2":
-        return "qcow2"
-    if fmt != "raw":
-        raise errors.NotADiskImage(path=source, reason=f"format {fmt} is not supported (raw or qcow2)")
-    size = source.stat().st_size if source.is_file() else int(info.get("virtual-size", 0))
-    if size == 0 or size % 512:
-        raise errors.NotADiskImage(
-            path=source, reason=f"a raw image is a non-zero multiple of 512 bytes, this is {size} bytes"
-        )
-    return "raw"
-
-
-def import_base(store: Store, name: str, source: Path, progress: Progress = _noop) -> tuple[BaseRecord, str]:
-    """Add `source` as a new version of base `name` (creating the base). Returns the base and version id."""
+def import_base(
+    store: Store, name: str, source: Path, progress: Progress = _noop, *, allow_backing: Sequence[Path] = ()
+) -> tuple[BaseRecord, str]:
+    """Add `source` as a new version of base `name` (creating the base). Returns the base and version id.
+    The image is inspected first (`inspect`): a qcow2 reads no file the operator did not name."""
     validate_name("base", name)
-    fmt = probe(source)
-    tmp: Path | None = None
-    try:
-        raw = source
-        if fmt == "qcow2":
-            tmp = raw = store.new_tmp_file(".raw")
-            _qemu_convert(["-f", "qcow2", "-O", "raw", "-S", "4k"], source, tmp, lambda d, t: None)
+    source_image = inspect(source, allow_backing)
+    with contextlib.ExitStack() as stack:
+        raw = source_image.path
+        if source_image.format == "qcow2":
+            raw = stack.enter_context(store.scratch(".raw"))
+            _qemu_convert(["-O", "raw", "-S", "4k", *convert_source(source_image)], raw, lambda d, t: None)
         image = BaseImage(raw)
-        try:
-            with store.chunks.writer():
-                vmap, new_chunks = store.chunks.import_chunks(
-                    _read_chunks(image),
-                    image.size,
-                    store.all_version_maps(digests=True),
-                    lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
-                )
-                progress(image.size, image.size)
-                return store.add_version(name, vmap, f"{source.absolute()} ({fmt})", new_chunks)
-        finally:
-            image.close()
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        stack.callback(image.close)
+        if image.size != source_image.size:
+            raise errors.NotADiskImage(path=source, reason=f"it changed while being imported ({image.size} bytes)")
+        with store.chunks.writer():
+            vmap, new_chunks = store.chunks.import_chunks(
+                _read_chunks(image),
+                image.size,
+                store.all_version_maps(digests=True),
+                lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
+            )
+            progress(image.size, image.size)
+            return store.add_version(name, vmap, f"{source.absolute()} ({source_image.format})", new_chunks)
+    raise AssertionError("unreachable")
 
 
 def _read_chunks(image: BaseImage) -> Iterator[tuple[int, bytes | None]]:
@@ -103,10 +78,17 @@ def _read_chunks(image: BaseImage) -> Iterator[tuple[int, bytes | None]]:
             done = i + 1
 
 
-def _qemu_convert(args: list[str], source: Path, dest: Path, progress: Progress) -> None:
+def _qemu_convert(args: list[str], dest: Path, progress: Progress, pass_fds: tuple[int, ...] = ()) -> None:
+    """qemu-img convert ARGS (options, then the source) DEST, in bounded memory."""
     total = 100
-    cmd = ["qemu-img", "convert", "-p", *args, str(source), str(dest)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = ["qemu-img", "convert", "-p", *args, str(dest)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=limits(None, CONVERT_MEMORY),
+        pass_fds=pass_fds,
+    )
     assert proc.stdout is not None
     pending = b""
     while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
@@ -139,33 +121,63 @@ def open_clone_readonly(store: Store, name: str) -> Clone:
 def export_clone(
     store: Store, name: str, dest: Path, fmt: Literal["raw", "qcow2"] = "raw", progress: Progress = _noop
 ) -> None:
-    """Write the clone as the guest sees it (base + overlay) to a new sparse file at `dest`."""
+    """Write the clone as the guest sees it (base + overlay) to a new sparse file at `dest`. The file has no
+    name until it is whole and synced (O_TMPFILE, then linked), so a killed export leaves nothing; a qcow2
+    export's raw intermediate is a scratch file of the store (`base gc` removes a killed one's)."""
     if dest.exists():
         raise errors.InvalidArgument(detail=f"{dest} already exists; nbdclone does not overwrite files")
     if not dest.parent.is_dir():
         raise errors.InvalidArgument(detail=f"directory {dest.parent} does not exist")
     clone = open_clone_readonly(store, name)
-    raw = dest if fmt == "raw" else dest.with_name(f".{dest.name}.raw.tmp")
     try:
-        _write_raw(clone, raw, progress)
-        if fmt == "qcow2":
-            _qemu_convert(["-f", "raw", "-O", "qcow2"], raw, dest, lambda d, t: None)
-        _fsync_file(dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
+        with _unnamed_file(dest) as (out, fds), contextlib.ExitStack() as stack:
+            if fmt == "raw":
+                _write_raw(clone, out, progress)
+            else:
+                raw = stack.enter_context(store.scratch(".raw"))
+                _write_raw(clone, raw, progress)
+                _qemu_convert(["-f", "raw", "-O", "qcow2", str(raw)], out, lambda d, t: None, pass_fds=fds)
     finally:
         clone.close()
         clone.base.close()
-        if raw != dest:
-            raw.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _unnamed_file(dest: Path) -> Iterator[tuple[Path, tuple[int, ...]]]:
+    """A new file in dest's folder that gets the name `dest` only once it is complete and synced: yields a
+    path to write it by, and the fds a child process needs to open that path (/proc/self/fd/N). Where the
+    file system has no O_TMPFILE (FUSE, NFS), a named `.DEST.partial` stands in, removed on failure."""
+    directory = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(dest.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            partial = dest.with_name(f".{dest.name}.partial")
+            try:
+                yield partial, ()
+                _fsync_file(partial)
+                os.link(partial, dest)  # fails if something took the name meanwhile: never overwrite
+            finally:
+                partial.unlink(missing_ok=True)
+        else:
+            try:
+                path = Path(f"/proc/self/fd/{fd}")
+                yield path, (fd,)
+                os.fsync(fd)
+                os.link(path, dest.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=True)
+            finally:
+                os.close(fd)
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _write_raw(clone: Clone, dest: Path, progress: Progress) -> None:
     buf = bytearray(COPY_CHUNK)
     view = memoryview(buf)
-    with open(dest, "xb") as out:
+    with open(dest, "r+b" if dest.exists() else "xb") as out:
         out.truncate(clone.size)
         pos = 0
         while pos < clone.size:

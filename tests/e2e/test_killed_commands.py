@@ -61,7 +61,11 @@ def test_commands_killed_midway_leave_a_usable_store(tmp_path: Path, store_path:
         started = time.monotonic()
         cli("clone", "list", store=store_path)
         startup = time.monotonic() - started
-        statuses = [_killed(args, store_path, startup * rnd.uniform(0.7, 1.3)) for args in commands]
+        statuses: list[int] = []
+        for scale in (1.0, 0.9, 0.8, 0.7, 0.6):  # the machine is shared: when every command beat its kill, again
+            statuses = [_killed(args, store_path, scale * startup * rnd.uniform(0.7, 1.3)) for args in commands]
+            if -signal.SIGKILL in statuses:
+                break
         assert -signal.SIGKILL in statuses, f"no command was killed: {statuses}"
         # Whatever was cut short, every command still works and says the truth.
         cli("base", "list", store=store_path)

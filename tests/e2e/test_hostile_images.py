@@ -1,0 +1,136 @@
+"""Images are data from whoever handed them over: one that would make qemu read a host file, one that is
+damaged, one whose backing chain loops, each is refused with one line, and nothing is added to the store.
+Killed imports and exports leave nothing that `base gc` does not remove."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, snapshot
+
+MiB = 1 << 20
+SECRET = b"root:$6$not-for-guests$:19000:0:99999:7:::\n"
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    make_image(tmp_path / "ok.raw", 4 * MiB, [(0, MiB)])
+    cli("base", "import", "ok", str(tmp_path / "ok.raw"), store=store)
+    return store
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "shadow"
+    path.write_bytes(SECRET + bytes(65536 - len(SECRET)))
+    return path
+
+
+def _refused(store: Path, image: Path, message: str, *extra: str) -> None:
+    before = snapshot(store)
+    started = time.monotonic()
+    proc = cli("base", "import", "evil", str(image), *extra, store=store, check=False, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 90
+    assert snapshot(store) == before
+    assert not list((store / "tmp").iterdir())
+
+
+def test_a_backing_file_on_the_host_is_refused(tmp_path: Path, store: Path, secret: Path) -> None:
+    image = tmp_path / "e.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(image), "64K")
+    _refused(store, image, f"it reads {secret} (the backing file of e.qcow2)")
+
+
+def test_an_external_data_file_is_refused(tmp_path: Path, store: Path, secret: Path) -> None:
+    image = tmp_path / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(image), "64K")
+    _refused(store, image, f"it reads {secret} (the data file of d.qcow2)")
+
+
+def test_a_backing_chain_that_loops_is_refused_in_bounded_time(tmp_path: Path, store: Path) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", str(b), "1M")
+    qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(b), str(a), "1M")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(a), str(b))  # b -> a -> b -> ...
+    _refused(store, a, "it reads")
+    _refused(store, a, "backing chain loops", "--allow-backing", str(a), "--allow-backing", str(b))
+
+
+def test_a_truncated_qcow2_is_refused(tmp_path: Path, store: Path) -> None:
+    raw = tmp_path / "full.raw"
+    raw.write_bytes(random.Random(1).randbytes(8 * MiB))
+    image = tmp_path / "t.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    os.truncate(image, image.stat().st_size // 2)
+    _refused(store, image, "damaged")
+
+
+def test_a_protocol_looking_name_is_only_a_file_name(tmp_path: Path, store: Path) -> None:
+    before = snapshot(store)
+    proc = cli("base", "import", "evil", 'json:{"driver":"file","filename":"/etc/passwd"}', store=store, check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and proc.stderr.count("\n") == 1
+    assert snapshot(store) == before
+
+
+def test_a_named_backing_file_is_read(tmp_path: Path, store: Path) -> None:
+    backing = tmp_path / "golden.raw"
+    content = make_image(backing, 4 * MiB, [(0, 4 * MiB)], seed=7)
+    overlay = tmp_path / "child.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay), "4M")
+    qemu_img("convert", "-f", "raw", "-O", "raw", str(backing), str(tmp_path / "copy.raw"))
+    cli("base", "import", "child", str(overlay), "--allow-backing", str(backing), store=store)
+    cli("clone", "create", "c", "--base", "child", store=store)
+    server = Server(store, tmp_path / "nbd.sock").start()
+    try:
+        h = server.connect("c")
+        assert pread_all(h, 4 * MiB) == content
+        h.shutdown()
+    finally:
+        server.stop()
+
+
+def _kill_after(args: list[str], store: Path, delay: float) -> None:
+    proc = subprocess.Popen([NBDCLONE, *args, "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_killed_imports_and_exports_leave_nothing_gc_keeps(tmp_path: Path, store: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    raw = tmp_path / "big.raw"
+    make_image(raw, 192 * MiB, [(0, 192 * MiB)], seed=seed)
+    image = tmp_path / "big.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    cli("base", "import", "src", str(raw), store=store)
+    cli("clone", "create", "c", "--base", "src", store=store)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(store)
+    for _ in range(3):  # each command's own work starts after the CLI's start-up (about 0.4 s here)
+        _kill_after(["base", "import", "big", str(image)], store, rnd.uniform(0.3, 1.2))
+        _kill_after(["clone", "export", "c", str(out / "c.qcow2"), "--format", "qcow2"], store, rnd.uniform(0.3, 1.2))
+        _kill_after(["clone", "export", "c", str(out / "c.raw")], store, rnd.uniform(0.3, 0.8))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a killed export left a file beside its target"
+    left = list((store / "tmp").iterdir())
+    if "big" in cli("base", "list", store=store).stdout:  # an import that ended before its kill
+        cli("base", "rm", "big", store=store)
+    cli("base", "gc", store=store)
+    assert not list((store / "tmp").iterdir()), f"gc kept a killed command's work file (of {left})"
+    assert snapshot(store) == before  # and nothing else changed
