@@ -96,3 +96,10 @@ class VersionNotFound(NbdcloneError):
 class VersionInUse(NbdcloneError):
     errno = _errno.EBUSY
     template = "version {version} of base {name!r} cannot be removed: {why}"
+
+
+class Damaged(NbdcloneError):
+    """A stored record or data failed its check: it is not used, and nothing is done on its strength."""
+
+    errno = _errno.EIO
+    template = "{path} is damaged: {detail} (see 'nbdclone check')"

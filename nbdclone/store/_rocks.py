@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from nbdclone.errors import StorageError
+from nbdclone.errors import Damaged, StorageError
 from nbdclone.store import _blockmap as bm
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._datafile import DataFile
@@ -121,6 +121,9 @@ class RocksOverlay:
         durable = int.from_bytes(m.get(bm.META_DURABLE) or b"", "big")
         unclean = m.get(bm.META_OPEN) == _OPEN
         rec = recover(m.entries(), unclean=unclean, durable=durable, read_block=data.read_block)
+        last = max((block for block, state in rec.states if state == DATA), default=-1)
+        if last >= data.size_blocks():  # the file was cut short under the map: its blocks are gone
+            raise Damaged(path=data.path, detail=f"it ends before block {last}, which its map says holds data")
         self._gen = max(rec.last_generation, durable) + 1
         if self._readonly:
             return rec.states

@@ -1,11 +1,11 @@
 """The shared read cache: the kernel's page cache over the chunk pack, measured, bounded and warmed by us.
 
-    worker 1 ─┐                         ┌─ pack pages held in memory (one copy, whoever read them)
-    worker 2 ─┼─ PackReader ── mmap ────┤
-    CLI warm ─┘   hit: copy from the    └─ the clock (/dev/shm): an access byte per chunk slot, shared
-                  mapping (no syscall,       by every process; the supervisor's CLOCK hand evicts
-                  the GIL kept)              unreferenced chunks (fadvise DONTNEED) past --cache-size
-                  miss: preadv (the GIL released while the disk works)
+    worker 1 ─┐                          ┌─ pack pages held in memory (one copy, whoever read them)
+    worker 2 ─┼─ PackReader ── preadv ───┤
+    CLI warm ─┘   hit: preadv2(RWF_NOWAIT)└─ the clock (/dev/shm): an access byte per chunk slot, shared
+                  miss: preadv (the GIL       by every process; the supervisor's CLOCK hand evicts
+                  released while the disk     unreferenced chunks (fadvise DONTNEED) past --cache-size
+                  works); each chunk checked against its digest once per process per eviction pass
 
 Why the page cache: chunks are stored once by content, so a block that two versions (or a thousand clones)
 share is one slot of one file, cached once and still hot after a flip. The kernel already shares those
@@ -28,6 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mmh3
+
+from nbdclone import errors
+
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
@@ -35,6 +39,12 @@ _SHIFT = 16
 _HEADER = 8  # cache.clock starts with a generation byte (bumped by every eviction pass), then padding
 PAGE = mmap.PAGESIZE
 _LOAD_CHUNKS = 32  # a prefetch reads up to this many chunks (2 MiB) at a time
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The 128-bit content key of a chunk. Tests replace chunks.digest to force collisions; this one is
+    what the pack is checked against."""
+    return bytes(mmh3.mmh3_x64_128_digest(data))
 
 
 @dataclass(slots=True)
@@ -50,7 +60,13 @@ class CacheStats:
 
 
 class PackReader:
-    """Reads of the chunk pack for one process, shared by every base version the process serves."""
+    """Reads of the chunk pack for one process, shared by every base version the process serves.
+
+    Every read is a system call (preadv2 with RWF_NOWAIT first, to count hits): the pack is never mapped
+    into the process, so a pack cut short under a running server is an EIO for the clones that read past
+    its end, not a SIGBUS that kills the worker. A chunk is checked against its content digest the first
+    time this process reads it since the last eviction pass (`verify`): bytes changed on disk are refused,
+    never served."""
 
     def __init__(self, pack: Path, clock: Path | None = None) -> None:
         self.pack = pack
@@ -58,10 +74,8 @@ class PackReader:
         self.fd = os.open(pack, os.O_RDONLY | os.O_CLOEXEC)
         self.stats = CacheStats()
         self._lock = threading.Lock()
-        self._mm: mmap.mmap | None = None
-        self._view: memoryview | None = None
-        self._mapped_slots = 0
-        self._warm = bytearray()  # slots this process has seen in memory since the last eviction pass
+        self._slots = 0
+        self.verified = bytearray()  # per slot: 1 once its bytes matched their digest in this process
         self._clock: mmap.mmap | None = None
         self._generation = 0
         # preadv2(RWF_NOWAIT) says whether a read was served from memory; tmpfs, FUSE and NFS do not take
@@ -69,44 +83,50 @@ class PackReader:
         self._nowait = os.RWF_NOWAIT
 
     def ensure(self, nslots: int) -> None:
-        """Map at least `nslots` slots of the pack (it grows as versions are imported)."""
+        """Track at least `nslots` slots of the pack (it grows as versions are imported)."""
         with self._lock:
-            if nslots <= self._mapped_slots:
+            if nslots <= self._slots:
                 return
-            size = os.fstat(self.fd).st_size
-            if size:
-                # Old mappings stay alive while a reader still holds them; they are never closed under it.
-                self._mm = mmap.mmap(self.fd, size, prot=mmap.PROT_READ)
-                self._view = memoryview(self._mm)
-            self._mapped_slots = size >> _SHIFT
-            self._warm.extend(bytes(max(0, self._mapped_slots - len(self._warm))))
+            self._slots = nslots
+            self.verified.extend(bytes(nslots - len(self.verified)))
             if self.clock_path is not None:
-                self._clock = open_clock(self.clock_path, self._mapped_slots)
+                self._clock = open_clock(self.clock_path, nslots)
+
+    def verify(self, slot: int, key: bytes) -> None:
+        """Check chunk `slot` against its content digest `key` (once per eviction pass per process).
+        Damage raises Damaged, for the clone that read it; nothing is marked good."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        got = 0
+        while got < CHUNK:
+            n = os.preadv(self.fd, [view[got:]], (slot << _SHIFT) + got)
+            if n == 0:
+                raise errors.Damaged(path=self.pack, detail=f"it ends inside chunk {slot}, which a version holds")
+            got += n
+        if digest(buf) != key:
+            log.error("chunk pack %s: chunk %d does not match its digest; it is not served", self.pack, slot)
+            raise errors.Damaged(path=self.pack, detail=f"chunk {slot} does not match its digest")
+        self.verified[slot] = 1
+
+    def refresh(self) -> None:
+        """Before a read is checked against `verified`: after an eviction pass, what comes back from the
+        disk is checked again."""
+        clock = self._clock
+        if clock is not None and clock[0] != self._generation:
+            self._generation = clock[0]
+            self.verified[:] = bytes(len(self.verified))
 
     def read(self, dst: memoryview, at: int) -> None:
-        """Fill `dst` with the pack's bytes at `at` (within mapped slots)."""
+        """Fill `dst` with the pack's bytes at `at` (within tracked slots). The caller has checked the
+        chunks (refresh, then verify where `verified` says so)."""
         first, last = at >> _SHIFT, (at + len(dst) - 1) >> _SHIFT
         clock = self._clock
         if clock is not None:
-            if clock[0] != self._generation:
-                # An eviction pass ran: what we knew was in memory may not be, and pages we have mapped
-                # cannot be evicted until we unmap them (they are read again from the page cache or disk).
-                self._generation = clock[0]
-                self._warm[:] = bytes(len(self._warm))
-                if self._mm is not None:
-                    self._mm.madvise(mmap.MADV_DONTNEED)
             if first == last:
                 clock[_HEADER + first] = 1
             else:
                 clock[_HEADER + first : _HEADER + last + 1] = b"\x01" * (last + 1 - first)
         n = len(dst)
-        if self._warm[first] if first == last else self._warm.find(0, first, last + 1) == -1:
-            view = self._view
-            assert view is not None
-            dst[:] = view[at : at + n]
-            self.stats.hits += 1
-            self.stats.hit_bytes += n
-            return
         got = 0
         if self._nowait:
             try:
@@ -121,15 +141,14 @@ class PackReader:
         if got == n:
             self.stats.hits += 1
             self.stats.hit_bytes += n
-        else:
-            self.stats.misses += 1
-            self.stats.miss_bytes += n - got
-            while got < n:  # the GIL is released while the disk works
-                more = os.preadv(self.fd, [dst[got:]], at + got)
-                if more == 0:
-                    raise EOFError(f"chunk pack {self.pack} is shorter than its maps say")
-                got += more
-        self._warm[first : last + 1] = b"\x01" * (last + 1 - first)
+            return
+        self.stats.misses += 1
+        self.stats.miss_bytes += n - got
+        while got < n:  # the GIL is released while the disk works
+            more = os.preadv(self.fd, [dst[got:]], at + got)
+            if more == 0:
+                raise errors.Damaged(path=self.pack, detail=f"it ends at {at + got}, inside data a version holds")
+            got += more
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         """Ask the kernel to read (slot, count) ranges into memory now, without waiting. Returns bytes."""

@@ -42,12 +42,15 @@ from typing import Any, Literal
 from nbdclone import errors
 from nbdclone.store._fs import fsync_dir
 from nbdclone.store._rocks import create_overlay, overlay_in_use
+from nbdclone.store._sealed import read_sealed, read_sealed_json, seal, seal_json
 from nbdclone.store.chunks import CHUNK, ChunkStore, VersionMap
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
+OVERLAY_RE = re.compile(r"[0-9a-f]{12}")
+ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
 CATALOG_FORMAT = 2
 #: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip.
 CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
@@ -233,17 +236,34 @@ class Store:
 
     # -- catalog -------------------------------------------------------------------------------------
 
+    @property
+    def mirror_path(self) -> Path:
+        return self.path / "catalog.mirror.json"
+
     def catalog(self) -> Catalog:
-        """The current catalog; re-read only when the file changed (it is replaced, never edited)."""
+        """The current catalog; re-read only when the file changed (it is replaced, never edited). If it
+        is damaged, its mirror (written right after it) is used, with an error in the log."""
         try:
             st = os.stat(self.catalog_path)
         except FileNotFoundError:
+            if self.mirror_path.exists():
+                return self._fall_back(errors.Damaged(path=self.catalog_path, detail="it is missing"))
             return Catalog()
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cached is None or self._cached[0] != key:
-            with open(self.catalog_path, encoding="utf-8") as f:
-                self._cached = (key, Catalog.from_json(json.load(f)))
+            try:
+                self._cached = (key, load_catalog(self.catalog_path))
+            except errors.Damaged as exc:
+                return self._fall_back(exc)
         return self._cached[1]
+
+    def _fall_back(self, damage: errors.Damaged) -> Catalog:
+        try:
+            catalog = load_catalog(self.mirror_path)
+        except (errors.Damaged, FileNotFoundError):
+            raise damage from None
+        log.error("%s; reading its mirror %s until it is repaired", damage, self.mirror_path)
+        return catalog
 
     @contextlib.contextmanager
     def lock(self, *, shared: bool = False) -> Iterator[None]:
@@ -256,8 +276,10 @@ class Store:
             os.close(fd)
 
     def _write_catalog(self, catalog: Catalog) -> None:
-        """Replace catalog.json atomically and durably. Caller holds the exclusive lock."""
-        write_atomic(self.catalog_path, json.dumps(catalog.to_json(), indent=1), self.tmp)
+        """Replace catalog.json atomically and durably, then its mirror. Caller holds the exclusive lock."""
+        text = seal_json(catalog.to_json())
+        write_atomic(self.catalog_path, text, self.tmp)
+        write_atomic(self.mirror_path, text, self.tmp)
 
     def _init_dirs(self) -> None:
         for sub in ("bases", "clones", "chunks", "tmp", "run"):
@@ -327,12 +349,16 @@ class Store:
         return record
 
     def current_version(self, record: BaseRecord) -> str:
+        """The version the base's pointer names: checked (checksum, and a version the base has) before
+        anything may act on it."""
+        path = self.base_dir(record) / "current"
         try:
-            vid = (self.base_dir(record) / "current").read_text().strip()
+            body, _ = read_sealed(path)
         except FileNotFoundError:
-            raise errors.StorageError(
-                errno.ENOENT, what=f"base {record.name}", detail="its current pointer is missing"
-            ) from None
+            raise errors.Damaged(path=path, detail=f"base {record.name}'s current pointer is missing") from None
+        vid = body.strip()
+        if vid not in record.versions:
+            raise errors.Damaged(path=path, detail=f"it names version {vid!r}, which base {record.name} does not have")
         return vid
 
     def resolve(self, ref: str) -> tuple[BaseRecord, str]:
@@ -343,7 +369,8 @@ class Store:
         record.version(vid, self.path)
         return record, vid
 
-    def version_map(self, record: BaseRecord, vid: str, *, digests: bool = False) -> VersionMap:
+    def version_map(self, record: BaseRecord, vid: str, *, digests: bool = True) -> VersionMap:
+        """A version's map, with the chunks' digests unless `digests` is off (counting, freeing)."""
         return VersionMap.load(self.map_path(record, vid), digests=digests)
 
     def all_version_maps(self, catalog: Catalog | None = None, *, digests: bool = False) -> Iterator[VersionMap]:
@@ -380,7 +407,7 @@ class Store:
         return old
 
     def _write_pointer(self, record: BaseRecord, vid: str) -> None:
-        write_atomic(self.base_dir(record) / "current", vid + "\n", self.base_dir(record), crash_hooks=True)
+        write_atomic(self.base_dir(record) / "current", seal(vid), self.base_dir(record), crash_hooks=True)
 
     def version_users(self, catalog: Catalog | None = None) -> dict[tuple[str, str], list[str]]:
         """(base, version) -> the clones that use it: pinned to it, or with an overlay started on it."""
@@ -397,7 +424,11 @@ class Store:
         """Every version with the space it shares with other versions and the space only it holds."""
         cat = self.catalog()
         users = self.version_users(cat)
-        maps = {(b.name, v): self.version_map(b, v).used_slots() for b in cat.bases.values() for v in b.versions}
+        maps = {
+            (b.name, v): self.version_map(b, v, digests=False).used_slots()
+            for b in cat.bases.values()
+            for v in b.versions
+        }
         refs: dict[int, int] = {}
         for slots in maps.values():
             for slot in slots:
@@ -497,7 +528,11 @@ class Store:
                 if d.name not in live:
                     shutil.rmtree(d, ignore_errors=True)
                     continue
-                state = _read_state(d)
+                try:
+                    state = _read_state(d)
+                except errors.Damaged as exc:
+                    log.error("%s: keeping every overlay of that clone", exc)
+                    continue
                 for sub in d.iterdir():
                     if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
                         shutil.rmtree(sub, ignore_errors=True)
@@ -561,7 +596,16 @@ class Store:
         return self.create_clones([name], base=base, size=size)[0]
 
     def clone_state(self, record: CloneRecord) -> CloneState | None:
-        return _read_state(self.clone_dir(record))
+        """Where the clone is (None: never opened), checked against the catalog before anything acts on it."""
+        state = _read_state(self.clone_dir(record))
+        if state is not None and state.version is not None:
+            base = self.catalog().bases.get(record.base or "")
+            if base is None or state.version not in base.versions:
+                raise errors.Damaged(
+                    path=self.clone_dir(record) / "state.json",
+                    detail=f"it names version {state.version!r}, which base {record.base} does not have",
+                )
+        return state
 
     def target_version(self, record: CloneRecord) -> str | None:
         """The version the clone's next first connection will use."""
@@ -587,10 +631,11 @@ class Store:
         The switch is one atomic rename of state.json, so a crash leaves the old or the new overlay."""
         directory = self.clone_dir(record)
         directory.mkdir(parents=True, exist_ok=True)
-        old = _read_state(directory)
+        old = self.clone_state(record)  # checked: a damaged state names no overlay we may delete
         state = CloneState(version, uuid.uuid4().hex[:12])
         create_overlay(directory / state.overlay)
-        write_atomic(directory / "state.json", json.dumps(asdict(state)), directory)
+        write_atomic(directory / state.overlay / ORIGIN, seal_json(asdict(state)), directory / state.overlay)
+        write_atomic(directory / "state.json", seal_json(asdict(state)), directory)
         if old is not None:
             shutil.rmtree(directory / old.overlay, ignore_errors=True)
         return state
@@ -732,11 +777,33 @@ class Store:
                     path.unlink()
 
 
-def _read_state(directory: Path) -> CloneState | None:
+def load_catalog(path: Path) -> Catalog:
+    obj, _ = read_sealed_json(path)
     try:
-        return CloneState(**json.loads((directory / "state.json").read_text()))
+        return Catalog.from_json(obj)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise errors.Damaged(path=path, detail=f"it is not a catalog ({exc})") from None
+
+
+def _read_state(directory: Path) -> CloneState | None:
+    """A clone's state.json (None if there is none), checked for damage on its own (see clone_state)."""
+    return load_state(directory / "state.json")
+
+
+def load_state(path: Path) -> CloneState | None:
+    try:
+        obj, _ = read_sealed_json(path)
     except FileNotFoundError:
         return None
+    try:
+        state = CloneState(**obj)
+    except (ValueError, TypeError) as exc:
+        raise errors.Damaged(path=path, detail=f"it is not a clone state ({exc})") from None
+    if not (isinstance(state.overlay, str) and OVERLAY_RE.fullmatch(state.overlay)) or not (
+        state.version is None or (isinstance(state.version, str) and VERSION_RE.fullmatch(state.version))
+    ):
+        raise errors.Damaged(path=path, detail="it names no valid overlay and version")
+    return state
 
 
 def _crash_point(step: str) -> None:

@@ -20,7 +20,6 @@ its version was committed are unreferenced, so they are simply free.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -30,14 +29,12 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-import mmh3
-
-from nbdclone.errors import StorageError
+from nbdclone.errors import Damaged
 from nbdclone.store._fs import punch_hole, runs
+from nbdclone.store._sealed import seal_bytes, unseal_bytes
 from nbdclone.store.base import Extent
-from nbdclone.store.cache import PackReader
+from nbdclone.store.cache import PackReader, digest
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +51,7 @@ _MAP_MAGIC = b"NBDCLMP2"
 _MAP_HEADER = struct.Struct("<8sQQ")  # magic, size, number of pages (flat maps: of chunks)
 _PAGE_INDEX = struct.Struct("<Q")
 _PAGE_BYTES = _PAGE_INDEX.size + 24 * PAGE  # index, slots, digests
-
-
-def digest(data: bytes | memoryview) -> bytes:
-    """The 128-bit content key of a chunk. Tests replace this to force collisions."""
-    return bytes(mmh3.mmh3_x64_128_digest(data))
+_TRACE_MAGIC = b"NBDCTRC1"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -80,6 +73,12 @@ class VersionMap:
     def slot(self, i: int) -> int:
         page = self.pages.get(i >> PAGE_SHIFT)
         return ZERO_SLOT if page is None else page[i & PAGE_MASK]
+
+    def key(self, i: int) -> bytes:
+        """The content digest of chunk i (a stored one; the map was loaded with digests)."""
+        assert self.digest_pages is not None, "loaded without digests"
+        k = 16 * (i & PAGE_MASK)
+        return bytes(self.digest_pages[i >> PAGE_SHIFT][k : k + 16])
 
     def put(self, i: int, slot: int, key: bytes) -> None:
         """Record chunk i (an import's; i below nchunks) as stored in `slot` with digest `key`."""
@@ -119,13 +118,12 @@ class VersionMap:
     def save(self, path: Path) -> None:
         """Written once, beside the version, before the catalog names it (fsync, then rename)."""
         assert self.digest_pages is not None, "loaded without digests"
+        parts = [_MAP_HEADER.pack(_MAP_MAGIC, self.size, len(self.pages))]
+        for p in sorted(self.pages):
+            parts += [_PAGE_INDEX.pack(p), self.pages[p].tobytes(), bytes(self.digest_pages[p])]
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(_MAP_HEADER.pack(_MAP_MAGIC, self.size, len(self.pages)))
-            for p in sorted(self.pages):
-                f.write(_PAGE_INDEX.pack(p))
-                f.write(self.pages[p].tobytes())
-                f.write(self.digest_pages[p])
+            f.write(seal_bytes(b"".join(parts)))
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
@@ -133,31 +131,35 @@ class VersionMap:
     @classmethod
     def load(cls, path: Path, *, digests: bool = False) -> VersionMap:
         """The map at `path`; with `digests`, also each chunk's digest (what an import compares against)."""
-        corrupt = StorageError(errno.EIO, what=f"version map {path}", detail="corrupt")
-        with open(path, "rb") as f:
-            raw = f.read(_MAP_HEADER.size)
-            if len(raw) != _MAP_HEADER.size:
+        corrupt = Damaged(path=path, detail="it is not a version map of its size")
+        raw = path.read_bytes()
+        if len(raw) < _MAP_HEADER.size:
+            raise corrupt
+        magic, size, n = _MAP_HEADER.unpack_from(raw)
+        if magic == _FLAT_MAGIC:
+            return cls._load_flat(raw[_MAP_HEADER.size :], size, n, corrupt)
+        if magic != _MAP_MAGIC:
+            raise corrupt
+        raw = unseal_bytes(raw, path)
+        if len(raw) != _MAP_HEADER.size + n * _PAGE_BYTES:
+            raise corrupt
+        vm = cls(size, {}, {} if digests else None)
+        view = memoryview(raw)
+        for at in range(_MAP_HEADER.size, len(raw), _PAGE_BYTES):
+            (p,) = _PAGE_INDEX.unpack_from(view, at)
+            if p << PAGE_SHIFT >= vm.nchunks or p in vm.pages:
                 raise corrupt
-            magic, size, n = _MAP_HEADER.unpack(raw)
-            if magic == _FLAT_MAGIC:
-                return cls._load_flat(f, size, n, corrupt)
-            if magic != _MAP_MAGIC or os.fstat(f.fileno()).st_size != _MAP_HEADER.size + n * _PAGE_BYTES:
-                raise corrupt
-            vm = cls(size, {}, {} if digests else None)
-            for _ in range(n):
-                raw = f.read(_PAGE_BYTES)
-                (p,) = _PAGE_INDEX.unpack_from(raw)
-                if p << PAGE_SHIFT >= vm.nchunks or p in vm.pages:
-                    raise corrupt
-                vm.pages[p] = array("q", raw[_PAGE_INDEX.size : _PAGE_INDEX.size + 8 * PAGE])
-                if vm.digest_pages is not None:
-                    vm.digest_pages[p] = bytearray(raw[_PAGE_INDEX.size + 8 * PAGE :])
+            slots_at = at + _PAGE_INDEX.size
+            page = vm.pages[p] = array("q")
+            page.frombytes(view[slots_at : slots_at + 8 * PAGE])
+            if vm.digest_pages is not None:
+                vm.digest_pages[p] = bytearray(view[slots_at + 8 * PAGE : at + _PAGE_BYTES])
         return vm
 
     @classmethod
-    def _load_flat(cls, f: BinaryIO, size: int, n: int, corrupt: Exception) -> VersionMap:
-        """The first format (one slot and digest for every chunk), as stores before paged maps wrote it."""
-        raw = f.read()
+    def _load_flat(cls, raw: bytes, size: int, n: int, corrupt: Exception) -> VersionMap:
+        """The first format (one slot and digest for every chunk), as stores before paged maps wrote it;
+        it has no checksum."""
         if len(raw) != n * 24:
             raise corrupt
         slots = array("q", raw[: 8 * n])
@@ -283,8 +285,12 @@ class ChunkedBase:
         if reader is None and used:
             reader = PackReader(pack)
         self._reader = reader
+        self._verified = bytearray()
         if reader is not None and used:
+            if vmap.digest_pages is None:
+                raise ValueError("a version is served from a map loaded with its digests (to check chunks)")
             reader.ensure(max(used) + 1)
+            self._verified = reader.verified  # the same bytearray for the reader's life
         self.recorder: TraceRecorder | None = None
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
@@ -295,9 +301,13 @@ class ChunkedBase:
             recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
             if recorder.done:  # off the hot path for the rest of the version's life
                 self.recorder = None
+        if self._reader is not None:
+            self._reader.refresh()
         page = self._pages.get(i >> PAGE_SHIFT)
         if end <= (i + 1) << _SHIFT and page is not None and (slot := page[i & PAGE_MASK]) >= 0:
             # The hot path: inside one stored chunk.
+            if not self._verified[slot]:
+                self._reader.verify(slot, self.map.key(i))  # type: ignore[union-attr]
             self._reader.read(buf, (slot << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
             return
         slot_of = self.map.slot
@@ -315,6 +325,9 @@ class ChunkedBase:
             if slot == ZERO_SLOT:
                 dst[:] = bytes(len(dst))
             else:
+                for k in range(j - i):
+                    if not self._verified[slot + k]:
+                        self._reader.verify(slot + k, self.map.key(i + k))  # type: ignore[union-attr]
                 self._reader.read(dst, (slot << _SHIFT) + (pos - (i << _SHIFT)))  # type: ignore[union-attr]
             pos = stop
 
@@ -415,7 +428,7 @@ class TraceRecorder:
         if len(self._order) < self.MIN_CHUNKS:
             return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self._order.tobytes())
+        tmp.write_bytes(seal_bytes(_TRACE_MAGIC + self._order.tobytes()))
         try:
             os.link(tmp, self.path)  # never replaces a trace another worker finished first
         except FileExistsError:
@@ -425,12 +438,27 @@ class TraceRecorder:
         log.info("recorded a boot trace of %d chunks: %s", len(self._order), self.path)
 
 
-def load_trace(path: Path) -> array[int]:
+def load_trace(path: Path, *, strict: bool = False) -> array[int]:
+    """A version's boot trace (empty if it has none). A damaged one is a hint lost, not an error: it is
+    logged and ignored (the next boot records again), unless `strict` (check) asks to hear of it."""
     trace = array("I")
     try:
-        trace.frombytes(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
-        pass
+        return trace
+    if raw.startswith(_TRACE_MAGIC):
+        try:
+            raw = unseal_bytes(raw, path)[len(_TRACE_MAGIC) :]
+        except Damaged:
+            if strict:
+                raise
+            log.error("boot trace %s is damaged; it is not used", path)
+            return trace
+    elif len(raw) % trace.itemsize:  # a trace from before checksums: only its length can be checked
+        if strict:
+            raise Damaged(path=path, detail="it is not a boot trace")
+        return trace
+    trace.frombytes(raw)
     return trace
 
 

@@ -84,9 +84,10 @@ class Registry:
     def _open(self, name: str) -> _Open:
         with self.store.lock(shared=True):
             record = self.store.get_clone(name)
-            version = self.store.target_version(record)
-            state = self.store.clone_state(record)
+            version = self.store.target_version(record)  # a checked pointer: a version the base has
+            state = self.store.clone_state(record)  # checked: a damaged state raises, and nothing moves
             follows = record.base is not None and record.pin is None
+            moving = False
             if state is not None and state.version != version and follows and self.store.is_held(record):
                 log.info(
                     "clone %s stays on version %s (its clients may come back); it moves to %s after its last "
@@ -97,24 +98,24 @@ class Registry:
                 )
                 version = state.version
             elif state is None or state.version != version:
-                if state is not None:
-                    log.info(
-                        "clone %s moves from version %s to %s; its writes are dropped", name, state.version, version
-                    )
-                state = self.store.start_overlay(record, version)
-            if follows:
-                try:
-                    self.store.hold(record)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    # A full disk: serve the clone (reads) rather than refuse it; it is not marked held, so a
-                    # crash before its clients leave could let a pending promote move it.
-                    log.warning("clone %s: cannot mark it held (%s); serving it unmarked", name, exc)
+                moving = True
+            # The version is opened (its map read and checked) before any overlay is dropped for it.
             key, base = self._get_base(record, version)
-            if key is not None and self._traces.get(key) and self._reader is not None:
-                self._prefetch(key, f"{record.base}@{version}")
             try:
+                if moving:
+                    if state is not None:
+                        log.info(
+                            "clone %s moves from version %s to %s; its writes are dropped",
+                            name,
+                            state.version,
+                            version,
+                        )
+                    state = self.store.start_overlay(record, version)
+                assert state is not None
+                if follows:
+                    self._hold(record)
+                if key is not None and self._traces.get(key) and self._reader is not None:
+                    self._prefetch(key, f"{record.base}@{version}")
                 overlay = RocksOverlay(self.store.overlay_path(record, state))
                 clone = Clone(base, overlay, base.size)
             except BaseException:
@@ -122,6 +123,16 @@ class Registry:
                 raise
         log.info("opened clone %s (version %s)", name, version)
         return _Open(clone, key, version, 0, record)
+
+    def _hold(self, record: CloneRecord) -> None:
+        try:
+            self.store.hold(record)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # A full disk: serve the clone (reads) rather than refuse it; it is not marked held, so a crash
+            # before its clients leave could let a pending promote move it.
+            log.warning("clone %s: cannot mark it held (%s); serving it unmarked", record.name, exc)
 
     def _prefetch(self, key: BaseKey, label: str) -> None:
         """A clone of a version with a boot trace connects: read the trace into the cache, in the order the

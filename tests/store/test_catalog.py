@@ -96,7 +96,7 @@ def test_clones_made_together_spread_evenly_over_the_workers(store: Store) -> No
         assert max(loads) - min(loads) <= 1, (workers, loads)
     # A clone from before creation numbers (and an unknown name) goes by its name's hash, the same everywhere.
     raw = json.loads(store.catalog_path.read_text())
-    del raw["clones"]["b5"]["seq"]
+    del raw["clones"]["b5"]["seq"], raw["xxh3"]  # as written before catalogs had checksums
     store.catalog_path.write_text(json.dumps(raw))
     old = store.catalog()
     assert old.clones["b5"].seq == -1

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbdclone.store import chunks
+from nbdclone import errors
+from nbdclone.store import cache, chunks
 from nbdclone.store.chunks import CHUNK, ZERO_SLOT, ChunkedBase, ChunkStore, VersionMap
 
 
@@ -63,7 +64,8 @@ def test_a_new_version_stores_only_what_changed(cs: ChunkStore) -> None:
 
 
 def test_a_forced_digest_collision_never_shares_a_chunk(cs: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunks, "digest", lambda data: b"\x00" * 16)  # every chunk collides
+    for module in (chunks, cache):  # every chunk collides, at import and when read back
+        monkeypatch.setattr(module, "digest", lambda data: b"\x00" * 16)
     v1, _ = store_image(cs, [chunk(1)])
     v2, written = store_image(cs, [chunk(2), chunk(1)], (v1,))
     assert written == 1  # chunk(2) got its own slot; chunk(1) was shared after comparing bytes
@@ -80,9 +82,11 @@ def test_version_map_round_trips_and_rejects_corruption(tmp_path: Path) -> None:
     loaded = VersionMap.load(tmp_path / "v.map", digests=True)
     assert loaded == vm and list(loaded.stored()) == list(vm.stored())
     assert VersionMap.load(tmp_path / "v.map").digest_pages is None  # serving does not load digests
-    (tmp_path / "v.map").write_bytes((tmp_path / "v.map").read_bytes()[:-1])
-    with pytest.raises(Exception, match="corrupt"):
-        VersionMap.load(tmp_path / "v.map")
+    good = (tmp_path / "v.map").read_bytes()
+    for damaged in (good[:-1], good[:100] + bytes([good[100] ^ 1]) + good[101:], good[:20]):
+        (tmp_path / "v.map").write_bytes(damaged)
+        with pytest.raises(errors.Damaged, match="v.map is damaged"):
+            VersionMap.load(tmp_path / "v.map")
 
 
 def test_a_map_costs_what_the_base_holds_not_its_size(tmp_path: Path) -> None:
