@@ -477,6 +477,34 @@ Press Ctrl-C to stop.""",
     raise typer.Exit(server.run(cfg, ready))
 
 
+@app.command()
+def check(
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed without guessing.")] = False,
+    store: StoreOpt = _DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify the store: catalog, pointers, version maps, every chunk against its digest, clones' states and
+    overlays, orphans and leftovers of killed commands. Exits 1 if anything is still wrong."""
+    from nbdclone.store.check import check as check_store
+
+    report = check_store(Store(store), repair=repair)
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        counted = ", ".join(f"{n} {what}" for what, n in report.checked.items())
+        if not report.findings:
+            out.print(f"store {store} is whole: checked {counted}", soft_wrap=True)
+        else:
+            table = Table("FILE", "PROBLEM", "AFFECTS", "DONE / TO DO", box=None)
+            for f in report.findings:
+                table.add_row(f.path, f.problem, f.affects, f"repaired: {f.repaired}" if f.repaired else f.needs)
+            out.print(table)
+            left = sum(1 for f in report.findings if not f.repaired)
+            out.print(f"checked {counted}: {len(report.findings)} problem(s), {left} left")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
 def _when(iso: str) -> str:
     return iso[:16].replace("T", " ")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import rocksdict
 
-from nbdclone.errors import StorageError
+from nbdclone.errors import Damaged, StorageError
 
 INDEX = b"i"
 DATA_DONE = b"d"
@@ -72,6 +72,11 @@ def _options(create: bool) -> rocksdict.Options:
     # In-place updates need memtable writes from one writer at a time, which the overlay's lock gives.
     opts.set_allow_concurrent_memtable_write(False)
     opts.set_inplace_update_support(True)
+    # A damaged record in the middle of the WAL fails the open (the default, point-in-time recovery, stops
+    # at it and silently drops every later record, synced ones too); a torn tail after a power cut is the
+    # normal end of a log and is tolerated.
+    opts.set_wal_recovery_mode(rocksdict.DBRecoveryMode.tolerate_corrupted_tail_records())
+    opts.set_paranoid_checks(True)
     table = rocksdict.BlockBasedOptions()
     table.set_block_cache(cache)
     opts.set_block_based_table_factory(table)
@@ -136,6 +141,8 @@ class BlockMap:
         try:
             return rocksdict.Rdict(str(self.path), opts, column_families={"default": opts}, access_type=access)
         except Exception as exc:
+            if "Corruption" in str(exc):
+                raise Damaged(path=self.path, detail=f"its block map does not open: {exc}") from exc
             raise StorageError(errno_of(exc), what=f"opening overlay {self.path}", detail=str(exc)) from exc
 
     def reopen(self) -> None:
@@ -151,17 +158,31 @@ class BlockMap:
         self.broken = True
         return StorageError(errno_of(exc), what=f"{doing} overlay {self.path}", detail=str(exc))
 
+    def _unreadable(self, exc: Exception) -> StorageError | Damaged:
+        if "Corruption" in str(exc):
+            return Damaged(path=self.path, detail=f"its block map does not read: {exc}")
+        return StorageError(errno_of(exc), what=f"reading overlay {self.path}", detail=str(exc))
+
     def get(self, k: bytes) -> bytes | None:
-        value = self._db.get(k)
+        try:
+            value = self._db.get(k)
+        except Exception as exc:
+            raise self._unreadable(exc) from exc
         return value if value is None else bytes(value)
 
     def has_prefix(self, prefix: bytes) -> bool:
         it = self._db.iter()
         it.seek(prefix)
-        return bool(it.valid() and it.key().startswith(prefix))
+        found = bool(it.valid() and it.key().startswith(prefix))
+        try:
+            it.status()
+        except Exception as exc:
+            raise self._unreadable(exc) from exc
+        return found
 
     def entries(self) -> Iterator[tuple[int, bytes]]:
-        """(block, value) of every map entry, in block order."""
+        """(block, value) of every map entry, in block order. RocksDB checks each block's checksum as it
+        reads it: damage raises Damaged, naming the overlay."""
         it = self._db.iter()
         it.seek(INDEX)
         while it.valid():
@@ -170,6 +191,10 @@ class BlockMap:
                 break
             yield int.from_bytes(k[1:], "big"), it.value()
             it.next()
+        try:
+            it.status()
+        except Exception as exc:
+            raise self._unreadable(exc) from exc
 
     def put(self, k: bytes, value: bytes) -> None:
         try:

@@ -85,7 +85,7 @@ def test_version_map_round_trips_and_rejects_corruption(tmp_path: Path) -> None:
     good = (tmp_path / "v.map").read_bytes()
     for damaged in (good[:-1], good[:100] + bytes([good[100] ^ 1]) + good[101:], good[:20]):
         (tmp_path / "v.map").write_bytes(damaged)
-        with pytest.raises(errors.Damaged, match="v.map is damaged"):
+        with pytest.raises(errors.Damaged, match=r"v\.map is damaged"):
             VersionMap.load(tmp_path / "v.map")
 
 

@@ -1,0 +1,325 @@
+"""`nbdclone check`: verify a whole store, say what is wrong and what it touches, and, with repair, fix what
+can be fixed without guessing.
+
+What is checked, in order (each step trusts only what the steps before it verified):
+    catalog       catalog.json and its mirror: checksums, one readable
+    bases         each base's folder, current pointer (checksum, names a version), each version's map
+                  (checksum, size, slots inside the pack), its boot trace (checksum)
+    chunks        every chunk a version holds, read from the pack, against its content digest
+    clones        each clone's state.json (checksum, names its base's version and an overlay that exists),
+                  its overlay: RocksDB opens and every entry reads (RocksDB checks its block checksums),
+                  the data file holds every block the map says it does
+    orphans       folders of clones and bases the catalog does not name, overlays no state names
+    leftovers     work files of killed commands in STORE/tmp
+
+Repairs (only with --repair, each reported): the catalog or its mirror rewritten from the good copy; a
+clone's state.json rebuilt from the origin record of its only overlay; a damaged boot trace removed (the
+next boot records again); orphans and leftovers removed. Nothing the catalog does not vouch for is trusted,
+and nothing is removed on the strength of a damaged record: a damaged pointer, map, chunk or overlay is
+reported for the operator (re-import, promote, reset), never "fixed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbdclone import errors
+from nbdclone.store._rocks import RocksOverlay, overlay_in_use
+from nbdclone.store._sealed import seal_json
+from nbdclone.store.cache import digest
+from nbdclone.store.catalog import ORIGIN, Catalog, Store, load_catalog, load_state, write_atomic
+from nbdclone.store.chunks import CHUNK, VersionMap, load_trace
+from nbdclone.store.overlay import BLOCK_SIZE, DATA
+
+
+@dataclass(slots=True)
+class Finding:
+    path: str  # the file or folder
+    problem: str
+    affects: str  # what fails because of it: "store", "base deb@2", "clone vm1", "space only"
+    repaired: str = ""  # what --repair did about it
+    needs: str = ""  # what the operator must do, if --repair cannot
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing is wrong any more (everything found was repaired)."""
+        return all(f.repaired for f in self.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clean": self.clean, "checked": self.checked, "findings": [f.as_dict() for f in self.findings]}
+
+
+def check(store: Store, *, repair: bool = False) -> Report:
+    """Verify `store` (see the module docstring); with `repair`, fix what can be fixed without guessing."""
+    report = Report()
+    with store.chunks.writer(), store.lock():  # nothing changes under the check (a server may still run)
+        cat = _check_catalog(store, report, repair)
+        if cat is None:
+            return report
+        maps = _check_bases(store, cat, report, repair)
+        _check_chunks(store, cat, maps, report)
+        _check_clones(store, cat, report, repair)
+        _check_orphans(store, cat, report, repair)
+        _check_leftovers(store, report, repair)
+    return report
+
+
+def _check_catalog(store: Store, report: Report, repair: bool) -> Catalog | None:
+    main = mirror = None
+    for path in (store.catalog_path, store.mirror_path):
+        try:
+            loaded = load_catalog(path)
+        except FileNotFoundError:
+            continue
+        except errors.Damaged as exc:
+            report.findings.append(Finding(str(path), exc.fields["detail"], "store"))
+            continue
+        if path == store.catalog_path:
+            main = loaded
+        else:
+            mirror = loaded
+    report.checked["catalogs"] = 1
+    if main is None and mirror is None:
+        if store.catalog_path.exists() or store.mirror_path.exists():
+            report.findings[-1].needs = "restore catalog.json from a backup: both copies are damaged"
+            return None
+        return Catalog()  # an empty store
+    good = main if main is not None else mirror
+    assert good is not None
+    if main is None or mirror is None or main != mirror:
+        target = store.mirror_path if main is not None else store.catalog_path
+        finding = next((f for f in report.findings if f.path == str(target)), None)
+        if finding is None:
+            problem = "it is missing" if not target.exists() else "it differs from the catalog"
+            finding = Finding(str(target), problem, "store" if target == store.catalog_path else "space only")
+            report.findings.append(finding)
+        if repair:
+            text = seal_json(good.to_json())
+            write_atomic(store.catalog_path, text, store.tmp)
+            write_atomic(store.mirror_path, text, store.tmp)
+            finding.repaired = "rewritten from the good copy"
+        else:
+            finding.needs = "nbdclone check --repair"
+    return good
+
+
+def _check_bases(store: Store, cat: Catalog, report: Report, repair: bool) -> dict[tuple[str, str], VersionMap]:
+    maps: dict[tuple[str, str], VersionMap] = {}
+    nslots = store.chunks.nslots()
+    for base in cat.bases.values():
+        try:
+            store.current_version(base)
+        except errors.Damaged as exc:
+            report.findings.append(
+                Finding(
+                    str(exc.fields["path"]),
+                    exc.fields["detail"],
+                    f"base {base.name}: its following clones cannot open",
+                    needs=f"nbdclone base promote {base.name} VERSION",
+                )
+            )
+        for vid, version in base.versions.items():
+            ref = f"{base.name}@{vid}"
+            path = store.map_path(base, vid)
+            report.checked["versions"] = report.checked.get("versions", 0) + 1
+            try:
+                vmap = VersionMap.load(path, digests=True)
+            except FileNotFoundError:
+                report.findings.append(Finding(str(path), "it is missing", f"base {ref}", needs=_reimport(ref)))
+                continue
+            except errors.Damaged as exc:
+                report.findings.append(Finding(str(path), exc.fields["detail"], f"base {ref}", needs=_reimport(ref)))
+                continue
+            used = vmap.used_slots()
+            if vmap.size != version.size or (used and max(used) >= nslots):
+                problem = (
+                    f"it is {vmap.size} bytes, the catalog says {version.size}"
+                    if vmap.size != version.size
+                    else f"it names chunk {max(used)}, past the end of the pack ({nslots} chunks)"
+                )
+                report.findings.append(Finding(str(path), problem, f"base {ref}", needs=_reimport(ref)))
+                continue
+            maps[(base.name, vid)] = vmap
+            trace = store.trace_path(base, vid)
+            try:
+                load_trace(trace, strict=True)
+            except errors.Damaged as exc:
+                finding = Finding(str(trace), exc.fields["detail"], "boot prefetch only")
+                if repair:
+                    trace.unlink(missing_ok=True)
+                    finding.repaired = "removed: the next boot records a new one"
+                else:
+                    finding.needs = "nbdclone check --repair"
+                report.findings.append(finding)
+    return maps
+
+
+def _reimport(ref: str) -> str:
+    return f"import its image again as a new version and move {ref}'s clones to it, then base rm {ref}"
+
+
+def _check_chunks(store: Store, cat: Catalog, maps: dict[tuple[str, str], VersionMap], report: Report) -> None:
+    users: dict[int, tuple[bytes, list[str]]] = {}
+    for (name, vid), vmap in maps.items():
+        for _, slot, key in vmap.stored():
+            users.setdefault(slot, (key, []))[1].append(f"{name}@{vid}")
+    report.checked["chunks"] = len(users)
+    if not users:
+        return
+    buf = bytearray(CHUNK)
+    with open(store.chunks.pack, "rb", buffering=0) as pack:
+        for slot in sorted(users):
+            key, refs = users[slot]
+            n = pack.readinto(memoryview(buf)) if pack.seek(slot * CHUNK) == slot * CHUNK else 0
+            if n != CHUNK or digest(buf) != key:
+                problem = f"chunk {slot} ({'short' if n != CHUNK else 'does not match its digest'})"
+                report.findings.append(
+                    Finding(
+                        str(store.chunks.pack),
+                        problem,
+                        "base " + ", ".join(sorted(set(refs))),
+                        needs="; ".join(_reimport(r) for r in sorted(set(refs))),
+                    )
+                )
+
+
+def _check_clones(store: Store, cat: Catalog, report: Report, repair: bool) -> None:
+    for clone in cat.clones.values():
+        report.checked["clones"] = report.checked.get("clones", 0) + 1
+        directory = store.clone_dir(clone)
+        what = f"clone {clone.name}"
+        try:
+            state = store.clone_state(clone)
+        except errors.Damaged as exc:
+            finding = Finding(str(exc.fields["path"]), exc.fields["detail"], what)
+            report.findings.append(finding)
+            origin = _only_origin(directory)
+            if origin is None:
+                finding.needs = f"restore {directory}/state.json from a backup, or nbdclone clone reset {clone.name}"
+                continue
+            if not repair:
+                finding.needs = "nbdclone check --repair (its overlay's origin record says where it is)"
+                continue
+            write_atomic(directory / "state.json", seal_json(asdict(origin)), directory)
+            finding.repaired = f"rebuilt from {origin.overlay}/{ORIGIN} (version {origin.version})"
+            state = origin
+        if state is None:
+            continue
+        overlay = store.overlay_path(clone, state)
+        if not overlay.is_dir():
+            report.findings.append(
+                Finding(str(overlay), "its overlay is missing", what, needs=f"nbdclone clone reset {clone.name}")
+            )
+            continue
+        if overlay_in_use(overlay):
+            report.checked["open clones (overlay not read)"] = (
+                report.checked.get("open clones (overlay not read)", 0) + 1
+            )
+            continue
+        problem = _overlay_problem(overlay)
+        if problem is not None:
+            report.findings.append(
+                Finding(
+                    problem[0],
+                    problem[1],
+                    what,
+                    needs=f"export what it still reads (nbdclone clone export), then nbdclone clone reset {clone.name}",
+                )
+            )
+
+
+def _only_origin(directory: Path) -> Any:
+    """The origin record of the clone's only overlay whose record is whole, if there is exactly one."""
+    found = []
+    for sub in directory.iterdir() if directory.is_dir() else ():
+        with contextlib.suppress(errors.Damaged):
+            origin = load_state(sub / ORIGIN) if sub.is_dir() else None
+            if origin is not None and origin.overlay == sub.name:
+                found.append(origin)
+    return found[0] if len(found) == 1 else None
+
+
+def _overlay_problem(path: Path) -> tuple[str, str] | None:
+    """(file, problem) if the overlay does not open or read whole; RocksDB checks its own checksums."""
+    try:
+        overlay = RocksOverlay(path, readonly=True)
+    except errors.NbdcloneError as exc:
+        return str(exc.fields.get("path") or path), str(exc.fields.get("detail") or exc)
+    try:
+        buf = memoryview(bytearray(BLOCK_SIZE))
+        for block in [block for block, state in overlay.scan() if state == DATA]:
+            overlay.read(buf, block * BLOCK_SIZE)  # every block the map holds is in the file
+    except errors.NbdcloneError as exc:
+        return str(exc.fields.get("path") or path), str(exc)
+    except Exception as exc:  # RocksDB reports corruption as its own exception type
+        return str(path), f"its block map does not read: {exc}"
+    finally:
+        overlay.close()
+    return None
+
+
+def _check_orphans(store: Store, cat: Catalog, report: Report, repair: bool) -> None:
+    live_clones = {c.id: c for c in cat.clones.values()}
+    live_bases = {b.id: b for b in cat.bases.values()}
+    found: list[tuple[Path, str]] = []
+    for directory in _children(store.path / "clones"):
+        clone = live_clones.get(directory.name)
+        if clone is None:
+            found.append((directory, "a clone folder the catalog does not name"))
+            continue
+        try:
+            state = store.clone_state(clone)
+        except errors.Damaged:
+            continue  # reported above; nothing of it is removed
+        for sub in _children(directory):
+            if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
+                found.append((sub, f"an overlay of clone {clone.name} that its state does not name"))
+    for directory in _children(store.path / "bases"):
+        base = live_bases.get(directory.name)
+        if base is None:
+            found.append((directory, "a base folder the catalog does not name"))
+            continue
+        for f in _children(directory):
+            vid = f.name.split(".")[0]
+            if f.suffix in (".map", ".trace") and vid not in base.versions:
+                found.append((f, f"a file of version {base.name}@{vid}, which the catalog does not have"))
+    for path, problem in found:
+        finding = Finding(str(path), problem, "space only")
+        if repair:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            finding.repaired = "removed"
+        else:
+            finding.needs = "nbdclone check --repair, or nbdclone base gc"
+        report.findings.append(finding)
+
+
+def _check_leftovers(store: Store, report: Report, repair: bool) -> None:
+    left = store.remove_leftovers() if repair else store.leftovers()
+    for path in left:
+        report.findings.append(
+            Finding(
+                str(path),
+                "a work file of a command that was killed",
+                "space only",
+                repaired="removed" if repair else "",
+                needs="" if repair else "nbdclone check --repair, or nbdclone base gc",
+            )
+        )
+
+
+def _children(directory: Path) -> Iterator[Path]:
+    return iter(sorted(directory.iterdir())) if directory.is_dir() else iter(())
