@@ -154,6 +154,9 @@ def base_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> Non
             r["created"],
         )
     out.print(table)
+    for r in rows:
+        if r["damaged"]:
+            out.print(f"{r['base']}@{r['version']}: {r['damaged']}", soft_wrap=True)
     pack = st.chunks.pack
     if pack.exists():
         out.print(f"chunk store: {human(pack.stat().st_blocks * 512)} on disk")
@@ -231,10 +234,17 @@ def clone_create(
 
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
-    return {**_asdict(rec), **_asdict(st.status(rec))}
+    try:
+        return {**_asdict(rec), **_asdict(st.status(rec)), "damaged": ""}
+    except errors.Damaged as exc:  # listed, not hidden, and the list goes on
+        status = {"version": None, "size": rec.size, "follows": rec.pin is None, "move_pending": False}
+        status |= {"held": False, "overlay_disk_bytes": 0, "open": False}
+        return {**_asdict(rec), **status, "damaged": str(exc)}
 
 
 def _version_label(r: dict[str, Any]) -> str:
+    if r["damaged"]:
+        return "DAMAGED (see 'nbdclone check')"
     if r["base"] is None:
         return "-"
     label = f"{r['base']}@{r['version']}" + ("" if r["follows"] else " (pinned)")

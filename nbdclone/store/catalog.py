@@ -162,6 +162,7 @@ class VersionStats:
     shared: int  # of which other versions reference too
     unique: int  # of which only this version references: what removing it would free
     clones: int
+    damaged: str = ""  # why its map or its base's pointer cannot be used ("" if they can)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,33 +410,50 @@ class Store:
     def _write_pointer(self, record: BaseRecord, vid: str) -> None:
         write_atomic(self.base_dir(record) / "current", seal(vid), self.base_dir(record), crash_hooks=True)
 
-    def version_users(self, catalog: Catalog | None = None) -> dict[tuple[str, str], list[str]]:
-        """(base, version) -> the clones that use it: pinned to it, or with an overlay started on it."""
+    def version_users(
+        self, catalog: Catalog | None = None, *, skip_damaged: bool = False
+    ) -> dict[tuple[str, str], list[str]]:
+        """(base, version) -> the clones that use it: pinned to it, or with an overlay started on it. A
+        clone whose records are damaged raises (nothing may be removed while what it uses is unknown),
+        unless `skip_damaged` (for statistics)."""
         cat = catalog or self.catalog()
         users: dict[tuple[str, str], list[str]] = {}
         for clone in cat.clones.values():
             if clone.base is None:
                 continue
-            for vid in {clone.pin, self.clone_version(clone)} - {None}:
+            try:
+                version = self.clone_version(clone)
+            except errors.Damaged:
+                if not skip_damaged:
+                    raise
+                continue
+            for vid in {clone.pin, version} - {None}:
                 users.setdefault((clone.base, vid), []).append(clone.name)  # type: ignore[arg-type]
         return users
 
     def version_stats(self) -> list[VersionStats]:
         """Every version with the space it shares with other versions and the space only it holds."""
         cat = self.catalog()
-        users = self.version_users(cat)
-        maps = {
-            (b.name, v): self.version_map(b, v, digests=False).used_slots()
-            for b in cat.bases.values()
-            for v in b.versions
-        }
+        users = self.version_users(cat, skip_damaged=True)
+        maps: dict[tuple[str, str], set[int]] = {}
+        damage: dict[tuple[str, str], str] = {}
+        for b in cat.bases.values():
+            for v in b.versions:
+                try:
+                    maps[(b.name, v)] = self.version_map(b, v, digests=False).used_slots()
+                except (errors.Damaged, FileNotFoundError) as exc:
+                    maps[(b.name, v)], damage[(b.name, v)] = set(), str(exc)
         refs: dict[int, int] = {}
         for slots in maps.values():
             for slot in slots:
                 refs[slot] = refs.get(slot, 0) + 1
         out = []
         for base in cat.bases.values():
-            current = self.current_version(base)
+            try:
+                current: str | None = self.current_version(base)
+            except errors.Damaged as exc:
+                current = None
+                damage.update({(base.name, v): str(exc) for v in base.versions})
             for vid, rec in base.versions.items():
                 slots = maps[(base.name, vid)]
                 shared = sum(1 for s in slots if refs[s] > 1)
@@ -451,6 +469,7 @@ class Store:
                         shared=shared * CHUNK,
                         unique=(len(slots) - shared) * CHUNK,
                         clones=len(users.get((base.name, vid), [])),
+                        damaged=damage.get((base.name, vid), ""),
                     )
                 )
         return out

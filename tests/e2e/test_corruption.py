@@ -149,6 +149,11 @@ def test_damage_in_one_file_fails_only_what_depends_on_it(tmp_path: Path, store_
     shown = target.parent if kind == "wal" else target
     assert check.returncode == 1 and str(shown) in named, check.stdout
 
+    listed = cli("clone", "list", store=store_path).stdout + cli("base", "list", store=store_path).stdout
+    assert all(name in listed for name in CLONES)  # the lists still work, and show what they can
+    if kind in ("state", "map"):
+        assert "DAMAGED" in listed or "is damaged" in listed, listed
+
     server = setup.server().start()
     try:
         for name in CLONES:
