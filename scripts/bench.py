@@ -293,6 +293,14 @@ def workloads(seconds: int, size: int, storms: list[int], trace: Path = TRACE) -
         Workload("64 KiB sequential read", 1, [*timed, "--rw=read", "--bs=64k"], "MB/s"),
         Workload("4 KiB random write", 1, [*timed, "--rw=randwrite", "--bs=4k"], "IOPS"),
         Workload("1 MiB sequential write", 1, [*timed, "--rw=write", "--bs=1M", "--iodepth=8"], "MB/s"),
+        # A guest's steady state: the same 64 MiB rewritten, a flush every 64 writes (blocks written before
+        # the last flush are rewritten in place).
+        Workload(
+            "4 KiB random rewrite, flushes",
+            1,
+            [*timed[:-2], "--size=64M", "--iodepth=32", "--rw=randwrite", "--bs=4k", "--fsync=64"],
+            "IOPS",
+        ),
         Workload("8 clones, 4 KiB random read", 8, [*timed, "--rw=randread", "--bs=4k"], "IOPS"),
     ]
     replay = [f"--read_iolog={trace}", "--replay_no_stall=1"]

@@ -4,8 +4,9 @@
                                           TENTATIVE  b"t" prev(1) gen(8) print(8) [print(8)]  DATA since
                                                      generation `gen`, its bytes fingerprinted (_recovery)
                                           ZERO       b"z"                               ZEROED
-    b"m/format" -> b"3"    b"m/written" -> bytes written (8)    b"m/durable" -> last durable generation (8)
+    b"m/format" -> b"4"    b"m/written" -> bytes written (8)    b"m/durable" -> last durable generation (8)
     b"m/open" -> b"1" while a server has it open, b"0" after a clean close
+    b"m/trust" -> the first generation after the last unclean stop (8), until a scrub (see _rocks.read)
 
 One WriteBatch per request is atomic; the WAL is written (not synced) at every write, so a kill -9 of the
 process keeps it; `sync` makes every earlier write durable. All overlays of a process share one block cache
@@ -20,6 +21,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import rocksdict
 
@@ -29,9 +31,15 @@ INDEX = b"i"
 DATA_DONE = b"d"
 TENTATIVE = b"t"
 ZERO = b"z"
-META_FORMAT, FORMAT = b"m/format", b"3"
+META_FORMAT, FORMAT = b"m/format", b"4"
+#: Format 3 is format 4 except that a block rewritten in place kept the print of its first bytes; format 2
+#: had no prints. Both are brought to 4 at their first writable open (every DATA block fingerprinted).
+UNPRINTED_FORMATS = (b"3", None)
 META_WRITTEN = b"m/written"
 META_DURABLE = b"m/durable"
+#: Entries of a generation below this were made before an unclean stop, which may have kept a block's new
+#: bytes but lost the WAL record naming them (a rewrite in place): their prints are trusted once read again.
+META_TRUST = b"m/trust"
 META_OPEN = b"m/open"
 OLD_DATA = b"b"  # format 1 kept block bytes in RocksDB under this prefix
 
@@ -169,6 +177,15 @@ class BlockMap:
         except Exception as exc:
             raise self._unreadable(exc) from exc
         return value if value is None else bytes(value)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        if len(keys) == 1:
+            return [self.get(keys[0])]
+        try:
+            values: list[Any] = self._db.get(keys)  # type: ignore[arg-type,assignment]  # one multi-get
+        except Exception as exc:
+            raise self._unreadable(exc) from exc
+        return [v if v is None else bytes(v) for v in values]
 
     def has_prefix(self, prefix: bytes) -> bool:
         it = self._db.iter()

@@ -10,10 +10,14 @@
 
 One rule covers all three, so recovery never has to guess which happened (a file system that was shut down
 and mounted again has lost its page cache without a reboot). An entry older than the last durable generation
-needs no check: its bytes were fdatasynced before that generation was recorded. A block that was DATA already
-when it was rewritten gets no new entry: it is rewritten in place and reads old or new bytes. A block whose
-entry is put back reads its previous state (BASE or ZEROED), which is what it read before the unflushed
-write; WAL records that a power cut lost are older states for the same reason.
+needs no check: its bytes were fdatasynced before that generation was recorded. A block whose entry is put
+back reads its previous state (BASE or ZEROED), which is what it read before the unflushed write; WAL records
+that a power cut lost are older states for the same reason.
+
+A block that was DATA already when it was rewritten is rewritten in place: its entry (previous state DATA)
+takes the new bytes' print first, so every entry fingerprints what its block holds (`nbdclone check`
+verifies that). After an unclean stop such a block reads old or new bytes, both acceptable for a write
+that was not flushed: if they are not the ones its entry names, the entry is fixed to what it holds.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ def tentative_head(prev: int, generation: int) -> bytes:
     return bm.TENTATIVE + bytes((prev,)) + generation.to_bytes(8, "big")
 
 
+def prints_of(value: bytes) -> tuple[bytes, ...] | None:
+    """The prints a DATA entry names (what its block may hold), or None where it names none (format 2)."""
+    entry = decode(value)
+    return entry.prints if entry.state == DATA and entry.prints else None
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     state: int
@@ -61,7 +71,7 @@ def decode(value: bytes) -> Entry:
         return Entry(DATA, DATA, 0, ())
     if tag == bm.ZERO:
         return Entry(ZEROED, ZEROED, 0, ())
-    if tag == bm.TENTATIVE and len(value) in (_HEAD + _PRINT, _HEAD + 2 * _PRINT) and value[1] in (BASE, ZEROED):
+    if tag == bm.TENTATIVE and len(value) in (_HEAD + _PRINT, _HEAD + 2 * _PRINT) and value[1] in (BASE, ZEROED, DATA):
         prints = tuple(value[i : i + _PRINT] for i in range(_HEAD, len(value), _PRINT))
         return Entry(DATA, value[1], int.from_bytes(value[2:_HEAD], "big"), prints)
     raise ValueError(f"unknown map value {value!r}")
@@ -84,9 +94,14 @@ def recover(
         entry = decode(value)
         out.last_generation = max(out.last_generation, entry.generation)
         state = entry.state
-        if unclean and entry.generation > durable and fingerprint(read_block(block)) not in entry.prints:
-            out.fixes.append((bm.key(block), None if entry.prev == BASE else bm.ZERO))
-            state = entry.prev
+        if unclean and entry.generation > durable:
+            mark = fingerprint(read_block(block))
+            if mark not in entry.prints:
+                if entry.prev == DATA:  # rewritten in place: old or new bytes, both acceptable
+                    out.fixes.append((bm.key(block), tentative(DATA, entry.generation, mark)))
+                else:
+                    out.fixes.append((bm.key(block), None if entry.prev == BASE else bm.ZERO))
+                    state = entry.prev
         if state != BASE:
             out.states.append((block, state))
     return out

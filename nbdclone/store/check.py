@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdclone import errors
+from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._rocks import RocksOverlay, overlay_in_use
 from nbdclone.store._sealed import seal_json
 from nbdclone.store.cache import digest
@@ -230,7 +231,7 @@ def _check_clones(store: Store, cat: Catalog, report: Report, repair: bool) -> N
                 report.checked.get("open clones (overlay not read)", 0) + 1
             )
             continue
-        problem = _overlay_problem(overlay)
+        problem = _overlay_problem(overlay, repair)
         if problem is not None:
             report.findings.append(
                 Finding(
@@ -253,16 +254,21 @@ def _only_origin(directory: Path) -> Any:
     return found[0] if len(found) == 1 else None
 
 
-def _overlay_problem(path: Path) -> tuple[str, str] | None:
-    """(file, problem) if the overlay does not open or read whole; RocksDB checks its own checksums."""
+def _overlay_problem(path: Path, repair: bool) -> tuple[str, str] | None:
+    """(file, problem) if the overlay does not open or read whole; RocksDB checks its own checksums. With
+    `repair`, blocks written around an unclean stop get their prints refreshed (a scrub)."""
     try:
-        overlay = RocksOverlay(path, readonly=True)
+        overlay = RocksOverlay(path, readonly=not repair)
     except errors.NbdcloneError as exc:
         return str(exc.fields.get("path") or path), str(exc.fields.get("detail") or exc)
     try:
         buf = memoryview(bytearray(BLOCK_SIZE))
         for block in [block for block, state in overlay.scan() if state == DATA]:
             overlay.read(buf, block * BLOCK_SIZE)  # every block the map holds is in the file
+        bad = overlay.verify_data(scrub=repair)
+        if bad:
+            shown = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            return str(path / DATA_FILE), f"{len(bad)} block(s) do not hold what the map fingerprints: {shown}"
     except errors.NbdcloneError as exc:
         return str(exc.fields.get("path") or path), str(exc)
     except Exception as exc:  # RocksDB reports corruption as its own exception type

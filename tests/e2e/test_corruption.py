@@ -39,6 +39,7 @@ class Setup:
         cli("clone", "create", "victim", "bystander", "--base", "deb", store=store)
         cli("clone", "create", "other", "--base", "other", store=store)
         self.expected: dict[str, bytes] = {}
+        self.written: dict[str, list[int]] = {}
         server = self.server().start()
         rnd = random.Random(3)
         try:
@@ -50,6 +51,7 @@ class Setup:
                     data = rnd.randbytes(4096)
                     h.pwrite(data, off)
                     content[off : off + 4096] = data
+                    self.written.setdefault(name, []).append(off)
                 h.zero(8192, 3 * MiB)
                 content[3 * MiB : 3 * MiB + 8192] = bytes(8192)
                 h.flush()
@@ -124,6 +126,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "map": ("victim", "bystander"),
     "state": ("victim",),
     "data": ("victim",),  # cut short: the map holds blocks past its end
+    "data-flip": ("victim",),  # a byte of a block it wrote
     "wal": ("victim",),  # after a crash: its last writes are in the WAL
     "sst": ("victim",),
     "catalog": (),  # its mirror serves, with an error logged
@@ -134,12 +137,15 @@ CASES: dict[str, tuple[str, ...]] = {
 @pytest.mark.parametrize("kind", list(CASES))
 def test_damage_in_one_file_fails_only_what_depends_on_it(tmp_path: Path, store_path: Path, kind: str) -> None:
     setup = Setup(tmp_path, store_path, crash=kind == "wal")
-    target = setup.paths()[kind]
+    target = setup.paths()[kind.partition("-")[0]]
     assert target.stat().st_size > 64, f"{target} is too small to damage"
     if kind == "pack":
         flip(target, 16 * 65536 + 100)  # a chunk of deb (imported first: slots 0-63)
     elif kind == "data":
         os.truncate(target, target.stat().st_size // 2)
+    elif kind == "data-flip":
+        zeroed = range(3 * MiB, 3 * MiB + 8192)
+        flip(target, max(o for o in setup.written["victim"] if o not in zeroed) + 100)
     else:
         flip(target)
     check = cli("check", "--json", store=store_path, check=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdclone.errors import StorageError
+from nbdclone.errors import Damaged, StorageError
 from nbdclone.store import _blockmap
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._rocks import LEGACY_MARK, RocksOverlay, create_overlay, overlay_in_use
@@ -246,6 +246,73 @@ os.kill(os.getpid(), signal.SIGKILL)
                 assert read(again, 2 * BLOCK_SIZE, BLOCK_SIZE) == block(10)
             finally:
                 again.close()
+
+    def test_every_data_block_is_fingerprinted_as_it_is_now(self) -> None:
+        """Rewrites in place (durable or not, one block or many) keep the map's prints current, so check
+        finds a block whose bytes changed under the map, and only that block."""
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1) * 8], 0, [(b, BASE, DATA) for b in range(8)])
+        update(ov, [block(2)], 0, [])  # rewritten before the flush
+        ov.flush()
+        update(ov, [block(3)], BLOCK_SIZE, [])  # rewritten durably, one block
+        update(ov, [block(4) * 3], 4 * BLOCK_SIZE, [])  # and several
+        update(ov, [block(5) * 2], 6 * BLOCK_SIZE, [(7, DATA, ZEROED)])  # block 7 leaves DATA in the same write
+        assert ov.verify_data() == []
+        ov = self.reopen(ov)
+        assert isinstance(ov, RocksOverlay)
+        assert ov.verify_data() == []
+        assert read(ov, 0, 7 * BLOCK_SIZE) == block(2) + block(3) + block(1) * 2 + block(4) * 2 + block(5)
+        ov.close()
+        with open(ov.path / DATA_FILE, "r+b") as f:
+            f.seek(5 * BLOCK_SIZE + 100)
+            f.write(b"\xff")
+        again = RocksOverlay(ov.path, readonly=True)
+        self.opened.append(again)
+        assert again.verify_data() == [5]
+        with pytest.raises(Damaged) as info:  # never served: not a whole block, not a byte of it
+            read(again, 5 * BLOCK_SIZE + 7, 9)
+        assert info.value.errno == errno.EIO
+        assert read(again, 3 * BLOCK_SIZE, 2 * BLOCK_SIZE) == block(1) + block(4)  # its neighbours are fine
+
+    def test_a_killed_rewrite_in_place_keeps_old_or_new_bytes_and_a_true_print(self) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1) * 2], 0, [(0, BASE, DATA), (1, BASE, DATA)])
+        ov.close()
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store import _datafile
+from nbdclone.store._rocks import RocksOverlay
+ov = RocksOverlay(Path({str(ov.path)!r}))
+with ov.lock:
+    ov.update([b"\x02" * {BLOCK_SIZE}], 0, [], written=1)  # lands
+    _datafile.DataFile.write = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies before the bytes
+    ov.update([b"\x03" * {BLOCK_SIZE}], {BLOCK_SIZE}, [], written=1)
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        again = RocksOverlay(ov.path)
+        self.opened.append(again)
+        assert read(again, 0, 2 * BLOCK_SIZE) == block(2) + block(1)  # acknowledged; old bytes, not acked
+        assert again.verify_data() == []
+
+    def test_an_overlay_of_format_3_is_fingerprinted_at_its_first_writable_open(self) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1) * 2], 0, [(0, BASE, DATA), (1, BASE, DATA)])
+        ov.close()
+        with open(ov.path / DATA_FILE, "r+b") as f:  # format 3 rewrote in place without a new print
+            f.write(block(9))
+        m = _blockmap.BlockMap(ov.path, create=False, readonly=False)
+        m.write([(_blockmap.META_FORMAT, b"3")], sync=True)
+        m.close()
+        old = RocksOverlay(ov.path, readonly=True)
+        assert old.verify_data() is None  # its prints may be stale: nothing is claimed
+        old.close()
+        again = RocksOverlay(ov.path)
+        self.opened.append(again)
+        assert again.verify_data() == [] and read(again, 0, BLOCK_SIZE) == block(9)
 
     def test_a_flush_after_nothing_syncs_nothing_and_a_failed_sync_is_redone(
         self, monkeypatch: pytest.MonkeyPatch
