@@ -70,6 +70,7 @@ class RocksOverlay:
             )
         self._full = False  # opened read-only for want of space: writes get ENOSPC until a reopen succeeds
         self.format: bytes | None = None
+        self._reprinted = 0  # blocks whose print was refreshed after an unclean stop (see _mismatch)
         try:
             self._states: list[Change] | None = self._start(create)
         except StorageError as exc:
@@ -250,6 +251,14 @@ class RocksOverlay:
         stop (a rewrite's bytes may have reached the disk without the record naming them): then the bytes are
         the block's (old or new, as after any crash), and its entry is made to say so."""
         if decode(value).generation < self._trust:
+            if not self._reprinted:
+                log.warning(
+                    "overlay %s: blocks rewritten around its last unclean stop get new prints as they are read "
+                    "(first: block %d); 'nbdclone check --repair' does them all",
+                    self.path,
+                    block,
+                )
+            self._reprinted += 1
             if not self._readonly:
                 self._map.put(bm.key(block), tentative(DATA, self._gen, mark))
             return

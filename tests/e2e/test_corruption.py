@@ -6,6 +6,7 @@ flipped digit, cut short, emptied) never cost a clone its writes: repaired, the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -242,3 +243,27 @@ def test_check_repairs_the_catalog_and_removes_leftovers(tmp_path: Path, store_p
             assert _reads(server, name) == setup.expected[name]
     finally:
         server.stop()
+
+
+def test_a_pack_cut_short_under_a_running_server_is_eio_not_a_dead_worker(tmp_path: Path, store_path: Path) -> None:
+    setup = Setup(tmp_path, store_path)
+    pack = Store(store_path).chunks.pack
+    server = setup.server().start()
+    try:
+        handles = {name: server.connect(name) for name in CLONES}
+        for name, h in handles.items():  # every chunk is read (and checked) once
+            assert pread_all(h, SIZE) == setup.expected[name]
+        workers = [w["pid"] for w in server.info()["workers"]]
+        os.truncate(pack, 96 * 65536)  # base "other" was imported last (slots 64-127): its second half goes
+        with pytest.raises(nbd.Error) as info:
+            for off in range(0, SIZE, 65536):
+                handles["other"].pread(4096, off)
+        assert info.value.errno == errno.errorcode[errno.EIO]
+        assert [w["pid"] for w in server.info()["workers"]] == workers, "a worker died"
+        for name in ("victim", "bystander"):  # deb's chunks are all there: its clones read exactly
+            assert pread_all(handles[name], SIZE) == setup.expected[name]
+        for h in handles.values():
+            h.shutdown()
+    finally:
+        server.stop()
+    assert str(pack) in "".join(server.log)
