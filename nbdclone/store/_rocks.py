@@ -20,12 +20,13 @@ in `overlay` (I1-I6). The write paths, each with the order in which its parts re
                                                               -> punch every block that is not DATA
     close             the last connection ends              flush -> WAL: closed (synced)
 
-Every DATA block's entry fingerprints what the block holds (a rewrite in place, from the next flush on; until
-then its print is in memory), so a read checks each block it serves against its entry (a multi-get: 1 us for one block, 11 us for 16) and
-`nbdclone check` finds bytes that changed under the map. A 4 KiB random-write workload is nearly all first
-writes and rewrites: a pwritev each, a fingerprint (0.17 us) and one unsynced RocksDB put (3-4 us here).
-Bytes are not kept in RocksDB: a 4 KiB value goes through the WAL, the memtable, an SST and every
-compaction; measured here that capped 4 KiB random writes at 16k/s.
+Every DATA block's entry fingerprints what the block holds (a rewrite in place, from the next flush on;
+until then its print is in memory), so a read checks each block it serves against its entry (a multi-get:
+1 us for one block, 11 us for 16) and `nbdclone check` finds bytes that changed under the map. A 4 KiB
+random-write workload is nearly all first writes and rewrites: a pwritev each, a fingerprint (0.17 us) and,
+for a first write, one unsynced RocksDB put (3-4 us here). Bytes are not kept in RocksDB: a 4 KiB value
+goes through the WAL, the memtable, an SST and every compaction; measured here that capped 4 KiB random
+writes at 16k/s.
 """
 
 from __future__ import annotations
