@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+import nbdclone
 from nbdclone import errors
 from nbdclone.store import images
 from nbdclone.store.cache import resident_bytes
@@ -49,6 +50,28 @@ StoreOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _DEFAULT_STORE = default_store()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"nbdclone {nbdclone.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", help="Store directory, for every command (also accepted after the command)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Serve copy-on-write clones of read-only base images over NBD."""
+    if store is not None:  # a command's own --store option reads it from here (an option after it still wins)
+        os.environ["NBDCLONE_STORE"] = str(store)
+
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

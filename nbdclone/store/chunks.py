@@ -47,7 +47,8 @@ PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT  # chunks per version-map page
 PAGE_MASK = PAGE - 1
 _FLAT_MAGIC = b"NBDCLMAP"
-_MAP_MAGIC = b"NBDCLMP2"
+_MAP_MAGIC = b"NBDCLMP3"  # paged, with an xxh3 footer
+_UNSEALED_MAGIC = b"NBDCLMP2"  # paged, as briefly written before maps had a checksum
 _MAP_HEADER = struct.Struct("<8sQQ")  # magic, size, number of pages (flat maps: of chunks)
 _PAGE_INDEX = struct.Struct("<Q")
 _PAGE_BYTES = _PAGE_INDEX.size + 24 * PAGE  # index, slots, digests
@@ -138,9 +139,10 @@ class VersionMap:
         magic, size, n = _MAP_HEADER.unpack_from(raw)
         if magic == _FLAT_MAGIC:
             return cls._load_flat(raw[_MAP_HEADER.size :], size, n, corrupt)
-        if magic != _MAP_MAGIC:
+        if magic not in (_MAP_MAGIC, _UNSEALED_MAGIC):
             raise corrupt
-        raw = unseal_bytes(raw, path)
+        if magic == _MAP_MAGIC:
+            raw = unseal_bytes(raw, path)
         if len(raw) != _MAP_HEADER.size + n * _PAGE_BYTES:
             raise corrupt
         vm = cls(size, {}, {} if digests else None)

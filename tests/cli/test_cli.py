@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -10,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nbdclone import cli as cli_module
-from tests.helpers import cli, make_image, snapshot
+from tests.helpers import NBDCLONE, cli, make_image, snapshot
 
 MiB = 1 << 20
 
@@ -135,3 +136,20 @@ def test_serve_passes_the_listen_address(tmp_path: Path, listen: str, expected: 
     assert result.exit_code == 0, result.output
     cfg = run.call_args.args[0]
     assert cfg.listen == expected and cfg.store == tmp_path
+
+
+def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Path) -> None:
+    version = subprocess.run([NBDCLONE, "--version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("nbdclone ") and version.split()[1][0].isdigit()
+    before = subprocess.run(
+        [NBDCLONE, "--store", str(store), "clone", "list", "--json"], capture_output=True, text=True, check=True
+    )
+    assert [c["name"] for c in json.loads(before.stdout)] == ["a"]
+    elsewhere = tmp_path / "other-store"  # an option after the command still wins
+    after = subprocess.run(
+        [NBDCLONE, "--store", str(store), "clone", "list", "--json", "--store", str(elsewhere)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(after.stdout) == []
