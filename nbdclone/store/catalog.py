@@ -650,13 +650,17 @@ class Store:
         The switch is one atomic rename of state.json, so a crash leaves the old or the new overlay."""
         directory = self.clone_dir(record)
         directory.mkdir(parents=True, exist_ok=True)
-        old = self.clone_state(record)  # checked: a damaged state names no overlay we may delete
+        try:
+            old = self.clone_state(record)  # checked: a damaged state names no overlay we may delete...
+            dropped = [] if old is None else [directory / old.overlay]
+        except errors.Damaged:  # ...so a reset of a damaged clone (the operator's call) drops every one
+            dropped = [d for d in directory.iterdir() if d.is_dir() and not overlay_in_use(d)]
         state = CloneState(version, uuid.uuid4().hex[:12])
         create_overlay(directory / state.overlay)
         write_atomic(directory / state.overlay / ORIGIN, seal_json(asdict(state)), directory / state.overlay)
         write_atomic(directory / "state.json", seal_json(asdict(state)), directory)
-        if old is not None:
-            shutil.rmtree(directory / old.overlay, ignore_errors=True)
+        for path in dropped:
+            shutil.rmtree(path, ignore_errors=True)
         return state
 
     def remove_clone(self, name: str) -> None:
@@ -668,11 +672,16 @@ class Store:
             shutil.rmtree(self.clone_dir(record), ignore_errors=True)
 
     def reset_clone(self, name: str) -> CloneState:
-        """Drop every write of the clone; it stays on the version it is on."""
+        """Drop every write of the clone; it stays on the version it is on (a clone whose state is damaged
+        goes to the version it would open on)."""
         with self.lock():
             record = self.get_clone(name)
             self._refuse_if_open(record)
-            return self.start_overlay(record, self.clone_version(record))
+            try:
+                version = self.clone_version(record)
+            except errors.Damaged:
+                version = self.target_version(record)
+            return self.start_overlay(record, version)
 
     def upgrade_clone(self, name: str, to: str | None) -> tuple[str | None, str]:
         """Move a clone to version `to` (default: the base's current one), dropping its writes. A pinned
@@ -743,14 +752,23 @@ class Store:
         for clone in self.catalog().clones.values():
             if clone.base != base or clone.pin is not None:
                 continue
-            state = self.clone_state(clone)
+            try:
+                state = self.clone_state(clone)
+            except errors.Damaged:
+                wait.append(clone.name)  # it opens nowhere until repaired: nothing moves it
+                continue
             if state is None or state.version == current:
                 continue
             (wait if self.is_held(clone) or self.is_open(clone) else now).append(clone.name)
         return now, wait
 
     def is_open(self, record: CloneRecord) -> bool:
-        state = self.clone_state(record)
+        """A server has the clone's overlay open (any of its overlays, if its state is damaged)."""
+        try:
+            state = self.clone_state(record)
+        except errors.Damaged:
+            directory = self.clone_dir(record)
+            return any(overlay_in_use(d) for d in directory.iterdir() if d.is_dir())
         return state is not None and overlay_in_use(self.overlay_path(record, state))
 
     def _refuse_if_open(self, record: CloneRecord) -> None:

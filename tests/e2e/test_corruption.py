@@ -267,3 +267,23 @@ def test_a_pack_cut_short_under_a_running_server_is_eio_not_a_dead_worker(tmp_pa
     finally:
         server.stop()
     assert str(pack) in "".join(server.log)
+
+
+def test_a_clone_with_a_damaged_state_can_still_be_reset_or_removed(tmp_path: Path, store_path: Path) -> None:
+    setup = Setup(tmp_path, store_path)
+    st = Store(store_path)
+    for name in ("victim", "bystander"):
+        (st.clone_dir(st.get_clone(name)) / "state.json").write_bytes(b"")
+    out = cli("base", "promote", "deb", "1", store=store_path).stdout  # lists them as waiting, not moving
+    assert "0 clone(s) move at their next connection; 2 wait" in out, out
+    cli("clone", "reset", "victim", store=store_path)  # the operator's call: its writes go
+    cli("clone", "rm", "bystander", store=store_path)
+    victim_dir = st.clone_dir(st.get_clone("victim"))
+    assert len([d for d in victim_dir.iterdir() if d.is_dir()]) == 1  # the new overlay only
+    server = setup.server().start()
+    try:
+        assert _reads(server, "victim") == setup.bases["deb"]
+        assert _reads(server, "other") == setup.expected["other"]
+    finally:
+        server.stop()
+    assert cli("check", store=store_path).returncode == 0
