@@ -404,12 +404,18 @@ def serve(
         bool, typer.Option(help="Pin a worker's connection threads to its core while it has more than one.")
     ] = True,
     cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
+    create: Annotated[bool, typer.Option("--create", help="Make the store if it does not exist.")] = False,
 ) -> None:
     """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.
 
     Clones are spread over worker processes, each on its own socket (SOCKET, SOCKET.1, ...);
-    'nbdclone uri NAME' prints a clone's address.
+    'nbdclone uri NAME' prints a clone's address. A store that does not exist is refused (a mistyped
+    path would serve nothing), unless --create.
     """
+    if not create and not store.is_dir():
+        raise errors.InvalidArgument(
+            detail=f"store {store} does not exist; import a base or create a clone there first, or pass --create"
+        )
     cfg = replace(_serve_config(store, socket, listen, workers, threads), pin=pin, cache_size=parse_size(cache_size))
 
     def ready(templates: list[str]) -> None:

@@ -153,3 +153,15 @@ def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Pat
         check=True,
     )
     assert json.loads(after.stdout) == []
+
+
+def test_serve_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    typo = tmp_path / "stroe"
+    proc = subprocess.run(
+        [NBDCLONE, "serve", "--store", str(typo), "--socket", str(tmp_path / "s.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    assert not typo.exists()
