@@ -31,6 +31,7 @@ writes at 16k/s.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -299,8 +300,7 @@ class RocksOverlay:
                 self._rewrite_tentative([(block, buf)])
                 data.write(bufs, offset, BLOCK_SIZE)
             else:
-                self._rewrite_durable([(block, buf)])
-                data.write(bufs, offset, BLOCK_SIZE)
+                self._write_in_place(bufs, offset, BLOCK_SIZE, [(block, buf)])
         else:
             self._update(bufs, offset, moves)
         self._written += written
@@ -318,20 +318,19 @@ class RocksOverlay:
         length = sum(len(b) for b in bufs)
         whole = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs))
         first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
-        if len(firsts) < stop - first:  # rewrites: their entries name the new bytes before they are written
+        durable: list[tuple[int, memoryview]] = []
+        if len(firsts) < stop - first:  # rewrites: a tentative entry names the new bytes before they are written
             tentative_blocks = self._tentative
             changed = {block for block, _, _ in moves}
-            again = [b for b in range(first, stop) if b not in changed]
+            pieces = [(b, whole[(b - first) << _SHIFT : (b - first + 1) << _SHIFT]) for b in range(first, stop)]
+            again = [p for p in pieces if p[0] not in changed and p[0] in tentative_blocks]
             if again:
-                pieces = [(b, whole[(b - first) << _SHIFT : (b - first + 1) << _SHIFT]) for b in again]
-                if tentative_blocks:
-                    again_tentative = [p for p in pieces if p[0] in tentative_blocks]
-                    if again_tentative:
-                        self._rewrite_tentative(again_tentative)
-                        pieces = [p for p in pieces if p[0] not in tentative_blocks]
-                if pieces:
-                    self._rewrite_durable(pieces)
-        data.write(bufs, offset, length)
+                self._rewrite_tentative(again)
+            durable = [p for p in pieces if p[0] not in changed and p[0] not in tentative_blocks]
+        if durable:
+            self._write_in_place(bufs, offset, length, durable)  # their prints once the bytes are written
+        else:
+            data.write(bufs, offset, length)
         if firsts:
             self._first_writes(firsts, whole, first, others=moves)
         else:
@@ -374,6 +373,26 @@ class RocksOverlay:
             self._map.put(*batch[0])  # type: ignore[arg-type]
         else:
             self._map.write(batch)
+
+    def _write_in_place(
+        self,
+        bufs: Sequence[bytes | bytearray | memoryview],
+        offset: int,
+        length: int,
+        durable: Sequence[tuple[int, bytes | bytearray | memoryview]],
+    ) -> None:
+        """Write `bufs` where `durable` blocks are DATA durably; their new prints are noted only once the
+        bytes are written. A failed write (a full copy-on-write file system fails even overwrites) may have
+        written some blocks: their prints are taken from what the file holds."""
+        assert self._data is not None
+        try:
+            self._data.write(bufs, offset, length)
+        except BaseException:
+            for block, _ in durable:
+                with contextlib.suppress(OSError, StorageError):
+                    self._pending[block] = fingerprint(self._data.read_block(block))
+            raise
+        self._rewrite_durable(durable)
 
     def _rewrite_durable(self, blocks: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Blocks that are DATA durably get new bytes in place. Their new prints are kept in memory
@@ -426,7 +445,7 @@ class RocksOverlay:
             return
         with self._flush_lock:
             with self.lock:
-                if not (self._dirty or self._to_punch or self._punching or self._map.broken):
+                if not (self._dirty or self._pending or self._to_punch or self._punching or self._map.broken):
                     return  # nothing since the last flush: a boot flushes often, twice in a row at times
                 if self._map.broken:
                     self._map.reopen()

@@ -275,6 +275,31 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert info.value.errno == errno.EIO
         assert read(again, 3 * BLOCK_SIZE, 2 * BLOCK_SIZE) == block(1) + block(4)  # its neighbours are fine
 
+    def test_a_failed_rewrite_in_place_reads_what_the_file_holds(self) -> None:
+        """A full copy-on-write file system fails even an overwrite, perhaps half done: every block then
+        reads what the file holds (old or new), never an error for a print it never got."""
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1) * 4], 0, [(b, BASE, DATA) for b in range(4)])
+        ov.flush()
+        assert ov._data is not None
+        real = ov._data.write
+
+        def half_then_enospc(bufs: Sequence[bytes], offset: int, length: int) -> None:
+            if length > BLOCK_SIZE:  # a multi-block write gets half way
+                real([bytes(bufs[0])[: length // 2]], offset, length // 2)
+            raise StorageError(errno.ENOSPC, what="writing", detail="No space left on device")
+
+        ov._data.write = half_then_enospc  # type: ignore[method-assign]
+        for bufs, offset in (([block(2) * 4], 0), ([block(3)], 3 * BLOCK_SIZE)):
+            with pytest.raises(StorageError):
+                update(ov, bufs, offset, [])
+        ov._data.write = real  # type: ignore[method-assign]
+        assert read(ov, 0, 4 * BLOCK_SIZE) == block(2) * 2 + block(1) * 2
+        assert ov.verify_data() == []
+        ov.flush()
+        assert self.reopen(ov).verify_data() == []  # type: ignore[attr-defined]
+
     def test_a_killed_rewrite_in_place_keeps_old_or_new_bytes_and_a_true_print(self) -> None:
         ov = self.make()
         assert isinstance(ov, RocksOverlay)
