@@ -538,23 +538,43 @@ class Store:
                 self.remove_leftovers()
             return removed, self.chunks.release_unused(self.all_version_maps(cat))
 
+    def orphans(self, cat: Catalog) -> list[tuple[Path, str]]:
+        """What commands that died half-way left, as (path, what it is): folders of clones and bases the
+        catalog does not name, overlays no clone state names (and no server holds), files of versions the
+        catalog does not have. A clone whose state is damaged keeps every overlay. Caller holds the locks."""
+        found: list[tuple[Path, str]] = []
+        live_clones = {c.id: c for c in cat.clones.values()}
+        for directory in _children(self.path / "clones"):
+            clone = live_clones.get(directory.name)
+            if clone is None:
+                found.append((directory, "a clone folder the catalog does not name"))
+                continue
+            try:
+                state = _read_state(directory)
+            except errors.Damaged as exc:
+                log.error("%s: keeping every overlay of that clone", exc)
+                continue
+            for sub in _children(directory):
+                if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
+                    found.append((sub, f"an overlay of clone {clone.name} that its state does not name"))
+        live_bases = {b.id: b for b in cat.bases.values()}
+        for directory in _children(self.path / "bases"):
+            base = live_bases.get(directory.name)
+            if base is None:
+                found.append((directory, "a base folder the catalog does not name"))
+                continue
+            for f in _children(directory):
+                vid = f.name.split(".")[0]
+                if f.suffix in (".map", ".trace") and vid not in base.versions:
+                    found.append((f, f"a file of version {base.name}@{vid}, which the catalog does not have"))
+        return found
+
     def _remove_orphans(self, cat: Catalog) -> None:
-        """Overlays and temp files left by commands that crashed half-way."""
-        live = {c.id for c in cat.clones.values()}
-        clones = self.path / "clones"
-        if clones.is_dir():
-            for d in clones.iterdir():
-                if d.name not in live:
-                    shutil.rmtree(d, ignore_errors=True)
-                    continue
-                try:
-                    state = _read_state(d)
-                except errors.Damaged as exc:
-                    log.error("%s: keeping every overlay of that clone", exc)
-                    continue
-                for sub in d.iterdir():
-                    if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
-                        shutil.rmtree(sub, ignore_errors=True)
+        for path, _ in self.orphans(cat):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # -- clones --------------------------------------------------------------------------------------
 
@@ -812,6 +832,10 @@ class Store:
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(path.read_text()).get("pid") == pid:
                     path.unlink()
+
+
+def _children(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
 def load_catalog(path: Path) -> Catalog:

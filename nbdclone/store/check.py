@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,31 +278,7 @@ def _overlay_problem(path: Path, repair: bool) -> tuple[str, str] | None:
 
 
 def _check_orphans(store: Store, cat: Catalog, report: Report, repair: bool) -> None:
-    live_clones = {c.id: c for c in cat.clones.values()}
-    live_bases = {b.id: b for b in cat.bases.values()}
-    found: list[tuple[Path, str]] = []
-    for directory in _children(store.path / "clones"):
-        clone = live_clones.get(directory.name)
-        if clone is None:
-            found.append((directory, "a clone folder the catalog does not name"))
-            continue
-        try:
-            state = store.clone_state(clone)
-        except errors.Damaged:
-            continue  # reported above; nothing of it is removed
-        for sub in _children(directory):
-            if sub.is_dir() and (state is None or sub.name != state.overlay) and not overlay_in_use(sub):
-                found.append((sub, f"an overlay of clone {clone.name} that its state does not name"))
-    for directory in _children(store.path / "bases"):
-        base = live_bases.get(directory.name)
-        if base is None:
-            found.append((directory, "a base folder the catalog does not name"))
-            continue
-        for f in _children(directory):
-            vid = f.name.split(".")[0]
-            if f.suffix in (".map", ".trace") and vid not in base.versions:
-                found.append((f, f"a file of version {base.name}@{vid}, which the catalog does not have"))
-    for path, problem in found:
+    for path, problem in store.orphans(cat):
         finding = Finding(str(path), problem, "space only")
         if repair:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -325,7 +300,3 @@ def _check_leftovers(store: Store, report: Report, repair: bool) -> None:
                 needs="" if repair else "nbdclone check --repair, or nbdclone base gc",
             )
         )
-
-
-def _children(directory: Path) -> Iterator[Path]:
-    return iter(sorted(directory.iterdir())) if directory.is_dir() else iter(())

@@ -120,3 +120,26 @@ def test_catalog_is_reread_when_another_process_changes_it(store: Store) -> None
     assert "x" not in store.catalog().clones
     other.create_clone("x", base="deb")
     assert "x" in store.catalog().clones
+
+
+def test_gc_removes_what_commands_that_died_half_way_left(store: Store) -> None:
+    """An import killed between making its base folder and committing, a clone rm killed before its folder
+    went, an overlay a reset did not get to drop, a map of a version that was never committed."""
+    store.create_clone("a", base="deb")
+    store.reset_clone("a")
+    before = snapshot(store.path)
+    deb = store.get_base("deb")
+    left = [
+        store.path / "bases" / "0123456789abcdef0123456789abcdef",
+        store.path / "clones" / "fedcba9876543210fedcba9876543210",
+        store.clone_dir(store.get_clone("a")) / "0123456789ab",
+        store.base_dir(deb) / "9.map",
+    ]
+    for path in left[:3]:
+        path.mkdir()
+    left[3].write_bytes(b"never committed")
+    found = {path for path, _ in store.orphans(store.catalog())}
+    assert found == set(left)
+    removed, _ = store.gc()
+    assert removed == [] and not any(path.exists() for path in left)
+    assert snapshot(store.path) == before
