@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -126,7 +127,22 @@ class Worker:
 
 def run(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. `announce(uri templates)` is called once, when ready."""
+    _raise_open_file_limit()
     return uvloop.run(serve(cfg, announce))
+
+
+def _raise_open_file_limit() -> None:
+    """Each open clone holds a RocksDB database and a data file (a dozen descriptors): under the usual soft
+    limit of 1,024, hundreds of clones opened at once ran out. The workers inherit the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            return
+        log.info("open-file limit raised from %d to %d", soft, want)
 
 
 async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:

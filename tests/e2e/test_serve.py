@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -458,3 +459,35 @@ def test_connection_threads_are_pinned_only_when_they_share_a_worker(
         one.shutdown()
     finally:
         srv.stop()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open-file limit for {pid}")
+
+
+def test_serve_raises_the_open_file_limit_for_its_workers(tmp_path: Path, store_path: Path) -> None:
+    """Hundreds of clones open at once need more descriptors than the usual soft limit of 1,024."""
+    cli("clone", "create", "a", "--size", "1M", store=store_path)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    low = 256
+    proc = subprocess.Popen(
+        [NBDCLONE, "serve", "--store", str(store_path), "--socket", str(tmp_path / "s.sock")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("nbdclone: serving"):
+                break
+        workers = [w["pid"] for w in json.loads((store_path / "run" / "server.json").read_text())["workers"]]
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        assert _soft_nofile(proc.pid) == want and all(_soft_nofile(pid) == want for pid in workers)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
