@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import nbdkit
 
-from nbdclone.errors import NbdcloneError
+from nbdclone.errors import CloneNotFound, NbdcloneError, StorageError
 from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of, write_atomic
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
@@ -65,6 +66,27 @@ _release.argtypes = [ctypes.c_int]
 _config: dict[str, str] = {}
 _settings: Settings | None = None
 _registry: Registry | None = None
+
+
+def _one_line_errors() -> None:
+    """nbdkit prints an exception leaving a callback with traceback.format_exception: a traceback for a
+    client's unknown export name or a damaged file is noise in the log. Errors nbdclone raises on purpose
+    (NbdcloneError: they name what failed) are printed as their one line; anything else keeps its traceback."""
+    original = traceback.format_exception
+    if getattr(original, "nbdclone", False):
+        return
+
+    def format_exception(exc: Any, /, *args: Any, **kwargs: Any) -> list[str]:
+        value = args[0] if args else exc
+        if isinstance(value, NbdcloneError):
+            return [str(value)]  # nbdkit ends the line
+        return original(exc, *args, **kwargs)
+
+    format_exception.nbdclone = True  # type: ignore[attr-defined]
+    traceback.format_exception = format_exception
+
+
+_one_line_errors()
 
 
 def _errors(fn: F) -> F:
@@ -158,15 +180,16 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 @_errors
 def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by this name
-    name = nbdkit.export_name()
+    try:
+        name = nbdkit.export_name()
+    except UnicodeDecodeError:
+        raise CloneNotFound(name="(not UTF-8)", store=_settings.store if _settings else "?") from None
     if not is_valid_name(name):
         # Checked before any lookup: a malformed name never reaches the store.
-        nbdkit.set_error(errno.ENOENT)
-        raise ValueError(f"no clone named {name[:80]!r}")
+        raise CloneNotFound(name=name[:80], store=_settings.store if _settings else "?")
     if not _mine(name):
         # Another worker serves it: one RocksDB handle per clone, in one process (`nbdclone uri` says where).
-        nbdkit.set_error(errno.ENOENT)
-        raise ValueError(f"clone {name!r} is served by worker {_worker_of(name)}")
+        raise StorageError(errno.ENOENT, what=f"clone {name!r}", detail=f"is served by worker {_worker_of(name)}")
     clone = _reg().acquire(name)
     tid = threading.get_native_id()
     _pins().opened(tid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -491,3 +492,22 @@ def test_serve_raises_the_open_file_limit_for_its_workers(tmp_path: Path, store_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_a_bad_export_name_logs_one_line_not_a_traceback(tmp_path: Path, store_path: Path) -> None:
+    cli("clone", "create", "a", "--size", "1M", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock").start()
+    try:
+        for name in ("nope", "../etc"):
+            h = nbd.NBD()
+            h.set_export_name(name)
+            with pytest.raises(nbd.Error) as info:
+                h.connect_uri(server.uri("a").replace("///a?", f"///{name}?"))
+            assert info.value.errnum == errno.ENOENT
+    finally:
+        server.stop()
+    log = "".join(server.log)
+    assert "Traceback" not in log, log
+    for name in ("nope", "../etc"):
+        lines = [line for line in log.splitlines() if f"no clone named {name!r}" in line]
+        assert lines and all(line.startswith("nbdkit: ") for line in lines), log
