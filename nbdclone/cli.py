@@ -33,7 +33,7 @@ from nbdclone.supervisor import server
 app = typer.Typer(
     help="Serve copy-on-write clones of read-only base images over NBD.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 base_app = typer.Typer(help="Base images and their versions: import, list, promote, remove.", no_args_is_help=True)

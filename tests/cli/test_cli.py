@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from unittest import mock
@@ -165,3 +166,12 @@ def test_serve_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
     assert not typo.exists()
+
+
+def test_shell_completion_completes_commands() -> None:
+    script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True, check=True)
+    assert "_nbdclone_completion" in script.stdout and "complete " in script.stdout
+    for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone re", "2", "reset")):
+        env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": cword, "_NBDCLONE_COMPLETE": "complete_bash"}
+        done = subprocess.run([NBDCLONE], capture_output=True, text=True, env=env, check=True)
+        assert done.stdout.split() == [want], done.stdout
