@@ -154,6 +154,16 @@ class Server:
         return self.proc.returncode
 
 
+def run_killed(args: list[str], store: Path, delay: float) -> int:
+    """Run `nbdclone ARGS`, kill -9 it after `delay` seconds (if still running); its exit status."""
+    proc = subprocess.Popen([NBDCLONE, *args, "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    return proc.returncode
+
+
 def wait_gone(pids: list[int], timeout: float = 15, *, kill: bool = True) -> None:
     """Wait until each process has ended; past `timeout`, kill it (or fail, if not `kill`)."""
     for pid in pids:

@@ -34,7 +34,6 @@ from nbdclone.store._sealed import seal_json
 from nbdclone.store.cache import digest
 from nbdclone.store.catalog import ORIGIN, Catalog, Store, load_catalog, load_state, write_atomic
 from nbdclone.store.chunks import CHUNK, VersionMap, load_trace
-from nbdclone.store.overlay import BLOCK_SIZE, DATA
 
 
 @dataclass(slots=True)
@@ -261,10 +260,7 @@ def _overlay_problem(path: Path, repair: bool) -> tuple[str, str] | None:
     except errors.NbdcloneError as exc:
         return str(exc.fields.get("path") or path), str(exc.fields.get("detail") or exc)
     try:
-        buf = memoryview(bytearray(BLOCK_SIZE))
-        for block in [block for block, state in overlay.scan() if state == DATA]:
-            overlay.read(buf, block * BLOCK_SIZE)  # every block the map holds is in the file
-        bad = overlay.verify_data(scrub=repair)
+        bad = overlay.verify_data(scrub=repair)  # one pass over every block the map holds
         if bad:
             shown = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             return str(path / DATA_FILE), f"{len(bad)} block(s) do not hold what the map fingerprints: {shown}"

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, snapshot
+from tests.helpers import Server, cli, make_image, pread_all, run_killed, snapshot
 
 MiB = 1 << 20
 SECRET = b"root:$6$not-for-guests$:19000:0:99999:7:::\n"
@@ -104,14 +103,6 @@ def test_a_named_backing_file_is_read(tmp_path: Path, store: Path) -> None:
         server.stop()
 
 
-def _kill_after(args: list[str], store: Path, delay: float) -> None:
-    proc = subprocess.Popen([NBDCLONE, *args, "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(delay)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_killed_imports_and_exports_leave_nothing_gc_keeps(tmp_path: Path, store: Path, seed: int) -> None:
     rnd = random.Random(seed)
@@ -125,9 +116,9 @@ def test_killed_imports_and_exports_leave_nothing_gc_keeps(tmp_path: Path, store
     out.mkdir()
     before = snapshot(store)
     for _ in range(3):  # each command's own work starts after the CLI's start-up (about 0.4 s here)
-        _kill_after(["base", "import", "big", str(image)], store, rnd.uniform(0.3, 1.2))
-        _kill_after(["clone", "export", "c", str(out / "c.qcow2"), "--format", "qcow2"], store, rnd.uniform(0.3, 1.2))
-        _kill_after(["clone", "export", "c", str(out / "c.raw")], store, rnd.uniform(0.3, 0.8))
+        run_killed(["base", "import", "big", str(image)], store, rnd.uniform(0.3, 1.2))
+        run_killed(["clone", "export", "c", str(out / "c.qcow2"), "--format", "qcow2"], store, rnd.uniform(0.3, 1.2))
+        run_killed(["clone", "export", "c", str(out / "c.raw")], store, rnd.uniform(0.3, 0.8))
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a killed export left a file beside its target"
     left = list((store / "tmp").iterdir())
     if "big" in cli("base", "list", store=store).stdout:  # an import that ended before its kill

@@ -4,29 +4,17 @@ reset or upgraded, its old or its new contents), and the base reads back whole."
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_closed
+from tests.helpers import Server, cli, make_image, pread_all, run_killed, wait_closed
 
 MiB = 1 << 20
 SIZE = 8 * MiB
-
-
-def _killed(args: list[str], store: Path, delay: float) -> int:
-    """Run `nbdclone ARGS`, kill -9 it after `delay` seconds (if still running); its exit status."""
-    proc = subprocess.Popen([NBDCLONE, *args, "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(delay)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    return proc.returncode
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -63,7 +51,7 @@ def test_commands_killed_midway_leave_a_usable_store(tmp_path: Path, store_path:
         startup = time.monotonic() - started
         statuses: list[int] = []
         for scale in (1.0, 0.9, 0.8, 0.7, 0.6):  # the machine is shared: when every command beat its kill, again
-            statuses = [_killed(args, store_path, scale * startup * rnd.uniform(0.7, 1.3)) for args in commands]
+            statuses = [run_killed(args, store_path, scale * startup * rnd.uniform(0.7, 1.3)) for args in commands]
             if -signal.SIGKILL in statuses:
                 break
         assert -signal.SIGKILL in statuses, f"no command was killed: {statuses}"
