@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -23,12 +24,16 @@ from rich.table import Table
 
 import nbdclone
 from nbdclone import errors
+from nbdclone.runtime import SLOTS, Address, RunDir
 from nbdclone.store import images
 from nbdclone.store.cache import resident_bytes
-from nbdclone.store.catalog import Store, default_store
+from nbdclone.store.catalog import Store, default_store, slot_of
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
+from nbdclone.supervisor import metrics as metrics_view
 from nbdclone.supervisor import server
+from nbdclone.supervisor.sockets import Access
+from nbdclone.worker.process import LATENCY_BUCKETS
 
 app = typer.Typer(
     help="Serve copy-on-write clones of read-only base images over NBD.",
@@ -371,26 +376,67 @@ def clone_export(
 
 # -- serving -------------------------------------------------------------------------------------------
 
-SocketOpt = Annotated[Path | None, typer.Option(help="Unix socket to listen on [default: STORE/run/nbdclone.sock].")]
-ListenOpt = Annotated[str | None, typer.Option(help="Listen on TCP HOST:PORT instead of a Unix socket.")]
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option(help="Slot 0's Unix socket; slot K listens on SOCKET.K.", show_default="STORE/run/nbdclone.sock"),
+]
+ListenOpt = Annotated[
+    str | None, typer.Option(help="Listen on TCP HOST:PORT (ports PORT to PORT+15) instead of Unix sockets.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="Worker processes (one per core), 1 to 16.", min=1, max=16, show_default="cores")
+]
 
 
-WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes (one per core).", min=1, show_default="cores")]
+def _host_port(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgument(detail=f"invalid {option} {text!r}: use HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _address(store: Path, socket: Path | None, listen: str | None) -> Address | None:
+    if socket is not None and listen is not None:
+        raise errors.InvalidArgument(detail="give --socket or --listen, not both")
+    if socket is None and listen is None:
+        return None
+    address = Address(
+        store.absolute(),
+        socket.absolute() if socket is not None else None,
+        _host_port(listen, "--listen") if listen is not None else None,
+    )
+    address.check()
+    return address
 
 
 def _serve_config(
     store: Path, socket: Path | None, listen: str | None, workers: int | None = None, threads: int = 1
 ) -> server.ServeConfig:
-    if socket is not None and listen is not None:
-        raise errors.InvalidArgument(detail="give --socket or --listen, not both")
-    endpoint = None
-    if listen is not None:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise errors.InvalidArgument(detail=f"invalid --listen {listen!r}: use HOST:PORT")
-        endpoint = (host.strip("[]") or "127.0.0.1", int(port))
-    n = workers or os.cpu_count() or 1
-    return server.ServeConfig(store=store, socket=socket, listen=endpoint, workers=n, threads=threads)
+    address = _address(store, socket, listen)
+    n = workers or min(os.cpu_count() or 1, SLOTS)
+    return server.ServeConfig(store=store.absolute(), address=address, workers=n, threads=threads)
+
+
+class Tls(enum.StrEnum):
+    off = "off"
+    on = "on"
+    require = "require"
+
+
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise errors.InvalidArgument(detail=f"invalid --socket-mode {text!r}: use an octal mode like 0660")
+    mode = int(text, 8)
+    if mode & 0o111 or not mode & 0o200:
+        raise errors.InvalidArgument(detail=f"--socket-mode {text}: the owner needs write (0600 and up, no x bits)")
+    return mode
 
 
 @app.command()
@@ -405,58 +451,128 @@ def serve(
     ] = True,
     cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
     create: Annotated[bool, typer.Option("--create", help="Make the store if it does not exist.")] = False,
+    socket_mode: Annotated[
+        str | None, typer.Option(help="Mode of the Unix sockets.", show_default="0660 with --socket-group, else 0600")
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option(help="Group of the Unix sockets (for libvirt: libvirt-qemu or kvm).")
+    ] = None,
+    tls: Annotated[Tls, typer.Option(help="TLS: off, on (offered), require (plain clients refused).")] = Tls.off,
+    tls_certificates: Annotated[
+        Path | None, typer.Option(help="Folder with the server's X.509 certificates (see nbdkit-tls).")
+    ] = None,
+    tls_psk: Annotated[Path | None, typer.Option(help="Pre-shared keys file (psktool format).")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these clients (addresses, networks like 10.0.0.0/8, uid:N, gid:N); repeatable."),
+    ] = None,
+    max_connections: Annotated[int, typer.Option(help="Cap on open connections per worker (0: none).", min=0)] = 0,
+    exclusive: Annotated[
+        bool, typer.Option("--exclusive", help="One client per clone at a time (two VMs writing one disk corrupt it).")
+    ] = False,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Serve every clone read-only.")] = False,
+    metrics: Annotated[str | None, typer.Option(help="Serve Prometheus metrics on HOST:PORT (/metrics).")] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
+    ] = 10.0,
+    log_level: Annotated[LogLevel, typer.Option(help="Least severe messages logged.")] = LogLevel.info,
 ) -> None:
-    """Serve every clone of the store over NBD until SIGTERM or Ctrl-C.
+    """Serve every clone of the store over NBD until SIGTERM or Ctrl-C; SIGHUP reloads the workers.
 
-    Clones are spread over worker processes, each on its own socket (SOCKET, SOCKET.1, ...);
-    'nbdclone uri NAME' prints a clone's address. A store that does not exist is refused (a mistyped
-    path would serve nothing), unless --create.
+    Each clone has one address for good (its slot's socket or port: 'nbdclone uri NAME' prints it, with
+    or without a server running). A store that does not exist is refused (a mistyped path would serve
+    nothing), unless --create.
     """
     if not create and not store.is_dir():
         raise errors.InvalidArgument(
             detail=f"store {store} does not exist; import a base or create a clone there first, or pass --create"
         )
-    cfg = replace(_serve_config(store, socket, listen, workers, threads), pin=pin, cache_size=parse_size(cache_size))
+    if tls == Tls.off and (tls_psk or tls_certificates):
+        raise errors.InvalidArgument(detail="--tls-psk and --tls-certificates need --tls=on or --tls=require")
+    for path in (tls_psk, tls_certificates):
+        if path is not None and not path.exists():
+            raise errors.InvalidArgument(detail=f"{path} does not exist")
+    mode = _mode(socket_mode) if socket_mode else (0o660 if socket_group else 0o600)
+    access = Access(mode, socket_group)
+    access.gid  # noqa: B018 - an unknown group is refused now, not after the sockets exist
+    security = server.Security(
+        tls.value, tls_certificates, tls_psk, tuple(allow or ()), max_connections, exclusive, read_only
+    )
+    cfg = replace(
+        _serve_config(store, socket, listen, workers, threads),
+        pin=pin,
+        cache_size=parse_size(cache_size),
+        access=access,
+        security=security,
+        metrics=_host_port(metrics, "--metrics") if metrics else None,
+        grace=grace,
+        log_level=log_level.value,
+    )
+    _log_to_journal(log_level.value)
 
-    def ready(templates: list[str]) -> None:
+    def ready(address: Address) -> None:
         n = len(Store(store).catalog().clones)
-        where = server.clone_uri(templates[0], "NAME")
-        more = f" (+{len(templates) - 1} more worker socket(s); see 'nbdclone uri NAME')" if len(templates) > 1 else ""
-        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} at {where}{more}", soft_wrap=True)
+        if address.listen is None:
+            where = f"sockets {address.socket_path(0)}[.1-.{SLOTS - 1}]"
+        else:
+            where = f"ports {address.listen[1]}-{address.listen[1] + SLOTS - 1} of {address.listen[0]}"
+        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} on {where} (see 'nbdclone uri NAME')", soft_wrap=True)
         sys.stdout.flush()
 
     raise typer.Exit(server.run(cfg, ready))
 
 
+def _log_to_journal(level: str) -> None:
+    """One line per event, with time and level; under systemd, journald adds the time itself."""
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), format=fmt, force=True)
+
+
 @app.command()
-def uri(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
-    """Print the NBD URI of clone NAME on the running server."""
+def uri(
+    name: str,
+    store: StoreOpt = _DEFAULT_STORE,
+    socket: SocketOpt = None,
+    listen: ListenOpt = None,
+) -> None:
+    """Print the NBD URI of clone NAME: the same with or without a server running, whatever its workers.
+
+    Without --socket or --listen, the address is the running server's, or else the last server's."""
     st = Store(store)
     st.get_clone(name)
-    out.print(server.uri_of(st.server_info(), st.catalog(), name), soft_wrap=True)
+    address = _address(store, socket, listen) or server.address_of(st)
+    out.print(address.uri(slot_of(st.catalog(), name), name), soft_wrap=True)
+
+
+@app.command()
+def reload(store: StoreOpt = _DEFAULT_STORE) -> None:
+    """Restart the running server's workers one at a time (to load a new nbdclone): clients reconnect."""
+    info = Store(store).server_info()
+    os.kill(int(info["pid"]), signal.SIGHUP)
+    out.print(f"asked the server (pid {info['pid']}) to restart its {len(info['workers'])} worker(s)")
 
 
 @app.command()
 def stats(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """The running server's shared read cache and workers: hits, misses, evictions, bytes held."""
+    """The running server: its shared read cache, its workers, and per clone the requests it served."""
     st = Store(store)
-    info = st.server_info()
-    run = st.path / "run"
-    workers = []
-    for k in range(len(info["workers"])):
-        try:
-            workers.append(json.loads((run / f"stats-worker-{k}.json").read_text()))
-        except (FileNotFoundError, ValueError):  # a worker publishes once its first client has come
-            workers.append({"worker": k, "pid": info["workers"][k].get("pid", "-")})
+    _, workers = metrics_view.worker_records(st, RunDir(st.path))
     try:
-        cache = json.loads((run / "stats-cache.json").read_text())
+        cache = json.loads(RunDir(st.path).cache_stats.read_text())
     except (FileNotFoundError, ValueError):
         cache = {}
     counters = ("hits", "misses", "hit_bytes", "miss_bytes", "prefetched_bytes", "open_clones", "connections")
     total = {c: sum(int(w.get(c, 0)) for w in workers) for c in counters}
     c: dict[str, Any] = {**cache, "resident_bytes": resident_bytes(st.chunks.pack), **total}
+    clones = metrics_view.clone_totals(workers)
     if as_json:
-        _print_json({"cache": c, "workers": workers})
+        _print_json(
+            {"cache": c, "workers": [{k: v for k, v in w.items() if k != "clones"} for w in workers], "clones": clones}
+        )
         return
     lookups = c["hits"] + c["misses"]
     hit_rate = f"{c['hits'] / lookups:.1%}" if lookups else "-"
@@ -470,6 +586,31 @@ def stats(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     for w in workers:
         table.add_row(*(str(w.get(k, "-")) for k in ("worker", "pid", "open_clones", "connections", "hits", "misses")))
     out.print(table)
+    if clones:
+        per = Table("CLONE", "READS", "READ", "WRITES", "WRITTEN", "FLUSHES", "ERRORS", "READ P50", box=None)
+        for name, ops in sorted(clones.items()):
+            per.add_row(
+                name,
+                str(ops["read"]["requests"]),
+                human(ops["read"]["bytes"]),
+                str(ops["write"]["requests"]),
+                human(ops["write"]["bytes"]),
+                str(ops["flush"]["requests"]),
+                str(sum(o["errors"] for o in ops.values())),
+                _p50(ops["read"]),
+            )
+        out.print(per)
+
+
+def _p50(op: dict[str, Any]) -> str:
+    """The bucket bound under which half of the requests finished."""
+    buckets, n = op.get("buckets") or [], op["requests"]
+    acc = 0
+    for bound, count in zip([*LATENCY_BUCKETS, None], buckets, strict=False):
+        acc += count
+        if n and acc * 2 >= n:
+            return f"<{bound // 1000} us" if bound is not None else "> 1 s"
+    return "-"
 
 
 @app.command()
@@ -493,10 +634,9 @@ def demo(
         st.create_clones(missing, base="demo")
         out.print(f"created clone(s) {', '.join(missing)}")
 
-    def ready(templates: list[str]) -> None:
-        info = {"workers": [{"uri": t} for t in templates]}
+    def ready(address: Address) -> None:
         cat = st.catalog()
-        one, two = (server.uri_of(info, cat, n) for n in ("demo-1", "demo-2"))
+        one, two = (address.uri(slot_of(cat, n), n) for n in ("demo-1", "demo-2"))
         sock = one.partition("socket=")[2]
         out.print(
             f"""
@@ -554,6 +694,7 @@ def _asdict(record: Any) -> dict[str, Any]:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="nbdclone: %(message)s")
+    os.umask(0o077)  # the store is private: every file and folder nbdclone makes is its owner's only
     try:
         code = app(standalone_mode=False)
     except errors.NbdcloneError as exc:

@@ -53,6 +53,11 @@ class BaseInUse(NbdcloneError):
     template = "base {name!r} is used by clone(s) {clones}; remove them first"
 
 
+class CloneBusy(NbdcloneError):
+    errno = _errno.EBUSY
+    template = "clone {name!r} already has a client, and this server lets one client use a clone at a time"
+
+
 class CloneInUse(NbdcloneError):
     errno = _errno.EBUSY
     template = "clone {name!r} is open on a running server; disconnect its clients first"

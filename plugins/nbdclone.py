@@ -1,34 +1,5 @@
 # nbdkit python plugins/nbdclone.py store=PATH     (or let `nbdclone serve` run it)
 #
-# nbdkit finds the callbacks by name in __main__; the logic lives in nbdclone.plugin.
-from nbdclone.plugin import (  # noqa: F401
-    API_VERSION,
-    block_size,
-    cache,
-    can_cache,
-    can_extents,
-    can_fast_zero,
-    can_flush,
-    can_fua,
-    can_multi_conn,
-    can_trim,
-    can_write,
-    can_zero,
-    cleanup,
-    close,
-    config,
-    config_complete,
-    default_export,
-    export_description,
-    extents,
-    flush,
-    get_size,
-    is_rotational,
-    list_exports,
-    open,
-    pread,
-    pwrite,
-    thread_model,
-    trim,
-    zero,
-)
+# nbdkit finds the callbacks by name in __main__. The installed package carries the same file
+# (nbdclone/worker/nbdkit_plugin.py), which is what `nbdclone serve` runs.
+from nbdclone.worker.nbdkit_plugin import *  # noqa: F403

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server
+from tests.helpers import Server, free_ports
 
 
 @pytest.fixture
@@ -35,3 +35,9 @@ def _shared_memory_left_clean() -> Iterator[None]:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """The first of 16 consecutive free TCP ports on 127.0.0.1."""
+    return free_ports()

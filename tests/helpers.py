@@ -15,13 +15,14 @@ from typing import Any
 
 import nbd
 
+from nbdclone.runtime import Address
 from nbdclone.store.catalog import Store, worker_of
 from nbdclone.supervisor.server import uri_of
 
 VENV_BIN = Path(sys.executable).parent
 NBDCLONE = str(VENV_BIN / "nbdclone")
 ROOT = Path(__file__).resolve().parent.parent
-PLUGIN = ROOT / "plugins" / "nbdclone.py"
+PLUGIN = ROOT / "plugins" / "nbdclone.py"  # what a user runs with nbdkit by hand
 
 
 def make_image(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 1) -> bytes:
@@ -99,7 +100,7 @@ class Server:
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [NBDCLONE, "serve", "--store", str(self.store), "--socket", str(self.socket), *self.args],
+            [NBDCLONE, "serve", "--store", str(self.store), *self._where(), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -112,6 +113,9 @@ class Server:
         else:
             raise AssertionError("server exited before it was ready:\n" + "".join(self.log))
         return self
+
+    def _where(self) -> list[str]:
+        return [] if {"--listen", "--socket"} & set(self.args) else ["--socket", str(self.socket)]
 
     def info(self) -> dict[str, Any]:
         return Store(self.store).server_info()
@@ -132,7 +136,9 @@ class Server:
             time.sleep(0.05)
 
     def sockets(self) -> list[Path]:
-        return [Path(w["uri"].partition("socket=")[2]) for w in self.info()["workers"]]
+        """Each worker's first slot's socket."""
+        address = Address.from_json(self.store, self.info()["address"])
+        return [address.socket_path(w["slots"][0]) for w in self.info()["workers"]]
 
     def connect(self, name: str) -> nbd.NBD:
         h = nbd.NBD()
@@ -152,6 +158,28 @@ class Server:
         rest = self.proc.stdout.read() if self.proc.stdout else ""
         self.log.append(rest)
         return self.proc.returncode
+
+
+def free_ports(n: int = 16) -> int:
+    """The first of `n` consecutive free TCP ports on 127.0.0.1 (a server's slots)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - n)
+        held = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError("no free port range")
 
 
 def run_killed(args: list[str], store: Path, delay: float) -> int:

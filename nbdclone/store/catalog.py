@@ -12,7 +12,8 @@
                               last connection closes with the server running: while it is, clients may
                               come back to that version, so the clone does not move
       clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
-      tmp/, run/server.json   work in progress; where the running server listens
+      tmp/                    work in progress (see Store.scratch)
+      run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
       /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Store.clock_path)
 
 Names are keys in the catalog and never become paths: files are named by random ids, so an export name
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nbdclone import errors
+from nbdclone.runtime import SLOTS, RunDir
 from nbdclone.store._fs import fsync_dir
 from nbdclone.store._rocks import create_overlay, overlay_in_use
 from nbdclone.store._sealed import read_sealed, read_sealed_json, seal, seal_json
@@ -80,16 +82,21 @@ def parse_base_ref(ref: str) -> tuple[str, str | None]:
     return name, (version if sep else None)
 
 
-def worker_of(cat: Catalog, name: str, workers: int) -> int:
-    """Which of `workers` server workers serves clone `name`: stable across restarts and processes.
+def slot_of(cat: Catalog, name: str) -> int:
+    """The slot (one of runtime.SLOTS addresses) of clone `name`: fixed when the clone is created.
 
-    Clones are dealt to workers in the order they were created, so clones made together (a boot storm's)
-    spread evenly over the workers (a hash of the names split 32 clones 18/14 over two). Clones from before
-    creation numbers, and names the catalog does not know, go by a hash of the name."""
+    Clones are dealt to slots in the order they were created, so clones made together (a boot storm's)
+    spread evenly over the slots, and so over the workers (a hash of the names split 32 clones 18/14 over
+    two). Clones from before creation numbers, and names the catalog does not know, go by a hash of the name."""
     record = cat.clones.get(name)
     if record is not None and record.seq >= 0:
-        return record.seq % workers
-    return zlib.crc32(name.encode()) % workers
+        return record.seq % SLOTS
+    return zlib.crc32(name.encode()) % SLOTS
+
+
+def worker_of(cat: Catalog, name: str, workers: int) -> int:
+    """Which of `workers` server workers serves clone `name`: the worker its slot is handed to."""
+    return slot_of(cat, name) % workers
 
 
 def now() -> str:
@@ -128,7 +135,8 @@ class CloneRecord:
     pin: str | None  # None: follows the base's current version
     size: int  # blank clones only; a clone of a base has its version's size
     created: str
-    seq: int = -1  # creation number (which worker serves it); -1: created before clones had one
+    seq: int = -1  # creation number (its slot: its address); -1: created before clones had one
+    readonly: bool = False  # served read-only: clients cannot write it
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +232,7 @@ class Store:
 
     @property
     def server_info_path(self) -> Path:
-        return self.path / "run" / "server.json"
+        return RunDir(self.path).server_info
 
     @property
     def clock_path(self) -> Path:

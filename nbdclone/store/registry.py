@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from nbdclone import errors
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, ZeroBase
 from nbdclone.store.cache import PackReader
@@ -66,11 +67,14 @@ class Registry:
         """This process's reader of the chunk pack (the shared cache), once a base version is open."""
         return self._reader
 
-    def acquire(self, name: str) -> Clone:
-        """Open clone `name` for one more connection. Unknown or malformed names raise and create nothing."""
+    def acquire(self, name: str, *, exclusive: bool = False) -> Clone:
+        """Open clone `name` for one more connection. Unknown or malformed names raise and create nothing.
+        `exclusive`: refuse (EBUSY) while another connection has it open."""
         validate_name("clone", name)
         with self._lock:
             entry = self._clones.get(name)
+            if entry is not None and exclusive:
+                raise errors.CloneBusy(name=name)
             if entry is None:
                 entry = self._open(name)
                 self._clones[name] = entry

@@ -1,14 +1,17 @@
 """Run the nbdclone workers (nbdkit processes with the nbdclone plugin) and watch them.
 
-    run() -> serve():  startup   start one nbdkit per worker, each on its own socket, and wait until every
-                                 pidfile says it accepts connections; write run/server.json; announce
-                       main      wait for SIGTERM/SIGINT; a worker that dies is restarted (with backoff),
-                                 and no other worker notices
-                       shutdown  SIGTERM to every worker (nbdkit closes its connections and the plugin
-                                 flushes and closes every overlay), wait up to `grace` seconds, then SIGKILL
+    run() -> serve():  startup   take the store's server lock; bind every slot's socket (or take them from
+                                 systemd); start one nbdkit per worker with its slots' sockets (socket
+                                 activation) and wait until each accepts; write run/server.json; announce
+       main loop                 a worker that dies is restarted (with backoff); SIGHUP (or `nbdclone
+                                 reload`) restarts the workers one at a time, which loads new code
+       SIGTERM/SIGINT            every worker is asked to stop (process.Drain: in-flight requests finish,
+                                 clones are flushed and closed, connections drop unanswered), then the
+                                 sockets close; a worker still there after `grace` seconds is killed
 
-One Python process cannot use more than about one core (the GIL), so clones are spread over workers: clone
-NAME is served by worker worker_of(catalog, NAME, workers), on that worker's socket. `nbdclone uri NAME` says where.
+The listening sockets belong to the supervisor (sockets.py), so no worker restart or reload refuses a
+connection: it waits in the backlog. One Python process cannot use more than about one core (the GIL),
+so clones are spread over workers by slot (runtime.py): worker k serves the slots s with s % workers == k.
 Each worker runs one nbdkit thread per connection: with the GIL, more threads only add hand-offs (measured:
 4 KiB random reads went from 18k to 43k requests/s with --threads 1 instead of 16).
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -26,7 +31,6 @@ import resource
 import shutil
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -38,54 +42,85 @@ import uvloop
 
 import nbdclone
 from nbdclone import errors
+from nbdclone.runtime import SLOTS, Address, RunDir
 from nbdclone.store.cache import Evictor
-from nbdclone.store.catalog import Catalog, Store, worker_of, write_atomic
+from nbdclone.store.catalog import Catalog, Store, slot_of, write_atomic
+from nbdclone.supervisor import sockets
+from nbdclone.supervisor.sockets import Access
 
 log = logging.getLogger(__name__)
 
-PLUGIN = Path(__file__).resolve().parent.parent.parent / "plugins" / "nbdclone.py"
-SOCKET_NAME = "nbdclone.sock"
+PLUGIN = Path(nbdclone.__file__).resolve().parent / "worker" / "nbdkit_plugin.py"
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """What nbdkit enforces on every connection: TLS, an address allow-list, the clients per worker."""
+
+    tls: str = "off"  # off | on | require
+    tls_certificates: Path | None = None
+    tls_psk: Path | None = None
+    allow: tuple[str, ...] = ()  # nbdkit ip filter entries; everything else is denied
+    max_connections: int = 0  # per worker; 0: no cap
+    exclusive: bool = False
+    readonly: bool = False
+
+    def nbdkit_args(self) -> tuple[list[str], list[str], list[str]]:
+        """(nbdkit options, filters, filter parameters)."""
+        opts: list[str] = []
+        if self.tls != "off":
+            opts.append(f"--tls={self.tls}")
+            if self.tls_psk is not None:
+                opts.append(f"--tls-psk={self.tls_psk.absolute()}")
+            if self.tls_certificates is not None:
+                opts.append(f"--tls-certificates={self.tls_certificates.absolute()}")
+        filters, params = ["--filter=blocksize-policy"], ["blocksize-error-policy=error"]
+        if self.allow:
+            filters.append("--filter=ip")
+            params += [f"allow={','.join(self.allow)}", "deny=all"]
+        if self.max_connections:
+            filters.append("--filter=limit")
+            params.append(f"limit={self.max_connections}")
+        return opts, filters, params
 
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     store: Path
-    socket: Path | None = None
-    listen: tuple[str, int] | None = None
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    address: Address | None = None  # None: the store's default (Unix sockets in STORE/run)
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, SLOTS))
     threads: int = 1
     pin: bool = True
     cache_size: int = 1 << 30
     grace: float = 10.0
     verbose: bool = False
+    access: Access = field(default_factory=Access)
+    security: Security = field(default_factory=Security)
+    metrics: tuple[str, int] | None = None
+    log_level: str = "info"
     extra_env: dict[str, str] = field(default_factory=dict)
 
-    def endpoint(self, worker: int = 0) -> tuple[list[str], str]:
-        """Worker `worker`'s nbdkit listening arguments and URI template ({name} is the clone)."""
-        if self.listen is not None:
-            host, port = self.listen
-            return ["--ipaddr", host, "--port", str(port + worker)], f"nbd://{_uri_host(host)}:{port + worker}/{{name}}"
-        sock = (self.socket or (self.store / "run" / SOCKET_NAME)).absolute()
-        if worker:
-            sock = sock.with_name(f"{sock.name}.{worker}")
-        if len(os.fsencode(sock)) > 107:
-            raise errors.InvalidArgument(detail=f"socket path {sock} is longer than 107 bytes; use --socket")
-        return ["--unix", str(sock)], f"nbd+unix:///{{name}}?socket={sock}"
+    @property
+    def where(self) -> Address:
+        return self.address or Address(self.store)
 
-
-def _uri_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def clone_uri(template: str, name: str) -> str:
-    return template.replace("{name}", name)
+    def slots(self, worker: int) -> list[int]:
+        return [s for s in range(SLOTS) if s % self.workers == worker]
 
 
 def uri_of(info: Mapping[str, Any], cat: Catalog, name: str) -> str:
-    """The URI of clone `name` on the server described by run/server.json."""
-    templates = info["workers"]
-    assert isinstance(templates, list)
-    return clone_uri(templates[worker_of(cat, name, len(templates))]["uri"], name)
+    """The URI of clone `name` for a server described by `info` (run/server.json or saved settings)."""
+    return Address.from_json(Path(info["store"]), info["address"]).uri(slot_of(cat, name), name)
+
+
+def address_of(store: Store) -> Address:
+    """Where the store's clones listen: the running server's address, else the last server's."""
+    run = RunDir(store.path)
+    try:
+        info = store.server_info()
+        return Address.from_json(store.path, info["address"])
+    except (errors.ServerNotRunning, KeyError, TypeError):
+        return run.saved_address()
 
 
 def plugin_pythonpath() -> str:
@@ -99,34 +134,64 @@ def plugin_pythonpath() -> str:
     return os.pathsep.join(paths)
 
 
-def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path) -> list[str]:
+def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path, nlisteners: int) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise errors.NbdcloneError(detail="nbdkit is not installed (apt install nbdkit nbdkit-plugin-python)")
-    listen, _ = cfg.endpoint(worker)
-    cmd = [nbdkit, "--foreground", "--exit-with-parent", "--pidfile", str(pidfile), *listen]
-    cmd += ["--threads", str(cfg.threads)]
+    opts, filters, params = cfg.security.nbdkit_args()
+    cmd = [nbdkit, "--foreground", "--pidfile", str(pidfile), "--threads", str(cfg.threads), *opts, *filters]
     if cfg.verbose:
         cmd.append("--verbose")
-    plugin = [f"store={cfg.store.absolute()}", f"worker={worker}", f"workers={cfg.workers}"]
+    plugin = [
+        f"store={cfg.store.absolute()}",
+        f"worker={worker}",
+        f"workers={cfg.workers}",
+        f"listeners={nlisteners}",
+        f"control={3 + nlisteners}",
+        f"log-level={cfg.log_level}",
+    ]
+    if cfg.security.exclusive:
+        plugin.append("exclusive=true")
+    if cfg.security.readonly:
+        plugin.append("readonly=true")
     if cfg.pin and cfg.workers > 1:
         cpus = sorted(os.sched_getaffinity(0))
         plugin.append(f"cpu={cpus[worker % len(cpus)]}")
-    return [*cmd, "python", str(PLUGIN), *plugin]
+    return [*cmd, "python", str(PLUGIN), *plugin, *params]
+
+
+# Starts a worker: puts the descriptors it is given at 3, 4, ... (socket activation: the slots' sockets,
+# then the control pipe), sets LISTEN_PID to its own pid (nbdkit takes sockets only from its own pid), and
+# becomes nbdkit. A separate program, because descriptors cannot be moved safely between fork and exec here.
+_LAUNCH = """
+import fcntl, os, sys
+split = sys.argv.index("--")
+fds = [int(a) for a in sys.argv[1:split]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]
+for k, fd in enumerate(high):
+    os.dup2(fd, 3 + k)
+for fd in fds:
+    if fd >= 3 + len(fds):
+        os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[split + 1], sys.argv[split + 1:])
+"""
 
 
 @dataclass
 class Worker:
     index: int
-    uri: str
     pidfile: Path
     proc: asyncio.subprocess.Process | None = None
+    control: int | None = None  # write end of its control pipe
     started: float = 0.0
     backoff: float = 0.1
 
 
-def run(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code. `announce(uri templates)` is called once, when ready."""
+def run(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. `announce(address)` is called once, when ready."""
+    if not 1 <= cfg.workers <= SLOTS:
+        raise errors.InvalidArgument(detail=f"--workers {cfg.workers}: use 1 to {SLOTS}")
     _raise_open_file_limit()
     return uvloop.run(serve(cfg, announce))
 
@@ -145,85 +210,217 @@ def _raise_open_file_limit() -> None:
         log.info("open-file limit raised from %d to %d", soft, want)
 
 
-async def serve(cfg: ServeConfig, announce: Callable[[list[str]], None]) -> int:
-    store = Store(cfg.store)
-    with store.lock():
-        (store.path / "run").mkdir(parents=True, exist_ok=True)
-    _refuse_second_server(store)
-    await _reap_orphans(store, cfg.grace)
-    if cfg.listen is None:
-        for k in range(cfg.workers):
-            _remove_stale_socket(Path(cfg.endpoint(k)[0][1]))
-    env = {**os.environ, "PYTHONPATH": plugin_pythonpath(), **cfg.extra_env}
-    workers = [
-        Worker(k, cfg.endpoint(k)[1], store.path / "run" / f"worker-{os.getpid()}-{k}.pid") for k in range(cfg.workers)
-    ]
-    stop = asyncio.Event()
-    restore = _install_signal_handlers(stop)
-    try:
-        for w in workers:
-            if not await _start(w, cfg, env):
-                return 1
-        _write_info(store, workers)
-        evictor = asyncio.ensure_future(_bound_cache(store, cfg.cache_size, stop))
-        announce([w.uri for w in workers])
-        while not stop.is_set():
-            waits = {asyncio.ensure_future(w.proc.wait()): w for w in workers if w.proc is not None}
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
-            for fut in waits:
-                fut.cancel()
-            stopper.cancel()
-            if stop.is_set():
-                break
-            for fut in done:
-                if fut in waits:
-                    await _restart(waits[fut], cfg, env, stop)
-            _write_info(store, workers)
-        evictor.cancel()
-        return 0
-    finally:
-        restore()
-        await asyncio.gather(*(_shutdown(w, cfg.grace) for w in workers))
-        store.clear_server_info(os.getpid())
-        store.clock_path.unlink(missing_ok=True)  # access hints; the next server starts them afresh
-        for w in workers:
-            w.pidfile.unlink(missing_ok=True)
-            if cfg.listen is None:
-                # nbdkit leaves its Unix socket behind; a stale one would refuse the next server's bind.
-                Path(cfg.endpoint(w.index)[0][1]).unlink(missing_ok=True)
+class Supervisor:
+    def __init__(self, cfg: ServeConfig, listeners: list[socket.socket]) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.store)
+        self.run = RunDir(cfg.store)
+        self.listeners = listeners
+        self.env = {**os.environ, "PYTHONPATH": plugin_pythonpath(), **cfg.extra_env}
+        self.workers = [Worker(k, self.run.pidfile(os.getpid(), k)) for k in range(cfg.workers)]
+        self.restarts = 0
 
+    async def start(self, w: Worker) -> bool:
+        w.pidfile.unlink(missing_ok=True)
+        fds = [self.listeners[s].fileno() for s in self.cfg.slots(w.index)]
+        read_end, w.control = os.pipe()
+        passed = [*fds, read_end]
 
-async def _start(w: Worker, cfg: ServeConfig, env: dict[str, str]) -> bool:
-    w.pidfile.unlink(missing_ok=True)
-    w.proc = await asyncio.create_subprocess_exec(*nbdkit_command(cfg, w.index, w.pidfile), env=env)
-    w.started = time.monotonic()
-    while not w.pidfile.exists():  # nbdkit writes its pidfile once it accepts connections
-        if w.proc.returncode is not None:
-            log.error("worker %d (nbdkit) exited with status %s while starting", w.index, w.proc.returncode)
-            return False
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _LAUNCH,
+                *map(str, passed),
+                "--",
+                *nbdkit_command(self.cfg, w.index, w.pidfile, len(fds)),
+                env={**self.env, "LISTEN_FDS": str(len(fds))},
+                pass_fds=passed,
+            )
+        finally:
+            os.close(read_end)
+        w.started = time.monotonic()
+        while not w.pidfile.exists():  # nbdkit writes its pidfile once it accepts connections
+            if w.proc.returncode is not None:
+                log.error("worker %d (nbdkit) exited with status %s while starting", w.index, w.proc.returncode)
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(w.proc.wait()), 0.02)
+        log.info("worker %d (pid %d) serves slots %s", w.index, w.proc.pid, self.cfg.slots(w.index))
+        return True
+
+    async def restart(self, w: Worker, stop: asyncio.Event) -> None:
+        assert w.proc is not None
+        log.error("worker %d (pid %d) exited with status %s; restarting it", w.index, w.proc.pid, w.proc.returncode)
+        self.restarts += 1
+        self._close_control(w)
+        # Crash-looping workers back off (0.1 s doubling to 5 s); one that ran a while restarts at once.
+        w.backoff = w.backoff * 2 if time.monotonic() - w.started < 10 else 0.1
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(w.proc.wait()), 0.02)
-    return True
+            await asyncio.wait_for(stop.wait(), min(w.backoff, 5.0))
+        if not stop.is_set():
+            await self.start(w)
+
+    async def stop(self, w: Worker) -> None:
+        """Ask worker `w` to stop (process.Drain) and wait for it; kill it after the grace time."""
+        proc = w.proc
+        if proc is None or proc.returncode is not None:
+            self._close_control(w)
+            return
+        if w.control is not None:
+            with contextlib.suppress(OSError):
+                os.write(w.control, b"stop\n")
+        self._close_control(w)
+        try:
+            await asyncio.wait_for(proc.wait(), self.cfg.grace)
+        except TimeoutError:
+            log.warning("worker %d did not stop within %.0fs; killing it", w.index, self.cfg.grace)
+            proc.kill()  # acknowledged writes survive this (overlay I2)
+            await proc.wait()
+        w.pidfile.unlink(missing_ok=True)
+
+    async def reload(self) -> None:
+        """Restart the workers one at a time (new code, same sockets): clients of a worker reconnect to its
+        successor, and connections made meanwhile wait in the backlog."""
+        sockets.notify("RELOADING=1")
+        log.info("reloading: restarting %d worker(s) one at a time", len(self.workers))
+        for w in self.workers:
+            await self.stop(w)
+            if not await self.start(w):
+                log.error("worker %d did not start again; the supervisor will keep trying", w.index)
+            self.write_info()
+        sockets.notify("READY=1")
+        log.info("reloaded")
+
+    @staticmethod
+    def _close_control(w: Worker) -> None:
+        if w.control is not None:
+            os.close(w.control)
+            w.control = None
+
+    def write_info(self) -> None:
+        try:
+            self.store.write_server_info(
+                {
+                    "pid": os.getpid(),
+                    "store": str(self.cfg.store.absolute()),
+                    "address": self.cfg.where.to_json(),
+                    "metrics": list(self.cfg.metrics) if self.cfg.metrics else None,
+                    "restarts": self.restarts,
+                    "workers": [
+                        {"pid": w.proc.pid if w.proc else 0, "slots": self.cfg.slots(w.index)} for w in self.workers
+                    ],
+                }
+            )
+        except OSError as exc:  # a full disk must not stop the server: clients keep their connections
+            log.error("cannot record this server (%s): `nbdclone stats` will not find it", exc)
 
 
-async def _restart(w: Worker, cfg: ServeConfig, env: dict[str, str], stop: asyncio.Event) -> None:
-    assert w.proc is not None
-    log.error("worker %d (nbdkit pid %d) exited with status %s; restarting it", w.index, w.proc.pid, w.proc.returncode)
-    # Crash-looping workers back off (0.1 s doubling to 5 s); one that ran a while restarts at once.
-    w.backoff = w.backoff * 2 if time.monotonic() - w.started < 10 else 0.1
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), min(w.backoff, 5.0))
-    if not stop.is_set():
-        if cfg.listen is None:
-            Path(cfg.endpoint(w.index)[0][1]).unlink(missing_ok=True)
-        await _start(w, cfg, env)
+async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
+    store = Store(cfg.store)
+    run_dir = RunDir(cfg.store)
+    with _server_lock(run_dir, store):
+        sockets.make_private(cfg.store, cfg.access)
+        await _reap_orphans(run_dir, cfg.grace)
+        systemd = sockets.inherited()
+        listeners = systemd if systemd is not None else sockets.bind(cfg.where, cfg.access)
+        write_atomic(run_dir.settings, json.dumps(cfg.where.to_json()), store.tmp)
+        _warn_if_exposed(cfg)
+        sup = Supervisor(cfg, listeners)
+        stop = asyncio.Event()
+        reload = asyncio.Event()
+        restore = _install_signal_handlers(stop, reload)
+        metrics = None
+        try:
+            for w in sup.workers:
+                if not await sup.start(w):
+                    return 1
+            sup.write_info()
+            if cfg.metrics is not None:
+                from nbdclone.supervisor.metrics import serve_metrics
+
+                metrics = serve_metrics(cfg.metrics, store, run_dir)
+            evictor = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
+            announce(cfg.where)
+            sockets.notify("READY=1")
+            while not stop.is_set():
+                waits = {asyncio.ensure_future(w.proc.wait()): w for w in sup.workers if w.proc is not None}
+                wakers = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
+                done, _ = await asyncio.wait({*wakers, *waits}, return_when=asyncio.FIRST_COMPLETED)
+                for fut in (*waits, *wakers):
+                    fut.cancel()
+                if stop.is_set():
+                    break
+                if reload.is_set():
+                    reload.clear()
+                    await sup.reload()
+                    continue
+                for fut in done:
+                    if fut in waits:
+                        await sup.restart(waits[fut], stop)
+                sup.write_info()
+            evictor.cancel()
+            return 0
+        finally:
+            sockets.notify("STOPPING=1")
+            restore()
+            await asyncio.gather(*(sup.stop(w) for w in sup.workers))
+            if metrics is not None:
+                metrics.shutdown()
+            store.clear_server_info(os.getpid())
+            store.clock_path.unlink(missing_ok=True)  # access hints; the next server starts them afresh
+            for w in sup.workers:
+                w.pidfile.unlink(missing_ok=True)
+                run_dir.worker_stats(w.index).unlink(missing_ok=True)
+            # systemd's sockets stay with systemd, and the next start takes them again.
+            sockets.close(listeners, cfg.where, unlink=systemd is None)
 
 
-async def _bound_cache(store: Store, limit: int, stop: asyncio.Event) -> None:
+@contextlib.contextmanager
+def _server_lock(run_dir: RunDir, store: Store) -> Any:
+    """One server per store: a clone's overlay can be open in one process only. Two started at once: the
+    second is refused before it touches the first one's sockets."""
+    run_dir.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(run_dir.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise errors.NbdcloneError(
+                detail=f"a server (pid {holder}) is already running for store {store.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _warn_if_exposed(cfg: ServeConfig) -> None:
+    address = cfg.where
+    if address.listen is None or cfg.security.tls == "require" or cfg.security.allow:
+        return
+    host = address.listen[0]
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    log.warning(
+        "listening on %s:%d-%d without --tls=require or --allow: anyone who can reach these ports can read "
+        "and write every clone of %s",
+        host,
+        address.listen[1],
+        address.listen[1] + SLOTS - 1,
+        cfg.store,
+    )
+
+
+async def _bound_cache(store: Store, run_dir: RunDir, limit: int, stop: asyncio.Event) -> None:
     """Keep the shared read cache (the pack's pages in memory) under `limit`, once a second."""
     evictor = Evictor(store.chunks.pack, store.clock_path, limit)
-    path = store.path / "run" / "stats-cache.json"
+    path = run_dir.cache_stats
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
@@ -241,36 +438,12 @@ async def _bound_cache(store: Store, limit: int, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
-def _write_info(store: Store, workers: list[Worker]) -> None:
-    try:
-        store.write_server_info(
-            {
-                "pid": os.getpid(),
-                "workers": [{"pid": w.proc.pid if w.proc else 0, "uri": w.uri} for w in workers],
-            }
-        )
-    except OSError as exc:  # a full disk must not stop the server: clients keep their connections
-        log.error("cannot record this server (%s): `nbdclone uri` will not find it", exc)
-
-
-async def _shutdown(w: Worker, grace: float) -> None:
-    proc = w.proc
-    if proc is None or proc.returncode is not None:
-        return
-    proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        log.warning("worker %d did not stop within %.0fs; killing it", w.index, grace)
-        proc.kill()
-        await proc.wait()
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+def _install_signal_handlers(stop: asyncio.Event, reload: asyncio.Event) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous:
-        loop.add_signal_handler(sig, stop.set)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
 
     def restore() -> None:
         for sig, handler in previous.items():
@@ -280,20 +453,10 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return restore
 
 
-def _refuse_second_server(store: Store) -> None:
-    """One server per store: a clone's overlay can be open in one process only."""
-    try:
-        info = store.server_info()
-    except errors.ServerNotRunning:
-        return
-    raise errors.NbdcloneError(detail=f"a server (pid {info['pid']}) is already running for store {store.path}")
-
-
-async def _reap_orphans(store: Store, grace: float) -> None:
-    """Workers of a server that was killed: `--exit-with-parent` sent them SIGTERM, and they may still be
-    closing their clones (and holding their overlays and sockets). Wait for them, then kill what is left."""
-    for pidfile in (store.path / "run").glob("worker-*-*.pid"):
-        supervisor = int(pidfile.name.split("-")[1])
+async def _reap_orphans(run_dir: RunDir, grace: float) -> None:
+    """Workers of a server that was killed: their control pipe ended, so they are stopping (and may still
+    hold their overlays). Wait for them, then kill what is left."""
+    for supervisor, pidfile in run_dir.pidfiles():
         if supervisor == os.getpid() or Path(f"/proc/{supervisor}").exists():
             continue
         try:
@@ -312,22 +475,3 @@ async def _reap_orphans(store: Store, grace: float) -> None:
                 while Path(f"/proc/{pid}").exists():
                     await asyncio.sleep(0.05)
         pidfile.unlink(missing_ok=True)
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A server that was killed leaves its sockets behind, and a new bind to them fails ("Address already
-    in use"). Remove one only if it is a socket that nothing answers on; anything else is an error."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise errors.InvalidArgument(detail=f"{path} exists and is not a socket; choose another --socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-            log.info("removed the stale socket %s left by a server that did not stop cleanly", path)
-            return
-    raise errors.InvalidArgument(detail=f"another process is listening on {path}")

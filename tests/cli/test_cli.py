@@ -56,7 +56,12 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["clone", "info", "nope"], "no clone named", id="info-unknown-clone"),
         pytest.param(["clone", "export", "a", "{tmp}/b.raw"], "already exists", id="export-over-a-file"),
         pytest.param(["clone", "export", "a", "{tmp}/x.img", "--format", "vmdk"], "--format", id="export-bad-format"),
-        pytest.param(["uri", "a"], "no nbdclone server is running", id="uri-without-server"),
+        pytest.param(["uri", "nope"], "no clone named", id="uri-unknown-clone"),
+        pytest.param(["stats"], "no nbdclone server is running", id="stats-without-server"),
+        pytest.param(["serve", "--workers", "17"], "--workers", id="serve-too-many-workers"),
+        pytest.param(["serve", "--socket-mode", "0777"], "--socket-mode", id="serve-bad-socket-mode"),
+        pytest.param(["serve", "--socket-group", "no-such-group"], "no such group", id="serve-unknown-group"),
+        pytest.param(["serve", "--tls-psk", "{tmp}/notes.txt"], "--tls", id="serve-psk-without-tls"),
         pytest.param(["serve", "--listen", "nonsense"], "HOST:PORT", id="serve-bad-listen"),
         pytest.param(["clone", "frobnicate"], "No such command", id="unknown-command"),
     ],
@@ -136,7 +141,28 @@ def test_serve_passes_the_listen_address(tmp_path: Path, listen: str, expected: 
         result = runner.invoke(cli_module.app, ["serve", "--listen", listen, "--store", str(tmp_path)])
     assert result.exit_code == 0, result.output
     cfg = run.call_args.args[0]
-    assert cfg.listen == expected and cfg.store == tmp_path
+    assert cfg.address.listen == expected and cfg.store == tmp_path
+
+
+def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
+    psk = tmp_path / "keys.psk"
+    psk.write_text("alice:00112233445566778899aabbccddeeff\n")
+    args = ["serve", "--store", str(tmp_path), "--tls", "require", "--tls-psk", str(psk), "--allow", "10.0.0.0/8"]
+    args += ["--allow", "uid:0", "--max-connections", "64", "--exclusive", "--read-only", "--socket-group", "0"]
+    args += ["--metrics", "127.0.0.1:9100", "--log-level", "debug", "--workers", "3", "--grace", "4"]
+    with mock.patch.object(cli_module.server, "run", return_value=0) as run:
+        result = CliRunner().invoke(cli_module.app, args)
+    assert result.exit_code == 0, result.output
+    cfg = run.call_args.args[0]
+    sec = cfg.security
+    assert (sec.tls, sec.tls_psk, sec.allow) == ("require", psk, ("10.0.0.0/8", "uid:0"))
+    assert (sec.max_connections, sec.exclusive, sec.readonly) == (64, True, True)
+    assert (cfg.access.mode, cfg.access.group) == (0o660, "0")
+    assert (cfg.metrics, cfg.log_level, cfg.workers, cfg.grace) == (("127.0.0.1", 9100), "debug", 3, 4.0)
+    opts, filters, params = sec.nbdkit_args()
+    assert opts == ["--tls=require", f"--tls-psk={psk}"]
+    assert filters == ["--filter=blocksize-policy", "--filter=ip", "--filter=limit"]
+    assert params == ["blocksize-error-policy=error", "allow=10.0.0.0/8,uid:0", "deny=all", "limit=64"]
 
 
 def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Path) -> None:

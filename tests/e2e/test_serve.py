@@ -248,13 +248,31 @@ def test_sigterm_stops_cleanly_and_restart_reads_the_same(
         again.stop()
 
 
-def test_uri_without_a_server_is_one_clear_error(store_path: Path, base: tuple[Path, bytes]) -> None:
-    cli("clone", "create", "u", "--base", "deb", store=store_path)
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_clone_keeps_its_address_offline_and_across_worker_counts(
+    tmp_path: Path, store_path: Path, base: tuple[Path, bytes], transport: str, free_port: int
+) -> None:
+    names = [f"addr{i}" for i in range(5)]
+    cli("clone", "create", *names, "--base", "deb", store=store_path)
+    where = ("--listen", f"127.0.0.1:{free_port}") if transport == "tcp" else ("--socket", str(tmp_path / "a.sock"))
     before = snapshot(store_path)
-    proc = cli("uri", "u", store=store_path, check=False)
-    assert proc.returncode != 0
-    assert proc.stderr.count("\n") == 1 and "no nbdclone server is running" in proc.stderr
-    assert snapshot(store_path) == before
+    offline = {n: cli("uri", n, *where, store=store_path).stdout.strip() for n in names}
+    assert snapshot(store_path) == before, "uri changed the store"
+    assert len(set(offline.values())) == len(names), "clones made together share one address"
+    for workers in ("1", "3", "2"):
+        srv = Server(store_path, tmp_path / "a.sock", (*where, "--workers", workers)).start()
+        try:
+            for i, n in enumerate(names):
+                assert cli("uri", n, store=store_path).stdout.strip() == offline[n]
+                h = nbd.NBD()
+                h.connect_uri(offline[n])  # the address written down before any server ran
+                h.pwrite(workers.encode() * 512, 4096 * i)
+                assert h.pread(512, 4096 * i) == workers.encode() * 512
+                h.shutdown()
+        finally:
+            assert srv.stop() == 0
+        # Stopped again: the last server's address, without naming it.
+        assert {n: cli("uri", n, store=store_path).stdout.strip() for n in names} == offline
 
 
 def test_reset_and_rm_of_a_connected_clone_are_refused(

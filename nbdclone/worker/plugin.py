@@ -1,4 +1,4 @@
-"""nbdkit glue: the only module that imports nbdkit.
+"""nbdkit's callbacks: the only module that imports nbdkit.
 
 Each clone of the store is an export named after the clone. The store core does the work; this module
 turns nbdkit's callbacks into core calls and core errors into the errno the client should see
@@ -7,10 +7,8 @@ turns nbdkit's callbacks into core calls and core errors into the errno the clie
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
-import json
 import logging
 import os
 import sys
@@ -25,11 +23,16 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import CloneNotFound, NbdcloneError, StorageError
-from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of, write_atomic
+from nbdclone.runtime import RunDir
+from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
+from nbdclone.worker.process import ConnStats, Counters, Drain, Pins, gil_ensure, gil_release, publish_stats
 
 API_VERSION = 2
+#: The largest request a client may send (advertised; larger ones are refused before they reach the plugin,
+#: by nbdkit's blocksize-policy filter): what a stalled write can hold in memory per connection.
+MAX_REQUEST = 8 << 20
 log = logging.getLogger("nbdclone")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,32 +43,31 @@ class Settings:
     worker: int = 0
     workers: int = 1
     cpu: int | None = None
+    control: int | None = None  # the supervisor's control pipe (see process.Drain)
+    listeners: int = 0  # listening sockets passed by socket activation, from fd 3
+    exclusive: bool = False  # one client per clone at a time
+    readonly: bool = False  # every clone read-only
+    log_level: str = "info"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handle:
     name: str
     clone: Clone
+    readonly: bool
+    stats: ConnStats
     thread: int  # the connection's thread, which holds a Python thread state for the connection's life
     tid: int  # its native id (for its CPU affinity)
     gil_state: int
 
 
-# nbdkit enters Python with PyGILState_Ensure and leaves with PyGILState_Release around every callback. On
-# one of its own threads that holds no Python thread state, each call creates one and deletes it again
-# (an allocation, a fresh frame stack mapped and unmapped: a page fault per request; 4 KiB random writes
-# spent 10% of their time clearing those pages, and reads ran at half speed). Holding one extra Ensure
-# from open to close keeps the connection thread's state alive between requests. With one nbdkit thread
-# per connection (how the supervisor runs workers) open, every request and close run on that thread.
-_ensure = ctypes.pythonapi.PyGILState_Ensure
-_ensure.restype = ctypes.c_int
-_release = ctypes.pythonapi.PyGILState_Release
-_release.argtypes = [ctypes.c_int]
-
-
 _config: dict[str, str] = {}
 _settings: Settings | None = None
 _registry: Registry | None = None
+_drain = Drain()
+_counters = Counters()
+_ns = time.perf_counter_ns
+_me = threading.get_ident
 
 
 def _one_line_errors() -> None:
@@ -89,6 +91,39 @@ def _one_line_errors() -> None:
 _one_line_errors()
 
 
+def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
+    """Count a request's bytes, time and errors for its clone; give every error leaving it a deliberate
+    errno; and make a request that comes after the worker began to stop wait, unanswered (process.Drain)."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(h: Handle, *args: Any) -> Any:
+            me = _me()
+            _drain.inflight[me] = 1
+            if _drain.draining:
+                _drain.park(me)
+            started = _ns()
+            try:
+                result = fn(h, *args)
+            except NbdcloneError as exc:
+                h.stats.failed(op)
+                nbdkit.set_error(exc.errno)
+                nbdkit.debug(f"nbdclone: {exc}")
+                raise
+            except OSError as exc:
+                h.stats.failed(op)
+                nbdkit.set_error(exc.errno or errno.EIO)
+                raise
+            finally:
+                _drain.inflight[me] = 0
+            h.stats.done(op, args[0] if sized else 0, started, _ns())
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
 def _errors(fn: F) -> F:
     """Give every error leaving a callback a deliberate errno."""
 
@@ -107,7 +142,8 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_KEYS = ("store", "worker", "workers", "cpu")
+_KEYS = ("store", "worker", "workers", "cpu", "control", "listeners", "exclusive", "readonly", "log-level")
+_LEVELS = ("debug", "info", "warning", "error")
 
 
 def config(key: str, value: str) -> None:
@@ -123,12 +159,39 @@ def config_complete() -> None:
     try:
         worker, workers = int(_config.get("worker", "0")), int(_config.get("workers", "1"))
         cpu = int(_config["cpu"]) if "cpu" in _config else None
+        control = int(_config["control"]) if "control" in _config else None
+        listeners = int(_config.get("listeners", "0"))
     except ValueError:
-        raise ValueError("nbdclone: worker, workers and cpu are numbers") from None
+        raise ValueError("nbdclone: worker, workers, cpu, control and listeners are numbers") from None
     if not 0 <= worker < workers:
         raise ValueError(f"nbdclone: worker={worker} is not in 0..{workers - 1}")
-    _settings = Settings(store=Path(_config["store"]), worker=worker, workers=workers, cpu=cpu)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"nbdclone[worker {worker}]: %(message)s")
+    level = _config.get("log-level", "info")
+    if level not in _LEVELS:
+        raise ValueError(f"nbdclone: log-level={level!r} is not one of {', '.join(_LEVELS)}")
+    flag = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    try:
+        exclusive, readonly = (flag[_config.get(k, "0").lower()] for k in ("exclusive", "readonly"))
+    except KeyError:
+        raise ValueError("nbdclone: exclusive and readonly are true or false") from None
+    _settings = Settings(Path(_config["store"]), worker, workers, cpu, control, listeners, exclusive, readonly, level)
+    os.umask(0o077)  # nbdkit sets its own; what this worker writes in the store is private
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s nbdclone[worker {worker}]: %(message)s",
+    )
+
+
+def after_fork() -> None:
+    # Threads start here, after nbdkit may have forked (FACTS).
+    assert _settings is not None
+    if _settings.control is not None:
+        _drain.watch(_settings.control, range(3, 3 + _settings.listeners), _close_all_for_stop)
+
+
+def _close_all_for_stop() -> None:
+    if _registry is not None:
+        _registry.close_all()
 
 
 def _worker_of(name: str, cat: Catalog | None = None) -> int:
@@ -151,21 +214,13 @@ def _reg() -> Registry:
     if _registry is None:
         assert _settings is not None
         _registry = Registry(Store(_settings.store))
-        threading.Thread(target=_publish_stats, args=(_registry, _settings), daemon=True).start()
+        threading.Thread(
+            target=publish_stats,
+            args=(RunDir(_settings.store), _settings.worker, _registry.stats, _counters),
+            name="nbdclone-stats",
+            daemon=True,
+        ).start()
     return _registry
-
-
-def _publish_stats(registry: Registry, settings: Settings) -> None:
-    """Every second, write this worker's counters where `nbdclone stats` reads them."""
-    path = settings.store / "run" / f"stats-worker-{settings.worker}.json"
-    while True:
-        try:
-            write_atomic(
-                path, json.dumps({"worker": settings.worker, "pid": os.getpid(), **registry.stats()}), path.parent
-            )
-        except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc)
-        time.sleep(1.0)
 
 
 @_errors
@@ -180,71 +235,54 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 @_errors
 def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by this name
+    assert _settings is not None
+    if _drain.draining:
+        _drain.park(_me())
     try:
         name = nbdkit.export_name()
     except UnicodeDecodeError:
-        raise CloneNotFound(name="(not UTF-8)", store=_settings.store if _settings else "?") from None
+        raise CloneNotFound(name="(not UTF-8)", store=_settings.store) from None
     if not is_valid_name(name):
         # Checked before any lookup: a malformed name never reaches the store.
-        raise CloneNotFound(name=name[:80], store=_settings.store if _settings else "?")
-    if not _mine(name):
+        raise CloneNotFound(name=name[:80], store=_settings.store)
+    cat = _reg().store.catalog()
+    if not _mine(name, cat):
         # Another worker serves it: one RocksDB handle per clone, in one process (`nbdclone uri` says where).
         raise StorageError(errno.ENOENT, what=f"clone {name!r}", detail=f"is served by worker {_worker_of(name)}")
-    clone = _reg().acquire(name)
+    record = cat.clones.get(name)
+    clone = _reg().acquire(name, exclusive=_settings.exclusive)
     tid = threading.get_native_id()
     _pins().opened(tid)
-    return Handle(name, clone, threading.get_ident(), tid, _ensure())  # last: nothing after it can fail
+    h = Handle(
+        name,
+        clone,
+        _settings.readonly or (record is not None and record.readonly),
+        None,  # type: ignore[arg-type]
+        _me(),
+        tid,
+        0,
+    )
+    h.stats = _counters.opened(id(h), name)
+    h.gil_state = gil_ensure()  # last: nothing after it can fail
+    return h
 
 
 def close(h: Handle) -> None:
+    _counters.closed(id(h))
     _pins().closed(h.tid)
     _reg().release(h.name)
+    _drain.inflight.pop(_me(), None)
     if threading.get_ident() == h.thread:  # else leave it: releasing another thread's state is fatal
-        _release(h.gil_state)
+        gil_release(h.gil_state)
 
 
-class _Pins:
-    """Where this worker's connection threads may run. Connection threads share the worker's GIL, and
-    handing it between cores doubles the CPU per request (FACTS): with two or more connections open, all of
-    their threads are pinned to the worker's core. One connection alone runs unpinned, so the scheduler can
-    keep it off the core its client runs on (measured, 4 KiB writes from fio on the same host: pinned, with
-    fio on the same core, 40-41k requests/s; on the other core or unpinned, 62-73k). RocksDB's background
-    threads are never pinned."""
-
-    def __init__(self, cpu: int | None) -> None:
-        self.cpu = cpu
-        self.free = os.sched_getaffinity(0)  # taken on a connection thread before any pin: nbdkit's mask
-        self.threads: set[int] = set()  # native thread ids of the open connections
-        self.lock = threading.Lock()
-
-    def opened(self, tid: int) -> None:
-        with self.lock:
-            self.threads.add(tid)
-            self._apply()
-
-    def closed(self, tid: int) -> None:
-        with self.lock:
-            self.threads.discard(tid)
-            self._apply()
-
-    def _apply(self) -> None:
-        if self.cpu is None:
-            return
-        mask = {self.cpu} if len(self.threads) > 1 else self.free
-        for tid in self.threads:
-            try:
-                os.sched_setaffinity(tid, mask)
-            except OSError as exc:  # a cpuset without that core: serve unpinned rather than refuse the client
-                log.warning("cannot set the CPUs of connection thread %d to %s: %s", tid, sorted(mask), exc)
+_pin_state: Pins | None = None
 
 
-_pin_state: _Pins | None = None
-
-
-def _pins() -> _Pins:
+def _pins() -> Pins:
     global _pin_state
     if _pin_state is None:
-        _pin_state = _Pins(_settings.cpu if _settings is not None else None)
+        _pin_state = Pins(_settings.cpu if _settings is not None else None)
     return _pin_state
 
 
@@ -257,11 +295,11 @@ def get_size(h: Handle) -> int:
 
 
 def block_size(h: Handle) -> tuple[int, int, int]:
-    return (1, 4096, 32 << 20)
+    return (1, 4096, MAX_REQUEST)
 
 
 def can_write(h: Handle) -> bool:
-    return True
+    return not h.readonly
 
 
 def can_flush(h: Handle) -> bool:
@@ -304,48 +342,66 @@ def is_rotational(h: Handle) -> bool:
 
 
 def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
-    # The hot path: no wrapper call, errors mapped inline (same as _errors).
+    # The hot path: _request's work, inline.
+    me = _me()
+    _drain.inflight[me] = 1
+    if _drain.draining:
+        _drain.park(me)
+    started = _ns()
     try:
         h.clone.pread_into(buf, offset)
     except (NbdcloneError, OSError) as exc:
+        h.stats.failed("read")
         nbdkit.set_error(exc.errno or errno.EIO)
         raise
+    finally:
+        _drain.inflight[me] = 0
+    h.stats.done("read", len(buf), started, _ns())
 
 
 def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    me = _me()
+    _drain.inflight[me] = 1
+    if _drain.draining:
+        _drain.park(me)
+    started = _ns()
     try:
         h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
     except (NbdcloneError, OSError) as exc:
+        h.stats.failed("write")
         nbdkit.set_error(exc.errno or errno.EIO)
         raise
+    finally:
+        _drain.inflight[me] = 0
+    h.stats.done("write", len(buf), started, _ns())
 
 
 _FUA = nbdkit.FLAG_FUA
 
 
-@_errors
+@_request("flush", sized=False)
 def flush(h: Handle, flags: int) -> None:
     h.clone.flush()
 
 
-@_errors
+@_request("trim")
 def trim(h: Handle, count: int, offset: int, flags: int) -> None:
     h.clone.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
-@_errors
+@_request("zero")
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     h.clone.zero(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
 
 
-@_errors
+@_request("extents")
 def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     if flags & nbdkit.FLAG_REQ_ONE:
         return h.clone.extents(count, offset)[:1]
     return h.clone.extents(count, offset)
 
 
-@_errors
+@_request("cache")
 def cache(h: Handle, count: int, offset: int, flags: int) -> None:
     h.clone.prefetch(count, offset)
 
