@@ -613,6 +613,32 @@ def _p50(op: dict[str, Any]) -> str:
     return "-"
 
 
+@app.command("systemd-units")
+def systemd_units(
+    dest: Annotated[Path, typer.Option(help="Folder to write nbdclone.service and nbdclone.socket to.")],
+    store: StoreOpt = Path("/var/lib/nbdclone"),
+    group: Annotated[str, typer.Option(help="The group QEMU runs as (Debian: libvirt-qemu).")] = "libvirt-qemu",
+) -> None:
+    """Write a systemd service (Type=notify) and socket unit for serving STORE, for this installation."""
+    from importlib.resources import files
+
+    Address(store.absolute()).check()
+    units = files("nbdclone") / "data" / "systemd"
+    exe = Path(sys.argv[0]).absolute()
+    for name in ("nbdclone.service", "nbdclone.socket"):
+        text = (units / name).read_text()
+        text = text.replace("/usr/local/bin/nbdclone", str(exe)).replace("/var/lib/nbdclone", str(store.absolute()))
+        text = text.replace("libvirt-qemu", group)
+        target = dest / name
+        if target.exists():
+            raise errors.InvalidArgument(detail=f"{target} exists; remove it first")
+        dest.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o644)
+        out.print(f"wrote {target}")
+    out.print("then: systemctl daemon-reload && systemctl enable --now nbdclone.socket nbdclone.service")
+
+
 @app.command()
 def demo(
     store: StoreOpt = _DEFAULT_STORE,

@@ -1,0 +1,506 @@
+"""nbdclone serve as an operator runs it: restarts that clients ride through, permissions, TLS, limits,
+metrics, and the files it ships for systemd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.e2e.test_reconnect import QemuIo
+from tests.helpers import NBDCLONE, Server, cli, make_image, wait_gone
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+UNPRIVILEGED = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def base(tmp_path: Path, store_path: Path) -> bytes:
+    data = make_image(tmp_path / "base.raw", SIZE, [(0, SIZE)])
+    cli("base", "import", "deb", str(tmp_path / "base.raw"), store=store_path)
+    return data
+
+
+class Writer(threading.Thread):
+    """qemu-io (reconnect-delay=30) writing and reading back patterns, one after another, until stopped."""
+
+    def __init__(self, sock: str, export: str) -> None:
+        super().__init__(daemon=True)
+        self.qemu = QemuIo(sock, export)
+        self.model: dict[int, int] = {}  # offset -> pattern written there
+        self.done = 0
+        self.failures: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.is_set():
+            off, pattern = (i % 64) * 65536, i % 250 + 1
+            for command in (f"write -P {pattern} {off} 64k", f"read -P {pattern} {off} 64k"):
+                out = self.qemu.run(command)
+                if "failed" in out.lower() or "error" in out.lower() or not out.strip():
+                    self.failures.append(f"{command}: {out.strip()}")
+            self.model[off] = pattern
+            self.done += 1
+            i += 1
+
+    def wait_progress(self, n: int = 20, timeout: float = 60) -> None:
+        """Wait until `n` more write-and-read rounds have succeeded."""
+        target, deadline = self.done + n, time.monotonic() + timeout
+        while self.done < target:
+            assert not self.failures, self.failures
+            assert time.monotonic() < deadline, "qemu-io made no progress"
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        self.halt.set()
+        self.join(60)
+        for off, pattern in self.model.items():
+            out = self.qemu.run(f"read -P {pattern} {off} 64k")
+            assert "failed" not in out.lower() and "read" in out, out
+        self.qemu.close()
+
+
+def test_qemu_rides_through_a_worker_kill_a_sigterm_restart_and_a_reload(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "vm", "--base", "deb", store=store_path)
+    sock = tmp_path / "nbd.sock"
+    server = Server(store_path, sock, ("--workers", "2")).start()
+    uri = cli("uri", "vm", store=store_path).stdout.strip()
+    writer = Writer(uri.partition("socket=")[2], "vm")
+    writer.start()
+    try:
+        writer.wait_progress()
+        worker = server.nbdkit_pid("vm")
+        os.kill(worker, signal.SIGKILL)
+        server.wait_restarted("vm", worker)
+        writer.wait_progress()
+
+        assert server.stop() == 0  # SIGTERM: requests in flight finish, connections drop unanswered
+        assert "killing it" not in "".join(server.log)
+        server = Server(store_path, sock, ("--workers", "2")).start()
+        writer.wait_progress()
+
+        before = server.nbdkit_pid("vm")
+        cli("reload", store=store_path)
+        deadline = time.monotonic() + 30
+        while server.nbdkit_pid("vm") == before:
+            assert time.monotonic() < deadline, "reload did not restart the worker"
+            time.sleep(0.05)
+        writer.wait_progress()
+        assert not writer.failures, writer.failures
+    finally:
+        writer.finish()
+        assert server.stop() == 0
+    assert "killing it" not in "".join(server.log)
+
+
+@pytest.mark.parametrize("event", ["worker-kill", "reload"])
+def test_a_client_connecting_during_a_restart_waits_and_succeeds(
+    tmp_path: Path, store_path: Path, base: bytes, event: str
+) -> None:
+    cli("clone", "create", "late", "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--workers", "1")).start()
+    try:
+        uri = cli("uri", "late", store=store_path).stdout.strip()
+        worker = server.nbdkit_pid("late")
+        if event == "worker-kill":
+            os.kill(worker, signal.SIGKILL)
+            wait_gone([worker], kill=False)
+        else:
+            cli("reload", store=store_path)
+        # No worker may be accepting right now: the connection waits in the supervisor's backlog.
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(4096, 0) == base[:4096]
+        h.shutdown()
+        assert server.nbdkit_pid("late") != worker
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_with_idle_clients_stops_cleanly_within_the_grace_time(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "idle1", "idle2", "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--grace", "5")).start()
+    handles = []
+    for name in ("idle1", "idle2"):
+        h = server.connect(name)
+        h.pwrite(name.encode() * 100, 0)  # not flushed: the stop must flush and close
+        handles.append(h)
+    started = time.monotonic()
+    assert server.stop() == 0
+    took = time.monotonic() - started
+    log = "".join(server.log)
+    assert took < 5 and "killing it" not in log, log
+    assert log.count("stopped in") == 2, log
+    again = Server(store_path, tmp_path / "nbd.sock").start()
+    try:
+        for name in ("idle1", "idle2"):
+            h = again.connect(name)
+            assert h.pread(len(name) * 100, 0) == name.encode() * 100
+            h.shutdown()
+    finally:
+        again.stop()
+    assert "was not closed" not in "".join(again.log)  # each overlay was flushed and closed cleanly
+
+
+def test_two_servers_started_at_once_leave_one_server_with_its_sockets(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "both", "--base", "deb", store=store_path)
+    sock = tmp_path / "nbd.sock"
+    cmd = [NBDCLONE, "serve", "--store", str(store_path), "--socket", str(sock)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "neither server was refused"
+            time.sleep(0.05)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        assert loser.returncode != 0 and "already running" in loser.communicate()[1]
+        assert winner.stdout is not None and winner.stdout.readline().startswith("nbdclone: serving")
+        h = nbd.NBD()
+        h.connect_uri(cli("uri", "both", store=store_path).stdout.strip())
+        assert h.get_size() == SIZE
+        h.shutdown()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+
+
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*UNPRIVILEGED, *args], capture_output=True, text=True, timeout=60)
+
+
+def _reachable(path: Path) -> None:
+    """Let other users search the folders above `path` (pytest's are private); the store stays private."""
+    for folder in path.parents:
+        if folder == Path("/tmp"):
+            break
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        pytest.param((), False, id="default-owner-only"),
+        pytest.param(("--socket-group", "root"), False, id="another-group"),
+        pytest.param(("--socket-group", "nogroup"), True, id="its-group"),
+        pytest.param(("--socket-mode", "0666"), True, id="mode-0666"),
+    ],
+)
+def test_an_unprivileged_client_connects_only_when_the_socket_group_or_mode_allows(
+    tmp_path: Path, store_path: Path, base: bytes, args: tuple[str, ...], allowed: bool
+) -> None:
+    cli("clone", "create", "guest", "--base", "deb", store=store_path)
+    _reachable(store_path)
+    server = Server(store_path, store_path / "run" / "nbdclone.sock", args).start()
+    try:
+        uri = cli("uri", "guest", store=store_path).stdout.strip()
+        proc = _as_nobody("nbdinfo", "--size", uri)  # uid nobody, gid nogroup, no other groups
+        if allowed:
+            assert proc.returncode == 0 and int(proc.stdout) == SIZE, proc.stderr
+        else:
+            assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stdout + proc.stderr
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_unprivileged_user_can_read_nothing_in_the_store_nor_take_its_locks(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "secret", "--base", "deb", store=store_path)
+    _reachable(store_path)
+    server = Server(store_path, store_path / "run" / "nbdclone.sock", ("--socket-group", "nogroup")).start()
+    try:
+        h = server.connect("secret")
+        h.pwrite(b"private data" * 100, 0)
+        h.flush()
+        h.shutdown()
+        files = [p for p in store_path.rglob("*") if p.is_file() and not p.is_socket()]
+        assert any("clones" in p.parts for p in files) and (store_path / "lock").exists()
+        probe = (
+            "import fcntl, sys\n"
+            "opened = []\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n"
+            "        fd = open(p, 'rb')\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    opened.append(p)\n"
+            "print('\\n'.join(opened))\n"
+        )
+        proc = _as_nobody("/usr/bin/python3", "-c", probe, *map(str, files))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "", f"readable by nobody: {proc.stdout}"
+        listing = _as_nobody("ls", str(store_path))
+        assert listing.returncode != 0
+    finally:
+        assert server.stop() == 0
+
+
+def _psk(path: Path, user: str, key: str) -> Path:
+    path.write_text(f"{user}:{key}\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_tls_require_with_a_psk_refuses_plain_and_wrong_key_clients(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    cli("clone", "create", "tls", "--base", "deb", store=store_path)
+    keys = _psk(tmp_path / "server.psk", "alice", "0123456789abcdef0123456789abcdef")
+    wrong = _psk(tmp_path / "wrong.psk", "alice", "fedcba9876543210fedcba9876543210")
+    args = ("--listen", f"127.0.0.1:{free_port}", "--tls", "require", "--tls-psk", str(keys))
+    server = Server(store_path, tmp_path / "unused.sock", args).start()
+    try:
+        plain = cli("uri", "tls", store=store_path).stdout.strip()
+        secure = plain.replace("nbd://", "nbds://alice@", 1)  # libnbd takes the PSK user from the URI
+        ok = subprocess.run(["nbdinfo", "--size", f"{secure}?tls-psk-file={keys}"], capture_output=True, text=True)
+        assert ok.returncode == 0 and int(ok.stdout) == SIZE, ok.stderr
+        no_tls = subprocess.run(["nbdinfo", "--size", plain], capture_output=True, text=True)
+        assert no_tls.returncode != 0
+        bad_key = subprocess.run(
+            ["nbdinfo", "--size", f"{secure}?tls-psk-file={wrong}"], capture_output=True, text=True
+        )
+        assert bad_key.returncode != 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_public_listen_without_tls_or_allow_list_is_called_out(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    server = Server(store_path, tmp_path / "unused.sock", ("--listen", f"0.0.0.0:{free_port}")).start()
+    try:
+        deadline = time.monotonic() + 10
+        while "without --tls=require or --allow" not in "".join(server.log):
+            assert time.monotonic() < deadline, "".join(server.log)
+            server.log.append(server.proc.stdout.readline() if server.proc and server.proc.stdout else "")
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_allow_list_refuses_other_clients(tmp_path: Path, store_path: Path, base: bytes) -> None:
+    cli("clone", "create", "acl", "--base", "deb", store=store_path)
+    _reachable(store_path)
+    args = ("--socket-mode", "0666", "--allow", "uid:0")
+    server = Server(store_path, store_path / "run" / "nbdclone.sock", args).start()
+    try:
+        uri = cli("uri", "acl", store=store_path).stdout.strip()
+        assert subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True).returncode == 0
+        assert _as_nobody("nbdinfo", "--size", uri).returncode != 0  # may reach the socket, not on the list
+    finally:
+        assert server.stop() == 0
+
+
+def test_exclusive_serves_one_client_per_clone_and_read_only_refuses_writes(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "one", "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--exclusive",)).start()
+    try:
+        first = server.connect("one")
+        with pytest.raises(nbd.Error):
+            server.connect("one")
+        first.shutdown()
+        deadline = time.monotonic() + 10
+        while True:  # once the first client has gone, the next one is welcome
+            try:
+                again = server.connect("one")
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        again.shutdown()
+    finally:
+        assert server.stop() == 0
+    server = Server(store_path, tmp_path / "nbd.sock", ("--read-only",)).start()
+    try:
+        h = server.connect("one")
+        assert h.is_read_only()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x" * 4096, 0)
+        assert h.pread(4096, 0) == base[:4096]
+        h.shutdown()
+    finally:
+        assert server.stop() == 0
+
+
+def test_requests_over_the_advertised_maximum_are_refused(server: Server, store_path: Path, base: bytes) -> None:
+    cli("clone", "create", "big", "--base", "deb", store=store_path)
+    h = nbd.NBD()
+    h.set_strict_mode(0)  # let libnbd send what a hostile client would
+    h.connect_uri(server.uri("big"))
+    maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
+    assert 0 < maximum < 16 * MiB
+    with pytest.raises(nbd.Error) as err:
+        h.pread(maximum * 2, 0)
+    assert err.value.errno == "EINVAL" or "Invalid argument" in str(err.value)
+    assert h.pread(maximum, 0) == base[:maximum]
+    h.shutdown()
+
+
+def test_many_silent_connections_do_not_lock_a_real_client_out(tmp_path: Path, store_path: Path, base: bytes) -> None:
+    cli("clone", "create", "real", "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--workers", "1", "--grace", "5")).start()
+    uri = cli("uri", "real", store=store_path).stdout.strip()
+    path = uri.partition("socket=")[2]
+    silent = []
+    try:
+        for _ in range(1100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            silent.append(s)
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(4096, 0) == base[:4096]
+        h.shutdown()
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5 and "killing it" not in "".join(server.log)
+    finally:
+        for s in silent:
+            s.close()
+        server.stop()
+
+
+def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cli("clone", "create", "m1", "m2", "--base", "deb", store=store_path)
+    metrics_port = free_port + 16
+    server = Server(store_path, tmp_path / "nbd.sock", ("--metrics", f"127.0.0.1:{metrics_port}")).start()
+    try:
+        jobs = {"m1": ("randwrite", "4k", 2 * MiB), "m2": ("read", "64k", 8 * MiB)}
+        for name, (rw, bs, size) in jobs.items():
+            uri = cli("uri", name, store=store_path).stdout.strip()
+            subprocess.run(
+                [
+                    "fio",
+                    "--name=m",
+                    "--ioengine=nbd",
+                    f"--uri={uri}",
+                    f"--rw={rw}",
+                    f"--bs={bs}",
+                    f"--size={size}",
+                    "--iodepth=8",
+                    "--randrepeat=1",
+                    "--norandommap",
+                ],
+                check=True,
+                capture_output=True,
+            )
+        expected = {
+            ("m1", "write"): (2 * MiB // 4096, 2 * MiB),
+            ("m2", "read"): (8 * MiB // 65536, 8 * MiB),
+        }
+        deadline = time.monotonic() + 15
+        while True:  # workers publish once a second
+            import urllib.request
+
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            seen: dict[tuple[str, str], list[float]] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    key = (sample.labels.get("clone", ""), sample.labels.get("op", ""))
+                    if sample.name == "nbdclone_requests_total":
+                        seen.setdefault(key, [0, 0])[0] = sample.value
+                    elif sample.name == "nbdclone_request_bytes_total":
+                        seen.setdefault(key, [0, 0])[1] = sample.value
+            got = {k: tuple(int(x) for x in seen.get(k, [0, 0])) for k in expected}
+            if got == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert got == expected, text
+        assert seen.get(("m1", "read"), [0, 0])[0] == 0 and seen.get(("m2", "write"), [0, 0])[0] == 0
+        assert 'nbdclone_request_duration_seconds_count{clone="m2",op="read"} 128.0' in text
+        stats = json.loads(cli("stats", "--json", store=store_path).stdout)
+        assert stats["clones"]["m1"]["write"]["requests"] == 512
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    store = tmp_path / "srv"
+    cli("systemd-units", "--dest", str(tmp_path / "units"), "--group", "nogroup", store=store)
+    units = sorted((tmp_path / "units").iterdir())
+    assert [u.name for u in units] == ["nbdclone.service", "nbdclone.socket"]
+    service, sock = (u.read_text() for u in units)
+    assert "Type=notify" in service and f"--store {store}" in service and NBDCLONE in service
+    assert sock.count("ListenStream=") == 16 and f"ListenStream={store}/run/nbdclone.sock.15" in sock
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
+    )
+    problems = [line for line in proc.stderr.splitlines() if "nbdclone" in line]
+    assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_the_supervisor_takes_its_sockets_from_systemd_and_notifies_readiness(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    """What systemd does, by hand: bind the 16 sockets, start serve with LISTEN_FDS and a NOTIFY_SOCKET."""
+    cli("clone", "create", "sd", "--base", "deb", store=store_path)
+    (store_path / "run").mkdir(exist_ok=True)
+    listeners = []
+    for k in range(16):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(store_path / "run" / ("nbdclone.sock" + (f".{k}" if k else ""))))
+        s.listen(64)
+        listeners.append(s)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    launch = (
+        "import os, sys\n"
+        "fds = [int(a) for a in sys.argv[1:17]]\n"
+        "for k, fd in enumerate(fds): os.dup2(fd, 100 + k)\n"
+        "for k in range(16): os.dup2(100 + k, 3 + k)\n"
+        "os.environ.update(LISTEN_FDS='16', LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.argv[17], sys.argv[17:])\n"
+    )
+    fds = [s.fileno() for s in listeners]
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", "-c", launch, *map(str, fds), NBDCLONE, "serve", "--store", str(store_path)],
+        pass_fds=fds,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert notify.recv(100) == b"READY=1"
+        uri = cli("uri", "sd", store=store_path).stdout.strip()
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(4096, 0) == base[:4096]
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    # systemd's sockets stay: a connection made now waits for the next start instead of being refused.
+    assert (store_path / "run" / "nbdclone.sock").exists()
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting.connect(str(store_path / "run" / "nbdclone.sock"))
+    waiting.close()
+    for s in listeners:
+        s.close()
