@@ -467,6 +467,9 @@ def serve(
         typer.Option(help="Only these clients (addresses, networks like 10.0.0.0/8, uid:N, gid:N); repeatable."),
     ] = None,
     max_connections: Annotated[int, typer.Option(help="Cap on open connections per worker (0: none).", min=0)] = 0,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a new connection may take to open a clone (0: no limit).", min=0)
+    ] = 10.0,
     exclusive: Annotated[
         bool, typer.Option("--exclusive", help="One client per clone at a time (two VMs writing one disk corrupt it).")
     ] = False,
@@ -496,7 +499,14 @@ def serve(
     access = Access(mode, socket_group)
     access.gid  # noqa: B018 - an unknown group is refused now, not after the sockets exist
     security = server.Security(
-        tls.value, tls_certificates, tls_psk, tuple(allow or ()), max_connections, exclusive, read_only
+        tls.value,
+        tls_certificates,
+        tls_psk,
+        tuple(allow or ()),
+        max_connections,
+        handshake_timeout,
+        exclusive,
+        read_only,
     )
     cfg = replace(
         _serve_config(store, socket, listen, workers, threads),

@@ -62,6 +62,7 @@ class Security:
     tls_psk: Path | None = None
     allow: tuple[str, ...] = ()  # nbdkit ip filter entries; everything else is denied
     max_connections: int = 0  # per worker; 0: no cap
+    handshake_timeout: float = 10.0  # seconds a connection may take to open a clone; 0: no limit
     exclusive: bool = False
     readonly: bool = False
 
@@ -152,6 +153,8 @@ def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path, nlisteners: int
     ]
     if cfg.security.exclusive:
         plugin.append("exclusive=true")
+    if cfg.security.handshake_timeout:
+        plugin.append(f"handshake-timeout={cfg.security.handshake_timeout}")
     if cfg.security.readonly:
         plugin.append("readonly=true")
     if cfg.pin and cfg.workers > 1:

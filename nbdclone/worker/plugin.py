@@ -27,7 +27,16 @@ from nbdclone.runtime import RunDir
 from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
-from nbdclone.worker.process import ConnStats, Counters, Drain, Pins, gil_ensure, gil_release, publish_stats
+from nbdclone.worker.process import (
+    ConnStats,
+    Counters,
+    Drain,
+    Pins,
+    gil_ensure,
+    gil_release,
+    publish_stats,
+    watch_connections,
+)
 
 API_VERSION = 2
 #: The largest request a client may send (advertised; larger ones are refused before they reach the plugin,
@@ -48,6 +57,7 @@ class Settings:
     exclusive: bool = False  # one client per clone at a time
     readonly: bool = False  # every clone read-only
     log_level: str = "info"
+    handshake_timeout: float = 0.0  # seconds; 0: none
 
 
 @dataclass(slots=True)
@@ -66,6 +76,7 @@ _settings: Settings | None = None
 _registry: Registry | None = None
 _drain = Drain()
 _counters = Counters()
+_connections: dict[int, str] = {}  # native id of each connection thread with a clone open -> the clone
 _ns = time.perf_counter_ns
 _me = threading.get_ident
 
@@ -142,7 +153,18 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_KEYS = ("store", "worker", "workers", "cpu", "control", "listeners", "exclusive", "readonly", "log-level")
+_KEYS = (
+    "store",
+    "worker",
+    "workers",
+    "cpu",
+    "control",
+    "listeners",
+    "exclusive",
+    "readonly",
+    "log-level",
+    "handshake-timeout",
+)
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -161,8 +183,11 @@ def config_complete() -> None:
         cpu = int(_config["cpu"]) if "cpu" in _config else None
         control = int(_config["control"]) if "control" in _config else None
         listeners = int(_config.get("listeners", "0"))
+        handshake = float(_config.get("handshake-timeout", "0"))
     except ValueError:
-        raise ValueError("nbdclone: worker, workers, cpu, control and listeners are numbers") from None
+        raise ValueError(
+            "nbdclone: worker, workers, cpu, control, listeners and handshake-timeout are numbers"
+        ) from None
     if not 0 <= worker < workers:
         raise ValueError(f"nbdclone: worker={worker} is not in 0..{workers - 1}")
     level = _config.get("log-level", "info")
@@ -173,7 +198,9 @@ def config_complete() -> None:
         exclusive, readonly = (flag[_config.get(k, "0").lower()] for k in ("exclusive", "readonly"))
     except KeyError:
         raise ValueError("nbdclone: exclusive and readonly are true or false") from None
-    _settings = Settings(Path(_config["store"]), worker, workers, cpu, control, listeners, exclusive, readonly, level)
+    _settings = Settings(
+        Path(_config["store"]), worker, workers, cpu, control, listeners, exclusive, readonly, level, handshake
+    )
     os.umask(0o077)  # nbdkit sets its own; what this worker writes in the store is private
     logging.basicConfig(
         stream=sys.stderr,
@@ -187,6 +214,7 @@ def after_fork() -> None:
     assert _settings is not None
     if _settings.control is not None:
         _drain.watch(_settings.control, range(3, 3 + _settings.listeners), _close_all_for_stop)
+    watch_connections(_settings.handshake_timeout, lambda: dict(_connections))
 
 
 def _close_all_for_stop() -> None:
@@ -263,11 +291,13 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
         0,
     )
     h.stats = _counters.opened(id(h), name)
+    _connections[tid] = name
     h.gil_state = gil_ensure()  # last: nothing after it can fail
     return h
 
 
 def close(h: Handle) -> None:
+    _connections.pop(h.tid, None)
     _counters.closed(id(h))
     _pins().closed(h.tid)
     _reg().release(h.name)

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from nbdclone.runtime import RunDir
@@ -233,3 +234,83 @@ class Drain:
                 dummy.listen(1)
                 with contextlib.suppress(OSError):
                     os.dup2(dummy.fileno(), fd, inheritable=False)
+
+
+def watch_connections(timeout: float, opened: Callable[[], dict[int, str]]) -> None:
+    """Log each client's address once its clone is open, and drop connections that have not opened a clone
+    within `timeout` seconds (0: never): each costs a thread and a descriptor, and a flood of silent ones
+    would otherwise sit there for ever. nbdkit 1.32 has no such timeout, cannot drop one client from a
+    plugin, and does not tell a Python plugin its client's address; but each connection is a thread of its
+    own, and a thread blocked reading a socket is visible in /proc/self/task/TID/syscall (read: 0,
+    recvfrom: 45, then the descriptor). A thread with no clone open, found reading the same socket for
+    longer than `timeout`, gets its socket shut down: nbdkit reads the end of the stream and closes it.
+    Connections with a clone open are never dropped here, however idle (a VM may be)."""
+
+    def run() -> None:
+        first_seen: dict[tuple[int, int, str], float] = {}
+        named: set[tuple[int, str]] = set()
+        while True:
+            time.sleep(min(1.0, timeout / 4) if timeout else 1.0)
+            now, live, clones = time.monotonic(), set(), opened()
+            for tid, fd, target in _socket_readers():
+                key = (tid, fd, target)
+                live.add(key)
+                name = clones.get(tid)
+                if name is not None:
+                    if (tid, target) not in named:
+                        named.add((tid, target))
+                        log.info("clone %s: client %s connected", name, _peer(fd, target))
+                elif timeout and now - first_seen.setdefault(key, now) > timeout:
+                    _shut(fd, target)
+            first_seen = {k: v for k, v in first_seen.items() if k in live}
+            named = {(tid, target) for tid, _, target in live if (tid, target) in named}
+
+    threading.Thread(target=run, name="nbdclone-connections", daemon=True).start()
+
+
+def _socket_readers() -> Iterator[tuple[int, int, str]]:
+    """(thread id, descriptor, 'socket:[inode]') of each thread of this process blocked reading a socket."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/syscall") as f:
+                fields = f.read().split()
+            if fields[0] not in ("0", "45"):
+                continue
+            fd = int(fields[1], 16)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except (OSError, IndexError, ValueError):
+            continue
+        if target.startswith("socket:"):
+            yield int(task), fd, target
+
+
+def _peer(fd: int, target: str) -> str:
+    """A connection's client: its address (TCP) or its pid and uid (Unix socket)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            if s.family == socket.AF_UNIX:
+                pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                return f"pid {pid} uid {uid}"
+            host, port = s.getpeername()[:2]
+            return f"{host}:{port}"
+    except OSError:
+        return "(gone)"
+
+
+def _shut(fd: int, target: str) -> None:
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return
+    try:
+        if os.readlink(f"/proc/self/fd/{copy}") != target:  # the descriptor was reused meanwhile
+            return
+        with socket.socket(fileno=copy) as s:
+            copy = -1
+            s.shutdown(socket.SHUT_RDWR)
+        log.info("dropped a connection that did not finish its handshake in time")
+    except OSError:
+        pass
+    finally:
+        if copy >= 0:
+            os.close(copy)

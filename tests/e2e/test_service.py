@@ -380,6 +380,38 @@ def test_many_silent_connections_do_not_lock_a_real_client_out(tmp_path: Path, s
         server.stop()
 
 
+def test_silent_connections_are_dropped_after_the_handshake_timeout_and_idle_clients_are_not(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "quiet", "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--workers", "1", "--handshake-timeout", "1")).start()
+    try:
+        uri = cli("uri", "quiet", store=store_path).stdout.strip()
+        idle = nbd.NBD()
+        idle.connect_uri(uri)  # a clone open, then nothing for a while: a VM may do that
+        silent = []
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(uri.partition("socket=")[2])
+            s.settimeout(15)
+            silent.append(s)
+        started = time.monotonic()
+        for s in silent:
+            assert s.recv(152)[:8] == b"NBDMAGIC"  # the server's greeting, then nothing from us
+            while s.recv(4096):  # until the server drops it
+                pass
+        assert time.monotonic() - started < 10
+        assert idle.pread(4096, 0) == base[:4096]  # idle for as long, and still served
+        idle.shutdown()
+        for s in silent:
+            s.close()
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.log)
+    assert f"clone quiet: client pid {os.getpid()} uid 0 connected" in log, log
+    assert "Traceback" not in log
+
+
 def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
     tmp_path: Path, store_path: Path, base: bytes, free_port: int
 ) -> None:
