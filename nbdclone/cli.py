@@ -248,12 +248,13 @@ def clone_create(
         str | None, typer.Option(help="BASE follows the base's current version; BASE@VERSION pins one.")
     ] = None,
     size: Annotated[str | None, typer.Option(help="Size of a blank clone with no base, like 10G.")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Serve these clones read-only.")] = False,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
     """Create clones of BASE (or blank disks of SIZE). Many names make many clones in one step."""
     if (base is None) == (size is None):
         raise errors.InvalidArgument(detail="give exactly one of --base BASE or --size SIZE")
-    records = Store(store).create_clones(names, base=base, size=parse_size(size) if size else None)
+    records = Store(store).create_clones(names, base=base, size=parse_size(size) if size else None, readonly=read_only)
     for record in records[:20]:
         what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
         out.print(f"created clone {record.name} {what}")
@@ -292,7 +293,7 @@ def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> No
     table = Table("NAME", "BASE", "SIZE", "OVERLAY ON DISK", "OPEN", "CREATED", box=None)
     for r in rows:
         table.add_row(
-            r["name"],
+            r["name"] + (" (read-only)" if r.get("readonly") else ""),
             _version_label(r),
             human(r["size"]),
             human(r["overlay_disk_bytes"]),

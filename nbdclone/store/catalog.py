@@ -593,9 +593,12 @@ class Store:
             raise errors.CloneNotFound(name=name, store=self.path)
         return record
 
-    def create_clones(self, names: list[str], *, base: str | None, size: int | None = None) -> list[CloneRecord]:
+    def create_clones(
+        self, names: list[str], *, base: str | None, size: int | None = None, readonly: bool = False
+    ) -> list[CloneRecord]:
         """Create clones of `base` ('NAME' follows its current version, 'NAME@VERSION' pins one) or
-        blank clones of `size`. All or nothing. The overlay is made when the clone is first opened."""
+        blank clones of `size`, served read-only if `readonly`. All or nothing. The overlay is made when the
+        clone is first opened."""
         for name in names:
             validate_name("clone", name)
         if len(set(names)) != len(names):
@@ -616,7 +619,8 @@ class Store:
                 self._check_file_size(size)
             seq = max((c.seq for c in cat.clones.values()), default=-1) + 1
             records = [
-                CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now(), seq + i) for i, n in enumerate(names)
+                CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now(), seq + i, readonly)
+                for i, n in enumerate(names)
             ]
             self._write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
         return records

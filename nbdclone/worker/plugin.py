@@ -28,6 +28,7 @@ from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 from nbdclone.worker.process import (
+    MAX_REQUEST,
     ConnStats,
     Counters,
     Drain,
@@ -39,9 +40,6 @@ from nbdclone.worker.process import (
 )
 
 API_VERSION = 2
-#: The largest request a client may send (advertised; larger ones are refused before they reach the plugin,
-#: by nbdkit's blocksize-policy filter): what a stalled write can hold in memory per connection.
-MAX_REQUEST = 8 << 20
 log = logging.getLogger("nbdclone")
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -46,6 +46,11 @@ gil_release.argtypes = [ctypes.c_int]
 LATENCY_BUCKETS = [
     b * 1000 for b in (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000)
 ]
+#: The largest request a client may send (advertised; nbdkit's blocksize-policy filter refuses larger ones,
+#: and watch_connections drops a connection sending one): what a stalled write can hold in memory.
+MAX_REQUEST = 8 << 20
+REQUEST_HEADER = 28  # bytes of an NBD request header
+
 OPS = ("read", "write", "flush", "trim", "zero", "extents", "cache")
 TIMED = ("read", "write", "flush")
 
@@ -237,51 +242,61 @@ class Drain:
 
 
 def watch_connections(timeout: float, opened: Callable[[], dict[int, str]]) -> None:
-    """Log each client's address once its clone is open, and drop connections that have not opened a clone
-    within `timeout` seconds (0: never): each costs a thread and a descriptor, and a flood of silent ones
-    would otherwise sit there for ever. nbdkit 1.32 has no such timeout, cannot drop one client from a
-    plugin, and does not tell a Python plugin its client's address; but each connection is a thread of its
-    own, and a thread blocked reading a socket is visible in /proc/self/task/TID/syscall (read: 0,
-    recvfrom: 45, then the descriptor). A thread with no clone open, found reading the same socket for
-    longer than `timeout`, gets its socket shut down: nbdkit reads the end of the stream and closes it.
-    Connections with a clone open are never dropped here, however idle (a VM may be)."""
+    """Log each client's address once its clone is open; drop connections that have not opened a clone
+    within `timeout` seconds (0: never) and writes that stall half-sent for as long, or that are larger than
+    the advertised maximum. Each silent connection costs a thread and a descriptor, and nbdkit reads a
+    write's whole payload into memory before anything sees the request (measured: four writes of 60 MiB,
+    sent but for their last page and left there, held 242 MiB of the worker's memory for ever).
+
+    nbdkit 1.32 has no timeouts, cannot drop one client from a plugin, and does not tell a Python plugin its
+    client's address; but each connection is a thread of its own, and a thread blocked reading a socket is
+    visible in /proc/self/task/TID/syscall: read (0) or recvfrom (45), the descriptor, the buffer, the
+    count. A request header is 28 bytes: a larger read is a write's payload. A dropped connection's socket
+    is shut down: nbdkit reads the end of the stream and closes it. A connection with a clone open and
+    nothing in flight is never dropped, however idle (a VM may be). TLS connections read in records whose
+    size says nothing of the request: for them only the handshake timeout applies."""
 
     def run() -> None:
-        first_seen: dict[tuple[int, int, str], float] = {}
+        first_seen: dict[tuple[int, int, str, int], float] = {}
         named: set[tuple[int, str]] = set()
         while True:
             time.sleep(min(1.0, timeout / 4) if timeout else 1.0)
             now, live, clones = time.monotonic(), set(), opened()
-            for tid, fd, target in _socket_readers():
-                key = (tid, fd, target)
-                live.add(key)
+            for tid, fd, target, count in _socket_readers():
                 name = clones.get(tid)
-                if name is not None:
-                    if (tid, target) not in named:
-                        named.add((tid, target))
-                        log.info("clone %s: client %s connected", name, _peer(fd, target))
-                elif timeout and now - first_seen.setdefault(key, now) > timeout:
-                    _shut(fd, target)
+                if name is not None and (tid, target) not in named:
+                    named.add((tid, target))
+                    log.info("clone %s: client %s connected", name, _peer(fd, target))
+                if name is not None and count <= REQUEST_HEADER:
+                    continue  # waiting for its next request
+                if name is not None and count > MAX_REQUEST:
+                    _shut(fd, target, f"clone {name}: a write of more than {MAX_REQUEST >> 20} MiB")
+                    continue
+                key = (tid, fd, target, count)
+                live.add(key)
+                if timeout and now - first_seen.setdefault(key, now) > timeout:
+                    what = f"clone {name}: a write stalled half-sent" if name else "no clone opened"
+                    _shut(fd, target, f"{what} for {timeout:g} s")
             first_seen = {k: v for k, v in first_seen.items() if k in live}
-            named = {(tid, target) for tid, _, target in live if (tid, target) in named}
+            named = {key for key in named if key[0] in clones}
 
     threading.Thread(target=run, name="nbdclone-connections", daemon=True).start()
 
 
-def _socket_readers() -> Iterator[tuple[int, int, str]]:
-    """(thread id, descriptor, 'socket:[inode]') of each thread of this process blocked reading a socket."""
+def _socket_readers() -> Iterator[tuple[int, int, str, int]]:
+    """(thread id, descriptor, 'socket:[inode]', bytes asked) of each thread blocked reading a socket."""
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/syscall") as f:
                 fields = f.read().split()
             if fields[0] not in ("0", "45"):
                 continue
-            fd = int(fields[1], 16)
+            fd, count = int(fields[1], 16), int(fields[3], 16)
             target = os.readlink(f"/proc/self/fd/{fd}")
         except (OSError, IndexError, ValueError):
             continue
         if target.startswith("socket:"):
-            yield int(task), fd, target
+            yield int(task), fd, target, count
 
 
 def _peer(fd: int, target: str) -> str:
@@ -297,7 +312,7 @@ def _peer(fd: int, target: str) -> str:
         return "(gone)"
 
 
-def _shut(fd: int, target: str) -> None:
+def _shut(fd: int, target: str, why: str) -> None:
     try:
         copy = os.dup(fd)
     except OSError:
@@ -308,7 +323,7 @@ def _shut(fd: int, target: str) -> None:
         with socket.socket(fileno=copy) as s:
             copy = -1
             s.shutdown(socket.SHUT_RDWR)
-        log.info("dropped a connection that did not finish its handshake in time")
+        log.warning("dropped a connection: %s", why)
     except OSError:
         pass
     finally:

@@ -124,7 +124,7 @@ def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
         args = ["clone", "create", "d", "e", "--size", "10G", "--store", str(tmp_path)]
         result = runner.invoke(cli_module.app, args)
     assert result.exit_code == 0, result.output
-    fake.return_value.create_clones.assert_called_once_with(["d", "e"], base=None, size=10 << 30)
+    fake.return_value.create_clones.assert_called_once_with(["d", "e"], base=None, size=10 << 30, readonly=False)
 
 
 @pytest.mark.parametrize(

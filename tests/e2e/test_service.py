@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -340,6 +341,22 @@ def test_exclusive_serves_one_client_per_clone_and_read_only_refuses_writes(
         h.shutdown()
     finally:
         assert server.stop() == 0
+    # Per clone: created --read-only, served read-only next to writable clones.
+    cli("clone", "create", "golden-view", "--base", "deb", "--read-only", store=store_path)
+    listed = {c["name"]: c for c in json.loads(cli("clone", "list", "--json", store=store_path).stdout)}
+    assert listed["golden-view"]["readonly"] and not listed["one"]["readonly"]
+    server = Server(store_path, tmp_path / "nbd.sock").start()
+    try:
+        ro, rw = server.connect("golden-view"), server.connect("one")
+        assert ro.is_read_only() and not rw.is_read_only()
+        with pytest.raises(nbd.Error) as err:
+            ro.pwrite(b"x" * 4096, 0)
+        assert err.value.errno == "EPERM"
+        rw.pwrite(b"y" * 4096, 0)
+        ro.shutdown()
+        rw.shutdown()
+    finally:
+        assert server.stop() == 0
 
 
 def test_requests_over_the_advertised_maximum_are_refused(server: Server, store_path: Path, base: bytes) -> None:
@@ -410,6 +427,62 @@ def test_silent_connections_are_dropped_after_the_handshake_timeout_and_idle_cli
     log = "".join(server.log)
     assert f"clone quiet: client pid {os.getpid()} uid 0 connected" in log, log
     assert "Traceback" not in log
+
+
+def _raw_client(path: str, name: bytes) -> socket.socket:
+    """An NBD client by hand (fixed newstyle, NBD_OPT_EXPORT_NAME): it can stop half-way through a write."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(20)
+    assert s.recv(18)[:8] == b"NBDMAGIC"
+    s.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
+    got = b""
+    while len(got) < 10:  # export size and flags
+        got += s.recv(10 - len(got))
+    return s
+
+
+def _write_header(handle: int, offset: int, length: int) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, 0, 1, handle, offset, length)
+
+
+def _rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) << 10
+
+
+def test_half_sent_writes_cannot_pin_the_workers_memory(tmp_path: Path, store_path: Path, base: bytes) -> None:
+    cli("clone", "create", "pin", "--size", "1G", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--workers", "1", "--handshake-timeout", "2")).start()
+    try:
+        path = cli("uri", "pin", store=store_path).stdout.strip().partition("socket=")[2]
+        worker = server.nbdkit_pid("pin")
+        before = _rss(worker)
+        huge = []  # over the advertised maximum: dropped at once
+        for i in range(4):
+            s = _raw_client(path, b"pin")
+            s.sendall(_write_header(i, 0, 60 * MiB) + b"\x01" * (16 * MiB))
+            huge.append(s)
+        stalled = _raw_client(path, b"pin")  # within it, but left half-sent: dropped after the timeout
+        stalled.sendall(_write_header(9, 0, 4 * MiB) + b"\x02" * MiB)
+        started = time.monotonic()
+        for s in [*huge, stalled]:
+            s.settimeout(30)
+            try:
+                assert s.recv(4096) == b"", "the server answered a half-sent write"  # it closed the connection
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 15
+        assert _rss(worker) - before < 48 * MiB
+        h = nbd.NBD()  # a well-behaved client writing at the maximum is served as ever
+        h.connect_uri(cli("uri", "pin", store=store_path).stdout.strip())
+        h.pwrite(b"\x04" * h.get_block_size(nbd.SIZE_MAXIMUM), 0)
+        assert h.pread(4096, 0) == b"\x04" * 4096
+        h.shutdown()
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.log)
+    assert "a write of more than 8 MiB" in log and "a write stalled half-sent" in log, log
 
 
 def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
