@@ -329,7 +329,10 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
         await _reap_orphans(run_dir, cfg.grace)
         systemd = sockets.inherited()
         listeners = systemd if systemd is not None else sockets.bind(cfg.where, cfg.access)
-        write_atomic(run_dir.settings, json.dumps(cfg.where.to_json()), store.tmp)
+        try:
+            write_atomic(run_dir.settings, json.dumps(cfg.where.to_json()), store.tmp)
+        except OSError as exc:  # a full disk: serve anyway
+            log.error("cannot record the address settings (%s): 'nbdclone uri' may give the old ones", exc)
         _warn_if_exposed(cfg)
         sup = Supervisor(cfg, listeners)
         stop = asyncio.Event()
@@ -395,8 +398,9 @@ def _server_lock(run_dir: RunDir, store: Store) -> Any:
             raise errors.NbdcloneError(
                 detail=f"a server (pid {holder}) is already running for store {store.path}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

@@ -195,7 +195,8 @@ def test_serve_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_shell_completion_completes_commands() -> None:
-    script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True, check=True)
+    script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
     assert "_nbdclone_completion" in script.stdout and "complete " in script.stdout
     for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone re", "2", "reset")):
         env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": cword, "_NBDCLONE_COMPLETE": "complete_bash"}

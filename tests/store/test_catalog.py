@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from nbdclone import errors
-from nbdclone.store.catalog import Store, validate_name, worker_of
+from nbdclone.runtime import SLOTS
+from nbdclone.store.catalog import Store, slot_of, validate_name, worker_of
 from nbdclone.store.images import import_base
 from tests.helpers import make_image, snapshot
 
@@ -85,15 +86,24 @@ def _create_many(path: str, prefix: str) -> None:
         st.create_clone(f"{prefix}{i}", base="deb")
 
 
-def test_clones_made_together_spread_evenly_over_the_workers(store: Store) -> None:
+def test_clones_made_together_spread_evenly_over_the_slots_and_workers(store: Store) -> None:
     store.create_clones([f"b{i}" for i in range(31)], base="deb")
     store.create_clone("b31", base="deb")  # a later command continues the count
     cat = store.catalog()
-    for workers in (2, 3, 4):
+    slots = [0] * SLOTS
+    for i in range(32):
+        slots[slot_of(cat, f"b{i}")] += 1
+    assert slots == [2] * SLOTS
+    for workers in (1, 2, 4, 8, 16):  # divisors of the slot count: an exact split
         loads = [0] * workers
         for i in range(32):
             loads[worker_of(cat, f"b{i}", workers)] += 1
-        assert max(loads) - min(loads) <= 1, (workers, loads)
+        assert loads == [32 // workers] * workers, (workers, loads)
+    for workers in (3, 5, 6, 7):  # otherwise some workers serve one slot more than others
+        loads = [0] * workers
+        for i in range(32):
+            loads[worker_of(cat, f"b{i}", workers)] += 1
+        assert max(loads) - min(loads) <= 32 // SLOTS, (workers, loads)
     # A clone from before creation numbers (and an unknown name) goes by its name's hash, the same everywhere.
     raw = json.loads(store.catalog_path.read_text())
     del raw["clones"]["b5"]["seq"], raw["xxh3"]  # as written before catalogs had checksums
