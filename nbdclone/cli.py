@@ -468,6 +468,10 @@ def serve(
         typer.Option(help="Only these clients (addresses, networks like 10.0.0.0/8, uid:N, gid:N); repeatable."),
     ] = None,
     max_connections: Annotated[int, typer.Option(help="Cap on open connections per worker (0: none).", min=0)] = 0,
+    max_client_connections: Annotated[
+        int,
+        typer.Option(help="Cap on one client's connections per worker (its IP address, or its uid; 0: none).", min=0),
+    ] = 0,
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a new connection may take to open a clone (0: no limit).", min=0)
     ] = 10.0,
@@ -505,6 +509,7 @@ def serve(
         tls_psk,
         tuple(allow or ()),
         max_connections,
+        max_client_connections,
         handshake_timeout,
         exclusive,
         read_only,

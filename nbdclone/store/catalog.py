@@ -743,16 +743,20 @@ class Store:
         target = self.target_version(record)
         version = state.version if state is not None else target
         path = self.overlay_path(record, state) if state is not None else None
-        on_disk = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file()) if path and path.is_dir() else 0
         return CloneStatus(
             version=version,
             size=self.clone_size(record, version),
             follows=record.base is not None and record.pin is None,
             move_pending=state is not None and version != target,
             held=self.is_held(record),
-            overlay_disk_bytes=on_disk,
+            overlay_disk_bytes=_disk_bytes(path),
             open=path is not None and overlay_in_use(path),
         )
+
+    def overlay_bytes(self, record: CloneRecord) -> int:
+        """Bytes the clone's live overlay takes on disk (0 before its first open)."""
+        state = self.clone_state(record)
+        return _disk_bytes(self.overlay_path(record, state) if state is not None else None)
 
     # -- the move rule: a following clone changes disks only when no client may come back --------------
 
@@ -844,6 +848,13 @@ class Store:
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(path.read_text()).get("pid") == pid:
                     path.unlink()
+
+
+def _disk_bytes(directory: Path | None) -> int:
+    """Bytes the files of `directory` take on disk (allocated blocks, not apparent sizes)."""
+    if directory is None or not directory.is_dir():
+        return 0
+    return sum(f.stat().st_blocks * 512 for f in directory.iterdir() if f.is_file())
 
 
 def _children(directory: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -116,6 +117,23 @@ class StoreCollector(Collector):
             g = GaugeMetricFamily(f"nbdclone_cache_{key}", doc)
             g.add_metric([], float(held.get(key, 0)))
             yield g
+        yield from self._space()
+
+    def _space(self) -> Iterator[Metric]:
+        """What the store takes on disk: each clone's overlay, and the chunk pack every base shares."""
+        overlays = GaugeMetricFamily("nbdclone_overlay_disk_bytes", "Disk taken by a clone's writes", labels=["clone"])
+        for name, record in sorted(self.store.catalog().clones.items()):
+            try:
+                overlays.add_metric([name], float(self.store.overlay_bytes(record)))
+            except (errors.NbdcloneError, OSError):  # damaged or going away: `nbdclone check` says which
+                continue
+        yield overlays
+        pack = GaugeMetricFamily("nbdclone_pack_disk_bytes", "Disk taken by the chunks of every base version")
+        try:
+            pack.add_metric([], float(os.stat(self.store.chunks.pack).st_blocks * 512))
+        except OSError:
+            pack.add_metric([], 0.0)
+        yield pack
 
 
 class MetricsServer:

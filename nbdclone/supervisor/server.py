@@ -62,6 +62,7 @@ class Security:
     tls_psk: Path | None = None
     allow: tuple[str, ...] = ()  # nbdkit ip filter entries; everything else is denied
     max_connections: int = 0  # per worker; 0: no cap
+    max_client_connections: int = 0  # per client (IP address, or uid on a Unix socket) per worker; 0: no cap
     handshake_timeout: float = 10.0  # seconds a connection may take to open a clone; 0: no limit
     exclusive: bool = False
     readonly: bool = False
@@ -155,6 +156,8 @@ def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path, nlisteners: int
         plugin.append("exclusive=true")
     if cfg.security.handshake_timeout:
         plugin.append(f"handshake-timeout={cfg.security.handshake_timeout}")
+    if cfg.security.max_client_connections:
+        plugin.append(f"per-client={cfg.security.max_client_connections}")
     if cfg.security.readonly:
         plugin.append("readonly=true")
     if cfg.pin and cfg.workers > 1:

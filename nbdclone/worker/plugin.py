@@ -56,6 +56,7 @@ class Settings:
     readonly: bool = False  # every clone read-only
     log_level: str = "info"
     handshake_timeout: float = 0.0  # seconds; 0: none
+    per_client: int = 0  # connections per client (IP address, or uid on a Unix socket); 0: no cap
 
 
 @dataclass(slots=True)
@@ -162,6 +163,7 @@ _KEYS = (
     "readonly",
     "log-level",
     "handshake-timeout",
+    "per-client",
 )
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -182,6 +184,7 @@ def config_complete() -> None:
         control = int(_config["control"]) if "control" in _config else None
         listeners = int(_config.get("listeners", "0"))
         handshake = float(_config.get("handshake-timeout", "0"))
+        per_client = int(_config.get("per-client", "0"))
     except ValueError:
         raise ValueError(
             "nbdclone: worker, workers, cpu, control, listeners and handshake-timeout are numbers"
@@ -197,7 +200,17 @@ def config_complete() -> None:
     except KeyError:
         raise ValueError("nbdclone: exclusive and readonly are true or false") from None
     _settings = Settings(
-        Path(_config["store"]), worker, workers, cpu, control, listeners, exclusive, readonly, level, handshake
+        Path(_config["store"]),
+        worker,
+        workers,
+        cpu,
+        control,
+        listeners,
+        exclusive,
+        readonly,
+        level,
+        handshake,
+        per_client,
     )
     os.umask(0o077)  # nbdkit sets its own; what this worker writes in the store is private
     logging.basicConfig(
@@ -212,7 +225,7 @@ def after_fork() -> None:
     assert _settings is not None
     if _settings.control is not None:
         _drain.watch(_settings.control, range(3, 3 + _settings.listeners), _close_all_for_stop)
-    watch_connections(_settings.handshake_timeout, lambda: dict(_connections))
+    watch_connections(_settings.handshake_timeout, _settings.per_client, lambda: dict(_connections))
 
 
 def _close_all_for_stop() -> None:

@@ -241,32 +241,41 @@ class Drain:
                     os.dup2(dummy.fileno(), fd, inheritable=False)
 
 
-def watch_connections(timeout: float, opened: Callable[[], dict[int, str]]) -> None:
+def watch_connections(timeout: float, per_client: int, opened: Callable[[], dict[int, str]]) -> None:
     """Log each client's address once its clone is open; drop connections that have not opened a clone
-    within `timeout` seconds (0: never) and writes that stall half-sent for as long, or that are larger than
-    the advertised maximum. Each silent connection costs a thread and a descriptor, and nbdkit reads a
-    write's whole payload into memory before anything sees the request (measured: four writes of 60 MiB,
-    sent but for their last page and left there, held 242 MiB of the worker's memory for ever).
+    within `timeout` seconds (0: never), writes that stall half-sent for as long or that are larger than
+    the advertised maximum, and a client's connections beyond `per_client` (0: no cap; a client is an IP
+    address, or a uid on a Unix socket). Each silent connection costs a thread and a descriptor, and nbdkit
+    reads a write's whole payload into memory before anything sees the request (measured: four writes of
+    60 MiB, sent but for their last page and left there, held 242 MiB of the worker's memory for ever).
 
     nbdkit 1.32 has no timeouts, cannot drop one client from a plugin, and does not tell a Python plugin its
     client's address; but each connection is a thread of its own, and a thread blocked reading a socket is
     visible in /proc/self/task/TID/syscall: read (0) or recvfrom (45), the descriptor, the buffer, the
     count. A request header is 28 bytes: a larger read is a write's payload. A dropped connection's socket
     is shut down: nbdkit reads the end of the stream and closes it. A connection with a clone open and
-    nothing in flight is never dropped, however idle (a VM may be). TLS connections read in records whose
-    size says nothing of the request: for them only the handshake timeout applies."""
+    nothing in flight is never dropped, however idle (a VM may be), nor for the per-client cap (the
+    newest connections without a clone go first). TLS connections read in records whose size says nothing
+    of the request: for them the payload rules do not apply."""
 
     def run() -> None:
         first_seen: dict[tuple[int, int, str, int], float] = {}
+        born: dict[str, float] = {}  # connection (its socket) -> when first seen
+        peers: dict[str, tuple[str, str]] = {}  # connection -> (client, how to log it)
         named: set[tuple[int, str]] = set()
         while True:
             time.sleep(min(1.0, timeout / 4) if timeout else 1.0)
             now, live, clones = time.monotonic(), set(), opened()
-            for tid, fd, target, count in _socket_readers():
+            readers = list(_socket_readers())
+            for _, fd, target, _ in readers:
+                born.setdefault(target, now)
+                if target not in peers:
+                    peers[target] = _peer(fd)
+            for tid, fd, target, count in readers:
                 name = clones.get(tid)
                 if name is not None and (tid, target) not in named:
                     named.add((tid, target))
-                    log.info("clone %s: client %s connected", name, _peer(fd, target))
+                    log.info("clone %s: client %s connected", name, peers[target][1])
                 if name is not None and count <= REQUEST_HEADER:
                     continue  # waiting for its next request
                 if name is not None and count > MAX_REQUEST:
@@ -277,10 +286,35 @@ def watch_connections(timeout: float, opened: Callable[[], dict[int, str]]) -> N
                 if timeout and now - first_seen.setdefault(key, now) > timeout:
                     what = f"clone {name}: a write stalled half-sent" if name else "no clone opened"
                     _shut(fd, target, f"{what} for {timeout:g} s")
+            if per_client:
+                _cap_clients(readers, clones, peers, born, per_client)
+            current = {target for _, _, target, _ in readers}
             first_seen = {k: v for k, v in first_seen.items() if k in live}
+            born = {t: v for t, v in born.items() if t in current}
+            peers = {t: v for t, v in peers.items() if t in current}
             named = {key for key in named if key[0] in clones}
 
     threading.Thread(target=run, name="nbdclone-connections", daemon=True).start()
+
+
+def _cap_clients(
+    readers: list[tuple[int, int, str, int]],
+    clones: dict[int, str],
+    peers: dict[str, tuple[str, str]],
+    born: dict[str, float],
+    cap: int,
+) -> None:
+    """Drop each client's newest connections without a clone open, down to `cap` connections."""
+    by_client: dict[str, list[tuple[int, int, str, int]]] = {}
+    for reader in readers:
+        by_client.setdefault(peers[reader[2]][0], []).append(reader)
+    for client, mine in by_client.items():
+        excess = len({r[2] for r in mine}) - cap
+        if excess <= 0 or client == "?":
+            continue
+        waiting = sorted((r for r in mine if r[0] not in clones), key=lambda r: born[r[2]], reverse=True)
+        for _, fd, target, _ in waiting[:excess]:
+            _shut(fd, target, f"client {peers[target][1]} has more than {cap} connections")
 
 
 def _socket_readers() -> Iterator[tuple[int, int, str, int]]:
@@ -299,17 +333,18 @@ def _socket_readers() -> Iterator[tuple[int, int, str, int]]:
             yield int(task), fd, target, count
 
 
-def _peer(fd: int, target: str) -> str:
-    """A connection's client: its address (TCP) or its pid and uid (Unix socket)."""
+def _peer(fd: int) -> tuple[str, str]:
+    """A connection's client, as (who it is, how to log it): its IP address (TCP), or its uid (a Unix
+    socket: logged with its pid)."""
     try:
         with socket.socket(fileno=os.dup(fd)) as s:
             if s.family == socket.AF_UNIX:
                 pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-                return f"pid {pid} uid {uid}"
+                return f"uid:{uid}", f"pid {pid} uid {uid}"
             host, port = s.getpeername()[:2]
-            return f"{host}:{port}"
+            return host, f"{host}:{port}"
     except OSError:
-        return "(gone)"
+        return "?", "(gone)"
 
 
 def _shut(fd: int, target: str, why: str) -> None:

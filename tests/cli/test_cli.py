@@ -149,6 +149,7 @@ def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     psk.write_text("alice:00112233445566778899aabbccddeeff\n")
     args = ["serve", "--store", str(tmp_path), "--tls", "require", "--tls-psk", str(psk), "--allow", "10.0.0.0/8"]
     args += ["--allow", "uid:0", "--max-connections", "64", "--exclusive", "--read-only", "--socket-group", "0"]
+    args += ["--max-client-connections", "8", "--handshake-timeout", "3"]
     args += ["--metrics", "127.0.0.1:9100", "--log-level", "debug", "--workers", "3", "--grace", "4"]
     with mock.patch.object(cli_module.server, "run", return_value=0) as run:
         result = CliRunner().invoke(cli_module.app, args)
@@ -157,6 +158,7 @@ def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     sec = cfg.security
     assert (sec.tls, sec.tls_psk, sec.allow) == ("require", psk, ("10.0.0.0/8", "uid:0"))
     assert (sec.max_connections, sec.exclusive, sec.readonly) == (64, True, True)
+    assert (sec.max_client_connections, sec.handshake_timeout) == (8, 3.0)
     assert (cfg.access.mode, cfg.access.group) == (0o660, "0")
     assert (cfg.metrics, cfg.log_level, cfg.workers, cfg.grace) == (("127.0.0.1", 9100), "debug", 3, 4.0)
     opts, filters, params = sec.nbdkit_args()

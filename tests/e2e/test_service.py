@@ -429,6 +429,48 @@ def test_silent_connections_are_dropped_after_the_handshake_timeout_and_idle_cli
     assert "Traceback" not in log
 
 
+def _closed_by_server(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def test_one_client_cannot_hold_more_than_its_share_of_connections(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    cli("clone", "create", "share", "--base", "deb", store=store_path)
+    args = ("--workers", "1", "--max-client-connections", "3", "--handshake-timeout", "0")
+    server = Server(store_path, tmp_path / "nbd.sock", args).start()
+    try:
+        uri = cli("uri", "share", store=store_path).stdout.strip()
+        mine = server.connect("share")  # a clone open: never dropped for the cap
+        silent = []
+        for _ in range(10):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(uri.partition("socket=")[2])
+            assert s.recv(18)[:8] == b"NBDMAGIC"
+            silent.append(s)
+        deadline = time.monotonic() + 15
+        while sum(not _closed_by_server(s) for s in silent) > 2:
+            assert time.monotonic() < deadline, "the cap was not applied"
+            time.sleep(0.2)
+        time.sleep(2.5)  # and no more than the excess goes
+        assert sum(not _closed_by_server(s) for s in silent) == 2
+        assert mine.pread(4096, 0) == base[:4096]
+        mine.shutdown()
+        for s in silent:
+            s.close()
+    finally:
+        assert server.stop() == 0
+    assert "has more than 3 connections" in "".join(server.log)
+
+
 def _raw_client(path: str, name: bytes) -> socket.socket:
     """An NBD client by hand (fixed newstyle, NBD_OPT_EXPORT_NAME): it can stop half-way through a write."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -537,6 +579,13 @@ def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
         assert got == expected, text
         assert seen.get(("m1", "read"), [0, 0])[0] == 0 and seen.get(("m2", "write"), [0, 0])[0] == 0
         assert 'nbdclone_request_duration_seconds_count{clone="m2",op="read"} 128.0' in text
+        overlay = {
+            s.labels["clone"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "nbdclone_overlay_disk_bytes"
+        }
+        assert overlay["m1"] >= MiB > overlay["m2"], overlay  # random 4 KiB writes over 2 MiB, some twice
         stats = json.loads(cli("stats", "--json", store=store_path).stdout)
         assert stats["clones"]["m1"]["write"]["requests"] == 512
     finally:
