@@ -17,7 +17,9 @@ clones).
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +28,8 @@ from typing import Any
 import rocksdict
 
 from nbdclone.errors import Damaged, StorageError
+
+log = logging.getLogger(__name__)
 
 INDEX = b"i"
 DATA_DONE = b"d"
@@ -92,7 +96,24 @@ def _options(create: bool) -> rocksdict.Options:
 
 
 _CONFIG = "rocksdict-config.json"
-_READONLY_LOGS = Path("/dev/shm/nbdclone-rocksdb-logs")
+_SHM = Path("/dev/shm")
+
+
+def _readonly_logs() -> Path | None:
+    """Where read-only opens put RocksDB's info log: a folder in memory of this user's only. /dev/shm is
+    everyone's: a folder someone else made there (or a link) could send our log writes anywhere."""
+    if not _SHM.is_dir():
+        return None
+    path = _SHM / f"nbdclone-rocksdb-logs-{os.geteuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        log.warning("%s is not a private folder of this user: read-only opens log into the overlay", path)
+        return None
+    return path
 
 
 def _unwritten_config(path: Path) -> None:
@@ -141,10 +162,9 @@ class BlockMap:
         opts = _options(create and not self.readonly)
         if not self.readonly:
             _unwritten_config(self.path)
-        elif _READONLY_LOGS.parent.is_dir():
+        elif (logs := _readonly_logs()) is not None:
             # A reader writes nothing to the store (it may be full): RocksDB's info log goes to memory.
-            _READONLY_LOGS.mkdir(exist_ok=True)
-            opts.set_db_log_dir(str(_READONLY_LOGS))
+            opts.set_db_log_dir(str(logs))
         access = rocksdict.AccessType.read_only() if self.readonly else rocksdict.AccessType.read_write()
         try:
             return rocksdict.Rdict(str(self.path), opts, column_families={"default": opts}, access_type=access)

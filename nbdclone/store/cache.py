@@ -188,11 +188,14 @@ def open_clock(path: Path, nslots: int) -> mmap.mmap | None:
     The file's blocks are allocated before it is mapped: a store of a sparse shared mapping whose page
     needs a block on a full disk kills the process with SIGBUS instead of failing a system call."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         log.warning("cache access bytes %s unavailable (%s): the cache bound is not enforced", path, exc)
         return None
     try:
+        if os.fstat(fd).st_uid != os.geteuid():  # /dev/shm is everyone's: someone else's file is not ours
+            log.warning("cache access bytes %s belong to another user: the cache bound is not enforced", path)
+            return None
         want = _HEADER + nslots
         os.posix_fallocate(fd, 0, want)
         return mmap.mmap(fd, want)

@@ -836,6 +836,8 @@ class Store:
     def server_info(self) -> dict[str, Any]:
         for path in self._runtime_paths():
             try:
+                if path.stat().st_uid != os.geteuid():  # /dev/shm is everyone's: only our own record counts
+                    continue
                 info: dict[str, Any] = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue

@@ -7,6 +7,7 @@ turns nbdkit's callbacks into core calls and core errors into the errno the clie
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -28,10 +29,12 @@ from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 from nbdclone.worker.process import (
+    LATENCY_BUCKETS,
     MAX_REQUEST,
     ConnStats,
     Counters,
     Drain,
+    OpStats,
     Pins,
     gil_ensure,
     gil_release,
@@ -65,6 +68,9 @@ class Handle:
     clone: Clone
     readonly: bool
     stats: ConnStats
+    reads: OpStats  # stats.ops["read"] and ["write"], at hand for the hot paths
+    writes: OpStats
+    key: object
     thread: int  # the connection's thread, which holds a Python thread state for the connection's life
     tid: int  # its native id (for its CPU affinity)
     gil_state: int
@@ -78,6 +84,8 @@ _counters = Counters()
 _connections: dict[int, str] = {}  # native id of each connection thread with a clone open -> the clone
 _ns = time.perf_counter_ns
 _me = threading.get_ident
+_bucket = bisect.bisect_left
+_BOUNDS = LATENCY_BUCKETS
 
 
 def _one_line_errors() -> None:
@@ -116,17 +124,17 @@ def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
             try:
                 result = fn(h, *args)
             except NbdcloneError as exc:
-                h.stats.failed(op)
+                h.stats.ops[op].errors += 1
                 nbdkit.set_error(exc.errno)
                 nbdkit.debug(f"nbdclone: {exc}")
                 raise
             except OSError as exc:
-                h.stats.failed(op)
+                h.stats.ops[op].errors += 1
                 nbdkit.set_error(exc.errno or errno.EIO)
                 raise
             finally:
                 _drain.inflight[me] = 0
-            h.stats.done(op, args[0] if sized else 0, started, _ns())
+            h.stats.ops[op].count(args[0] if sized else 0, _ns() - started)
             return result
 
         return wrapper  # type: ignore[return-value]
@@ -292,16 +300,10 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
     clone = _reg().acquire(name, exclusive=_settings.exclusive)
     tid = threading.get_native_id()
     _pins().opened(tid)
-    h = Handle(
-        name,
-        clone,
-        _settings.readonly or (record is not None and record.readonly),
-        None,  # type: ignore[arg-type]
-        _me(),
-        tid,
-        0,
-    )
-    h.stats = _counters.opened(id(h), name)
+    key = object()  # the connection, for its counters
+    stats = _counters.opened(id(key), name)
+    readonly = _settings.readonly or (record is not None and record.readonly)
+    h = Handle(name, clone, readonly, stats, stats.ops["read"], stats.ops["write"], key, _me(), tid, 0)
     _connections[tid] = name
     h.gil_state = gil_ensure()  # last: nothing after it can fail
     return h
@@ -309,7 +311,7 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
 
 def close(h: Handle) -> None:
     _connections.pop(h.tid, None)
-    _counters.closed(id(h))
+    _counters.closed(id(h.key))
     _pins().closed(h.tid)
     _reg().release(h.name)
     _drain.inflight.pop(_me(), None)
@@ -392,12 +394,17 @@ def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     try:
         h.clone.pread_into(buf, offset)
     except (NbdcloneError, OSError) as exc:
-        h.stats.failed("read")
+        h.reads.errors += 1
         nbdkit.set_error(exc.errno or errno.EIO)
         raise
     finally:
         _drain.inflight[me] = 0
-    h.stats.done("read", len(buf), started, _ns())
+    elapsed = _ns() - started
+    s = h.reads
+    s.requests += 1
+    s.bytes += len(buf)
+    s.nanos += elapsed
+    s.buckets[_bucket(_BOUNDS, elapsed)] += 1  # type: ignore[index]
 
 
 def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
@@ -409,12 +416,17 @@ def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     try:
         h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
     except (NbdcloneError, OSError) as exc:
-        h.stats.failed("write")
+        h.writes.errors += 1
         nbdkit.set_error(exc.errno or errno.EIO)
         raise
     finally:
         _drain.inflight[me] = 0
-    h.stats.done("write", len(buf), started, _ns())
+    elapsed = _ns() - started
+    s = h.writes
+    s.requests += 1
+    s.bytes += len(buf)
+    s.nanos += elapsed
+    s.buckets[_bucket(_BOUNDS, elapsed)] += 1  # type: ignore[index]
 
 
 _FUA = nbdkit.FLAG_FUA

@@ -60,14 +60,21 @@ class OpStats:
     requests: int = 0
     bytes: int = 0
     errors: int = 0
+    nanos: int = 0  # time spent serving them
     buckets: list[int] | None = None  # counts per LATENCY_BUCKETS bound, and one for beyond
-    seconds: float = 0.0
+
+    def count(self, nbytes: int, elapsed: int) -> None:
+        self.requests += 1
+        self.bytes += nbytes
+        if self.buckets is not None:
+            self.nanos += elapsed
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 
     def add(self, other: OpStats) -> None:
         self.requests += other.requests
         self.bytes += other.bytes
         self.errors += other.errors
-        self.seconds += other.seconds
+        self.nanos += other.nanos
         if other.buckets is not None:
             if self.buckets is None:
                 self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -85,18 +92,6 @@ class ConnStats:
             op: OpStats(buckets=[0] * (len(LATENCY_BUCKETS) + 1) if op in TIMED else None) for op in OPS
         }
     )
-
-    def done(self, op: str, nbytes: int, started: int, now: int) -> None:
-        s = self.ops[op]
-        s.requests += 1
-        s.bytes += nbytes
-        if s.buckets is not None:
-            elapsed = now - started
-            s.seconds += elapsed / 1e9
-            s.buckets[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-
-    def failed(self, op: str) -> None:
-        self.ops[op].errors += 1
 
 
 class Counters:
@@ -134,7 +129,7 @@ class Counters:
         return {
             name: {
                 op: {"requests": s.requests, "bytes": s.bytes, "errors": s.errors}
-                | ({"buckets": s.buckets, "seconds": s.seconds} if s.buckets is not None else {})
+                | ({"buckets": s.buckets, "seconds": s.nanos / 1e9} if s.buckets is not None else {})
                 for op, s in c.ops.items()
             }
             for name, c in merged.items()

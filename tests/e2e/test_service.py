@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import nbd
@@ -561,8 +562,6 @@ def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
         }
         deadline = time.monotonic() + 15
         while True:  # workers publish once a second
-            import urllib.request
-
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
             seen: dict[tuple[str, str], list[float]] = {}
             for family in text_string_to_metric_families(text):
@@ -588,6 +587,13 @@ def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
         assert overlay["m1"] >= MiB > overlay["m2"], overlay  # random 4 KiB writes over 2 MiB, some twice
         stats = json.loads(cli("stats", "--json", store=store_path).stdout)
         assert stats["clones"]["m1"]["write"]["requests"] == 512
+        # A worker restarted: what the dead one counted is gone, nothing stale is served.
+        dead = server.nbdkit_pid("m1")
+        os.kill(dead, signal.SIGKILL)
+        server.wait_restarted("m1", dead)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'nbdclone_requests_total{clone="m1"' not in text
+        assert "nbdclone_worker_restarts_total 1.0" in text
     finally:
         assert server.stop() == 0
 
@@ -658,3 +664,83 @@ def test_the_supervisor_takes_its_sockets_from_systemd_and_notifies_readiness(
     waiting.close()
     for s in listeners:
         s.close()
+
+
+def test_records_other_users_leave_in_shared_memory_are_ignored(store_path: Path, base: bytes) -> None:
+    """/dev/shm is everyone's: a server record planted there by another user must not redirect clients."""
+    from nbdclone.store.catalog import Store
+
+    cli("clone", "create", "victim", "--base", "deb", store=store_path)
+    honest = cli("uri", "victim", store=store_path).stdout.strip()
+    planted = Store(store_path).clock_path.with_suffix(".server.json")
+    evil = {"pid": 1, "store": str(store_path), "address": {"socket": "/tmp/evil.sock", "listen": None}, "workers": []}
+    planted.write_text(json.dumps(evil))
+    try:
+        os.chown(planted, 65534, 65534)  # nobody's
+        assert cli("uri", "victim", store=store_path).stdout.strip() == honest
+        os.chown(planted, 0, 0)  # (the same file of our own is believed: the check is the owner)
+        assert "/tmp/evil.sock" in cli("uri", "victim", store=store_path).stdout
+    finally:
+        planted.unlink()
+
+
+def test_acknowledged_writes_survive_a_reload_and_a_stop_with_several_connections(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    """Four connections write at once while the worker is drained (reload, then SIGTERM): every write that
+    was acknowledged reads back after the restart, flushed or not; the one in flight on each connection
+    reads as before or after it, never anything else."""
+    cli("clone", "create", "multi", "--size", "64M", store=store_path)
+    sock = tmp_path / "nbd.sock"
+    server = Server(store_path, sock, ("--workers", "1")).start()
+    uri = cli("uri", "multi", store=store_path).stdout.strip()
+    model: dict[int, bytes] = {}  # offset -> last acknowledged contents
+    maybe: dict[int, set[bytes]] = {}  # offset -> what it may hold (an unanswered write, or the old value)
+    lock = threading.Lock()
+    try:
+        for round_, event in enumerate(("reload", "stop")):
+            started = threading.Barrier(5)
+
+            def writer(k: int, round_: int = round_, started: threading.Barrier = started) -> None:
+                h = nbd.NBD()
+                h.connect_uri(uri)
+                started.wait()
+                i = 0
+                while True:
+                    offset = (k * 2048 + i % 2048) * 4096
+                    data = bytes([round_ * 16 + k + 1]) * 8 + i.to_bytes(8, "big") + bytes(4080)
+                    with lock:
+                        maybe.setdefault(offset, {model.get(offset, bytes(4096))}).add(data)
+                    try:
+                        h.pwrite(data, offset)
+                    except nbd.Error:
+                        return  # the connection dropped: this write may or may not have landed
+                    with lock:
+                        model[offset] = data
+                        maybe[offset] = {data}
+                    i += 1
+
+            threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            started.wait()
+            time.sleep(0.5)
+            if event == "reload":
+                cli("reload", store=store_path)
+            else:
+                assert server.stop() == 0
+            for t in threads:
+                t.join(60)
+                assert not t.is_alive()
+            if event == "stop":
+                server = Server(store_path, sock, ("--workers", "1")).start()
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            with lock:
+                assert len(model) > 100, "too few writes to show anything"
+                for offset, choices in maybe.items():
+                    got = h.pread(4096, offset)
+                    assert got in choices, (event, offset, got[:16])
+            h.shutdown()
+    finally:
+        assert server.stop() == 0
