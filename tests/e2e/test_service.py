@@ -739,7 +739,7 @@ def test_acknowledged_writes_survive_a_reload_and_a_stop_with_several_connection
             with lock:
                 assert len(model) > 100, "too few writes to show anything"
                 for offset, choices in maybe.items():
-                    got = h.pread(4096, offset)
+                    got = bytes(h.pread(4096, offset))
                     assert got in choices, (event, offset, got[:16])
             h.shutdown()
     finally:
