@@ -25,7 +25,7 @@ from rich.table import Table
 import nbdclone
 from nbdclone import errors
 from nbdclone.runtime import SLOTS, Address, RunDir
-from nbdclone.store import images
+from nbdclone.store import images, publish
 from nbdclone.store.cache import resident_bytes
 from nbdclone.store.catalog import Store, default_store, slot_of
 from nbdclone.store.chunks import CHUNK
@@ -207,6 +207,29 @@ def base_promote(
         f"{len(now)} clone(s) move at their next connection; {len(wait)} wait until their clients are gone"
         + (f" ({', '.join(wait[:10])}{', ...' if len(wait) > 10 else ''})" if wait else "")
     )
+
+
+@base_app.command("publish")
+def base_publish(
+    name: str,
+    clone: Annotated[str, typer.Option("--from", help="The clone whose contents become the new version.")],
+    promote: Annotated[bool, typer.Option("--promote", help="Make the new version current too.")] = False,
+    store: StoreOpt = _DEFAULT_STORE,
+) -> None:
+    """Make CLONE's contents (as a client reads them now) the next version of base NAME (a new base if NAME
+    does not exist). Only the chunks the clone changed are read and stored. Refused while CLONE has clients."""
+    st = Store(store)
+    with _progress() as bar:
+        task = bar.add_task(f"publishing {clone}", total=None)
+        _, vid, written = publish.publish_clone(
+            st, name, clone, lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    out.print(f"{name}: version {vid} from clone {clone} ({human(written * CHUNK)} of new chunks stored)")
+    if promote:
+        old = st.promote(name, vid)
+        now, wait = st.moves(name)
+        out.print(f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait")
+    out.print(vid)
 
 
 @base_app.command("rm")

@@ -93,6 +93,24 @@ class VersionMap:
         k = 16 * (i & PAGE_MASK)
         self.digest_pages[p][k : k + 16] = key  # type: ignore[index]
 
+    def clear(self, i: int) -> None:
+        """Record chunk i as all zeros."""
+        page = self.pages.get(i >> PAGE_SHIFT)
+        if page is not None:
+            page[i & PAGE_MASK] = ZERO_SLOT
+            assert self.digest_pages is not None
+            k = 16 * (i & PAGE_MASK)
+            self.digest_pages[i >> PAGE_SHIFT][k : k + 16] = bytes(16)
+
+    def derived(self) -> VersionMap:
+        """A new map with this one's chunks (loaded with digests): the start of a version made from it."""
+        assert self.digest_pages is not None, "loaded without digests"
+        return VersionMap(
+            self.size,
+            {p: array("q", page) for p, page in self.pages.items()},
+            {p: bytearray(keys) for p, keys in self.digest_pages.items()},
+        )
+
     def stored(self) -> Iterator[tuple[int, int, bytes]]:
         """(chunk, slot, digest) of every chunk that is not all zeros, in chunk order."""
         assert self.digest_pages is not None, "loaded without digests"
@@ -196,10 +214,13 @@ class ChunkStore:
         size: int,
         existing: Iterable[VersionMap],
         progress: Callable[[int], None] = lambda n: None,
+        *,
+        start: VersionMap | None = None,
     ) -> tuple[VersionMap, int]:
-        """Store `chunks` ((index, data or None for all-zero), in order; a chunk not given is all zeros),
-        sharing what `existing` versions hold (loaded with digests). Returns the new version's map and how
-        many chunks it had to write. Caller holds writer()."""
+        """Store `chunks` ((index, data or None for all-zero), in order), sharing what `existing` versions
+        hold (loaded with digests). A chunk not given is all zeros, or with `start` (a map of the same size,
+        one of `existing`), what it is there. Returns the new version's map and how many chunks it had to
+        write. Caller holds writer()."""
         index: dict[bytes, list[int]] = {}
         used: set[int] = set()
         for vm in existing:
@@ -210,13 +231,15 @@ class ChunkStore:
             candidates[:] = sorted(set(candidates))
         nslots = self.nslots()
         free = sorted(set(range(nslots)) - used, reverse=True)
-        vmap = VersionMap(size)
+        vmap = start.derived() if start is not None else VersionMap(size)
+        assert vmap.size == size, "a derived version keeps its size"
         written = 0
         fd = os.open(self.pack, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             for i, data in chunks:
                 progress(i)
                 if data is None or data == _ZERO_CHUNK[: len(data)]:
+                    vmap.clear(i)
                     continue
                 if len(data) < CHUNK:
                     data = data + bytes(CHUNK - len(data))

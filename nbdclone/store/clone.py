@@ -273,6 +273,10 @@ class Clone:
             bytes_written=self.overlay.bytes_written(),
         )
 
+    def changed_blocks(self) -> list[int]:
+        """The blocks that do not read as the base (written or zeroed), in order."""
+        return [block for block, _ in self._state.non_base(0, self.nblocks)]
+
     def close(self) -> None:
         self.overlay.close()
 

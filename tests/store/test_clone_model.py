@@ -19,6 +19,7 @@ from nbdclone.store.catalog import Store
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import EXTENT_HOLE_ZERO, Clone, _zero_blocks
 from nbdclone.store.images import import_base
+from nbdclone.store.publish import publish_clone
 from nbdclone.store.registry import Registry
 from tests.helpers import make_image
 
@@ -141,6 +142,27 @@ class CloneMachine(RuleBasedStateMachine):
             self.version = self.current
             self.model = bytearray(self.versions[self.current])
         assert self.registry.version_of("c") == self.version
+
+    @rule()
+    def publish(self) -> None:
+        """Its clients gone, the clone is published as a version of another base: a clone of that version
+        reads exactly what the clone read (then the clone is connected again, as after reconnect_all)."""
+        for _ in range(self.connections):
+            self.registry.release("c")
+        _, vid, _ = publish_clone(self.store, "pub", "c")
+        self.published = getattr(self, "published", 0) + 1
+        name = f"p{self.published}"
+        self.store.create_clone(name, base=f"pub@{vid}")
+        view = self.registry.acquire(name)
+        buf = bytearray(SIZE)
+        view.pread_into(memoryview(buf), 0)
+        self.registry.release(name)
+        assert buf == self.model
+        self.clone = self.registry.acquire("c")
+        self.connections = 1
+        if self.current != self.version:
+            self.version = self.current
+            self.model = bytearray(self.versions[self.current])
 
     @rule()
     def server_restart(self) -> None:

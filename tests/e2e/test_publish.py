@@ -1,0 +1,123 @@
+"""Publishing a clone as a base version (the golden-image maintenance loop), through the real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Server, cli, make_image, pread_all, snapshot, wait_closed
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def gold(tmp_path: Path, store_path: Path) -> bytes:
+    data = make_image(tmp_path / "gold.raw", SIZE, [(0, 16 * MiB), (40 * MiB, 8 * MiB)])
+    cli("base", "import", "gold", str(tmp_path / "gold.raw"), store=store_path)
+    return data
+
+
+def _pack_bytes(store: Path) -> int:
+    return os.stat(store / "chunks" / "pack").st_blocks * 512
+
+
+def test_publish_stores_what_the_clone_changed_and_following_clones_move_to_it(
+    server: Server, store_path: Path, gold: bytes
+) -> None:
+    cli("clone", "create", "maint", "web-1", "--base", "gold", store=store_path)
+    h = server.connect("maint")
+    model = bytearray(gold)
+    for off, data in ((MiB + 7, b"\x5a" * 700_000), (30 * MiB, b"update!" * 40_000), (SIZE - 4096, b"\xee" * 4096)):
+        h.pwrite(data, off)
+        model[off : off + len(data)] = data
+    h.zero(2 * MiB, 41 * MiB)  # a zeroed range over base data
+    model[41 * MiB : 43 * MiB] = bytes(2 * MiB)
+    h.flush()
+    assert pread_all(h, SIZE) == model
+    h.shutdown()
+    wait_closed(store_path, "maint")
+
+    before = _pack_bytes(store_path)
+    out = cli("base", "publish", "gold", "--from", "maint", "--promote", store=store_path).stdout
+    assert out.splitlines()[-1] == "2" and "current version 1 -> 2" in out, out
+    grown = _pack_bytes(store_path) - before
+    assert 0 < grown <= 2 * MiB, f"the store grew by {grown} bytes for about 1 MiB of changes"
+
+    # web-1 follows gold (never opened): it reads the published contents at its next first connection.
+    web = server.connect("web-1")
+    assert pread_all(web, SIZE) == model
+    web.shutdown()
+    # The maintenance clone itself is unchanged, and a rollback is a flip back.
+    again = server.connect("maint")
+    assert pread_all(again, SIZE) == model
+    again.shutdown()
+    cli("clone", "create", "web-2", "--base", "gold@1", store=store_path)
+    old = server.connect("web-2")
+    assert pread_all(old, SIZE) == gold
+    old.shutdown()
+
+
+def test_publish_is_refused_while_the_clone_has_a_client(server: Server, store_path: Path, gold: bytes) -> None:
+    cli("clone", "create", "busy", "--base", "gold", store=store_path)
+    h = server.connect("busy")
+    h.pwrite(b"in progress", 0)
+    before = snapshot(store_path)
+    proc = cli("base", "publish", "gold", "--from", "busy", store=store_path, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "disconnect its clients" in proc.stderr
+    assert snapshot(store_path) == before
+    h.shutdown()
+
+
+def test_publishing_a_blank_clone_makes_a_new_base(server: Server, store_path: Path, gold: bytes) -> None:
+    cli("clone", "create", "scratch", "--size", "8M", store=store_path)
+    h = server.connect("scratch")
+    h.pwrite(b"fresh base" * 1000, 3 * MiB)
+    h.shutdown()
+    wait_closed(store_path, "scratch")
+    before = _pack_bytes(store_path)
+    assert cli("base", "publish", "fresh", "--from", "scratch", store=store_path).stdout.splitlines()[-1] == "1"
+    assert _pack_bytes(store_path) - before <= 64 * 1024  # one chunk
+    cli("clone", "create", "child", "--base", "fresh", store=store_path)
+    child = server.connect("child")
+    expected = bytearray(8 * MiB)
+    expected[3 * MiB : 3 * MiB + 10_000] = b"fresh base" * 1000
+    assert pread_all(child, 8 * MiB) == expected
+    child.shutdown()
+
+
+def test_the_maintenance_loop_on_ext4(tmp_path: Path, server: Server, store_path: Path) -> None:
+    """clone gold, change files in it (ext4 through nbdfuse and a loop device), publish --promote: the next
+    clone to connect sees the new files, its file system checks clean, and the store grew by about the
+    changed data, not by the disk's size."""
+    from tests.e2e.test_ext4 import attached, mounted, run
+
+    size = 256 * MiB
+    image = tmp_path / "gold.raw"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run("mkfs.ext4", "-q", "-F", "-L", "gold", str(image))
+    cli("base", "import", "gold", str(image), store=store_path)
+    cli("clone", "create", "maint", "desk-1", "--base", "gold", store=store_path)
+    files = {f"etc/update{i}.bin": os.urandom(1_000_000 + i * 4097) for i in range(4)}  # ~4 MiB changed
+    with attached(server.uri("maint"), tmp_path / "fuse") as dev, mounted(dev, tmp_path / "mnt") as root:
+        (root / "etc").mkdir()
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        run("sync")
+    wait_closed(store_path, "maint")
+
+    before = _pack_bytes(store_path)
+    cli("base", "publish", "gold", "--from", "maint", "--promote", store=store_path)
+    grown = _pack_bytes(store_path) - before
+    assert 4 * MiB <= grown <= 12 * MiB, f"the store grew by {grown} bytes for 4 MiB of files on a 256 MiB disk"
+
+    with attached(server.uri("desk-1"), tmp_path / "fuse2") as dev:
+        fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        with mounted(dev, tmp_path / "mnt2", "ro") as root:
+            for name, data in files.items():
+                assert (root / name).read_bytes() == data
