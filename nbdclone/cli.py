@@ -160,12 +160,17 @@ def base_import(
     out.print(vid)
 
 
+BaseFilter = Annotated[str | None, typer.Option("--base", help="Only this base (and its clones).")]
+
+
 @base_app.command("list")
-def base_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+def base_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
     """List every version of every base: size, space shared with other versions and held only by it,
     which version is current, and how many clones use it."""
     st = Store(store)
-    rows = [_asdict(v) for v in st.version_stats()]
+    if base is not None:
+        st.get_base(base)
+    rows = [_asdict(v) for v in st.version_stats() if base is None or v.base == base]
     if as_json:
         _print_json(rows)
         return
@@ -306,10 +311,19 @@ def _version_label(r: dict[str, Any]) -> str:
 
 
 @clone_app.command("list")
-def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """List the clones: base version, whether a move is pending, overlay size, whether it is open."""
+def clone_list(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
+    """List the clones: base version, whether a move is pending, overlay size, whether it is open; with
+    --json also each clone's NBD URI."""
     st = Store(store)
-    rows = [_clone_row(st, rec) for rec in st.catalog().clones.values()]
+    if base is not None:
+        st.get_base(base)
+    cat = st.catalog()
+    address = server.address_of(st)
+    rows = [
+        {**_clone_row(st, rec), "uri": address.uri(slot_of(cat, rec.name), rec.name)}
+        for rec in cat.clones.values()
+        if base is None or rec.base == base
+    ]
     if as_json:
         _print_json(rows)
         return
@@ -352,29 +366,68 @@ def clone_info(name: str, store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = F
     out.print(table)
 
 
+NamesArg = Annotated[list[str] | None, typer.Argument(metavar="NAME...", help="Clone names.")]
+
+
+def _each(names: list[str], store: Store, action: Any, done: str) -> None:
+    """Do `action(name)` for each clone, all checked to exist first; report each; exit 1 if any failed."""
+    if not names:
+        raise errors.InvalidArgument(detail="name at least one clone")
+    if len(set(names)) != len(names):
+        raise errors.InvalidArgument(detail="a clone name is given twice")
+    for name in names:
+        store.get_clone(name)  # an unknown name fails the command before anything changes
+    failed = 0
+    for name in names:
+        try:
+            result = action(name)
+        except errors.NbdcloneError as exc:
+            err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            failed += 1
+            continue
+        out.print(done.format(name=name, result=result), soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 @clone_app.command("reset")
-def clone_reset(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
-    """Drop every write of a clone: it reads as its base version again."""
-    Store(store).reset_clone(name)
-    out.print(f"reset clone {name}: its writes are gone")
+def clone_reset(names: NamesArg = None, store: StoreOpt = _DEFAULT_STORE) -> None:
+    """Drop every write of the clones: each reads as its base version again. Refused for a connected one."""
+    st = Store(store)
+    _each(names or [], st, st.reset_clone, "reset clone {name}: its writes are gone")
 
 
 @clone_app.command("upgrade")
 def clone_upgrade(
-    name: str,
+    names: NamesArg = None,
     to: Annotated[str | None, typer.Option("--to", help="Version to move to [default: the current one].")] = None,
+    all_pending: Annotated[
+        bool, typer.Option("--all-pending", help="Every clone whose base's current version it is not on.")
+    ] = False,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
-    """Move a clone to another version of its base now. Its writes are dropped."""
-    old, new = Store(store).upgrade_clone(name, to)
-    out.print(f"clone {name}: version {old} -> {new}; its writes were dropped")
+    """Move clones to another version of their base now. Their writes are dropped."""
+    st = Store(store)
+    if all_pending:
+        if names or to:
+            raise errors.InvalidArgument(detail="--all-pending takes no names and no --to")
+        names = [n for base in st.catalog().bases for group in st.moves(base) for n in group]
+        if not names:
+            out.print("no clone is waiting to move")
+            return
+
+    def upgrade(name: str) -> str:
+        old, new = st.upgrade_clone(name, to)
+        return f"{old} -> {new}"
+
+    _each(names or [], st, upgrade, "clone {name}: version {result}; its writes were dropped")
 
 
 @clone_app.command("rm")
-def clone_rm(name: str, store: StoreOpt = _DEFAULT_STORE) -> None:
-    """Remove a clone and its writes."""
-    Store(store).remove_clone(name)
-    out.print(f"removed clone {name}")
+def clone_rm(names: NamesArg = None, store: StoreOpt = _DEFAULT_STORE) -> None:
+    """Remove clones and their writes. Refused for a connected one."""
+    st = Store(store)
+    _each(names or [], st, st.remove_clone, "removed clone {name}")
 
 
 class ExportFormat(enum.StrEnum):
@@ -676,6 +729,51 @@ def systemd_units(
         target.chmod(0o644)
         out.print(f"wrote {target}")
     out.print("then: systemctl daemon-reload && systemctl enable --now nbdclone.socket nbdclone.service")
+
+
+DU_FORMAT = 1
+
+
+@app.command()
+def du(store: StoreOpt = _DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
+    """Space at a glance: per base version, what it holds, shares and alone holds; per clone, what its
+    writes take; and the store's totals on disk."""
+    st = Store(store)
+    if base is not None:
+        st.get_base(base)
+    versions = [_asdict(v) for v in st.version_stats() if base is None or v.base == base]
+    clones: list[dict[str, Any]] = []
+    for rec in st.catalog().clones.values():
+        if base is not None and rec.base != base:
+            continue
+        try:
+            used, damaged = st.overlay_bytes(rec), ""
+        except errors.NbdcloneError as exc:
+            used, damaged = 0, str(exc)
+        clones.append({"name": rec.name, "base": rec.base, "overlay_disk_bytes": used, "damaged": damaged})
+    pack = st.chunks.pack
+    totals = {
+        "chunks_disk_bytes": pack.stat().st_blocks * 512 if pack.exists() else 0,
+        "overlays_disk_bytes": sum(c["overlay_disk_bytes"] for c in clones),
+        "store_disk_bytes": sum(p.lstat().st_blocks * 512 for p in st.path.rglob("*") if not p.is_symlink()),
+    }
+    if as_json:
+        _print_json({"format": DU_FORMAT, "versions": versions, "clones": clones, "totals": totals})
+        return
+    table = Table("BASE", "VERSION", "HOLDS", "SHARED", "ONLY HERE", "CLONES", box=None)
+    for v in versions:
+        table.add_row(
+            v["base"], v["version"], human(v["stored"]), human(v["shared"]), human(v["unique"]), str(v["clones"])
+        )
+    out.print(table)
+    table = Table("CLONE", "BASE", "WRITES ON DISK", box=None)
+    for c in clones:
+        table.add_row(c["name"], c["base"] or "-", "DAMAGED" if c["damaged"] else human(c["overlay_disk_bytes"]))
+    out.print(table)
+    out.print(
+        f"chunks {human(totals['chunks_disk_bytes'])}, clones' writes {human(totals['overlays_disk_bytes'])}, "
+        f"store {human(totals['store_disk_bytes'])} on disk"
+    )
 
 
 @app.command()

@@ -48,6 +48,11 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["base", "promote", "nope", "1"], "no base named", id="promote-unknown-base"),
         pytest.param(["clone", "create", "b", "--base", "deb@3"], "has no version '3'", id="create-unknown-version"),
         pytest.param(["clone", "create", "b", "b", "--base", "deb"], "given twice", id="create-same-name-twice"),
+        pytest.param(["clone", "rm", "a", "nope"], "no clone named 'nope'", id="rm-several-one-unknown"),
+        pytest.param(["clone", "reset", "a", "a"], "given twice", id="reset-same-name-twice"),
+        pytest.param(["clone", "upgrade", "a", "--all-pending"], "--all-pending", id="upgrade-names-and-all"),
+        pytest.param(["clone", "list", "--base", "nope"], "no base named", id="list-unknown-base"),
+        pytest.param(["du", "--base", "nope"], "no base named", id="du-unknown-base"),
         pytest.param(["clone", "upgrade", "a", "--to", "5"], "has no version '5'", id="upgrade-unknown-version"),
         pytest.param(["clone", "upgrade", "nope"], "no clone named", id="upgrade-unknown-clone"),
         pytest.param(["base", "rm", "nope"], "no base named", id="rm-unknown-base"),
@@ -88,6 +93,45 @@ def test_lists_as_json(store: Path) -> None:
     assert [(c["name"], c["base"], c["version"], c["follows"], c["open"]) for c in clones] == [
         ("a", "deb", "1", True, False)
     ]
+
+
+def test_several_clones_per_command_filters_uris_and_du(tmp_path: Path, store: Path) -> None:
+    make_image(tmp_path / "o.raw", 2 * MiB, [(0, MiB)], seed=3)
+    cli("base", "import", "other", str(tmp_path / "o.raw"), store=store)
+    cli("clone", "create", "b", "c", "--base", "deb", store=store)
+    cli("clone", "create", "o1", "--base", "other", store=store)
+    listed = json.loads(cli("clone", "list", "--json", "--base", "deb", store=store).stdout)
+    assert [c["name"] for c in listed] == ["a", "b", "c"]
+    for c in listed:  # each row carries the clone's address, as `nbdclone uri` gives it
+        assert c["uri"] == cli("uri", c["name"], store=store).stdout.strip()
+    assert [b["base"] for b in json.loads(cli("base", "list", "--json", "--base", "other", store=store).stdout)] == [
+        "other"
+    ]
+
+    # Put on version 1 (as a first connection would), then a new version: every clone of deb waits to
+    # move, and one command moves them all.
+    assert cli("clone", "upgrade", "a", "b", "c", "--to", "1", store=store).stdout.count("-> 1") == 3
+    make_image(tmp_path / "b2.raw", 4 * MiB, [(0, MiB)], seed=2)
+    cli("base", "import", "deb", str(tmp_path / "b2.raw"), store=store)
+    cli("base", "promote", "deb", "2", store=store)
+    out = cli("clone", "upgrade", "--all-pending", store=store).stdout
+    assert out.count("1 -> 2") == 3, out
+    assert cli("clone", "upgrade", "--all-pending", store=store).stdout.strip() == "no clone is waiting to move"
+    cli("clone", "reset", "a", "b", store=store)
+    cli("clone", "rm", "b", "c", store=store)
+    assert [c["name"] for c in json.loads(cli("clone", "list", "--json", store=store).stdout)] == ["a", "o1"]
+
+    du = json.loads(cli("du", "--json", store=store).stdout)
+    assert du["format"] == 1
+    assert {(v["base"], v["version"]) for v in du["versions"]} == {("deb", "1"), ("deb", "2"), ("other", "1")}
+    assert {c["name"] for c in du["clones"]} == {"a", "o1"}
+    totals = du["totals"]
+    assert totals["chunks_disk_bytes"] >= 3 * MiB  # three versions with 1 MiB of data each, none shared
+    assert totals["store_disk_bytes"] >= totals["chunks_disk_bytes"] + totals["overlays_disk_bytes"]
+    assert [v["base"] for v in json.loads(cli("du", "--json", "--base", "other", store=store).stdout)["versions"]] == [
+        "other"
+    ]
+    assert "store" in cli("du", store=store).stdout
 
 
 def test_import_prints_the_version_id_last(tmp_path: Path, store: Path) -> None:
