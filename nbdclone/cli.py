@@ -423,6 +423,13 @@ def clone_upgrade(
     _each(names or [], st, upgrade, "clone {name}: version {result}; its writes were dropped")
 
 
+@clone_app.command("rename")
+def clone_rename(old: str, new: str, store: StoreOpt = _DEFAULT_STORE) -> None:
+    """Rename a clone (its NBD export name too); its writes and its socket stay. Refused while connected."""
+    Store(store).rename_clone(old, new)
+    out.print(f"renamed clone {old} to {new}")
+
+
 @clone_app.command("rm")
 def clone_rm(names: NamesArg = None, store: StoreOpt = _DEFAULT_STORE) -> None:
     """Remove clones and their writes. Refused for a connected one."""

@@ -703,6 +703,21 @@ class Store:
             self._write_catalog(replace(cat, clones={n: r for n, r in cat.clones.items() if n != name}))
             shutil.rmtree(self.clone_dir(record), ignore_errors=True)
 
+    def rename_clone(self, old: str, new: str) -> CloneRecord:
+        """Give clone `old` the name (and NBD export name) `new`. Its files are named by id and its slot
+        by creation number, so only the catalog changes. Refused while it is connected."""
+        validate_name("clone", new)
+        with self.lock():
+            record = self.get_clone(old)
+            cat = self.catalog()
+            if new in cat.clones:
+                raise errors.CloneExists(name=new, store=self.path)
+            self._refuse_if_open(record)
+            renamed = replace(record, name=new)
+            clones = {(new if n == old else n): (renamed if n == old else r) for n, r in cat.clones.items()}
+            self._write_catalog(replace(cat, clones=clones))
+        return renamed
+
     def reset_clone(self, name: str) -> CloneState:
         """Drop every write of the clone; it stays on the version it is on (a clone whose state is damaged
         goes to the version it would open on)."""

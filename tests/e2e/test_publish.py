@@ -121,3 +121,27 @@ def test_the_maintenance_loop_on_ext4(tmp_path: Path, server: Server, store_path
         with mounted(dev, tmp_path / "mnt2", "ro") as root:
             for name, data in files.items():
                 assert (root / name).read_bytes() == data
+
+
+def test_rename_keeps_the_writes_and_the_socket_and_is_refused_while_connected(
+    server: Server, store_path: Path, gold: bytes
+) -> None:
+    cli("clone", "create", "old-name", "other", "--base", "gold", store=store_path)
+    h = server.connect("old-name")
+    h.pwrite(b"kept across the rename" * 100, 5 * MiB)
+    before = snapshot(store_path)
+    proc = cli("clone", "rename", "old-name", "new-name", store=store_path, check=False)
+    assert proc.returncode != 0 and "disconnect its clients" in proc.stderr
+    for bad in (("old-name", "other"), ("old-name", "../x"), ("nope", "x")):
+        assert cli("clone", "rename", *bad, store=store_path, check=False).returncode != 0
+    assert snapshot(store_path) == before
+    old_uri = cli("uri", "old-name", store=store_path).stdout.strip()
+    h.shutdown()
+    wait_closed(store_path, "old-name")
+    cli("clone", "rename", "old-name", "new-name", store=store_path)
+    new_uri = cli("uri", "new-name", store=store_path).stdout.strip()
+    assert new_uri == old_uri.replace("/old-name?", "/new-name?")  # same socket, new export name
+    again = server.connect("new-name")
+    assert again.pread(2200, 5 * MiB) == b"kept across the rename" * 100
+    again.shutdown()
+    assert cli("uri", "old-name", store=store_path, check=False).returncode != 0
