@@ -123,7 +123,9 @@ def _print_json(data: Any) -> None:
 @base_app.command("import")
 def base_import(
     name: Annotated[str, typer.Argument(help="The base; created by its first import.")],
-    source: Annotated[Path, typer.Argument(help="A raw or qcow2 disk image.")],
+    source: Annotated[
+        str, typer.Argument(help="A raw or qcow2 disk image, or an NBD URI (nbd://..., nbd+unix:///...).")
+    ],
     allow_backing: Annotated[
         list[Path] | None,
         typer.Option(
@@ -134,7 +136,8 @@ def base_import(
     ] = None,
     store: StoreOpt = _DEFAULT_STORE,
 ) -> None:
-    """Add a raw or qcow2 image as a new, immutable version of base NAME. Prints the version id last.
+    """Add a raw or qcow2 image, or an NBD export, as a new, immutable version of base NAME. Prints the
+    version id last. An NBD source is streamed into the store (no temporary file; holes are not read).
 
     Chunks the store already holds are not stored again. The first import makes its version current;
     later ones become current with 'nbdclone base promote'. The image is checked first: a damaged qcow2,
@@ -143,13 +146,13 @@ def base_import(
     st = Store(store)
     with _progress() as bar:
         task = bar.add_task(f"importing {name}", total=None)
-        record, vid = images.import_base(
-            st,
-            name,
-            source,
-            lambda d, t: bar.update(task, completed=d, total=t),
-            allow_backing=allow_backing or (),
-        )
+        report = lambda d, t: bar.update(task, completed=d, total=t)  # noqa: E731
+        if images.NBD_URI.match(source):
+            if allow_backing:
+                raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not NBD sources")
+            record, vid = images.import_nbd(st, name, source, report)
+        else:
+            record, vid = images.import_base(st, name, Path(source), report, allow_backing=allow_backing or ())
     version = record.versions[vid]
     current = st.current_version(record)
     state = (

@@ -63,6 +63,78 @@ def import_base(
     raise AssertionError("unreachable")
 
 
+NBD_URI = re.compile(r"nbds?(\+unix|\+vsock)?://")
+_NBD_HOLE, _NBD_ZERO = 1, 2  # base:allocation flags
+_STATUS_STEP = 1 << 30
+
+
+def import_nbd(store: Store, name: str, uri: str, progress: Progress = _noop) -> tuple[BaseRecord, str]:
+    """Add the disk an NBD server exports at `uri` (libnbd's URI syntax) as a new version of base `name`,
+    streamed into the chunk store: no temporary file, and ranges the server reports as holes or zeros
+    are never read."""
+    import nbd  # libnbd's bindings (Debian python3-libnbd)
+
+    validate_name("base", name)
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    try:
+        h.connect_uri(uri)
+        size = h.get_size()
+    except nbd.Error as exc:
+        raise errors.InvalidArgument(detail=f"cannot read {uri}: {exc.string}") from None
+    try:
+        with store.chunks.writer():
+            vmap, new_chunks = store.chunks.import_chunks(
+                _nbd_chunks(h, size, progress), size, store.all_version_maps(digests=True)
+            )
+            progress(size, size)
+            return store.add_version(name, vmap, uri, new_chunks)
+    except nbd.Error as exc:
+        raise errors.StorageError(errno.EIO, what=f"reading {uri}", detail=exc.string) from None
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+
+
+def _nbd_chunks(h: object, size: int, progress: Progress) -> Iterator[tuple[int, bytes | None]]:
+    """The chunks of the export that hold data, in order, read once each."""
+    done = 0  # chunks below this one were yielded
+    for start, end in _nbd_data_ranges(h, size):
+        for i in range(max(done, start // CHUNK), -(-end // CHUNK)):
+            at = i * CHUNK
+            yield i, h.pread(min(CHUNK, size - at), at)  # type: ignore[attr-defined]
+            done = i + 1
+            progress(min(done * CHUNK, size), size)
+
+
+def _nbd_data_ranges(h: object, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the ranges the server does not report as holes or zeros (all of it, if it reports
+    nothing)."""
+    if not h.can_meta_context("base:allocation"):  # type: ignore[attr-defined]
+        yield 0, size
+        return
+    offset = 0
+    while offset < size:
+        extents: list[int] = []
+
+        def status(meta: str, at: int, entries: list[int], err: int, extents: list[int] = extents) -> int:
+            if meta == "base:allocation":
+                extents.extend(entries)
+            return 0
+
+        h.block_status(min(_STATUS_STEP, size - offset), offset, status)  # type: ignore[attr-defined]
+        if not extents:
+            raise errors.StorageError(errno.EIO, what="reading extents", detail="the server reported none")
+        for k in range(0, len(extents), 2):
+            length, flags = extents[k], extents[k + 1]
+            length = min(length, size - offset)
+            if not flags & (_NBD_HOLE | _NBD_ZERO):
+                yield offset, offset + length
+            offset += length
+            if offset >= size:
+                break
+
+
 def _read_chunks(image: BaseImage) -> Iterator[tuple[int, bytes | None]]:
     """The chunks of `image` that hold data, in order: a chunk wholly in a hole is never read or listed, so
     a sparse terabyte imports in the time its data takes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,44 @@ def test_rename_keeps_the_writes_and_the_socket_and_is_refused_while_connected(
     assert again.pread(2200, 5 * MiB) == b"kept across the rename" * 100
     again.shutdown()
     assert cli("uri", "old-name", store=store_path, check=False).returncode != 0
+
+
+def test_import_from_an_nbd_uri_streams_and_skips_holes(tmp_path: Path, store_path: Path) -> None:
+    """Another NBD server's export (nbdkit's file plugin on a sparse image) imported by URI: the bytes are
+    the export's, holes are not stored, and no file of the image's size appears anywhere meanwhile."""
+    import tempfile
+
+    size = 96 * MiB
+    data = make_image(tmp_path / "src.raw", size, [(0, 3 * MiB), (50 * MiB + 4096, 70_000)])
+    sock = tmp_path / "src.sock"
+    src = subprocess.Popen(
+        ["nbdkit", "--foreground", "--exit-with-parent", "-r", "-U", str(sock), "file", str(tmp_path / "src.raw")]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert src.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        temp_before = set(Path(tempfile.gettempdir()).iterdir())
+        out = cli("base", "import", "net", f"nbd+unix:///?socket={sock}", store=store_path).stdout
+        assert out.splitlines()[-1] == "1", out
+    finally:
+        src.terminate()
+        src.wait(30)
+    big = [
+        p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if p.is_file() and p.stat().st_size >= MiB
+    ]
+    assert not big, big
+    assert not [p for p in (store_path / "tmp").iterdir()]
+    stored = _pack_bytes(store_path)
+    assert stored <= 4 * MiB + 3 * 64 * 1024, f"{stored} bytes stored for 3 MiB + 70 KB of data"
+    cli("clone", "create", "from-net", "--base", "net", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock").start()
+    try:
+        h = server.connect("from-net")
+        assert pread_all(h, size) == data
+        h.shutdown()
+    finally:
+        server.stop()
+    bad = cli("base", "import", "net2", f"nbd+unix:///?socket={tmp_path}/none.sock", store=store_path, check=False)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "cannot read" in bad.stderr
