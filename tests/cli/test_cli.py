@@ -244,7 +244,7 @@ def test_shell_completion_completes_commands() -> None:
     script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
     assert "_nbdclone_completion" in script.stdout and "complete " in script.stdout
-    for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone re", "2", "reset")):
+    for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone res", "2", "reset")):
         env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": cword, "_NBDCLONE_COMPLETE": "complete_bash"}
         done = subprocess.run([NBDCLONE], capture_output=True, text=True, env=env, check=True)
         assert done.stdout.split() == [want], done.stdout
