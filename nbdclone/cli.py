@@ -72,10 +72,22 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
     ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show progress bars (bytes, rate, time left) on standard error.",
+            show_default="on a terminal",
+        ),
+    ] = None,
 ) -> None:
     """Serve copy-on-write clones of read-only base images over NBD."""
     if store is not None:  # a command's own --store option reads it from here (an option after it still wins)
         os.environ["NBDCLONE_STORE"] = str(store)
+    _show_progress[0] = progress
+
+
+_show_progress: list[bool | None] = [None]  # --progress / --no-progress; None: only on a terminal
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -108,8 +120,8 @@ def _progress() -> Progress:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=err,
-        transient=True,
-        disable=not err.is_terminal,
+        transient=err.is_terminal,
+        disable=not (err.is_terminal if _show_progress[0] is None else _show_progress[0]),
     )
 
 

@@ -134,6 +134,14 @@ def test_several_clones_per_command_filters_uris_and_du(tmp_path: Path, store: P
     assert "store" in cli("du", store=store).stdout
 
 
+def test_progress_is_shown_when_asked_and_on_a_terminal_only(tmp_path: Path, store: Path) -> None:
+    make_image(tmp_path / "p.raw", 8 * MiB, [(0, 2 * MiB)], seed=4)
+    forced = cli("--progress", "base", "import", "p1", str(tmp_path / "p.raw"), store=store)
+    assert "importing p1" in forced.stderr and "8.4/8.4 MB" in forced.stderr, forced.stderr
+    assert cli("base", "import", "p2", str(tmp_path / "p.raw"), store=store).stderr == ""  # not a terminal
+    assert cli("--no-progress", "base", "import", "p3", str(tmp_path / "p.raw"), store=store).stderr == ""
+
+
 def test_import_prints_the_version_id_last(tmp_path: Path, store: Path) -> None:
     make_image(tmp_path / "b2.raw", 4 * MiB, [(0, MiB)], seed=2)
     proc = cli("base", "import", "deb", str(tmp_path / "b2.raw"), store=store)
