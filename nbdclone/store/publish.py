@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 from nbdclone import errors
 from nbdclone.store.catalog import BaseRecord, Store, validate_name
-from nbdclone.store.chunks import CHUNK, VersionMap
+from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import Clone
 from nbdclone.store.images import open_clone_readonly
 from nbdclone.store.overlay import BLOCK_SIZE
@@ -40,9 +40,12 @@ def publish_clone(
         with store.lock():
             if store.is_open(record):
                 raise errors.CloneInUse(name=clone_name)
+            version = store.clone_version(record)  # what the clone reads; None for a blank clone
             clone = open_clone_readonly(store, clone_name)
             try:
-                start = _start_map(store, clone_name)
+                start = None  # a blank clone's version starts empty
+                if record.base is not None and version is not None:
+                    start = store.version_map(store.get_base(record.base), version, digests=True)
                 changed = sorted({block // BLOCKS_PER_CHUNK for block in clone.changed_blocks()})
                 existing = list(store.all_version_maps(digests=True))
                 vmap, written = store.chunks.import_chunks(
@@ -51,26 +54,9 @@ def publish_clone(
             finally:
                 clone.close()
                 clone.base.close()
-        source = f"clone {clone_name}" + (f" of {_origin(store, clone_name)}" if start is not None else "")
+        source = f"clone {clone_name}" + (f" of {record.base}@{version}" if start is not None else "")
         base_record, vid = store.add_version(base, vmap, source, written)
     return base_record, vid, written
-
-
-def _start_map(store: Store, clone_name: str) -> VersionMap | None:
-    """The map of the version the clone reads (with digests), or None for a blank clone."""
-    record = store.get_clone(clone_name)
-    state = store.clone_state(record)
-    version = state.version if state is not None else store.target_version(record)
-    if record.base is None or version is None:
-        return None
-    return store.version_map(store.get_base(record.base), version, digests=True)
-
-
-def _origin(store: Store, clone_name: str) -> str:
-    record = store.get_clone(clone_name)
-    state = store.clone_state(record)
-    version = state.version if state is not None else store.target_version(record)
-    return f"{record.base}@{version}"
 
 
 def _merged_chunks(
