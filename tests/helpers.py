@@ -16,7 +16,8 @@ from typing import Any
 import nbd
 
 from nbdclone.runtime import Address
-from nbdclone.store.catalog import Store, worker_of
+from nbdclone.store import Store
+from nbdclone.store.catalog import worker_of
 from nbdclone.supervisor.server import uri_of
 
 VENV_BIN = Path(sys.executable).parent

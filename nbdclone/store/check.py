@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from nbdclone import errors
+from nbdclone.store import Store
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._rocks import RocksOverlay, overlay_in_use
 from nbdclone.store._sealed import seal_json
 from nbdclone.store.cache import digest
-from nbdclone.store.catalog import ORIGIN, Catalog, Store, load_catalog, load_state, write_atomic
+from nbdclone.store.catalog import Catalog, load_catalog, load_state
 from nbdclone.store.chunks import CHUNK, VersionMap, load_trace
+from nbdclone.store.layout import ORIGIN, STATE, write_atomic
 
 
 @dataclass(slots=True)
@@ -213,7 +215,7 @@ def _check_clones(store: Store, cat: Catalog, report: Report, repair: bool) -> N
             if not repair:
                 finding.needs = "nbdclone check --repair (its overlay's origin record says where it is)"
                 continue
-            write_atomic(directory / "state.json", seal_json(asdict(origin)), directory)
+            write_atomic(directory / STATE, seal_json(asdict(origin)), directory)
             finding.repaired = f"rebuilt from {origin.overlay}/{ORIGIN} (version {origin.version})"
             state = origin
         if state is None:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from nbdclone import errors
+from nbdclone.store import Store
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.cache import PackReader
-from nbdclone.store.catalog import BaseRecord, Store, validate_name
+from nbdclone.store.catalog import BaseRecord, validate_name
 from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
 from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect, limits

@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass
 
 from nbdclone import errors
+from nbdclone.store import Store
 from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, ZeroBase
 from nbdclone.store.cache import PackReader
-from nbdclone.store.catalog import CloneRecord, Store, validate_name
+from nbdclone.store.catalog import CloneRecord, validate_name
 from nbdclone.store.chunks import ChunkedBase, TraceRecorder, load_trace
 from nbdclone.store.clone import Clone
 

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from nbdclone import errors
 from nbdclone.runtime import RunDir
-from nbdclone.store.catalog import Store
+from nbdclone.store import Store
 from nbdclone.worker.process import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,10 @@ import uvloop
 import nbdclone
 from nbdclone import errors
 from nbdclone.runtime import SLOTS, Address, RunDir
+from nbdclone.store import Store
 from nbdclone.store.cache import Evictor
-from nbdclone.store.catalog import Catalog, Store, slot_of, write_atomic
+from nbdclone.store.catalog import Catalog, slot_of
+from nbdclone.store.layout import write_atomic
 from nbdclone.supervisor import sockets
 from nbdclone.supervisor.sockets import Access
 

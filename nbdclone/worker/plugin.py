@@ -25,7 +25,8 @@ import nbdkit
 
 from nbdclone.errors import CloneNotFound, NbdcloneError, StorageError
 from nbdclone.runtime import RunDir
-from nbdclone.store.catalog import Catalog, Store, is_valid_name, worker_of
+from nbdclone.store import Store
+from nbdclone.store.catalog import Catalog, is_valid_name, worker_of
 from nbdclone.store.clone import Clone
 from nbdclone.store.registry import Registry
 from nbdclone.worker.process import (

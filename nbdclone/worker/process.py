@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from nbdclone.runtime import RunDir
-from nbdclone.store.catalog import write_atomic
+from nbdclone.store.layout import write_atomic
 
 log = logging.getLogger("nbdclone")
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nbdclone import cli as cli_module
+from nbdclone.supervisor import server as supervisor_server
 from tests.helpers import NBDCLONE, cli, make_image, snapshot
 
 MiB = 1 << 20
@@ -162,7 +163,7 @@ def test_lifecycle(tmp_path: Path, store: Path) -> None:
 
 def test_store_comes_from_the_environment(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
-    with mock.patch.object(cli_module, "Store") as fake:
+    with mock.patch.object(cli_module.clones, "Store") as fake:
         fake.return_value.catalog.return_value.clones = {}
         result = runner.invoke(cli_module.app, ["clone", "list", "--json"], env={"NBDCLONE_STORE": str(store)})
     assert result.exit_code == 0, result.output
@@ -171,7 +172,7 @@ def test_store_comes_from_the_environment(tmp_path: Path, store: Path, monkeypat
 
 def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
     runner = CliRunner()
-    with mock.patch.object(cli_module, "Store") as fake:
+    with mock.patch.object(cli_module.clones, "Store") as fake:
         fake.return_value.create_clones.return_value = [mock.Mock(base=None, size=10 << 30)]
         args = ["clone", "create", "d", "e", "--size", "10G", "--store", str(tmp_path)]
         result = runner.invoke(cli_module.app, args)
@@ -189,7 +190,7 @@ def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
 )
 def test_serve_passes_the_listen_address(tmp_path: Path, listen: str, expected: tuple[str, int]) -> None:
     runner = CliRunner()
-    with mock.patch.object(cli_module.server, "run", return_value=0) as run:
+    with mock.patch.object(supervisor_server, "run", return_value=0) as run:
         result = runner.invoke(cli_module.app, ["serve", "--listen", listen, "--store", str(tmp_path)])
     assert result.exit_code == 0, result.output
     cfg = run.call_args.args[0]
@@ -203,7 +204,7 @@ def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     args += ["--allow", "uid:0", "--max-connections", "64", "--exclusive", "--read-only", "--socket-group", "0"]
     args += ["--max-client-connections", "8", "--handshake-timeout", "3"]
     args += ["--metrics", "127.0.0.1:9100", "--log-level", "debug", "--workers", "3", "--grace", "4"]
-    with mock.patch.object(cli_module.server, "run", return_value=0) as run:
+    with mock.patch.object(supervisor_server, "run", return_value=0) as run:
         result = CliRunner().invoke(cli_module.app, args)
     assert result.exit_code == 0, result.output
     cfg = run.call_args.args[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from nbdclone.store.catalog import Store
+from nbdclone.store import Store
 from tests.helpers import Server, cli, make_image, pread_all, wait_gone
 
 MiB = 1 << 20

@@ -339,7 +339,8 @@ def test_a_full_disk_gives_enospc_and_recovers(tmp_path: Path, base: tuple[Path,
 def test_a_crashed_worker_is_restarted_and_other_workers_keep_serving(
     tmp_path: Path, store_path: Path, base: tuple[Path, bytes]
 ) -> None:
-    from nbdclone.store.catalog import Store, worker_of
+    from nbdclone.store import Store
+    from nbdclone.store.catalog import worker_of
 
     names = [f"w{i}" for i in range(8)]
     cli("clone", "create", *names, "--base", "deb", store=store_path)
@@ -438,7 +439,8 @@ def test_connection_threads_are_pinned_only_when_they_share_a_worker(
 ) -> None:
     """One connection runs where the scheduler likes (off its client's core); two or more on one worker are
     all pinned to the worker's core (they share its GIL). RocksDB's threads stay free."""
-    from nbdclone.store.catalog import Store, worker_of
+    from nbdclone.store import Store
+    from nbdclone.store.catalog import worker_of
 
     names = [f"p{i}" for i in range(4)]
     cli("clone", "create", *names, "--base", "deb", store=store_path)

@@ -668,7 +668,7 @@ def test_the_supervisor_takes_its_sockets_from_systemd_and_notifies_readiness(
 
 def test_records_other_users_leave_in_shared_memory_are_ignored(store_path: Path, base: bytes) -> None:
     """/dev/shm is everyone's: a server record planted there by another user must not redirect clients."""
-    from nbdclone.store.catalog import Store
+    from nbdclone.store import Store
 
     cli("clone", "create", "victim", "--base", "deb", store=store_path)
     honest = cli("uri", "victim", store=store_path).stdout.strip()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdclone.store.catalog import CRASH_AT_ENV
+from nbdclone.store.layout import CRASH_AT_ENV
 from tests.helpers import NBDCLONE, Server, cli, pread_all, snapshot, wait_closed
 
 MiB = 1 << 20
@@ -185,7 +185,7 @@ def test_flip_is_constant_work_whatever_the_number_of_clones(
     import_version(tmp_path, store_path, "v1")
     import_version(tmp_path, store_path, "v2")
     code = (
-        "import sys; from nbdclone.store.catalog import Store;"
+        "import sys; from nbdclone.store import Store;"
         "Store(sys.argv[1]).create_clones([f'c{i}' for i in range(5000)], base='os')"
     )
     subprocess.run([sys.executable, "-c", code, str(store_path)], check=True)

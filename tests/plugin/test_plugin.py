@@ -9,7 +9,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from nbdclone.store.catalog import Store
+from nbdclone.store import Store
 from nbdclone.store.images import import_base
 from nbdclone.supervisor.server import plugin_pythonpath
 from tests.helpers import PLUGIN, extents, make_image, pread_all, snapshot

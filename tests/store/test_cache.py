@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdclone.store import registry
+from nbdclone.store import Store, registry
 from nbdclone.store.cache import CHUNK, Evictor, PackReader, resident_bytes
-from nbdclone.store.catalog import Store
 from nbdclone.store.chunks import ChunkedBase, load_trace
 from nbdclone.store.images import import_base
 from nbdclone.store.registry import Registry

@@ -8,7 +8,8 @@ import pytest
 
 from nbdclone import errors
 from nbdclone.runtime import SLOTS
-from nbdclone.store.catalog import Store, slot_of, validate_name, worker_of
+from nbdclone.store import Store
+from nbdclone.store.catalog import slot_of, validate_name, worker_of
 from nbdclone.store.images import import_base
 from tests.helpers import make_image, snapshot
 

@@ -15,11 +15,11 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nbdclone.store.catalog import Store
+from nbdclone.store import Store
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import EXTENT_HOLE_ZERO, Clone, _zero_blocks
 from nbdclone.store.images import import_base
-from nbdclone.store.publish import publish_clone
+from nbdclone.store.lineage import publish_clone
 from nbdclone.store.registry import Registry
 from tests.helpers import make_image
 

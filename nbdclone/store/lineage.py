@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from nbdclone import errors
-from nbdclone.store.catalog import BaseRecord, Store, validate_name
+from nbdclone.store import Store
+from nbdclone.store.catalog import BaseRecord, validate_name
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import Clone
 from nbdclone.store.images import open_clone_readonly

@@ -1,0 +1,120 @@
+"""What every command shares: the typer apps, the common options, sizes, progress bars, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+import nbdclone
+from nbdclone import errors
+from nbdclone.store.layout import default_store
+
+app = typer.Typer(
+    help="Serve copy-on-write clones of read-only base images over NBD.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+base_app = typer.Typer(help="Base images and their versions: import, list, promote, remove.", no_args_is_help=True)
+clone_app = typer.Typer(help="Create, inspect, reset, upgrade, export and remove clones.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(clone_app, name="clone")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+StoreOpt = Annotated[
+    Path,
+    typer.Option("--store", envvar="NBDCLONE_STORE", help="Store directory.", show_default=str(default_store())),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+BaseFilter = Annotated[str | None, typer.Option("--base", help="Only this base (and its clones).")]
+DEFAULT_STORE = default_store()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"nbdclone {nbdclone.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", help="Store directory, for every command (also accepted after the command)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show progress bars (bytes, rate, time left) on standard error.",
+            show_default="on a terminal",
+        ),
+    ] = None,
+) -> None:
+    """Serve copy-on-write clones of read-only base images over NBD."""
+    if store is not None:  # a command's own --store option reads it from here (an option after it still wins)
+        os.environ["NBDCLONE_STORE"] = str(store)
+    _show_progress[0] = progress
+
+
+_show_progress: list[bool | None] = [None]  # --progress / --no-progress; None: only on a terminal
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not m or int(m.group(1)) == 0:
+        raise errors.InvalidArgument(detail=f"invalid size {text!r}: use a number with K, M, G or T, like 10G")
+    size = int(m.group(1)) * _UNITS[m.group(2)]
+    if size % 512:
+        raise errors.InvalidArgument(detail=f"size {text!r} is not a multiple of 512 bytes")
+    return size
+
+
+def human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=err.is_terminal,
+        disable=not (err.is_terminal if _show_progress[0] is None else _show_progress[0]),
+    )
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def when(iso: str) -> str:
+    return iso[:16].replace("T", " ")
+
+
+def record_dict(record: Any) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}

@@ -1,0 +1,172 @@
+"""nbdclone base ...: import, list, promote, publish, remove, gc and warm base versions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from nbdclone import errors
+from nbdclone.cli._common import (
+    DEFAULT_STORE,
+    BaseFilter,
+    JsonOpt,
+    StoreOpt,
+    base_app,
+    human,
+    out,
+    print_json,
+    progress_bar,
+    record_dict,
+)
+from nbdclone.store import Store, images, lineage
+from nbdclone.store.chunks import CHUNK
+
+
+@base_app.command("import")
+def base_import(
+    name: Annotated[str, typer.Argument(help="The base; created by its first import.")],
+    source: Annotated[
+        str, typer.Argument(help="A raw or qcow2 disk image, or an NBD URI (nbd://..., nbd+unix:///...).")
+    ],
+    allow_backing: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow-backing",
+            help="A backing file or external data file the qcow2 may read (repeat for a chain). "
+            "Without it, an image that reads another file is refused.",
+        ),
+    ] = None,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Add a raw or qcow2 image, or an NBD export, as a new, immutable version of base NAME. Prints the
+    version id last. An NBD source is streamed into the store (no temporary file; holes are not read).
+
+    Chunks the store already holds are not stored again. The first import makes its version current;
+    later ones become current with 'nbdclone base promote'. The image is checked first: a damaged qcow2,
+    or one that reads a file not named with --allow-backing, is refused.
+    """
+    st = Store(store)
+    with progress_bar() as bar:
+        task = bar.add_task(f"importing {name}", total=None)
+        report = lambda d, t: bar.update(task, completed=d, total=t)  # noqa: E731
+        if images.NBD_URI.match(source):
+            if allow_backing:
+                raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not NBD sources")
+            record, vid = images.import_nbd(st, name, source, report)
+        else:
+            record, vid = images.import_base(st, name, Path(source), report, allow_backing=allow_backing or ())
+    version = record.versions[vid]
+    current = st.current_version(record)
+    state = (
+        "current" if current == vid else f"current is still {current}; flip with: nbdclone base promote {name} {vid}"
+    )
+    new = human(version.new_chunks * CHUNK)
+    out.print(f"imported {name}@{vid}: {human(version.size)} from {source}, {new} new data ({state})", soft_wrap=True)
+    out.print(vid)
+
+
+@base_app.command("list")
+def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
+    """List every version of every base: size, space shared with other versions and held only by it,
+    which version is current, and how many clones use it."""
+    st = Store(store)
+    if base is not None:
+        st.get_base(base)
+    rows = [record_dict(v) for v in st.version_stats() if base is None or v.base == base]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("BASE", "VERSION", "SIZE", "SHARED", "ONLY HERE", "CURRENT", "CLONES", "CREATED", box=None)
+    for r in rows:
+        table.add_row(
+            r["base"],
+            r["version"],
+            human(r["size"]),
+            human(r["shared"]),
+            human(r["unique"]),
+            "*" if r["current"] else "",
+            str(r["clones"]),
+            r["created"],
+        )
+    out.print(table)
+    for r in rows:
+        if r["damaged"]:
+            out.print(f"{r['base']}@{r['version']}: {r['damaged']}", soft_wrap=True)
+    pack = st.chunks.pack
+    if pack.exists():
+        out.print(f"chunk store: {human(pack.stat().st_blocks * 512)} on disk")
+
+
+@base_app.command("promote")
+def base_promote(
+    name: str,
+    version: Annotated[str, typer.Argument(help="The version to make current (an older one: a rollback).")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
+    first connection (dropping its writes), once no client may come back to the version it is on (its
+    last connection closed while the server ran). One atomic rename, whatever the number of clones."""
+    st = Store(store)
+    old = st.promote(name, version)
+    now, wait = st.moves(name)
+    out.print(f"{name}: current version {old} -> {version}")
+    out.print(
+        f"{len(now)} clone(s) move at their next connection; {len(wait)} wait until their clients are gone"
+        + (f" ({', '.join(wait[:10])}{', ...' if len(wait) > 10 else ''})" if wait else "")
+    )
+
+
+@base_app.command("publish")
+def base_publish(
+    name: str,
+    clone: Annotated[str, typer.Option("--from", help="The clone whose contents become the new version.")],
+    promote: Annotated[bool, typer.Option("--promote", help="Make the new version current too.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Make CLONE's contents (as a client reads them now) the next version of base NAME (a new base if NAME
+    does not exist). Only the chunks the clone changed are read and stored. Refused while CLONE has clients."""
+    st = Store(store)
+    with progress_bar() as bar:
+        task = bar.add_task(f"publishing {clone}", total=None)
+        _, vid, written = lineage.publish_clone(
+            st, name, clone, lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    out.print(f"{name}: version {vid} from clone {clone} ({human(written * CHUNK)} of new chunks stored)")
+    if promote:
+        old = st.promote(name, vid)
+        now, wait = st.moves(name)
+        out.print(f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait")
+    out.print(vid)
+
+
+@base_app.command("rm")
+def base_rm(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base, or one version of it.")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Remove a base (refused while a clone uses it), or one version (refused if current or in use)."""
+    st = Store(store)
+    freed = st.remove_version(ref) if "@" in ref else st.remove_base(ref)
+    out.print(f"removed {ref}; freed {human(freed)}")
+
+
+@base_app.command("gc")
+def base_gc(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Remove every version that is not current and used by no clone, and free the chunks nothing uses."""
+    removed, freed = Store(store).gc()
+    out.print(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}")
+
+
+@base_app.command("warm")
+def base_warm(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base (its current version) or a version.")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Read a version's recorded boot trace into the shared read cache now, before a boot storm."""
+    t = time.monotonic()
+    which, nbytes = images.warm_version(Store(store), ref)
+    out.print(f"warmed {which}: {human(nbytes)} in {time.monotonic() - t:.2f} s")

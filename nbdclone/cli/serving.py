@@ -1,0 +1,348 @@
+"""nbdclone serve, demo, uri, reload, stats, systemd-units: running the server and looking at it."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from nbdclone import errors
+from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, human, out, parse_size, print_json
+from nbdclone.runtime import SLOTS, Address, RunDir
+from nbdclone.store import Store, images
+from nbdclone.store.cache import resident_bytes
+from nbdclone.store.catalog import slot_of
+from nbdclone.supervisor import metrics as metrics_view
+from nbdclone.supervisor import server
+from nbdclone.supervisor.sockets import Access
+from nbdclone.worker.process import LATENCY_BUCKETS
+
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option(help="Slot 0's Unix socket; slot K listens on SOCKET.K.", show_default="STORE/run/nbdclone.sock"),
+]
+ListenOpt = Annotated[
+    str | None, typer.Option(help="Listen on TCP HOST:PORT (ports PORT to PORT+15) instead of Unix sockets.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="Worker processes (one per core), 1 to 16.", min=1, max=16, show_default="cores")
+]
+
+
+def _host_port(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgument(detail=f"invalid {option} {text!r}: use HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _address(store: Path, socket: Path | None, listen: str | None) -> Address | None:
+    if socket is not None and listen is not None:
+        raise errors.InvalidArgument(detail="give --socket or --listen, not both")
+    if socket is None and listen is None:
+        return None
+    address = Address(
+        store.absolute(),
+        socket.absolute() if socket is not None else None,
+        _host_port(listen, "--listen") if listen is not None else None,
+    )
+    address.check()
+    return address
+
+
+def _serve_config(
+    store: Path, socket: Path | None, listen: str | None, workers: int | None = None, threads: int = 1
+) -> server.ServeConfig:
+    address = _address(store, socket, listen)
+    n = workers or min(os.cpu_count() or 1, SLOTS)
+    return server.ServeConfig(store=store.absolute(), address=address, workers=n, threads=threads)
+
+
+class Tls(enum.StrEnum):
+    off = "off"
+    on = "on"
+    require = "require"
+
+
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise errors.InvalidArgument(detail=f"invalid --socket-mode {text!r}: use an octal mode like 0660")
+    mode = int(text, 8)
+    if mode & 0o111 or not mode & 0o200:
+        raise errors.InvalidArgument(detail=f"--socket-mode {text}: the owner needs write (0600 and up, no x bits)")
+    return mode
+
+
+@app.command()
+def serve(
+    store: StoreOpt = DEFAULT_STORE,
+    socket: SocketOpt = None,
+    listen: ListenOpt = None,
+    workers: WorkersOpt = None,
+    threads: Annotated[int, typer.Option(help="nbdkit threads per connection.", min=1)] = 1,
+    pin: Annotated[
+        bool, typer.Option(help="Pin a worker's connection threads to its core while it has more than one.")
+    ] = True,
+    cache_size: Annotated[str, typer.Option(help="Bound of the shared read cache, like 2G.")] = "1G",
+    create: Annotated[bool, typer.Option("--create", help="Make the store if it does not exist.")] = False,
+    socket_mode: Annotated[
+        str | None, typer.Option(help="Mode of the Unix sockets.", show_default="0660 with --socket-group, else 0600")
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option(help="Group of the Unix sockets (for libvirt: libvirt-qemu or kvm).")
+    ] = None,
+    tls: Annotated[Tls, typer.Option(help="TLS: off, on (offered), require (plain clients refused).")] = Tls.off,
+    tls_certificates: Annotated[
+        Path | None, typer.Option(help="Folder with the server's X.509 certificates (see nbdkit-tls).")
+    ] = None,
+    tls_psk: Annotated[Path | None, typer.Option(help="Pre-shared keys file (psktool format).")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these clients (addresses, networks like 10.0.0.0/8, uid:N, gid:N); repeatable."),
+    ] = None,
+    max_connections: Annotated[int, typer.Option(help="Cap on open connections per worker (0: none).", min=0)] = 0,
+    max_client_connections: Annotated[
+        int,
+        typer.Option(help="Cap on one client's connections per worker (its IP address, or its uid; 0: none).", min=0),
+    ] = 0,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a new connection may take to open a clone (0: no limit).", min=0)
+    ] = 10.0,
+    exclusive: Annotated[
+        bool, typer.Option("--exclusive", help="One client per clone at a time (two VMs writing one disk corrupt it).")
+    ] = False,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Serve every clone read-only.")] = False,
+    metrics: Annotated[str | None, typer.Option(help="Serve Prometheus metrics on HOST:PORT (/metrics).")] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
+    ] = 10.0,
+    log_level: Annotated[LogLevel, typer.Option(help="Least severe messages logged.")] = LogLevel.info,
+) -> None:
+    """Serve every clone of the store over NBD until SIGTERM or Ctrl-C; SIGHUP reloads the workers.
+
+    Each clone has one address for good (its slot's socket or port: 'nbdclone uri NAME' prints it, with
+    or without a server running). A store that does not exist is refused (a mistyped path would serve
+    nothing), unless --create.
+    """
+    if not create and not store.is_dir():
+        raise errors.InvalidArgument(
+            detail=f"store {store} does not exist; import a base or create a clone there first, or pass --create"
+        )
+    if tls == Tls.off and (tls_psk or tls_certificates):
+        raise errors.InvalidArgument(detail="--tls-psk and --tls-certificates need --tls=on or --tls=require")
+    for path in (tls_psk, tls_certificates):
+        if path is not None and not path.exists():
+            raise errors.InvalidArgument(detail=f"{path} does not exist")
+    mode = _mode(socket_mode) if socket_mode else (0o660 if socket_group else 0o600)
+    access = Access(mode, socket_group)
+    access.gid  # noqa: B018 - an unknown group is refused now, not after the sockets exist
+    security = server.Security(
+        tls.value,
+        tls_certificates,
+        tls_psk,
+        tuple(allow or ()),
+        max_connections,
+        max_client_connections,
+        handshake_timeout,
+        exclusive,
+        read_only,
+    )
+    cfg = replace(
+        _serve_config(store, socket, listen, workers, threads),
+        pin=pin,
+        cache_size=parse_size(cache_size),
+        access=access,
+        security=security,
+        metrics=_host_port(metrics, "--metrics") if metrics else None,
+        grace=grace,
+        log_level=log_level.value,
+    )
+    _log_to_journal(log_level.value)
+
+    def ready(address: Address) -> None:
+        n = len(Store(store).catalog().clones)
+        if address.listen is None:
+            where = f"sockets {address.socket_path(0)}[.1-.{SLOTS - 1}]"
+        else:
+            where = f"ports {address.listen[1]}-{address.listen[1] + SLOTS - 1} of {address.listen[0]}"
+        out.print(f"nbdclone: serving {n} clone(s) of {cfg.store} on {where} (see 'nbdclone uri NAME')", soft_wrap=True)
+        sys.stdout.flush()
+
+    raise typer.Exit(server.run(cfg, ready))
+
+
+def _log_to_journal(level: str) -> None:
+    """One line per event, with time and level; under systemd, journald adds the time itself."""
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), format=fmt, force=True)
+
+
+@app.command()
+def uri(
+    name: str,
+    store: StoreOpt = DEFAULT_STORE,
+    socket: SocketOpt = None,
+    listen: ListenOpt = None,
+) -> None:
+    """Print the NBD URI of clone NAME: the same with or without a server running, whatever its workers.
+
+    Without --socket or --listen, the address is the running server's, or else the last server's."""
+    st = Store(store)
+    st.get_clone(name)
+    address = _address(store, socket, listen) or server.address_of(st)
+    out.print(address.uri(slot_of(st.catalog(), name), name), soft_wrap=True)
+
+
+@app.command()
+def reload(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Restart the running server's workers one at a time (to load a new nbdclone): clients reconnect."""
+    info = Store(store).server_info()
+    os.kill(int(info["pid"]), signal.SIGHUP)
+    out.print(f"asked the server (pid {info['pid']}) to restart its {len(info['workers'])} worker(s)")
+
+
+@app.command()
+def stats(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """The running server: its shared read cache, its workers, and per clone the requests it served."""
+    st = Store(store)
+    _, workers = metrics_view.worker_records(st, RunDir(st.path))
+    try:
+        cache = json.loads(RunDir(st.path).cache_stats.read_text())
+    except (FileNotFoundError, ValueError):
+        cache = {}
+    counters = ("hits", "misses", "hit_bytes", "miss_bytes", "prefetched_bytes", "open_clones", "connections")
+    total = {c: sum(int(w.get(c, 0)) for w in workers) for c in counters}
+    c: dict[str, Any] = {**cache, "resident_bytes": resident_bytes(st.chunks.pack), **total}
+    clones = metrics_view.clone_totals(workers)
+    if as_json:
+        print_json(
+            {"cache": c, "workers": [{k: v for k, v in w.items() if k != "clones"} for w in workers], "clones": clones}
+        )
+        return
+    lookups = c["hits"] + c["misses"]
+    hit_rate = f"{c['hits'] / lookups:.1%}" if lookups else "-"
+    out.print(
+        f"cache: {human(c['resident_bytes'])} held of {human(c.get('limit', 0))}, hits {c['hits']} "
+        f"misses {c['misses']} ({hit_rate} hits), evictions {c.get('evictions', 0)}, "
+        f"prefetched {human(c['prefetched_bytes'])}",
+        soft_wrap=True,
+    )
+    table = Table("WORKER", "PID", "CLONES OPEN", "CONNECTIONS", "HITS", "MISSES", box=None)
+    for w in workers:
+        table.add_row(*(str(w.get(k, "-")) for k in ("worker", "pid", "open_clones", "connections", "hits", "misses")))
+    out.print(table)
+    if clones:
+        per = Table("CLONE", "READS", "READ", "WRITES", "WRITTEN", "FLUSHES", "ERRORS", "READ P50", box=None)
+        for name, ops in sorted(clones.items()):
+            per.add_row(
+                name,
+                str(ops["read"]["requests"]),
+                human(ops["read"]["bytes"]),
+                str(ops["write"]["requests"]),
+                human(ops["write"]["bytes"]),
+                str(ops["flush"]["requests"]),
+                str(sum(o["errors"] for o in ops.values())),
+                _p50(ops["read"]),
+            )
+        out.print(per)
+
+
+def _p50(op: dict[str, Any]) -> str:
+    """The bucket bound under which half of the requests finished."""
+    buckets, n = op.get("buckets") or [], op["requests"]
+    acc = 0
+    for bound, count in zip([*LATENCY_BUCKETS, None], buckets, strict=False):
+        acc += count
+        if n and acc * 2 >= n:
+            return f"<{bound // 1000} us" if bound is not None else "> 1 s"
+    return "-"
+
+
+@app.command("systemd-units")
+def systemd_units(
+    dest: Annotated[Path, typer.Option(help="Folder to write nbdclone.service and nbdclone.socket to.")],
+    store: StoreOpt = Path("/var/lib/nbdclone"),
+    group: Annotated[str, typer.Option(help="The group QEMU runs as (Debian: libvirt-qemu).")] = "libvirt-qemu",
+) -> None:
+    """Write a systemd service (Type=notify) and socket unit for serving STORE, for this installation."""
+    from importlib.resources import files
+
+    Address(store.absolute()).check()
+    units = files("nbdclone") / "data" / "systemd"
+    exe = Path(sys.argv[0]).absolute()
+    for name in ("nbdclone.service", "nbdclone.socket"):
+        text = (units / name).read_text()
+        text = text.replace("/usr/local/bin/nbdclone", str(exe)).replace("/var/lib/nbdclone", str(store.absolute()))
+        text = text.replace("libvirt-qemu", group)
+        target = dest / name
+        if target.exists():
+            raise errors.InvalidArgument(detail=f"{target} exists; remove it first")
+        dest.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o644)
+        out.print(f"wrote {target}")
+    out.print("then: systemctl daemon-reload && systemctl enable --now nbdclone.socket nbdclone.service")
+
+
+@app.command()
+def demo(
+    store: StoreOpt = DEFAULT_STORE,
+    socket: SocketOpt = None,
+    listen: ListenOpt = None,
+) -> None:
+    """Import the built-in demo base, make two clones of it, and serve them."""
+    from nbdclone.demo import build_demo_image
+
+    st = Store(store)
+    cfg = _serve_config(store, socket, listen)
+    cat = st.catalog()
+    if "demo" not in cat.bases:
+        with st.scratch(".raw") as image:
+            images.import_base(st, "demo", build_demo_image(image))
+        out.print("imported the demo base 'demo' (64 MiB, ext4)")
+    missing = [c for c in ("demo-1", "demo-2") if c not in st.catalog().clones]
+    if missing:
+        st.create_clones(missing, base="demo")
+        out.print(f"created clone(s) {', '.join(missing)}")
+
+    def ready(address: Address) -> None:
+        cat = st.catalog()
+        one, two = (address.uri(slot_of(cat, n), n) for n in ("demo-1", "demo-2"))
+        sock = one.partition("socket=")[2]
+        out.print(
+            f"""
+nbdclone is serving the clones demo-1 and demo-2 of the demo base. Attach one with:
+
+  nbdinfo '{one}'
+  qemu-img info '{two}'
+  nbdfuse /mnt/demo-1 '{one}' &     # then: mount /mnt/demo-1/nbd /mnt/x
+  nbd-client -unix {sock or "<host> <port>"} -N demo-1 /dev/nbd0
+  qemu-system-x86_64 -drive file={one},format=raw ...
+
+Press Ctrl-C to stop.""",
+            soft_wrap=True,
+        )
+        sys.stdout.flush()
+
+    raise typer.Exit(server.run(cfg, ready))

@@ -1,0 +1,229 @@
+"""Where everything of a store is on disk: every path is made here, and nowhere else.
+
+    STORE/
+      catalog.json            names -> records; replaced atomically (tmp, fsync, rename, fsync dir)
+      catalog.mirror.json     the same, written right after it: read if catalog.json is damaged
+      lock                    flock: exclusive for catalog changes, shared while a server opens a clone
+      chunks/pack, lock       every base version's data, stored once by content (see chunks.py)
+      bases/ID/VERSION.map    a version's chunk map: immutable once written
+      bases/ID/VERSION.trace  the chunks its first boot read, in order (see chunks.py)
+      bases/ID/current        the pointer: the version a following clone uses. A flip replaces this one
+                              small file by rename, whatever the number of clones.
+      clones/ID/state.json    the version (and base) the clone's overlay was started on, and which overlay
+                              is live
+      clones/ID/held          present (durably) from a server's first open of a following clone until its
+                              last connection closes with the server running: while it is, clients may
+                              come back to that version, so the clone does not move
+      clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
+      tmp/                    work in progress (see Layout.scratch)
+      run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
+      /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Layout.clock_path)
+
+Names are keys in the catalog and never become paths: files are named by random ids, so an export name
+from the network can only ever be looked up. A file that is replaced is replaced by write_atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nbdclone.runtime import RunDir
+from nbdclone.store._fs import fsync_dir
+
+if TYPE_CHECKING:
+    from nbdclone.store.catalog import BaseRecord, CloneRecord, CloneState
+
+#: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip.
+CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
+STATE = "state.json"  # in a clone's folder: its live overlay (see clones.py)
+ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
+
+
+def default_store() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "nbdclone"
+
+
+class Layout:
+    """The paths of one store directory, and its work files (STORE/tmp)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).absolute()
+
+    @property
+    def bases_dir(self) -> Path:
+        return self.path / "bases"
+
+    @property
+    def clones_dir(self) -> Path:
+        return self.path / "clones"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.path / "chunks"
+
+    def pointer_path(self, record: BaseRecord) -> Path:
+        return self.base_dir(record) / "current"
+
+    def state_path(self, record: CloneRecord) -> Path:
+        return self.clone_dir(record) / STATE
+
+    def held_path(self, record: CloneRecord) -> Path:
+        return self.clone_dir(record) / "held"
+
+    def overlay_path(self, record: CloneRecord, state: CloneState) -> Path:
+        return self.clone_dir(record) / state.overlay
+
+    def runtime_paths(self) -> list[Path]:
+        """Where the running server says where it listens: in shared memory (always writable, gone with a
+        reboot, as the server is) and in the store's run/ (for a look with ls); the first readable one with
+        a live process wins."""
+        return [self.clock_path.with_suffix(".server.json"), self.server_info_path]
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.path / "catalog.json"
+
+    def base_dir(self, record: BaseRecord) -> Path:
+        return self.bases_dir / record.id
+
+    def map_path(self, record: BaseRecord, vid: str) -> Path:
+        return self.base_dir(record) / f"{vid}.map"
+
+    def trace_path(self, record: BaseRecord, vid: str) -> Path:
+        """The boot trace of a version: the chunks its first boot read, in order."""
+        return self.base_dir(record) / f"{vid}.trace"
+
+    def clone_dir(self, record: CloneRecord) -> Path:
+        return self.clones_dir / record.id
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def server_info_path(self) -> Path:
+        return RunDir(self.path).server_info
+
+    @property
+    def clock_path(self) -> Path:
+        """The shared cache's access bytes: in shared memory, not on the store's file system, where a store
+        into a mapped page can need a new block (a copy-on-write file system, a full disk) and so turn into
+        a SIGBUS. They are hints: a reboot may lose them."""
+        shm = Path("/dev/shm")
+        key = hashlib.sha1(str(self.path.resolve()).encode(), usedforsecurity=False).hexdigest()[:16]
+        return shm / f"nbdclone-{key}.clock" if shm.is_dir() else self.path / "run" / "cache.clock"
+
+    @property
+    def mirror_path(self) -> Path:
+        return self.path / "catalog.mirror.json"
+
+    def _init_dirs(self) -> None:
+        for sub in ("bases", "clones", "chunks", "tmp", "run"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    def new_tmp_file(self, suffix: str) -> Path:
+        self._init_dirs()
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    @contextlib.contextmanager
+    def scratch(self, suffix: str) -> Iterator[Path]:
+        """A work file in STORE/tmp, locked (flock) for as long as this process works on it and removed
+        after. A file there that nobody holds is a leftover of a killed command (`leftovers`)."""
+        while True:
+            path = self.new_tmp_file(suffix)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # a cleanup that found it unlocked before our flock did not remove it
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def leftovers(self) -> list[Path]:
+        """Files of STORE/tmp no running command holds: what killed imports, exports and catalog writes
+        left. (Catalog writes hold the store lock; callers that remove these hold it too.)"""
+        found = []
+        for path in sorted(self.tmp.iterdir()) if self.tmp.is_dir() else ():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                found.append(path)  # not a file we could open: still not ours to keep
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running command's
+            else:
+                found.append(path)
+            finally:
+                os.close(fd)
+        return found
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove `leftovers()`; returns them. Caller holds the store lock (no catalog write is half done)."""
+        removed = self.leftovers()
+        for path in removed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return removed
+
+
+def disk_bytes(directory: Path | None) -> int:
+    """Bytes the files of `directory` take on disk (allocated blocks, not apparent sizes)."""
+    if directory is None or not directory.is_dir():
+        return 0
+    return sum(f.stat().st_blocks * 512 for f in directory.iterdir() if f.is_file())
+
+
+def children(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = False) -> None:
+    """Replace `path` with `text`: write a temp file, fsync it, rename it over `path`, fsync the directory.
+    Readers see the old or the new file, never a mix; after return, the new one survives power loss."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    if crash_hooks:
+        _crash_point("write")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        if crash_hooks:
+            _crash_point("fsync")
+        os.fsync(f.fileno())
+    if crash_hooks:
+        _crash_point("rename")
+    os.rename(tmp, path)
+    if crash_hooks:
+        _crash_point("fsync-dir")
+    fsync_dir(path.parent)
+    if crash_hooks:
+        _crash_point("done")
