@@ -38,6 +38,16 @@ class CloneNotFound(NbdcloneError, FileNotFoundError):
     template = "no clone named {name!r} in store {store}"
 
 
+class SnapshotNotFound(NbdcloneError, FileNotFoundError):
+    errno = _errno.ENOENT
+    template = "clone {clone!r} has no snapshot named {name!r}"
+
+
+class SnapshotExists(NbdcloneError, FileExistsError):
+    errno = _errno.EEXIST
+    template = "clone {clone!r} already has a snapshot named {name!r}"
+
+
 class BaseExists(NbdcloneError, FileExistsError):
     errno = _errno.EEXIST
     template = "a base named {name!r} already exists in store {store}"

@@ -6,12 +6,13 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemainingColumn, TransferSpeedColumn
 
 import nbdclone
 from nbdclone import errors
@@ -106,6 +107,11 @@ def progress_bar() -> Progress:
         transient=err.is_terminal,
         disable=not (err.is_terminal if _show_progress[0] is None else _show_progress[0]),
     )
+
+
+def updater(bar: Progress, task: TaskID) -> Callable[[int, int], None]:
+    """A core progress callback (done, total) that moves `task` of `bar`."""
+    return lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def print_json(data: Any) -> None:

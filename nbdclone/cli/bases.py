@@ -21,6 +21,7 @@ from nbdclone.cli._common import (
     print_json,
     progress_bar,
     record_dict,
+    updater,
 )
 from nbdclone.store import Store, images, lineage
 from nbdclone.store.chunks import CHUNK
@@ -76,7 +77,7 @@ def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: B
     st = Store(store)
     if base is not None:
         st.get_base(base)
-    rows = [record_dict(v) for v in st.version_stats() if base is None or v.base == base]
+    rows = [record_dict(v) for v in st.version_stats() if not v.owner and (base is None or v.base == base)]
     if as_json:
         print_json(rows)
         return
@@ -132,9 +133,7 @@ def base_publish(
     st = Store(store)
     with progress_bar() as bar:
         task = bar.add_task(f"publishing {clone}", total=None)
-        _, vid, written = lineage.publish_clone(
-            st, name, clone, lambda done, total: bar.update(task, completed=done, total=total)
-        )
+        _, vid, written = lineage.publish_clone(st, name, clone, updater(bar, task))
     out.print(f"{name}: version {vid} from clone {clone} ({human(written * CHUNK)} of new chunks stored)")
     if promote:
         old = st.promote(name, vid)

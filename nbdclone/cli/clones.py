@@ -23,9 +23,11 @@ from nbdclone.cli._common import (
     print_json,
     progress_bar,
     record_dict,
+    updater,
 )
-from nbdclone.store import Store, images
-from nbdclone.store.catalog import slot_of
+from nbdclone.store import Store, images, lineage
+from nbdclone.store.catalog import is_own_base, slot_of
+from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
 from nbdclone.supervisor import server
 
@@ -37,13 +39,28 @@ def clone_create(
         str | None, typer.Option(help="BASE follows the base's current version; BASE@VERSION pins one.")
     ] = None,
     size: Annotated[str | None, typer.Option(help="Size of a blank clone with no base, like 10G.")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="CLONE: start as that clone reads now (it must be closed); CLONE@SNAP: as its snapshot."
+        ),
+    ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", help="Serve these clones read-only.")] = False,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Create clones of BASE (or blank disks of SIZE). Many names make many clones in one step."""
-    if (base is None) == (size is None):
-        raise errors.InvalidArgument(detail="give exactly one of --base BASE or --size SIZE")
-    records = Store(store).create_clones(names, base=base, size=parse_size(size) if size else None, readonly=read_only)
+    """Create clones of BASE (or blank disks of SIZE, or copies of another clone). Many names make many
+    clones in one step."""
+    if sum(x is not None for x in (base, size, source)) != 1:
+        raise errors.InvalidArgument(detail="give exactly one of --base BASE, --size SIZE or --from CLONE[@SNAP]")
+    st = Store(store)
+    if source is not None:
+        for name in names:
+            with progress_bar() as bar:
+                task = bar.add_task(f"copying {source}", total=None)
+                lineage.create_from(st, name, source, readonly=read_only, progress=updater(bar, task))
+            out.print(f"created clone {name} from {source}")
+        return
+    records = st.create_clones(names, base=base, size=parse_size(size) if size else None, readonly=read_only)
     for record in records[:20]:
         what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
         out.print(f"created clone {record.name} {what}")
@@ -53,7 +70,11 @@ def clone_create(
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
     try:
-        return {**record_dict(rec), **record_dict(st.status(rec)), "damaged": ""}
+        row = {**record_dict(rec), **record_dict(st.status(rec)), "damaged": ""}
+        if is_own_base(rec.base):  # its own versions: shown by snapshot, not by an internal base name
+            own = st.get_base(rec.base)
+            row |= {"base": None, "snapshot": own.versions[row["version"]].snapshot if row["version"] else ""}
+        return row
     except errors.Damaged as exc:  # listed, not hidden, and the list goes on
         status = {"version": None, "size": rec.size, "follows": rec.pin is None, "move_pending": False}
         status |= {"held": False, "overlay_disk_bytes": 0, "open": False}
@@ -63,8 +84,10 @@ def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
 def _version_label(r: dict[str, Any]) -> str:
     if r["damaged"]:
         return "DAMAGED (see 'nbdclone check')"
+    if r.get("snapshot"):
+        return f"snapshot {r['snapshot']}"
     if r["base"] is None:
-        return "-"
+        return "own version" if r["version"] else "-"
     label = f"{r['base']}@{r['version']}" + ("" if r["follows"] else " (pinned)")
     if not r["move_pending"]:
         return label
@@ -172,7 +195,7 @@ def clone_upgrade(
     if all_pending:
         if names or to:
             raise errors.InvalidArgument(detail="--all-pending takes no names and no --to")
-        names = [n for base in st.catalog().bases for group in st.moves(base) for n in group]
+        names = [n for base in st.catalog().public_bases() for group in st.moves(base) for n in group]
         if not names:
             out.print("no clone is waiting to move")
             return
@@ -217,3 +240,78 @@ def clone_export(
         task = bar.add_task(f"exporting {name}", total=None)
         images.export_clone(st, name, dest, fmt_lit, lambda d, t: bar.update(task, completed=d, total=t))
     out.print(f"exported clone {name} to {dest} ({fmt_lit})")
+
+
+@clone_app.command("snapshot")
+def clone_snapshot(
+    args: Annotated[list[str], typer.Argument(metavar="NAME SNAP | rm NAME SNAP", help="The clone and the snapshot.")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Take snapshot SNAP of clone NAME (its contents now, shared by content with everything else; refused
+    while it has clients), or with 'rm', remove one."""
+    st = Store(store)
+    if len(args) == 3 and args[0] == "rm":
+        freed = lineage.remove_snapshot(st, args[1], args[2])
+        out.print(f"removed snapshot {args[2]} of clone {args[1]} ({human(freed)} freed)")
+        return
+    if len(args) != 2:
+        raise errors.InvalidArgument(detail="use: clone snapshot NAME SNAP, or clone snapshot rm NAME SNAP")
+    name, snap = args
+    with progress_bar() as bar:
+        task = bar.add_task(f"snapshot {snap} of {name}", total=None)
+        _, written = lineage.snapshot(st, name, snap, updater(bar, task))
+    out.print(f"clone {name}: snapshot {snap} taken ({human(written * CHUNK)} of new chunks stored)")
+
+
+@clone_app.command("snapshots")
+def clone_snapshots(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """List clone NAME's snapshots, oldest first, and the one its writes started from."""
+    rows: list[dict[str, Any]] = [
+        {"name": snap, "version": v.id, "size": v.size, "created": v.created, "new_chunks": v.new_chunks, "on": on}
+        for snap, v, on in lineage.snapshots(Store(store), name)
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("SNAPSHOT", "SIZE", "NEW DATA", "CREATED", "CLONE STARTED FROM IT", box=None)
+    for r in rows:
+        table.add_row(r["name"], human(r["size"]), human(r["new_chunks"] * CHUNK), r["created"], "*" if r["on"] else "")
+    out.print(table)
+
+
+@clone_app.command("rollback")
+def clone_rollback(name: str, snap: str, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Make clone NAME read as its snapshot SNAP again; its writes since are dropped. Refused while connected."""
+    lineage.rollback(Store(store), name, snap)
+    out.print(f"clone {name}: rolled back to snapshot {snap}")
+
+
+@clone_app.command("flatten")
+def clone_flatten(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Make clones independent of their base's version (which can then be removed): each one's contents
+    become a version of its own, sharing every chunk by content. A clone stops following its base."""
+    st = Store(store)
+
+    def flatten(name: str) -> str:
+        vid = lineage.flatten(st, name)
+        return "it reads no base version already" if vid is None else "it no longer uses its base version"
+
+    _each(names or [], st, flatten, "flattened clone {name}: {result}")
+
+
+@clone_app.command("resize")
+def clone_resize(
+    name: str,
+    size: Annotated[str, typer.Argument(help="The new size, like 20G.")],
+    shrink: Annotated[
+        bool, typer.Option("--shrink", help="Allow a smaller size: the bytes past it are dropped.")
+    ] = False,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Give clone NAME a new size; the new bytes read as zeros. A clone of a base gets a version of its own
+    (as flatten does). Refused while connected."""
+    new = parse_size(size)
+    with progress_bar() as bar:
+        task = bar.add_task(f"resizing {name}", total=None)
+        old = lineage.resize(Store(store), name, new, shrink=shrink, progress=updater(bar, task))
+    out.print(f"clone {name}: {human(old)} -> {human(new)}" if old != new else f"clone {name} is {human(new)} already")

@@ -22,6 +22,7 @@ def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilt
     if base is not None:
         st.get_base(base)
     versions = [record_dict(v) for v in st.version_stats() if base is None or v.base == base]
+    labels = {v["base"]: v["owner"] for v in versions if v["owner"]}  # clones' own versions: by clone name
     clones: list[dict[str, Any]] = []
     for rec in st.catalog().clones.values():
         if base is not None and rec.base != base:
@@ -30,7 +31,8 @@ def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilt
             used, damaged = st.overlay_bytes(rec), ""
         except errors.NbdcloneError as exc:
             used, damaged = 0, str(exc)
-        clones.append({"name": rec.name, "base": rec.base, "overlay_disk_bytes": used, "damaged": damaged})
+        shown = None if rec.base in labels else rec.base
+        clones.append({"name": rec.name, "base": shown, "overlay_disk_bytes": used, "damaged": damaged})
     pack = st.chunks.pack
     totals = {
         "chunks_disk_bytes": pack.stat().st_blocks * 512 if pack.exists() else 0,
@@ -42,9 +44,9 @@ def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilt
         return
     table = Table("BASE", "VERSION", "HOLDS", "SHARED", "ONLY HERE", "CLONES", box=None)
     for v in versions:
-        table.add_row(
-            v["base"], v["version"], human(v["stored"]), human(v["shared"]), human(v["unique"]), str(v["clones"])
-        )
+        where = f"clone {v['owner']}" if v["owner"] else v["base"]
+        what = f"snapshot {v['snapshot']}" if v["snapshot"] else v["version"]
+        table.add_row(where, what, human(v["stored"]), human(v["shared"]), human(v["unique"]), str(v["clones"]))
     out.print(table)
     table = Table("CLONE", "BASE", "WRITES ON DISK", box=None)
     for c in clones:

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 OVERLAY_RE = re.compile(r"[0-9a-f]{12}")
-CATALOG_FORMAT = 2
+BASE_ID_RE = re.compile(r"[0-9a-f]{32}")
+CATALOG_FORMAT = 3
 
 
-def validate_name(kind: Literal["base", "clone"], name: str) -> str:
+def validate_name(kind: Literal["base", "clone", "snapshot"], name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise errors.InvalidName(kind=kind, name=name if len(name) <= 80 else name[:77] + "...")
     return name
@@ -40,6 +41,19 @@ def validate_name(kind: Literal["base", "clone"], name: str) -> str:
 
 def is_valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name))
+
+
+#: A clone's own base (its snapshots, and what flatten, resize and clone --from give it) is named by this
+#: mark and the clone's id: no user's name starts with it, so no command that takes a base name reaches it.
+PRIVATE = "~"
+
+
+def own_base_name(clone: CloneRecord) -> str:
+    return PRIVATE + clone.id
+
+
+def is_own_base(name: str | None) -> bool:
+    return name is not None and name.startswith(PRIVATE)
 
 
 def parse_base_ref(ref: str) -> tuple[str, str | None]:
@@ -79,6 +93,7 @@ class VersionRecord:
     created: str
     source: str
     new_chunks: int
+    snapshot: str = ""  # in a clone's own base: the snapshot's name ("" for a version no one named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +103,11 @@ class BaseRecord:
     created: str
     next_version: int
     versions: dict[str, VersionRecord]
+    owner: str = ""  # a clone's own base: that clone's id ("" for a base users name)
+
+    def snapshot(self, name: str) -> str | None:
+        """The version that is snapshot `name`, if there is one."""
+        return next((vid for vid, v in self.versions.items() if v.snapshot == name), None)
 
     def version(self, vid: str, store: Path) -> VersionRecord:
         record = self.versions.get(vid)
@@ -110,10 +130,13 @@ class CloneRecord:
 
 @dataclass(frozen=True, slots=True)
 class CloneState:
-    """Where a clone is now: the version its overlay started on, and that overlay's directory name."""
+    """Where a clone is now: the version its overlay started on, and that overlay's directory name.
+    `base` is the id of that version's base; None in states written before clones could change base (then
+    it is the clone's base in the catalog)."""
 
     version: str | None
     overlay: str
+    base: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +163,8 @@ class VersionStats:
     unique: int  # of which only this version references: what removing it would free
     clones: int
     damaged: str = ""  # why its map or its base's pointer cannot be used ("" if they can)
+    owner: str = ""  # a clone's own version: that clone's name
+    snapshot: str = ""  # and the snapshot it is, if it is one
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +181,7 @@ class Catalog:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Catalog:
-        if data.get("format") != CATALOG_FORMAT:
+        if data.get("format") not in (2, CATALOG_FORMAT):  # 2: before snapshots (no owner, no snapshot)
             raise errors.NbdcloneError(detail=f"unsupported catalog format {data.get('format')!r}")
         bases = {}
         for n, r in data["bases"].items():
@@ -166,6 +191,17 @@ class Catalog:
 
     def clones_of(self, base: str) -> list[str]:
         return sorted(n for n, c in self.clones.items() if c.base == base)
+
+    def next_seq(self) -> int:
+        """The creation number of the next clone."""
+        return max((c.seq for c in self.clones.values()), default=-1) + 1
+
+    def base_by_id(self, base_id: str) -> BaseRecord | None:
+        return next((b for b in self.bases.values() if b.id == base_id), None)
+
+    def public_bases(self) -> dict[str, BaseRecord]:
+        """The bases users name (not clones' own)."""
+        return {n: b for n, b in self.bases.items() if not b.owner}
 
 
 class CatalogStore(Layout):
@@ -211,14 +247,15 @@ class CatalogStore(Layout):
         finally:
             os.close(fd)
 
-    def _write_catalog(self, catalog: Catalog) -> None:
+    def write_catalog(self, catalog: Catalog) -> None:
         """Replace catalog.json atomically and durably, then its mirror. Caller holds the exclusive lock."""
         text = seal_json(catalog.to_json())
         write_atomic(self.catalog_path, text, self.tmp)
         write_atomic(self.mirror_path, text, self.tmp)
 
     def get_base(self, name: str) -> BaseRecord:
-        validate_name("base", name)
+        if not is_own_base(name):  # a clone's own base is reached through its record only
+            validate_name("base", name)
         record = self.catalog().bases.get(name)
         if record is None:
             raise errors.BaseNotFound(name=name, store=self.path)
@@ -265,13 +302,38 @@ class CatalogStore(Layout):
         """Where the clone is (None: never opened), checked against the catalog before anything acts on it."""
         state = read_state(self.clone_dir(record))
         if state is not None and state.version is not None:
-            base = self.catalog().bases.get(record.base or "")
+            base = self.state_base(record, state)
             if base is None or state.version not in base.versions:
                 raise errors.Damaged(
                     path=self.state_path(record),
                     detail=f"it names version {state.version!r}, which base {record.base} does not have",
                 )
         return state
+
+    def state_base(self, record: CloneRecord, state: CloneState) -> BaseRecord | None:
+        """The base whose version the clone's overlay sits on (None for a blank clone, or a damaged state)."""
+        cat = self.catalog()
+        if state.base is None:
+            return cat.bases.get(record.base or "")
+        return cat.base_by_id(state.base)
+
+    def clone_on(self, record: CloneRecord) -> tuple[str | None, str | None]:
+        """(base, version) the clone reads now, or for a never-opened clone, the one it will. The base is
+        the catalog's for the clone, except between the two steps of a change of base (lineage.py)."""
+        state = self.clone_state(record)
+        return self.target_on(record) if state is None else self.state_on(record, state)
+
+    def state_on(self, record: CloneRecord, state: CloneState) -> tuple[str | None, str | None]:
+        """(base, version) a checked state's overlay sits on."""
+        if state.version is None:
+            return None, None
+        base = self.state_base(record, state)
+        assert base is not None  # clone_state checked it
+        return base.name, state.version
+
+    def target_on(self, record: CloneRecord) -> tuple[str | None, str | None]:
+        """(base, version) the clone's next first connection will use."""
+        return record.base, self.target_version(record)
 
     def target_version(self, record: CloneRecord) -> str | None:
         """The version the clone's next first connection will use."""
@@ -281,16 +343,12 @@ class CatalogStore(Layout):
 
     def clone_version(self, record: CloneRecord) -> str | None:
         """The version the clone reads now (its overlay's), or for a never-opened clone, the one it will."""
-        state = self.clone_state(record)
-        return state.version if state is not None else self.target_version(record)
+        return self.clone_on(record)[1]
 
     def clone_size(self, record: CloneRecord, vid: str | None) -> int:
         if record.base is None or vid is None:
             return record.size
         return self.get_base(record.base).version(vid, self.path).size
-
-    def overlay_path(self, record: CloneRecord, state: CloneState) -> Path:
-        return self.clone_dir(record) / state.overlay
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -315,8 +373,10 @@ def load_state(path: Path) -> CloneState | None:
         state = CloneState(**obj)
     except (ValueError, TypeError) as exc:
         raise errors.Damaged(path=path, detail=f"it is not a clone state ({exc})") from None
-    if not (isinstance(state.overlay, str) and OVERLAY_RE.fullmatch(state.overlay)) or not (
-        state.version is None or (isinstance(state.version, str) and VERSION_RE.fullmatch(state.version))
+    if (
+        not (isinstance(state.overlay, str) and OVERLAY_RE.fullmatch(state.overlay))
+        or not (state.version is None or (isinstance(state.version, str) and VERSION_RE.fullmatch(state.version)))
+        or not (state.base is None or (isinstance(state.base, str) and BASE_ID_RE.fullmatch(state.base)))
     ):
         raise errors.Damaged(path=path, detail="it names no valid overlay and version")
     return state

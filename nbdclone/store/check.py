@@ -123,7 +123,8 @@ def _check_bases(store: Store, cat: Catalog, report: Report, repair: bool) -> di
     nslots = store.chunks.nslots()
     for base in cat.bases.values():
         try:
-            store.current_version(base)
+            if not base.owner:  # a clone's own base has no pointer: its clone is pinned to a version
+                store.current_version(base)
         except errors.Damaged as exc:
             report.findings.append(
                 Finding(
@@ -134,7 +135,7 @@ def _check_bases(store: Store, cat: Catalog, report: Report, repair: bool) -> di
                 )
             )
         for vid, version in base.versions.items():
-            ref = f"{base.name}@{vid}"
+            ref = f"{store.base_label(cat, base.name)}@{vid}"
             path = store.map_path(base, vid)
             report.checked["versions"] = report.checked.get("versions", 0) + 1
             try:

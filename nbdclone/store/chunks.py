@@ -111,6 +111,19 @@ class VersionMap:
             {p: bytearray(keys) for p, keys in self.digest_pages.items()},
         )
 
+    def resized(self, size: int) -> VersionMap:
+        """A new map of `size` bytes with this one's chunks below it (loaded with digests). Chunks past the
+        old end read as zeros; a chunk the new end cuts keeps its bytes past the end (the caller stores it
+        again, cut, if they must read as zeros)."""
+        copy = self.derived()
+        stop = -(-size // CHUNK)
+        keep = [p for p in copy.pages if p << PAGE_SHIFT < stop]
+        assert copy.digest_pages is not None
+        vmap = VersionMap(size, {p: copy.pages[p] for p in keep}, {p: copy.digest_pages[p] for p in keep})
+        for i in range(stop, min(((stop >> PAGE_SHIFT) + 1) << PAGE_SHIFT, self.nchunks)):
+            vmap.clear(i)
+        return vmap
+
     def stored(self) -> Iterator[tuple[int, int, bytes]]:
         """(chunk, slot, digest) of every chunk that is not all zeros, in chunk order."""
         assert self.digest_pages is not None, "loaded without digests"

@@ -20,6 +20,7 @@ from nbdclone.store.catalog import (
     CloneRecord,
     CloneState,
     CloneStatus,
+    is_own_base,
     now,
     parse_base_ref,
     validate_name,
@@ -51,16 +52,16 @@ class Clones(CatalogStore):
                 base_name, pin = parse_base_ref(base)
                 self.resolve(base)
             if size is not None:
-                self._check_file_size(size)
-            seq = max((c.seq for c in cat.clones.values()), default=-1) + 1
+                self.check_file_size(size)
+            seq = cat.next_seq()
             records = [
                 CloneRecord(n, uuid.uuid4().hex, base_name, pin, size or 0, now(), seq + i, readonly)
                 for i, n in enumerate(names)
             ]
-            self._write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
+            self.write_catalog(replace(cat, clones={**cat.clones, **{r.name: r for r in records}}))
         return records
 
-    def _check_file_size(self, size: int) -> None:
+    def check_file_size(self, size: int) -> None:
         """A clone's data file is laid out like its disk: refuse a size no file of the store can reach
         (ext4 stops at 16 TiB), which a server could open but never write to the end of."""
         if size <= 0 or size >= 1 << 63:
@@ -91,21 +92,14 @@ class Clones(CatalogStore):
             dropped = [] if old is None else [directory / old.overlay]
         except errors.Damaged:  # ...so a reset of a damaged clone (the operator's call) drops every one
             dropped = [d for d in directory.iterdir() if d.is_dir() and not overlay_in_use(d)]
-        state = CloneState(version, uuid.uuid4().hex[:12])
+        base_id = self.get_base(record.base).id if record.base is not None and version is not None else None
+        state = CloneState(version, uuid.uuid4().hex[:12], base_id)
         create_overlay(directory / state.overlay)
         write_atomic(directory / state.overlay / ORIGIN, seal_json(asdict(state)), directory / state.overlay)
         write_atomic(self.state_path(record), seal_json(asdict(state)), directory)
         for path in dropped:
             shutil.rmtree(path, ignore_errors=True)
         return state
-
-    def remove_clone(self, name: str) -> None:
-        with self.lock():
-            record = self.get_clone(name)
-            self._refuse_if_open(record)
-            cat = self.catalog()
-            self._write_catalog(replace(cat, clones={n: r for n, r in cat.clones.items() if n != name}))
-            shutil.rmtree(self.clone_dir(record), ignore_errors=True)
 
     def rename_clone(self, old: str, new: str) -> CloneRecord:
         """Give clone `old` the name (and NBD export name) `new`. Its files are named by id and its slot
@@ -119,7 +113,7 @@ class Clones(CatalogStore):
             self._refuse_if_open(record)
             renamed = replace(record, name=new)
             clones = {(new if n == old else n): (renamed if n == old else r) for n, r in cat.clones.items()}
-            self._write_catalog(replace(cat, clones=clones))
+            self.write_catalog(replace(cat, clones=clones))
         return renamed
 
     def reset_clone(self, name: str) -> CloneState:
@@ -129,9 +123,11 @@ class Clones(CatalogStore):
             record = self.get_clone(name)
             self._refuse_if_open(record)
             try:
-                version = self.clone_version(record)
+                base, version = self.clone_on(record)
             except errors.Damaged:
-                version = self.target_version(record)
+                base, version = self.target_on(record)
+            if base != record.base:  # a change of base was cut short (lineage.py): finish it
+                base, version = self.target_on(record)
             return self.start_overlay(record, version)
 
     def upgrade_clone(self, name: str, to: str | None) -> tuple[str | None, str]:
@@ -141,6 +137,10 @@ class Clones(CatalogStore):
             record = self.get_clone(name)
             if record.base is None:
                 raise errors.InvalidArgument(detail=f"clone {name!r} is blank: it has no base to upgrade")
+            if is_own_base(record.base):
+                raise errors.InvalidArgument(
+                    detail=f"clone {name!r} reads its own snapshots, not a base: use clone rollback to change them"
+                )
             base = self.get_base(record.base)
             vid = to or self.current_version(base)
             base.version(vid, self.path)
@@ -148,7 +148,7 @@ class Clones(CatalogStore):
             old = self.clone_version(record)
             if record.pin is not None:
                 cat = self.catalog()
-                self._write_catalog(replace(cat, clones={**cat.clones, name: replace(record, pin=vid)}))
+                self.write_catalog(replace(cat, clones={**cat.clones, name: replace(record, pin=vid)}))
             elif to is not None and to != self.current_version(base):
                 raise errors.InvalidArgument(
                     detail=f"clone {name!r} follows {record.base}; it can only move to the current version"
@@ -159,14 +159,14 @@ class Clones(CatalogStore):
     def status(self, record: CloneRecord) -> CloneStatus:
         """Where a clone stands, from one read of its state."""
         state = self.clone_state(record)
-        target = self.target_version(record)
-        version = state.version if state is not None else target
+        target = self.target_on(record)
+        on = self.state_on(record, state) if state is not None else target
         path = self.overlay_path(record, state) if state is not None else None
         return CloneStatus(
-            version=version,
-            size=self.clone_size(record, version),
+            version=on[1],
+            size=self.clone_size(record, on[1]) if on[0] == record.base else record.size,
             follows=record.base is not None and record.pin is None,
-            move_pending=state is not None and version != target,
+            move_pending=on != target,
             held=self.is_held(record),
             overlay_disk_bytes=disk_bytes(path),
             open=path is not None and overlay_in_use(path),

@@ -179,12 +179,12 @@ def open_clone_readonly(store: Store, name: str) -> Clone:
     """The clone as it reads now (its overlay on its version), without taking its overlay's lock."""
     record = store.get_clone(name)
     state = store.clone_state(record)
-    version = state.version if state is not None else store.target_version(record)
+    base_name, version = store.state_on(record, state) if state is not None else store.target_on(record)
     base: Base
-    if record.base is None or version is None:
+    if base_name is None or version is None:
         base = ZeroBase(record.size)
     else:
-        base = ChunkedBase(store.chunks.pack, store.version_map(store.get_base(record.base), version))
+        base = ChunkedBase(store.chunks.pack, store.version_map(store.get_base(base_name), version))
     overlay: Overlay = (
         MemoryOverlay() if state is None else RocksOverlay(store.overlay_path(record, state), readonly=True)
     )

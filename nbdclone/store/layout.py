@@ -42,7 +42,8 @@ from nbdclone.store._fs import fsync_dir
 if TYPE_CHECKING:
     from nbdclone.store.catalog import BaseRecord, CloneRecord, CloneState
 
-#: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip.
+#: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip (write,
+#: fsync, rename, fsync-dir, done) or of a clone's change of base (lineage-commit, lineage-switch).
 CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
 STATE = "state.json"  # in a clone's folder: its live overlay (see clones.py)
 ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
@@ -201,7 +202,7 @@ def children(directory: Path) -> list[Path]:
     return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
-def _crash_point(step: str) -> None:
+def crash_point(step: str) -> None:
     if os.environ.get(CRASH_AT_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -212,18 +213,18 @@ def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = Fa
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
     if crash_hooks:
-        _crash_point("write")
+        crash_point("write")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         if crash_hooks:
-            _crash_point("fsync")
+            crash_point("fsync")
         os.fsync(f.fileno())
     if crash_hooks:
-        _crash_point("rename")
+        crash_point("rename")
     os.rename(tmp, path)
     if crash_hooks:
-        _crash_point("fsync-dir")
+        crash_point("fsync-dir")
     fsync_dir(path.parent)
     if crash_hooks:
-        _crash_point("done")
+        crash_point("done")

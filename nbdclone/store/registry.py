@@ -91,9 +91,10 @@ class Registry:
             record = self.store.get_clone(name)
             version = self.store.target_version(record)  # a checked pointer: a version the base has
             state = self.store.clone_state(record)  # checked: a damaged state raises, and nothing moves
+            on = self.store.state_on(record, state) if state is not None else None
             follows = record.base is not None and record.pin is None
             moving = False
-            if state is not None and state.version != version and follows and self.store.is_held(record):
+            if state is not None and on != (record.base, version) and follows and self.store.is_held(record):
                 log.info(
                     "clone %s stays on version %s (its clients may come back); it moves to %s after its last "
                     "connection closes",
@@ -102,7 +103,7 @@ class Registry:
                     version,
                 )
                 version = state.version
-            elif state is None or state.version != version:
+            elif on != (record.base, version):  # never opened, or its base moved (or it changed base: lineage.py)
                 moving = True
             # The version is opened (its map read and checked) before any overlay is dropped for it.
             key, base = self._get_base(record, version)

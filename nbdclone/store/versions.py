@@ -20,9 +20,11 @@ from nbdclone.store._sealed import seal
 from nbdclone.store.catalog import (
     BaseRecord,
     Catalog,
+    CloneRecord,
     VersionRecord,
     VersionStats,
     now,
+    own_base_name,
     parse_base_ref,
     read_state,
     validate_name,
@@ -39,23 +41,42 @@ class Versions(Clones):
         """Commit an imported version of base `name` (created if new). Caller holds chunks.writer()."""
         validate_name("base", name)
         with self.lock():
-            self._init_dirs()
-            cat = self.catalog()
-            record = cat.bases.get(name) or BaseRecord(name, uuid.uuid4().hex, now(), 1, {})
-            vid = str(record.next_version)
-            self.base_dir(record).mkdir(exist_ok=True)
-            vmap.save(self.map_path(record, vid))
-            fsync_dir(self.base_dir(record))
-            version = VersionRecord(vid, vmap.size, now(), source, new_chunks)
-            record = replace(record, next_version=record.next_version + 1, versions={**record.versions, vid: version})
-            if name not in cat.bases:
-                self._write_pointer(record, vid)
-            self._write_catalog(replace(cat, bases={**cat.bases, name: record}))
+            record, vid = self.commit_version(name, vmap, source, new_chunks)
         log.info("imported version %s of base %s (%d bytes, %d new chunks)", vid, name, vmap.size, new_chunks)
+        return record, vid
+
+    def commit_version(
+        self,
+        name: str,
+        vmap: VersionMap,
+        source: str,
+        new_chunks: int,
+        *,
+        owner: str = "",
+        snapshot: str = "",
+        clones: tuple[CloneRecord, ...] = (),
+    ) -> tuple[BaseRecord, str]:
+        """Add `vmap` as the next version of base `name` (created, owned by clone id `owner`, if new), and
+        write `clones`' records in the same catalog write. Order: the map is written and synced before
+        the catalog names it. Caller holds chunks.writer() and lock()."""
+        self._init_dirs()
+        cat = self.catalog()
+        record = cat.bases.get(name) or BaseRecord(name, uuid.uuid4().hex, now(), 1, {}, owner)
+        vid = str(record.next_version)
+        self.base_dir(record).mkdir(exist_ok=True)
+        vmap.save(self.map_path(record, vid))
+        fsync_dir(self.base_dir(record))
+        version = VersionRecord(vid, vmap.size, now(), source, new_chunks, snapshot)
+        record = replace(record, next_version=record.next_version + 1, versions={**record.versions, vid: version})
+        if name not in cat.bases and not owner:
+            self._write_pointer(record, vid)
+        updated = {c.name: c for c in clones}
+        self.write_catalog(replace(cat, bases={**cat.bases, name: record}, clones={**cat.clones, **updated}))
         return record, vid
 
     def promote(self, name: str, vid: str) -> str:
         """Make `vid` the current version of base `name`: one atomic, durable rename. Returns the old one."""
+        validate_name("base", name)
         with self.lock():
             record = self.get_base(name)
             record.version(vid, self.path)
@@ -78,14 +99,77 @@ class Versions(Clones):
             if clone.base is None:
                 continue
             try:
-                version = self.clone_version(clone)
+                on = self.clone_on(clone)
             except errors.Damaged:
                 if not skip_damaged:
                     raise
                 continue
-            for vid in {clone.pin, version} - {None}:
-                users.setdefault((clone.base, vid), []).append(clone.name)  # type: ignore[arg-type]
+            for key in {(clone.base, clone.pin), on}:
+                if key[0] is not None and key[1] is not None:
+                    users.setdefault(key, []).append(clone.name)  # type: ignore[arg-type]
         return users
+
+    def remove_clone(self, name: str) -> int:
+        """Remove a clone, its overlay, and its own snapshots that no other clone was made from. Returns
+        the bytes freed in the chunk pack."""
+        with self.chunks.writer():
+            with self.lock():
+                record = self.get_clone(name)
+                self._refuse_if_open(record)
+                cat = self.catalog()
+                cat = replace(cat, clones={n: r for n, r in cat.clones.items() if n != name})
+                self.write_catalog(cat)
+                shutil.rmtree(self.clone_dir(record), ignore_errors=True)
+                own = own_base_name(record)
+                if own not in cat.bases:
+                    return 0
+                cat = self.drop_versions(cat, self.dead_versions(cat, self.version_users(cat), only=own))
+            return self.chunks.release_unused(self.all_version_maps(cat))
+
+    def dead_versions(
+        self, cat: Catalog, users: dict[tuple[str, str], list[str]], *, only: str | None = None
+    ) -> dict[str, list[str]]:
+        """base -> its versions nothing needs: not current (a base users name), not a snapshot of a clone
+        that exists (a clone's own base), and used by no clone."""
+        live_clones = {c.id for c in cat.clones.values()}
+        dead: dict[str, list[str]] = {}
+        for name, record in cat.bases.items():
+            if only is not None and name != only:
+                continue
+            if record.owner:
+                keep = {v for v, r in record.versions.items() if r.snapshot and record.owner in live_clones}
+            else:
+                keep = {self.current_version(record)}
+            vids = [v for v in record.versions if v not in keep and (name, v) not in users]
+            if vids:
+                dead[name] = vids
+        return dead
+
+    def drop_versions(self, cat: Catalog, dead: dict[str, list[str]]) -> Catalog:
+        """Remove `dead` versions from the catalog, then their files; a clone's own base left with no
+        version goes too. Returns the new catalog. Caller holds chunks.writer() and lock(); the chunks are
+        freed by release_unused after."""
+        if not dead:
+            return cat
+        bases = dict(cat.bases)
+        files: list[Path] = []
+        folders: list[Path] = []
+        for name, vids in dead.items():
+            record = bases[name]
+            left = {v: r for v, r in record.versions.items() if v not in vids}
+            files += [p for v in vids for p in (self.map_path(record, v), self.trace_path(record, v))]
+            if record.owner and not left:
+                del bases[name]
+                folders.append(self.base_dir(record))
+            else:
+                bases[name] = replace(record, versions=left)
+        cat = replace(cat, bases=bases)
+        self.write_catalog(cat)
+        for path in files:
+            path.unlink(missing_ok=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return cat
 
     def version_stats(self) -> list[VersionStats]:
         """Every version with the space it shares with other versions and the space only it holds."""
@@ -99,6 +183,7 @@ class Versions(Clones):
                     maps[(b.name, v)] = self.version_map(b, v, digests=False).used_slots()
                 except (errors.Damaged, FileNotFoundError) as exc:
                     maps[(b.name, v)], damage[(b.name, v)] = set(), str(exc)
+        owners = {c.id: c.name for c in cat.clones.values()}
         refs: dict[int, int] = {}
         for slots in maps.values():
             for slot in slots:
@@ -106,7 +191,7 @@ class Versions(Clones):
         out = []
         for base in cat.bases.values():
             try:
-                current: str | None = self.current_version(base)
+                current: str | None = None if base.owner else self.current_version(base)
             except errors.Damaged as exc:
                 current = None
                 damage.update({(base.name, v): str(exc) for v in base.versions})
@@ -126,13 +211,15 @@ class Versions(Clones):
                         unique=(len(slots) - shared) * CHUNK,
                         clones=len(users.get((base.name, vid), [])),
                         damaged=damage.get((base.name, vid), ""),
+                        owner=owners.get(base.owner, "(removed)") if base.owner else "",
+                        snapshot=rec.snapshot,
                     )
                 )
         return out
 
     def remove_version(self, ref: str) -> int:
         """Remove one version (NAME@VERSION): refused if current or used. Returns the bytes freed."""
-        name, vid = parse_base_ref(ref)
+        name, vid = parse_base_ref(ref)  # a user's base: a clone's snapshots go with `clone snapshot rm`
         if vid is None:
             raise errors.InvalidArgument(detail=f"{ref!r} names no version; use NAME@VERSION, or base rm NAME")
         with self.chunks.writer():
@@ -145,15 +232,12 @@ class Versions(Clones):
                 users = self.version_users(cat).get((name, vid))
                 if users:
                     raise errors.VersionInUse(name=name, version=vid, why=f"clone(s) {', '.join(users)} use it")
-                record = replace(record, versions={v: r for v, r in record.versions.items() if v != vid})
-                cat = replace(cat, bases={**cat.bases, name: record})
-                self._write_catalog(cat)
-                self.map_path(record, vid).unlink(missing_ok=True)
-                self.trace_path(record, vid).unlink(missing_ok=True)
+                cat = self.drop_versions(cat, {name: [vid]})
             return self.chunks.release_unused(self.all_version_maps(cat))
 
     def remove_base(self, name: str) -> int:
         """Remove a base and all its versions; refused while any clone uses it. Returns the bytes freed."""
+        validate_name("base", name)
         with self.chunks.writer():
             with self.lock():
                 record = self.get_base(name)
@@ -162,7 +246,7 @@ class Versions(Clones):
                 if users:
                     raise errors.BaseInUse(name=name, clones=", ".join(users))
                 cat = replace(cat, bases={n: r for n, r in cat.bases.items() if n != name})
-                self._write_catalog(cat)
+                self.write_catalog(cat)
                 shutil.rmtree(self.base_dir(record), ignore_errors=True)
             return self.chunks.release_unused(self.all_version_maps(cat))
 
@@ -173,26 +257,20 @@ class Versions(Clones):
         with self.chunks.writer():
             with self.lock():
                 cat = self.catalog()
-                users = self.version_users(cat)
-                bases = dict(cat.bases)
-                for name, record in cat.bases.items():
-                    current = self.current_version(record)
-                    dead = [v for v in record.versions if v != current and (name, v) not in users]
-                    if dead:
-                        bases[name] = replace(
-                            record, versions={v: r for v, r in record.versions.items() if v not in dead}
-                        )
-                        removed += [f"{name}@{v}" for v in dead]
-                cat = replace(cat, bases=bases)
-                if removed:
-                    self._write_catalog(cat)
-                    for ref in removed:
-                        name, _, vid = ref.partition("@")
-                        self.map_path(bases[name], vid).unlink(missing_ok=True)
-                        self.trace_path(bases[name], vid).unlink(missing_ok=True)
+                dead = self.dead_versions(cat, self.version_users(cat))
+                removed = [f"{self.base_label(cat, n)}@{v}" for n, vids in dead.items() for v in vids]
+                cat = self.drop_versions(cat, dead)
                 self._remove_orphans(cat)
                 self.remove_leftovers()
             return removed, self.chunks.release_unused(self.all_version_maps(cat))
+
+    def base_label(self, cat: Catalog, name: str) -> str:
+        """How a base is shown: its name, or for a clone's own base, "clone NAME" ("clone (removed)")."""
+        owner = cat.bases[name].owner if name in cat.bases else ""
+        if not owner:
+            return name
+        clone = next((c.name for c in cat.clones.values() if c.id == owner), "(removed)")
+        return f"clone {clone}"
 
     def orphans(self, cat: Catalog) -> list[tuple[Path, str]]:
         """What commands that died half-way left, as (path, what it is): folders of clones and bases the
@@ -235,6 +313,7 @@ class Versions(Clones):
     def moves(self, base: str) -> tuple[list[str], list[str]]:
         """The clones following `base` that are not on its current version: (move at their next connection,
         wait until their clients are gone)."""
+        validate_name("base", base)
         record = self.get_base(base)
         current = self.current_version(record)
         now: list[str] = []

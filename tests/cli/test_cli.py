@@ -70,6 +70,19 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["serve", "--tls-psk", "{tmp}/notes.txt"], "--tls", id="serve-psk-without-tls"),
         pytest.param(["serve", "--listen", "nonsense"], "HOST:PORT", id="serve-bad-listen"),
         pytest.param(["clone", "frobnicate"], "No such command", id="unknown-command"),
+        pytest.param(["clone", "snapshot", "a"], "clone snapshot NAME SNAP", id="snapshot-no-name"),
+        pytest.param(["clone", "snapshot", "a", "../s"], "invalid snapshot name", id="snapshot-bad-name"),
+        pytest.param(["clone", "snapshot", "rm", "a", "s9"], "no snapshot named 's9'", id="snapshot-rm-unknown"),
+        pytest.param(["clone", "rollback", "a", "s9"], "no snapshot named 's9'", id="rollback-unknown"),
+        pytest.param(["clone", "snapshots", "nope"], "no clone named", id="snapshots-unknown-clone"),
+        pytest.param(["clone", "create", "b", "--from", "a", "--base", "deb"], "exactly one of", id="from-and-base"),
+        pytest.param(["clone", "create", "b", "--from", "nope"], "no clone named 'nope'", id="from-unknown-clone"),
+        pytest.param(["clone", "create", "b", "--from", "a@s9"], "no snapshot named 's9'", id="from-unknown-snap"),
+        pytest.param(["clone", "create", "a", "--from", "a"], "already exists", id="from-existing-name"),
+        pytest.param(["clone", "resize", "a", "2M"], "--shrink", id="resize-shrink-unasked"),
+        pytest.param(["clone", "resize", "a", "1X"], "invalid size", id="resize-bad-size"),
+        pytest.param(["base", "promote", "~" + "0" * 32, "1"], "invalid base name", id="promote-private-name"),
+        pytest.param(["clone", "flatten", "nope"], "no clone named", id="flatten-unknown-clone"),
     ],
 )
 def test_mistakes_are_one_line_and_change_nothing(tmp_path: Path, store: Path, args: list[str], message: str) -> None:
@@ -253,7 +266,7 @@ def test_shell_completion_completes_commands() -> None:
     script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
     assert "_nbdclone_completion" in script.stdout and "complete " in script.stdout
-    for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone res", "2", "reset")):
+    for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone rese", "2", "reset")):
         env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": cword, "_NBDCLONE_COMPLETE": "complete_bash"}
         done = subprocess.run([NBDCLONE], capture_output=True, text=True, env=env, check=True)
         assert done.stdout.split() == [want], done.stdout

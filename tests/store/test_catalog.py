@@ -154,3 +154,37 @@ def test_gc_removes_what_commands_that_died_half_way_left(store: Store) -> None:
     removed, _ = store.gc()
     assert removed == [] and not any(path.exists() for path in left)
     assert snapshot(store.path) == before
+
+
+def test_a_state_from_before_snapshots_keeps_its_writes_through_a_snapshot(store: Store) -> None:
+    """States written before clones could change base name no base; a snapshot names it first, so a crash
+    between its catalog write and its state switch cannot pair the old overlay with the new version."""
+    from dataclasses import asdict, replace
+
+    from nbdclone.store import lineage
+    from nbdclone.store._sealed import seal_json
+    from nbdclone.store.layout import write_atomic
+    from nbdclone.store.registry import Registry
+
+    store.create_clone("c", base="deb")
+    registry = Registry(store)
+    clone = registry.acquire("c")
+    clone.pwrite(memoryview(b"\x5a" * 8192), 4096)
+    clone.flush()
+    expected = bytearray(clone.size)
+    clone.pread_into(memoryview(expected), 0)
+    registry.release("c")
+    record = store.get_clone("c")
+    state = store.clone_state(record)
+    assert state is not None and state.base == store.get_base("deb").id
+    legacy = {k: v for k, v in asdict(replace(state, base=None)).items() if k != "base"}
+    write_atomic(store.state_path(record), seal_json(legacy), store.clone_dir(record))
+    assert store.clone_state(record) == replace(state, base=None)
+
+    lineage.snapshot(store, "c", "s1")
+    assert store.clone_on(store.get_clone("c"))[0] != "deb"
+    got = bytearray(len(expected))
+    registry.acquire("c").pread_into(memoryview(got), 0)
+    registry.close_all()
+    assert got == expected
+    assert store.version_users().get(("deb", "1")) is None  # the snapshot no longer needs deb@1

@@ -1,5 +1,6 @@
 """A clone against a plain bytearray model, driven by Hypothesis through the store and the registry (what
-the server runs), including pointer flips while connections are open.
+the server runs), including pointer flips while connections are open, and the lineage operations
+(publish, snapshot, rollback, clone of a clone or of a snapshot, flatten, shrink and grow) between them.
 
 The disk is 3 chunks and a bit (the last 4 KiB block is partial); the base has two versions that differ in
 one chunk and mix data and holes, so unaligned writes, zeroes and trims hit every case: inside a block,
@@ -15,7 +16,8 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nbdclone.store import Store
+from nbdclone import errors
+from nbdclone.store import Store, lineage
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.clone import EXTENT_HOLE_ZERO, Clone, _zero_blocks
 from nbdclone.store.images import import_base
@@ -53,6 +55,9 @@ class CloneMachine(RuleBasedStateMachine):
         self.current = "1"
         self.version = "1"
         self.model = bytearray(self.versions["1"])
+        self.under = self.versions["1"]  # what the clone reads where it has no writes (trim returns to it)
+        self.follows = True  # until a lineage operation gives it a version of its own
+        self.snaps: dict[str, bytes] = {}
         self.connections = 1
         self.clone: Clone = self.registry.acquire("c")
 
@@ -109,7 +114,7 @@ class CloneMachine(RuleBasedStateMachine):
         last = SIZE if end == SIZE else end // BS * BS
         self.clone.trim(length, offset)
         if last > first:
-            self.model[first:last] = self.versions[self.version][first:last]
+            self.model[first:last] = self.under[first:last]
 
     @rule()
     def flush(self) -> None:
@@ -136,33 +141,120 @@ class CloneMachine(RuleBasedStateMachine):
     def reconnect_all(self) -> None:
         for _ in range(self.connections):
             self.registry.release("c")
+        self._reconnect()
+        if self.follows:
+            assert self.registry.version_of("c") == self.version
+
+    def _disconnect(self) -> None:
+        for _ in range(self.connections):
+            self.registry.release("c")
+        self.connections = 0
+
+    def _reconnect(self) -> None:
         self.clone = self.registry.acquire("c")
         self.connections = 1
-        if self.current != self.version:  # a following clone moves, and its writes are dropped
+        if self.follows and self.current != self.version:  # a following clone moves; its writes are dropped
             self.version = self.current
             self.model = bytearray(self.versions[self.current])
-        assert self.registry.version_of("c") == self.version
+            self.under = self.versions[self.current]
+
+    def _read_clone(self, name: str) -> bytes:
+        view = self.registry.acquire(name)
+        buf = bytearray(view.size)
+        view.pread_into(memoryview(buf), 0)
+        self.registry.release(name)
+        return bytes(buf)
+
+    def _own(self) -> None:
+        """The clone now reads a version of its own: what it read is under its (empty) overlay."""
+        self.under = bytes(self.model)
+        self.follows = False
+
+    @rule(snap=st.sampled_from(["s1", "s2", "s3"]))
+    def snapshot(self, snap: str) -> None:
+        self._disconnect()
+        if snap in self.snaps:
+            try:
+                lineage.snapshot(self.store, "c", snap)
+                raise AssertionError("a second snapshot of one name was taken")
+            except errors.SnapshotExists:
+                pass
+        else:
+            lineage.snapshot(self.store, "c", snap)
+            self.snaps[snap] = bytes(self.model)
+            self._own()
+        self._reconnect()
+
+    @rule(snap=st.sampled_from(["s1", "s2", "s3"]))
+    def rollback(self, snap: str) -> None:
+        self._disconnect()
+        if snap in self.snaps:
+            lineage.rollback(self.store, "c", snap)
+            self.model = bytearray(self.snaps[snap])
+            self._own()
+        else:
+            try:
+                lineage.rollback(self.store, "c", snap)
+                raise AssertionError("rolled back to a snapshot that does not exist")
+            except errors.SnapshotNotFound:
+                pass
+        self._reconnect()
+
+    @precondition(lambda self: getattr(self, "snaps", None))
+    @rule(data=st.data())
+    def remove_snapshot(self, data: st.DataObject) -> None:
+        """A snapshot goes while the clone is connected; what it reads does not change."""
+        snap = data.draw(st.sampled_from(sorted(self.snaps)))
+        lineage.remove_snapshot(self.store, "c", snap)
+        del self.snaps[snap]
+
+    @rule(data=st.data())
+    def clone_of_clone(self, data: st.DataObject) -> None:
+        """A new clone of the clone (closed) or of one of its snapshots reads exactly that, and removing it
+        later changes nothing for the clone."""
+        snap = data.draw(st.sampled_from([None, *sorted(self.snaps)]))
+        self._disconnect()
+        self.copies = getattr(self, "copies", 0) + 1
+        name = f"k{self.copies}"
+        lineage.create_from(self.store, name, "c" if snap is None else f"c@{snap}")
+        assert self._read_clone(name) == (self.model if snap is None else self.snaps[snap])
+        self.store.remove_clone(name)
+        self._reconnect()
+
+    @rule()
+    def flatten(self) -> None:
+        self._disconnect()
+        lineage.flatten(self.store, "c")
+        if self.follows:
+            self._own()
+        self._reconnect()
+
+    @rule(size=st.sampled_from([BS, CHUNK, CHUNK + 512, 2 * CHUNK + 3 * BS, SIZE - 512]))
+    def shrink_and_grow(self, size: int) -> None:
+        """Shrunk (the end is dropped) and grown back: the bytes past the cut read as zeros."""
+        self._disconnect()
+        try:
+            lineage.resize(self.store, "c", size)
+            raise AssertionError("shrunk without shrink=True")
+        except errors.InvalidArgument:
+            pass
+        lineage.resize(self.store, "c", size, shrink=True)
+        lineage.resize(self.store, "c", SIZE)
+        self.model[size:] = bytes(SIZE - size)
+        self._own()
+        self._reconnect()
 
     @rule()
     def publish(self) -> None:
         """Its clients gone, the clone is published as a version of another base: a clone of that version
         reads exactly what the clone read (then the clone is connected again, as after reconnect_all)."""
-        for _ in range(self.connections):
-            self.registry.release("c")
+        self._disconnect()
         _, vid, _ = publish_clone(self.store, "pub", "c")
         self.published = getattr(self, "published", 0) + 1
         name = f"p{self.published}"
         self.store.create_clone(name, base=f"pub@{vid}")
-        view = self.registry.acquire(name)
-        buf = bytearray(SIZE)
-        view.pread_into(memoryview(buf), 0)
-        self.registry.release(name)
-        assert buf == self.model
-        self.clone = self.registry.acquire("c")
-        self.connections = 1
-        if self.current != self.version:
-            self.version = self.current
-            self.model = bytearray(self.versions[self.current])
+        assert self._read_clone(name) == self.model
+        self._reconnect()
 
     @rule()
     def server_restart(self) -> None:
@@ -173,7 +265,8 @@ class CloneMachine(RuleBasedStateMachine):
         self.registry = Registry(self.store)
         self.clone = self.registry.acquire("c")
         self.connections = 1
-        assert self.registry.version_of("c") == self.version
+        if self.follows:
+            assert self.registry.version_of("c") == self.version
 
     @precondition(lambda self: hasattr(self, "clone"))
     @rule(r=ranges())
