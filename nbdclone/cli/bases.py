@@ -31,7 +31,11 @@ from nbdclone.store.chunks import CHUNK
 def base_import(
     name: Annotated[str, typer.Argument(help="The base; created by its first import.")],
     source: Annotated[
-        str, typer.Argument(help="A raw or qcow2 disk image, or an NBD URI (nbd://..., nbd+unix:///...).")
+        str,
+        typer.Argument(
+            help="A raw or qcow2 disk image or block device, an NBD URI (nbd://..., nbd+unix:///...) or the "
+            "HTTP(S) URL of a raw image."
+        ),
     ],
     allow_backing: Annotated[
         list[Path] | None,
@@ -43,8 +47,9 @@ def base_import(
     ] = None,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Add a raw or qcow2 image, or an NBD export, as a new, immutable version of base NAME. Prints the
-    version id last. An NBD source is streamed into the store (no temporary file; holes are not read).
+    """Add a raw or qcow2 image, a block device, an NBD export or a raw image on a web server as a new,
+    immutable version of base NAME. Prints the version id last. Every source is streamed into the store
+    in one pass: no temporary file, and holes and zero ranges are not read.
 
     Chunks the store already holds are not stored again. The first import makes its version current;
     later ones become current with 'nbdclone base promote'. The image is checked first: a damaged qcow2,
@@ -54,7 +59,11 @@ def base_import(
     with progress_bar() as bar:
         task = bar.add_task(f"importing {name}", total=None)
         report = lambda d, t: bar.update(task, completed=d, total=t)  # noqa: E731
-        if images.NBD_URI.match(source):
+        if images.HTTP_URL.match(source):
+            if allow_backing:
+                raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not URLs")
+            record, vid = images.import_url(st, name, source, report)
+        elif images.NBD_URI.match(source):
             if allow_backing:
                 raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not NBD sources")
             record, vid = images.import_nbd(st, name, source, report)

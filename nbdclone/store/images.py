@@ -1,7 +1,16 @@
-"""Moving whole disks in and out of the store: base import (raw or qcow2) and clone export.
+"""Moving whole disks in and out of the store: base import and clone export, in one pass each.
 
-Both keep holes: an import never reads a source hole and stores no all-zero chunk; an export writes only
-data extents, so a sparse clone gives a sparse file. qemu-img does the qcow2 work.
+    import  raw file or block device   read directly (its holes found by SEEK_DATA/SEEK_HOLE)
+            qcow2 file                 served read-only by qemu-nbd (socket activation, memory bounded),
+                                       read over NBD
+            NBD URI                    read over NBD (libnbd)
+            HTTP(S) URL (raw)          served by nbdkit's curl plugin, read over NBD
+    export  raw                        written directly
+            qcow2                      an empty qcow2 (qemu-img create) served by qemu-nbd, written over NBD
+
+No path writes a temporary file of the image's size. All keep holes: an import never reads a range the
+source reports as a hole or zeros and stores no all-zero chunk; an export writes only data, so a sparse
+clone gives a sparse file. qemu does the qcow2 work; libnbd talks to it.
 """
 
 from __future__ import annotations
@@ -23,13 +32,12 @@ from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import BaseRecord, validate_name
 from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
-from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect, limits
+from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect
 from nbdclone.store.overlay import MemoryOverlay, Overlay
 
 Progress = Callable[[int, int], None]
 COPY_CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(COPY_CHUNK)
-_QEMU_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def _noop(done: int, total: int) -> None:
@@ -43,12 +51,12 @@ def import_base(
     The image is inspected first (`inspect`): a qcow2 reads no file the operator did not name."""
     validate_name("base", name)
     source_image = inspect(source, allow_backing)
+    label = f"{source.absolute()} ({source_image.format})"
+    if source_image.format == "qcow2":
+        qemu_nbd = ["qemu-nbd", "--read-only", *convert_source(source_image)]
+        return _import_nbd_from(store, name, label, _bounded(qemu_nbd), progress, size=source_image.size)
     with contextlib.ExitStack() as stack:
-        raw = source_image.path
-        if source_image.format == "qcow2":
-            raw = stack.enter_context(store.scratch(".raw"))
-            _qemu_convert(["-O", "raw", "-S", "4k", *convert_source(source_image)], raw, lambda d, t: None)
-        image = BaseImage(raw)
+        image = BaseImage(source_image.path)
         stack.callback(image.close)
         if image.size != source_image.size:
             raise errors.NotADiskImage(path=source, reason=f"it changed while being imported ({image.size} bytes)")
@@ -60,7 +68,7 @@ def import_base(
                 lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
             )
             progress(image.size, image.size)
-            return store.add_version(name, vmap, f"{source.absolute()} ({source_image.format})", new_chunks)
+            return store.add_version(name, vmap, label, new_chunks)
     raise AssertionError("unreachable")
 
 
@@ -69,32 +77,82 @@ _NBD_HOLE, _NBD_ZERO = 1, 2  # base:allocation flags
 _STATUS_STEP = 1 << 30
 
 
+HTTP_URL = re.compile(r"https?://", re.IGNORECASE)
+
+
 def import_nbd(store: Store, name: str, uri: str, progress: Progress = _noop) -> tuple[BaseRecord, str]:
     """Add the disk an NBD server exports at `uri` (libnbd's URI syntax) as a new version of base `name`,
     streamed into the chunk store: no temporary file, and ranges the server reports as holes or zeros
     are never read."""
+    return _import_nbd_from(store, name, uri, uri, progress)
+
+
+def import_url(store: Store, name: str, url: str, progress: Progress = _noop) -> tuple[BaseRecord, str]:
+    """Add the raw disk image at an HTTP(S) `url` (the server must answer range requests) as a new version
+    of base `name`, streamed through nbdkit's curl plugin: no temporary file."""
+    if not HTTP_URL.match(url):
+        raise errors.InvalidArgument(detail=f"{url!r} is not an http:// or https:// URL")
+    _check_url(url)
+    nbdkit = ["nbdkit", "--exit-with-parent", "--readonly", "curl", f"url={url}"]
+    return _import_nbd_from(store, name, url, nbdkit, progress)
+
+
+def _import_nbd_from(
+    store: Store, name: str, label: str, source: str | list[str], progress: Progress, *, size: int | None = None
+) -> tuple[BaseRecord, str]:
+    """Import what an NBD server exports: at a URI, or served by a command started with socket activation
+    (stopped when the connection closes). `size`: what the export must measure, if known."""
     import nbd  # libnbd's bindings (Debian python3-libnbd)
 
     validate_name("base", name)
     h = nbd.NBD()
     h.add_meta_context("base:allocation")
     try:
-        h.connect_uri(uri)
-        size = h.get_size()
+        if isinstance(source, str):
+            h.connect_uri(source)
+        else:
+            h.connect_systemd_socket_activation(source)
+        got = h.get_size()
     except nbd.Error as exc:
-        raise errors.InvalidArgument(detail=f"cannot read {uri}: {exc.string}") from None
+        raise errors.InvalidArgument(detail=f"cannot read {label}: {exc.string}") from None
     try:
+        if size is not None and got != size:
+            raise errors.InvalidArgument(detail=f"{label} changed while being imported ({got} bytes)")
         with store.chunks.writer():
             vmap, new_chunks = store.chunks.import_chunks(
-                _nbd_chunks(h, size, progress), size, store.all_version_maps(digests=True)
+                _nbd_chunks(h, got, progress), got, store.all_version_maps(digests=True)
             )
-            progress(size, size)
-            return store.add_version(name, vmap, uri, new_chunks)
+            progress(got, got)
+            return store.add_version(name, vmap, label, new_chunks)
     except nbd.Error as exc:
-        raise errors.StorageError(errno.EIO, what=f"reading {uri}", detail=exc.string) from None
+        raise errors.StorageError(errno.EIO, what=f"reading {label}", detail=exc.string) from None
     finally:
         with contextlib.suppress(nbd.Error):
             h.shutdown()
+
+
+def _check_url(url: str) -> None:
+    """Ask the server first (HEAD), so that a wrong URL gets a clear one-line answer, not nbdkit's."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        head = urllib.request.Request(url, method="HEAD")  # noqa: S310 - import_url checked the scheme
+        with urllib.request.urlopen(head, timeout=30) as reply:  # noqa: S310
+            ranges = reply.headers.get("Accept-Ranges", "")
+    except urllib.error.HTTPError as exc:
+        raise errors.InvalidArgument(detail=f"cannot read {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise errors.InvalidArgument(detail=f"cannot read {url}: {reason}") from None
+    if ranges.strip().lower() != "bytes":
+        raise errors.InvalidArgument(detail=f"cannot read {url}: the server does not answer range requests")
+
+
+def _bounded(cmd: list[str]) -> list[str]:
+    """`cmd` with its address space bounded (qemu parsing an image a user gave): prlimit execs it in the
+    same process, as socket activation needs (LISTEN_PID)."""
+    return ["prlimit", f"--as={CONVERT_MEMORY}", *cmd]
 
 
 def _nbd_chunks(h: object, size: int, progress: Progress) -> Iterator[tuple[int, bytes | None]]:
@@ -151,30 +209,6 @@ def _read_chunks(image: BaseImage) -> Iterator[tuple[int, bytes | None]]:
             done = i + 1
 
 
-def _qemu_convert(args: list[str], dest: Path, progress: Progress, pass_fds: tuple[int, ...] = ()) -> None:
-    """qemu-img convert ARGS (options, then the source) DEST, in bounded memory."""
-    total = 100
-    cmd = ["qemu-img", "convert", "-p", *args, str(dest)]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=limits(None, CONVERT_MEMORY),
-        pass_fds=pass_fds,
-    )
-    assert proc.stdout is not None
-    pending = b""
-    while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
-        pending += chunk
-        for match in _QEMU_PROGRESS.finditer(pending):
-            progress(int(float(match.group(1))), total)
-        pending = pending[-32:]
-    _, err = proc.communicate()
-    if proc.returncode != 0:
-        raise errors.NbdcloneError(detail=f"qemu-img convert failed: {err.decode(errors='replace').strip()}")
-    progress(total, total)
-
-
 def open_clone_readonly(store: Store, name: str) -> Clone:
     """The clone as it reads now (its overlay on its version), without taking its overlay's lock."""
     record = store.get_clone(name)
@@ -194,22 +228,20 @@ def open_clone_readonly(store: Store, name: str) -> Clone:
 def export_clone(
     store: Store, name: str, dest: Path, fmt: Literal["raw", "qcow2"] = "raw", progress: Progress = _noop
 ) -> None:
-    """Write the clone as the guest sees it (base + overlay) to a new sparse file at `dest`. The file has no
-    name until it is whole and synced (O_TMPFILE, then linked), so a killed export leaves nothing; a qcow2
-    export's raw intermediate is a scratch file of the store (`base gc` removes a killed one's)."""
+    """Write the clone as the guest sees it (base + overlay) to a new sparse file at `dest`, in one pass. The
+    file has no name until it is whole and synced (O_TMPFILE, then linked), so a killed export leaves
+    nothing."""
     if dest.exists():
         raise errors.InvalidArgument(detail=f"{dest} already exists; nbdclone does not overwrite files")
     if not dest.parent.is_dir():
         raise errors.InvalidArgument(detail=f"directory {dest.parent} does not exist")
     clone = open_clone_readonly(store, name)
     try:
-        with _unnamed_file(dest) as (out, fds), contextlib.ExitStack() as stack:
+        with _unnamed_file(dest) as (out, fds):
             if fmt == "raw":
                 _write_raw(clone, out, progress)
             else:
-                raw = stack.enter_context(store.scratch(".raw"))
-                _write_raw(clone, raw, progress)
-                _qemu_convert(["-f", "raw", "-O", "qcow2", str(raw)], out, lambda d, t: None, pass_fds=fds)
+                _write_qcow2(clone, out, fds, progress)
     finally:
         clone.close()
         clone.base.close()
@@ -248,24 +280,56 @@ def _unnamed_file(dest: Path) -> Iterator[tuple[Path, tuple[int, ...]]]:
 
 
 def _write_raw(clone: Clone, dest: Path, progress: Progress) -> None:
-    buf = bytearray(COPY_CHUNK)
-    view = memoryview(buf)
     with open(dest, "r+b" if dest.exists() else "xb") as out:
         out.truncate(clone.size)
-        pos = 0
-        while pos < clone.size:
-            for off, length, kind in clone.extents(min(clone.size - pos, 1 << 30), pos):
-                if kind == EXTENT_DATA:
-                    at, end = off, off + length
-                    while at < end:
-                        n = min(COPY_CHUNK, end - at)
-                        clone.pread_into(view[:n], at)
-                        if view[:n] != _ZERO_CHUNK[:n]:
-                            os.pwrite(out.fileno(), view[:n], at)
-                        at += n
-                        progress(at, clone.size)
-                pos = off + length
-                progress(pos, clone.size)
+        _copy_data(clone, lambda view, at: os.pwrite(out.fileno(), view, at), progress)
+
+
+def _write_qcow2(clone: Clone, dest: Path, fds: tuple[int, ...], progress: Progress) -> None:
+    """An empty qcow2 of the clone's size at `dest`, then its data written through qemu-nbd serving it."""
+    import nbd  # libnbd's bindings (Debian python3-libnbd)
+
+    create = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(dest), str(clone.size)],
+        capture_output=True,
+        text=True,
+        pass_fds=fds,
+        check=False,
+    )
+    if create.returncode != 0:
+        raise errors.NbdcloneError(detail=f"qemu-img create failed: {create.stderr.strip()}")
+    # qemu-nbd is started by libnbd, which passes no descriptors: it opens ours through /proc/PID.
+    path = str(dest).replace("/proc/self/", f"/proc/{os.getpid()}/", 1)
+    h = nbd.NBD()
+    try:
+        h.connect_systemd_socket_activation(["qemu-nbd", "-f", "qcow2", path])
+        _copy_data(clone, lambda view, at: h.pwrite(view, at), progress)
+        h.flush()
+    except nbd.Error as exc:
+        raise errors.StorageError(errno.EIO, what=f"writing {dest}", detail=exc.string) from None
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+
+
+def _copy_data(clone: Clone, write: Callable[[memoryview, int], object], progress: Progress) -> None:
+    """write(view, offset) every range of the clone that holds data (not zeros), in order."""
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    while pos < clone.size:
+        for off, length, kind in clone.extents(min(clone.size - pos, 1 << 30), pos):
+            if kind == EXTENT_DATA:
+                at, end = off, off + length
+                while at < end:
+                    n = min(COPY_CHUNK, end - at)
+                    clone.pread_into(view[:n], at)
+                    if view[:n] != _ZERO_CHUNK[:n]:
+                        write(view[:n], at)
+                    at += n
+                    progress(at, clone.size)
+            pos = off + length
+            progress(pos, clone.size)
 
 
 def _fsync_file(path: Path) -> None:
