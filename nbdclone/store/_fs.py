@@ -56,6 +56,9 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after pos
                 return
+            if exc.errno == errno.EINVAL and pos == 0:  # a block device: no holes to find, all of it is read
+                yield 0, size
+                return
             raise
         hole = os.lseek(fd, data, os.SEEK_HOLE)
         yield data, min(hole, size)

@@ -50,7 +50,7 @@ class BaseImage:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StorageError(exc.errno or errno.EIO, what=f"opening base {path}", detail=exc.strerror) from exc
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)  # a block device's size too (its st_size is 0)
         ranges = list(data_ranges(self._fd, self.size))
         self._starts, self._ends = [r[0] for r in ranges], [r[1] for r in ranges]
 

@@ -206,3 +206,21 @@ def test_qcow2_export_streams_through_qemu_nbd(tmp_path: Path, store_path: Path,
     )
     assert same.returncode == 0, same.stdout + same.stderr
     assert os.stat(out / "vm.qcow2").st_blocks * 512 <= 10 * MiB  # sparse: only the data was written
+
+
+def test_import_from_a_block_device(tmp_path: Path, store_path: Path, image: bytes) -> None:
+    """A loop device over the image: its size comes from the device (st_size is 0), all of it is read,
+    and its zero chunks are still not stored."""
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(tmp_path / "src.raw")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        run, _ = _watched(["base", "import", "dev", loop], store_path, SIZE)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert "dev@1: 96.0 MiB" in run.stdout
+    assert os.stat(store_path / "chunks" / "pack").st_blocks * 512 <= 9 * MiB
+    assert _read_clone(store_path, tmp_path, "dev", SIZE) == image
