@@ -114,8 +114,15 @@ def updater(bar: Progress, task: TaskID) -> Callable[[int, int], None]:
     return lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+#: The version of every --json document's shape; each is an object that says it ("format": 1). Keys may be
+#: added within a version; a key removed or changed in meaning gets a new one.
+JSON_FORMAT = 1
+
+
+def print_json(data: dict[str, Any] | list[dict[str, Any]], items: str = "") -> None:
+    """Print one --json document: `data` (an object), or a list of rows under the key `items`."""
+    doc = {"format": JSON_FORMAT, items: data} if isinstance(data, list) else {"format": JSON_FORMAT, **data}
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def when(iso: str) -> str:

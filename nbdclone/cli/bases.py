@@ -88,7 +88,7 @@ def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: B
         st.get_base(base)
     rows = [record_dict(v) for v in st.version_stats() if not v.owner and (base is None or v.base == base)]
     if as_json:
-        print_json(rows)
+        print_json(rows, items="versions")
         return
     table = Table("BASE", "VERSION", "SIZE", "SHARED", "ONLY HERE", "CURRENT", "CLONES", "CREATED", box=None)
     for r in rows:

@@ -109,7 +109,7 @@ def clone_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: 
         if base is None or rec.base == base
     ]
     if as_json:
-        print_json(rows)
+        print_json(rows, items="clones")
         return
     table = Table("NAME", "BASE", "SIZE", "OVERLAY ON DISK", "OPEN", "CREATED", box=None)
     for r in rows:
@@ -271,7 +271,7 @@ def clone_snapshots(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt
         for snap, v, on in lineage.snapshots(Store(store), name)
     ]
     if as_json:
-        print_json(rows)
+        print_json(rows, items="snapshots")
         return
     table = Table("SNAPSHOT", "SIZE", "NEW DATA", "CREATED", "CLONE STARTED FROM IT", box=None)
     for r in rows:

@@ -11,8 +11,6 @@ from nbdclone import errors
 from nbdclone.cli._common import DEFAULT_STORE, BaseFilter, JsonOpt, StoreOpt, app, human, out, print_json, record_dict
 from nbdclone.store import Store
 
-DU_FORMAT = 1
-
 
 @app.command()
 def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
@@ -40,7 +38,7 @@ def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilt
         "store_disk_bytes": sum(p.lstat().st_blocks * 512 for p in st.path.rglob("*") if not p.is_symlink()),
     }
     if as_json:
-        print_json({"format": DU_FORMAT, "versions": versions, "clones": clones, "totals": totals})
+        print_json({"versions": versions, "clones": clones, "totals": totals})
         return
     table = Table("BASE", "VERSION", "HOLDS", "SHARED", "ONLY HERE", "CLONES", box=None)
     for v in versions:

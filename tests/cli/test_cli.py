@@ -98,12 +98,15 @@ def test_mistakes_are_one_line_and_change_nothing(tmp_path: Path, store: Path, a
 
 
 def test_lists_as_json(store: Path) -> None:
-    bases = json.loads(cli("base", "list", "--json", store=store).stdout)
+    """Every --json document is an object that names its format; lists are under one key."""
+    for args in (["base", "list"], ["clone", "list"], ["clone", "info", "a"], ["clone", "snapshots", "a"], ["du"]):
+        assert json.loads(cli(*args, "--json", store=store).stdout)["format"] == 1, args
+    bases = json.loads(cli("base", "list", "--json", store=store).stdout)["versions"]
     assert [(b["base"], b["version"], b["size"], b["current"], b["clones"]) for b in bases] == [
         ("deb", "1", 4 * MiB, True, 1)
     ]
     assert bases[0]["stored"] == MiB  # the 3 MiB hole takes no space
-    clones = json.loads(cli("clone", "list", "--json", store=store).stdout)
+    clones = json.loads(cli("clone", "list", "--json", store=store).stdout)["clones"]
     assert [(c["name"], c["base"], c["version"], c["follows"], c["open"]) for c in clones] == [
         ("a", "deb", "1", True, False)
     ]
@@ -114,13 +117,12 @@ def test_several_clones_per_command_filters_uris_and_du(tmp_path: Path, store: P
     cli("base", "import", "other", str(tmp_path / "o.raw"), store=store)
     cli("clone", "create", "b", "c", "--base", "deb", store=store)
     cli("clone", "create", "o1", "--base", "other", store=store)
-    listed = json.loads(cli("clone", "list", "--json", "--base", "deb", store=store).stdout)
+    listed = json.loads(cli("clone", "list", "--json", "--base", "deb", store=store).stdout)["clones"]
     assert [c["name"] for c in listed] == ["a", "b", "c"]
     for c in listed:  # each row carries the clone's address, as `nbdclone uri` gives it
         assert c["uri"] == cli("uri", c["name"], store=store).stdout.strip()
-    assert [b["base"] for b in json.loads(cli("base", "list", "--json", "--base", "other", store=store).stdout)] == [
-        "other"
-    ]
+    other = json.loads(cli("base", "list", "--json", "--base", "other", store=store).stdout)["versions"]
+    assert [b["base"] for b in other] == ["other"]
 
     # Put on version 1 (as a first connection would), then a new version: every clone of deb waits to
     # move, and one command moves them all.
@@ -133,7 +135,7 @@ def test_several_clones_per_command_filters_uris_and_du(tmp_path: Path, store: P
     assert cli("clone", "upgrade", "--all-pending", store=store).stdout.strip() == "no clone is waiting to move"
     cli("clone", "reset", "a", "b", store=store)
     cli("clone", "rm", "b", "c", store=store)
-    assert [c["name"] for c in json.loads(cli("clone", "list", "--json", store=store).stdout)] == ["a", "o1"]
+    assert [c["name"] for c in json.loads(cli("clone", "list", "--json", store=store).stdout)["clones"]] == ["a", "o1"]
 
     du = json.loads(cli("du", "--json", store=store).stdout)
     assert du["format"] == 1
@@ -170,7 +172,7 @@ def test_lifecycle(tmp_path: Path, store: Path) -> None:
     cli("clone", "reset", "a", store=store)
     cli("clone", "rm", "a", store=store)
     cli("base", "rm", "deb", store=store)
-    assert json.loads(cli("base", "list", "--json", store=store).stdout) == []
+    assert json.loads(cli("base", "list", "--json", store=store).stdout)["versions"] == []
     assert list((store / "bases").iterdir()) == []
 
 
@@ -239,7 +241,7 @@ def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Pat
     before = subprocess.run(
         [NBDCLONE, "--store", str(store), "clone", "list", "--json"], capture_output=True, text=True, check=True
     )
-    assert [c["name"] for c in json.loads(before.stdout)] == ["a"]
+    assert [c["name"] for c in json.loads(before.stdout)["clones"]] == ["a"]
     elsewhere = tmp_path / "other-store"  # an option after the command still wins
     after = subprocess.run(
         [NBDCLONE, "--store", str(store), "clone", "list", "--json", "--store", str(elsewhere)],
@@ -247,7 +249,7 @@ def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Pat
         text=True,
         check=True,
     )
-    assert json.loads(after.stdout) == []
+    assert json.loads(after.stdout) == {"format": 1, "clones": []}
 
 
 def test_serve_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_the_wheel_installs_and_runs_the_demo_from_another_folder(tmp_path: Path
             env=env,
             check=True,
         )
-        assert {c["name"] for c in json.loads(listed.stdout)} == {"demo-1", "demo-2"}
+        assert {c["name"] for c in json.loads(listed.stdout)["clones"]} == {"demo-1", "demo-2"}
         # The worker runs the plugin installed in the wheel, not this checkout's.
         workers = json.loads((store / "run" / "server.json").read_text())["workers"]
         cmdline = Path(f"/proc/{workers[0]['pid']}/cmdline").read_bytes().decode().split("\0")

@@ -54,7 +54,7 @@ def test_snapshot_write_rollback_and_clone_of_a_snapshot(server: Server, store_p
     h = server.connect("vm")  # refused while a client is connected: nothing changes
     refused = cli("clone", "snapshot", "vm", "s1", store=store_path, check=False)
     assert refused.returncode == 1 and "disconnect its clients first" in refused.stderr, refused.stderr
-    assert json.loads(cli("clone", "snapshots", "vm", "--json", store=store_path).stdout) == []
+    assert json.loads(cli("clone", "snapshots", "vm", "--json", store=store_path).stdout)["snapshots"] == []
     h.shutdown()
     wait_closed(store_path, "vm")
     cli("clone", "snapshot", "vm", "s1", store=store_path)
@@ -65,7 +65,7 @@ def test_snapshot_write_rollback_and_clone_of_a_snapshot(server: Server, store_p
     at_s2 = bytes(model)
     _write(server, store_path, "vm", model, [(5 * MiB, b"third" * 9000)])
 
-    listed = json.loads(cli("clone", "snapshots", "vm", "--json", store=store_path).stdout)
+    listed = json.loads(cli("clone", "snapshots", "vm", "--json", store=store_path).stdout)["snapshots"]
     assert [s["name"] for s in listed] == ["s1", "s2"] and [s["on"] for s in listed] == [False, True]
 
     cli("clone", "rollback", "vm", "s1", store=store_path)

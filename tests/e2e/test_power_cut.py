@@ -146,10 +146,10 @@ def test_power_cut_in_the_middle_of_writes_a_promote_and_a_create(tmp_path: Path
 
         server = Server(store, sock).start()
         now = _check(server, histories, "after the power cut")
-        listed = json.loads(cli("clone", "list", "--json", store=store).stdout)
+        listed = json.loads(cli("clone", "list", "--json", store=store).stdout)["clones"]
         names = {c["name"] for c in listed}
         assert set(CLONES) <= names and names <= {*CLONES, "c"}
-        bases = json.loads(cli("base", "list", "--json", store=store).stdout)
+        bases = json.loads(cli("base", "list", "--json", store=store).stdout)["versions"]
         current = {v["version"] for v in bases if v["current"]}
         assert current in ({"1"}, {"2"})
         if "c" in names:  # created before the cut: it is whole and serves its version
@@ -241,8 +241,9 @@ def test_power_cut_during_imports_resets_removals_and_gc(tmp_path: Path, kind: s
             p.communicate(timeout=60)
         fs.remount()
 
-        clones = {c["name"] for c in json.loads(cli("clone", "list", "--json", store=store).stdout)}
-        versions = {(v["base"], v["version"]) for v in json.loads(cli("base", "list", "--json", store=store).stdout)}
+        clones = {c["name"] for c in json.loads(cli("clone", "list", "--json", store=store).stdout)["clones"]}
+        listed = json.loads(cli("base", "list", "--json", store=store).stdout)["versions"]
+        versions = {(v["base"], v["version"]) for v in listed}
         assert "keep" in clones and "resetme" in clones and ("deb", "1") in versions
         # The store takes new work. A gc may have removed deb@3 after its import (it is not current and
         # no clone uses it); the next import's version number says whether deb@3 was ever committed.

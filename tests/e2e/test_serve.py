@@ -288,7 +288,7 @@ def test_reset_and_rm_of_a_connected_clone_are_refused(
         assert proc.returncode != 0 and "is open on a running server" in proc.stderr
     assert snapshot(store_path) == before
     assert h.pread(7, 0) == b"keep me"
-    listed = json.loads(cli("clone", "list", "--json", store=store_path).stdout)
+    listed = json.loads(cli("clone", "list", "--json", store=store_path).stdout)["clones"]
     assert [c["open"] for c in listed if c["name"] == "busy"] == [True]
     h.shutdown()
 

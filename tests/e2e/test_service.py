@@ -344,7 +344,7 @@ def test_exclusive_serves_one_client_per_clone_and_read_only_refuses_writes(
         assert server.stop() == 0
     # Per clone: created --read-only, served read-only next to writable clones.
     cli("clone", "create", "golden-view", "--base", "deb", "--read-only", store=store_path)
-    listed = {c["name"]: c for c in json.loads(cli("clone", "list", "--json", store=store_path).stdout)}
+    listed = {c["name"]: c for c in json.loads(cli("clone", "list", "--json", store=store_path).stdout)["clones"]}
     assert listed["golden-view"]["readonly"] and not listed["one"]["readonly"]
     server = Server(store_path, tmp_path / "nbd.sock").start()
     try:

@@ -43,7 +43,7 @@ def test_second_version_with_5_percent_changed_grows_the_store_by_at_most_6_perc
     print(f"v1 {after_v1 / MiB:.1f} MiB in the store; v2 added {growth / MiB:.1f} MiB ({growth / size:.2%} of v1)")
     assert growth <= 0.06 * size
 
-    rows = json.loads(cli("base", "list", "--json", store=store_path).stdout)
+    rows = json.loads(cli("base", "list", "--json", store=store_path).stdout)["versions"]
     v1_row, v2_row = rows
     assert v2_row["unique"] == len(changed) * CHUNK
     assert v1_row["shared"] == v2_row["shared"] == (nchunks - len(changed)) * CHUNK

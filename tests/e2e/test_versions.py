@@ -56,7 +56,7 @@ def test_live_flip_follow_pin_and_rollback(
     # A new version arrives and becomes current while both clones are connected.
     assert import_version(tmp_path, store_path, "v2") == "2"
     cli("base", "promote", "os", "2", store=store_path)
-    listed = {c["name"]: c for c in json.loads(cli("clone", "list", "--json", store=store_path).stdout)}
+    listed = {c["name"]: c for c in json.loads(cli("clone", "list", "--json", store=store_path).stdout)["clones"]}
     assert listed["a"]["version"] == "1" and listed["a"]["move_pending"]
     assert listed["b"]["version"] == "1" and not listed["b"]["move_pending"]
 
@@ -126,7 +126,7 @@ def test_promote_killed_at_any_step_leaves_old_or_new(
         check=False,
     )
     assert proc.returncode == -9, "the hook must kill promote at its step"
-    bases = json.loads(cli("base", "list", "--json", store=store_path).stdout)
+    bases = json.loads(cli("base", "list", "--json", store=store_path).stdout)["versions"]
     current = [b["version"] for b in bases if b["current"]]
     expected = ["1"] if step in ("write", "fsync", "rename") else ["2"]
     assert current == expected
@@ -170,7 +170,7 @@ def test_gc_and_rm_free_space_and_keep_every_clone_intact(
     out = cli("base", "gc", store=store_path).stdout
     assert "os@1" in out and "os@2" not in out and "os@3" not in out
     assert os.stat(pack).st_blocks * 512 <= allocated - SIZE + 64 * 1024  # v1's chunks were freed
-    versions = [b["version"] for b in json.loads(cli("base", "list", "--json", store=store_path).stdout)]
+    versions = [b["version"] for b in json.loads(cli("base", "list", "--json", store=store_path).stdout)["versions"]]
     assert versions == ["2", "3"]
     for name, data in expected.items():
         h = server.connect(name)
