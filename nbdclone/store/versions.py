@@ -300,7 +300,8 @@ class Versions(Clones):
             for f in children(directory):
                 vid = f.name.split(".")[0]
                 if f.suffix in (".map", ".trace") and vid not in base.versions:
-                    found.append((f, f"a file of version {base.name}@{vid}, which the catalog does not have"))
+                    ref = f"{self.base_label(cat, base.name)}@{vid}"
+                    found.append((f, f"a file of version {ref}, which the catalog does not have"))
         return found
 
     def _remove_orphans(self, cat: Catalog) -> None:
