@@ -13,10 +13,10 @@ import sys
 import typer
 
 from nbdclone import errors
-from nbdclone.cli import bases, clones, serving, space
+from nbdclone.cli import bases, clones, fleet, serving, space
 from nbdclone.cli._common import app, err, out
 
-__all__ = ["app", "bases", "clones", "main", "serving", "space"]
+__all__ = ["app", "bases", "clones", "fleet", "main", "serving", "space"]
 
 
 def main() -> None:

@@ -23,7 +23,9 @@ from nbdclone.cli._common import (
     record_dict,
     updater,
 )
+from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
+from nbdclone.store.catalog import BaseRecord, validate_name
 from nbdclone.store.chunks import CHUNK
 
 
@@ -56,21 +58,30 @@ def base_import(
     or one that reads a file not named with --allow-backing, is refused.
     """
     st = Store(store)
+    if allow_backing and (images.HTTP_URL.match(source) or images.NBD_URI.match(source)):
+        raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not URLs")
+    fleet = fleet_config.load(st.path)
     with progress_bar() as bar:
         task = bar.add_task(f"importing {name}", total=None)
-        report = lambda d, t: bar.update(task, completed=d, total=t)  # noqa: E731
-        if images.HTTP_URL.match(source):
-            if allow_backing:
-                raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not URLs")
-            record, vid = images.import_url(st, name, source, report)
-        elif images.NBD_URI.match(source):
-            if allow_backing:
-                raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not NBD sources")
-            record, vid = images.import_nbd(st, name, source, report)
-        else:
-            record, vid = images.import_base(st, name, Path(source), report, allow_backing=allow_backing or ())
+        report = updater(bar, task)
+
+        def local_import(vid: str | None) -> tuple[BaseRecord, str]:
+            if images.HTTP_URL.match(source):
+                return images.import_url(st, name, source, report, vid=vid)
+            if images.NBD_URI.match(source):
+                return images.import_nbd(st, name, source, report, vid=vid)
+            return images.import_base(st, name, Path(source), report, allow_backing=allow_backing or (), vid=vid)
+
+        if fleet is None:
+            record, vid = local_import(None)
+        else:  # the fleet numbers the version; its chunks and map go to RADOS before etcd names it
+            from nbdclone.fleet import sync as fleet_sync
+
+            validate_name("base", name)
+            vid, _ = fleet_sync.import_version(st, fleet, name, local_import)
+            record = st.get_base(name)
     version = record.versions[vid]
-    current = st.current_version(record)
+    current = _fleet_current(fleet, name) if fleet is not None else st.current_version(record)
     state = (
         "current" if current == vid else f"current is still {current}; flip with: nbdclone base promote {name} {vid}"
     )
@@ -121,6 +132,14 @@ def base_promote(
     first connection (dropping its writes), once no client may come back to the version it is on (its
     last connection closed while the server ran). One atomic rename, whatever the number of clones."""
     st = Store(store)
+    fleet = fleet_config.load(st.path)
+    if fleet is not None:  # the fleet's pointer first (one etcd transaction), then this host's
+        from nbdclone.fleet import catalog as fleet_catalog
+        from nbdclone.fleet import sync as fleet_sync
+
+        validate_name("base", name)
+        fleet_sync.sync(st, fleet, also={name: {version}})
+        fleet_catalog.run(fleet, lambda c: c.promote(name, version))
     old = st.promote(name, version)
     now, wait = st.moves(name)
     out.print(f"{name}: current version {old} -> {version}")
@@ -178,3 +197,10 @@ def base_warm(
     t = time.monotonic()
     which, nbytes = images.warm_version(Store(store), ref)
     out.print(f"warmed {which}: {human(nbytes)} in {time.monotonic() - t:.2f} s")
+
+
+def _fleet_current(fleet: fleet_config.FleetConfig, name: str) -> str:
+    from nbdclone.fleet import catalog as fleet_catalog
+
+    current = fleet_catalog.run(fleet, lambda c: c.current(name))
+    return current[0] if current is not None else "-"

@@ -25,8 +25,9 @@ from nbdclone.cli._common import (
     record_dict,
     updater,
 )
+from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
-from nbdclone.store.catalog import is_own_base, slot_of
+from nbdclone.store.catalog import is_own_base, parse_base_ref, slot_of
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
 from nbdclone.supervisor import server
@@ -60,12 +61,28 @@ def clone_create(
                 lineage.create_from(st, name, source, readonly=read_only, progress=updater(bar, task))
             out.print(f"created clone {name} from {source}")
         return
+    if base is not None:
+        _stage_from_fleet(st, base)
     records = st.create_clones(names, base=base, size=parse_size(size) if size else None, readonly=read_only)
     for record in records[:20]:
         what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
         out.print(f"created clone {record.name} {what}")
     if len(records) > 20:
         out.print(f"... and {len(records) - 20} more")
+
+
+def _stage_from_fleet(st: Store, ref: str) -> None:
+    """On a fleet host, bring the base version a new clone needs here first (nothing if it is here)."""
+    fleet = fleet_config.load(st.path)
+    if fleet is None:
+        return
+    name, vid = parse_base_ref(ref)
+    local = st.catalog().bases.get(name)
+    if local is not None and (vid is None or vid in local.versions):
+        return
+    from nbdclone.fleet import sync
+
+    sync.sync(st, fleet, also={name: {vid}}, only=True) if vid else sync.sync(st, fleet)
 
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:

@@ -45,7 +45,13 @@ def _noop(done: int, total: int) -> None:
 
 
 def import_base(
-    store: Store, name: str, source: Path, progress: Progress = _noop, *, allow_backing: Sequence[Path] = ()
+    store: Store,
+    name: str,
+    source: Path,
+    progress: Progress = _noop,
+    *,
+    allow_backing: Sequence[Path] = (),
+    vid: str | None = None,
 ) -> tuple[BaseRecord, str]:
     """Add `source` as a new version of base `name` (creating the base). Returns the base and version id.
     The image is inspected first (`inspect`): a qcow2 reads no file the operator did not name."""
@@ -54,7 +60,7 @@ def import_base(
     label = f"{source.absolute()} ({source_image.format})"
     if source_image.format == "qcow2":
         qemu_nbd = ["qemu-nbd", "--read-only", *convert_source(source_image)]
-        return _import_nbd_from(store, name, label, _bounded(qemu_nbd), progress, size=source_image.size)
+        return _import_nbd_from(store, name, label, _bounded(qemu_nbd), progress, size=source_image.size, vid=vid)
     with contextlib.ExitStack() as stack:
         image = BaseImage(source_image.path)
         stack.callback(image.close)
@@ -68,7 +74,7 @@ def import_base(
                 lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
             )
             progress(image.size, image.size)
-            return store.add_version(name, vmap, label, new_chunks)
+            return store.add_version(name, vmap, label, new_chunks, vid=vid)
     raise AssertionError("unreachable")
 
 
@@ -80,25 +86,36 @@ _STATUS_STEP = 1 << 30
 HTTP_URL = re.compile(r"https?://", re.IGNORECASE)
 
 
-def import_nbd(store: Store, name: str, uri: str, progress: Progress = _noop) -> tuple[BaseRecord, str]:
+def import_nbd(
+    store: Store, name: str, uri: str, progress: Progress = _noop, *, vid: str | None = None
+) -> tuple[BaseRecord, str]:
     """Add the disk an NBD server exports at `uri` (libnbd's URI syntax) as a new version of base `name`,
     streamed into the chunk store: no temporary file, and ranges the server reports as holes or zeros
     are never read."""
-    return _import_nbd_from(store, name, uri, uri, progress)
+    return _import_nbd_from(store, name, uri, uri, progress, vid=vid)
 
 
-def import_url(store: Store, name: str, url: str, progress: Progress = _noop) -> tuple[BaseRecord, str]:
+def import_url(
+    store: Store, name: str, url: str, progress: Progress = _noop, *, vid: str | None = None
+) -> tuple[BaseRecord, str]:
     """Add the raw disk image at an HTTP(S) `url` (the server must answer range requests) as a new version
     of base `name`, streamed through nbdkit's curl plugin: no temporary file."""
     if not HTTP_URL.match(url):
         raise errors.InvalidArgument(detail=f"{url!r} is not an http:// or https:// URL")
     _check_url(url)
     nbdkit = ["nbdkit", "--exit-with-parent", "--readonly", "curl", f"url={url}"]
-    return _import_nbd_from(store, name, url, nbdkit, progress)
+    return _import_nbd_from(store, name, url, nbdkit, progress, vid=vid)
 
 
 def _import_nbd_from(
-    store: Store, name: str, label: str, source: str | list[str], progress: Progress, *, size: int | None = None
+    store: Store,
+    name: str,
+    label: str,
+    source: str | list[str],
+    progress: Progress,
+    *,
+    size: int | None = None,
+    vid: str | None = None,
 ) -> tuple[BaseRecord, str]:
     """Import what an NBD server exports: at a URI, or served by a command started with socket activation
     (stopped when the connection closes). `size`: what the export must measure, if known."""
@@ -123,7 +140,7 @@ def _import_nbd_from(
                 _nbd_chunks(h, got, progress), got, store.all_version_maps(digests=True)
             )
             progress(got, got)
-            return store.add_version(name, vmap, label, new_chunks)
+            return store.add_version(name, vmap, label, new_chunks, vid=vid)
     except nbd.Error as exc:
         raise errors.StorageError(errno.EIO, what=f"reading {label}", detail=exc.string) from None
     finally:

@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
 
 
 class Versions(Clones):
-    def add_version(self, name: str, vmap: VersionMap, source: str, new_chunks: int) -> tuple[BaseRecord, str]:
-        """Commit an imported version of base `name` (created if new). Caller holds chunks.writer()."""
+    def add_version(
+        self, name: str, vmap: VersionMap, source: str, new_chunks: int, *, vid: str | None = None
+    ) -> tuple[BaseRecord, str]:
+        """Commit an imported version of base `name` (created if new), numbered `vid` if given (a fleet's
+        number). Caller holds chunks.writer()."""
         validate_name("base", name)
         with self.lock():
-            record, vid = self.commit_version(name, vmap, source, new_chunks)
+            record, vid = self.commit_version(name, vmap, source, new_chunks, vid=vid)
         log.info("imported version %s of base %s (%d bytes, %d new chunks)", vid, name, vmap.size, new_chunks)
         return record, vid
 
@@ -55,6 +58,7 @@ class Versions(Clones):
         owner: str = "",
         snapshot: str = "",
         clones: tuple[CloneRecord, ...] = (),
+        vid: str | None = None,
     ) -> tuple[BaseRecord, str]:
         """Add `vmap` as the next version of base `name` (created, owned by clone id `owner`, if new), and
         write `clones`' records in the same catalog write. Order: the map is written and synced before
@@ -62,12 +66,16 @@ class Versions(Clones):
         self._init_dirs()
         cat = self.catalog()
         record = cat.bases.get(name) or BaseRecord(name, uuid.uuid4().hex, now(), 1, {}, owner)
-        vid = str(record.next_version)
+        if vid is None:
+            vid = str(record.next_version)
+        elif vid in record.versions:
+            raise errors.NbdcloneError(detail=f"base {name} has a version {vid} already")
         self.base_dir(record).mkdir(exist_ok=True)
         vmap.save(self.map_path(record, vid))
         fsync_dir(self.base_dir(record))
         version = VersionRecord(vid, vmap.size, now(), source, new_chunks, snapshot)
-        record = replace(record, next_version=record.next_version + 1, versions={**record.versions, vid: version})
+        following = max(record.next_version, int(vid) + 1)
+        record = replace(record, next_version=following, versions={**record.versions, vid: version})
         if name not in cat.bases and not owner:
             self._write_pointer(record, vid)
         updated = {c.name: c for c in clones}

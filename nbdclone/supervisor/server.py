@@ -42,6 +42,7 @@ import uvloop
 
 import nbdclone
 from nbdclone import errors
+from nbdclone.fleet import config as fleet_config
 from nbdclone.runtime import SLOTS, Address, RunDir
 from nbdclone.store import Store
 from nbdclone.store.cache import Evictor
@@ -353,7 +354,12 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
                 from nbdclone.supervisor.metrics import serve_metrics
 
                 metrics = serve_metrics(cfg.metrics, store, run_dir)
-            evictor = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
+            evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
+            fleet = fleet_config.load(cfg.store)
+            if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
+                from nbdclone.fleet.follow import follow
+
+                evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop))
             announce(cfg.where)
             sockets.notify("READY=1")
             while not stop.is_set():

@@ -1,0 +1,94 @@
+"""nbdclone fleet ...: join a fleet (etcd + Ceph), bring this host up to it, and look at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from nbdclone import errors
+from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, out, print_json
+from nbdclone.fleet import config as fleet_config
+from nbdclone.store import Store
+
+fleet_app = typer.Typer(help="Many hosts, one catalog (etcd) and one copy of each base (Ceph).", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+
+def _config(store: Path) -> fleet_config.FleetConfig:
+    config = fleet_config.load(store)
+    if config is None:
+        raise errors.InvalidArgument(detail=f"store {store} is in no fleet; see 'nbdclone fleet join --help'")
+    return config
+
+
+@fleet_app.command("join")
+def fleet_join(
+    etcd: Annotated[str, typer.Argument(help="The fleet's etcd, http://HOST:PORT.")],
+    ceph_conf: Annotated[Path, typer.Option("--ceph-conf", help="The Ceph cluster's ceph.conf.")],
+    pool: Annotated[str, typer.Option(help="The RADOS pool of the fleet's objects.")] = "nbdclone",
+    name: Annotated[str, typer.Option("--name", help="The fleet (an etcd prefix, a RADOS namespace).")] = "default",
+    host: Annotated[str, typer.Option(help="This host's name in the fleet.", show_default="the host name")] = "",
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Make this store a host of a fleet: its bases then come from, and go to, the fleet's etcd and Ceph.
+    Both are checked before anything is written."""
+    from nbdclone.fleet import catalog as fleet_catalog
+    from nbdclone.fleet.objects import Objects
+
+    config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host)
+    config.etcd_address()
+    fleet_catalog.run(config, lambda c: c.bases())
+    Objects(config).close()
+    config = fleet_config.save(Path(store).absolute(), config)
+    out.print(f"store {store} is host {config.host} of fleet {config.name} (etcd {config.etcd}, pool {pool})")
+
+
+@fleet_app.command("sync")
+def fleet_sync(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """Bring this host up to the fleet now: stage each base's current version (fetching only the chunks
+    this host does not hold) and move this host's pointers to the fleet's. A running server does it on
+    every change by itself."""
+    from nbdclone.fleet import sync
+
+    report = sync.sync(Store(store), _config(Path(store)))
+    if as_json:
+        print_json({"staged": report.staged, "moved": report.moved, "fetched": report.fetched, "local": report.local})
+        return
+    for ref in report.staged:
+        out.print(f"staged {ref}")
+    for base, old, new in report.moved:
+        out.print(f"{base}: current version {old} -> {new}")
+    out.print(f"{report.fetched} chunk(s) fetched, {report.local} found on this host")
+
+
+@fleet_app.command("status")
+def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """The fleet's bases and versions, which is current, and which this host holds."""
+    from nbdclone.fleet import catalog as fleet_catalog
+
+    st = Store(store)
+    config = _config(st.path)
+
+    async def read(c: Any) -> list[dict[str, Any]]:
+        rows = []
+        for base in await c.bases():
+            current = await c.current(base)
+            for vid, v in sorted((await c.versions(base)).items(), key=lambda kv: int(kv[0])):
+                rows.append({"base": base, "version": vid, "size": v.size, "current": current and current[0] == vid})
+        return rows
+
+    rows = fleet_catalog.run(config, read)
+    local = st.catalog().bases
+    for r in rows:
+        r["here"] = r["base"] in local and r["version"] in local[r["base"]].versions
+    if as_json:
+        print_json(rows, items="versions")
+        return
+    table = Table("BASE", "VERSION", "CURRENT", "ON THIS HOST", box=None)
+    for r in rows:
+        table.add_row(r["base"], r["version"], "*" if r["current"] else "", "yes" if r["here"] else "no")
+    out.print(table)
+    out.print(f"host {config.host} of fleet {config.name}")

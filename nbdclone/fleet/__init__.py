@@ -1,0 +1,21 @@
+"""Fleet mode: many hosts share one catalog in etcd and one copy of each base version in Ceph (RADOS).
+
+    etcd   PREFIX/bases/NAME/next             the next version number (allocated by a transaction)
+           PREFIX/bases/NAME/versions/VID     {size, created, source, map object, map sha256}: present
+                                              only once the version's chunks and map are in RADOS
+           PREFIX/bases/NAME/current          the pointer: a flip is one transaction that compares its
+                                              revision (a lost race reports the winner) and that the
+                                              version record exists, then puts
+    RADOS  chunk.SHA256                       a 64 KiB chunk, named by its SHA-256 (every fetch is
+                                              verified), written put-if-absent (an existing object is the
+                                              dedup hit: no lock)
+           map.BASEID.VID                     a version's chunk list (index, SHA-256, the local digest)
+
+Each host keeps its own store as it is (the hot path does not change): a fleet version is *staged* on a
+host by fetching only the chunks its pack does not hold (found by the local digest, confirmed by SHA-256),
+verified, and committed locally under the fleet's version number; the host's local pointer follows the
+fleet's once the version is staged. Order on import: chunks, then the map object, then the etcd record
+(so a version etcd names is always whole in RADOS); on a flip: etcd first, hosts follow.
+
+Only objects.py imports rados and only catalog.py imports aetcd.
+"""

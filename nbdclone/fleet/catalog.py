@@ -1,0 +1,158 @@
+"""The fleet's catalog in etcd: versions and the current pointers. The only module that imports aetcd.
+
+Every change is one etcd transaction that compares what it read: a version number is taken by comparing
+the `next` key's revision; a flip compares the pointer's revision and that the version's record exists,
+so two hosts flipping at once cannot both win, and the loser learns the winner. Records are small JSON
+(etcd requests stop at 1.5 MiB); maps and chunks live in RADOS (objects.py).
+
+The methods are coroutines; `run` runs one on a private event loop for a command. One FleetCatalog per
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import aetcd
+
+from nbdclone import errors
+from nbdclone.fleet.config import FleetConfig
+
+T = TypeVar("T")
+TIMEOUT = 10  # seconds for one etcd request: etcd down is an error, not a hang
+
+
+@dataclass(frozen=True, slots=True)
+class FleetVersion:
+    id: str
+    size: int
+    created: str
+    source: str
+    map_object: str
+    map_sha256: str
+
+
+class FlipLost(errors.NbdcloneError):
+    errno = 16
+    template = "base {base}: another host flipped it first (to version {winner}); nothing was changed"
+
+
+class FleetCatalog:
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        host, port = config.etcd_address()
+        self._client = aetcd.Client(host=host, port=port, timeout=TIMEOUT, connect_wait_timeout=TIMEOUT)
+
+    async def __aenter__(self) -> FleetCatalog:
+        try:
+            await self._client.connect()
+        except Exception as exc:  # aetcd raises its own types and grpc's
+            raise errors.NbdcloneError(detail=f"cannot reach etcd at {self.config.etcd}: {exc}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
+
+    def _key(self, *parts: str) -> bytes:
+        return self.config.prefix + "/".join(parts).encode()
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except errors.NbdcloneError:
+            raise
+        except Exception as exc:
+            raise errors.NbdcloneError(detail=f"etcd at {self.config.etcd} did not answer ({what}): {exc}") from None
+
+    async def reserve(self, base: str) -> str:
+        """Take the next version number of `base` (one transaction; retried while another host takes one)."""
+        key = self._key("bases", base, "next")
+        tx = self._client.transactions
+        while True:
+            got = await self._call("reserve", self._client.get(key))
+            vid = int(got.value) if got is not None else 1
+            compare = [tx.mod(key) == got.mod_revision] if got is not None else [tx.version(key) == 0]
+            ok, _ = await self._call(
+                "reserve",
+                self._client.transaction(compare=compare, success=[tx.put(key, str(vid + 1).encode())], failure=[]),
+            )
+            if ok:
+                return str(vid)
+
+    async def add_version(self, base: str, version: FleetVersion) -> bool:
+        """Name a version whose chunks and map are in RADOS; the base's first version becomes current.
+        Returns whether it became current."""
+        tx = self._client.transactions
+        current = self._key("bases", base, "current")
+        record = self._key("bases", base, "versions", version.id)
+        value = json.dumps(asdict(version)).encode()
+        ok, _ = await self._call(
+            "add version",
+            self._client.transaction(
+                compare=[tx.version(current) == 0],
+                success=[tx.put(record, value), tx.put(current, version.id.encode())],
+                failure=[tx.put(record, value)],
+            ),
+        )
+        return bool(ok)
+
+    async def versions(self, base: str) -> dict[str, FleetVersion]:
+        prefix = self._key("bases", base, "versions", "")
+        found = await self._call("versions", self._client.get_prefix(prefix))
+        return {kv.key[len(prefix) :].decode(): FleetVersion(**json.loads(kv.value)) for kv in found}
+
+    async def bases(self) -> list[str]:
+        prefix = self._key("bases", "")
+        found = await self._call("bases", self._client.get_prefix(prefix, keys_only=True))
+        return sorted({kv.key[len(prefix) :].decode().split("/")[0] for kv in found})
+
+    async def current(self, base: str) -> tuple[str, int] | None:
+        """(version, the pointer's revision), or None if the base has no version yet."""
+        got = await self._call("current", self._client.get(self._key("bases", base, "current")))
+        return None if got is None else (got.value.decode(), got.mod_revision)
+
+    async def promote(self, base: str, vid: str, *, seen: int | None = None) -> str:
+        """Flip `base` to `vid`: one transaction comparing the pointer's revision (the one `seen`, or the
+        one read now) and that the version is recorded. Returns the old version; FlipLost if another flip
+        came in between."""
+        tx = self._client.transactions
+        current_key = self._key("bases", base, "current")
+        record = self._key("bases", base, "versions", vid)
+        now = await self.current(base)
+        if now is None:
+            raise errors.BaseNotFound(name=base, store=f"fleet {self.config.name}")
+        old, revision = now
+        compare = [tx.mod(current_key) == (seen if seen is not None else revision), tx.version(record) > 0]
+        ok, responses = await self._call(
+            "promote",
+            self._client.transaction(
+                compare=compare,
+                success=[tx.put(current_key, vid.encode())],
+                failure=[tx.get(current_key), tx.get(record)],
+            ),
+        )
+        if ok:
+            return old
+        pointer, exists = responses
+        if not exists:
+            raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {self.config.name}")
+        raise FlipLost(base=base, winner=pointer[0][0].decode() if pointer else "?")
+
+    async def watch(self, on_change: Callable[[], Any]) -> None:
+        """Call `on_change()` whenever anything under the fleet's bases changes (forever)."""
+        async for _ in await self._client.watch_prefix(self._key("bases", "")):
+            on_change()
+
+
+def run(config: FleetConfig, work: Callable[[FleetCatalog], Awaitable[T]]) -> T:
+    """Run `work(catalog)` on a private event loop: how a command talks to etcd."""
+
+    async def main() -> T:
+        async with FleetCatalog(config) as catalog:
+            return await work(catalog)
+
+    return asyncio.run(main())

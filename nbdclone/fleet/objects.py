@@ -1,0 +1,114 @@
+"""The fleet's objects in RADOS: chunks named by their SHA-256, version maps. The only module that imports
+rados (Debian python3-rados). A librados connection starts a dozen threads: one per process, opened when
+first needed (never before a fork).
+
+Thread safety: one Objects may be used from many threads (librados' ioctx operations are thread safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import rados
+
+from nbdclone import errors
+from nbdclone.fleet.config import FleetConfig
+
+_ENTRY = struct.Struct("<Q32s16s")  # chunk index, SHA-256, the local digest (mmh3-128)
+_HEADER = struct.Struct("<8sQQ")  # magic, size, entries
+_MAGIC = b"NBDCFMAP"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMap:
+    """A version as the fleet stores it: its size and, for each chunk that is not all zeros, its index,
+    SHA-256 and local digest (so a host finds a chunk it holds without fetching it)."""
+
+    size: int
+    entries: tuple[tuple[int, bytes, bytes], ...]
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(_MAGIC, self.size, len(self.entries)) + b"".join(_ENTRY.pack(*e) for e in self.entries)
+
+    @classmethod
+    def decode(cls, raw: bytes, what: str) -> FleetMap:
+        try:
+            magic, size, n = _HEADER.unpack_from(raw)
+            if magic != _MAGIC or len(raw) != _HEADER.size + n * _ENTRY.size:
+                raise ValueError("not a fleet map")
+            entries = tuple(_ENTRY.iter_unpack(raw[_HEADER.size :]))
+        except (struct.error, ValueError) as exc:
+            raise errors.StorageError(5, what=f"reading {what}", detail=str(exc)) from None
+        return cls(size, entries)
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def chunk_name(key: bytes) -> str:
+    return "chunk." + key.hex()
+
+
+class Objects:
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        try:
+            self._cluster = rados.Rados(conffile=config.ceph_conf)
+            self._cluster.connect(timeout=10)
+            self._io = self._cluster.open_ioctx(config.pool)
+        except rados.Error as exc:
+            detail = f"cannot reach Ceph ({config.ceph_conf}, pool {config.pool}): {exc}"
+            raise errors.NbdcloneError(detail=detail) from None
+        self._io.set_namespace(config.name)
+
+    def close(self) -> None:
+        self._io.close()
+        self._cluster.shutdown()
+
+    def __enter__(self) -> Objects:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Write object `name` unless it exists. Returns whether it was written (False: a dedup hit)."""
+        op = self._io.create_write_op()
+        try:
+            op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+            op.write_full(data)
+            self._io.operate_write_op(op, name)
+            return True
+        except rados.ObjectExists:
+            return False
+        finally:
+            self._io.release_write_op(op)
+
+    def get(self, name: str, size: int) -> bytes:
+        try:
+            return bytes(self._io.read(name, size))
+        except rados.ObjectNotFound:
+            raise errors.StorageError(2, what=f"reading object {name}", detail="it is not in the fleet") from None
+        except rados.Error as exc:
+            raise errors.StorageError(5, what=f"reading object {name}", detail=str(exc)) from None
+
+    def put_chunk(self, data: bytes) -> tuple[bytes, bool]:
+        """Store a chunk under its SHA-256; returns the digest and whether it was new."""
+        key = sha256(data)
+        return key, self.put_if_absent(chunk_name(key), data)
+
+    def get_chunk(self, key: bytes, size: int) -> bytes:
+        """A chunk, verified against the digest that names it."""
+        data = self.get(chunk_name(key), size)
+        if sha256(data) != key:
+            raise errors.StorageError(5, what=f"reading {chunk_name(key)}", detail="its bytes do not match its name")
+        return data
+
+    def list_chunks(self) -> Iterator[str]:
+        for obj in self._io.list_objects():
+            if obj.key.startswith("chunk."):
+                yield obj.key

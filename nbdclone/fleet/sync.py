@@ -1,0 +1,145 @@
+"""Moving versions between a host's store and the fleet.
+
+    publish   a version the host imported (under the number the fleet reserved for it) goes to RADOS:
+              its chunks put-if-absent under their SHA-256, then its map object; then etcd names it
+    stage     a version the fleet names comes to the host: its map object is read and checked, each chunk
+              the host's pack holds (found by its local digest, confirmed by SHA-256) is taken from the
+              pack, each other one is fetched once and verified; then the local store commits it under
+              the fleet's number (an import: chunks synced, map, catalog)
+    sync      every fleet base's current version is staged, then the host's pointer is set to it: a
+              following clone moves at its next first connection, as after a local flip
+
+A host serves only what its own store holds, so etcd or Ceph being down stops nothing that runs: sync and
+fleet commands fail with a clear error and serving goes on with the last view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nbdclone import errors
+from nbdclone.fleet import catalog as fleet_catalog
+from nbdclone.fleet.catalog import FleetCatalog, FleetVersion
+from nbdclone.fleet.config import FleetConfig
+from nbdclone.fleet.objects import FleetMap, Objects, sha256
+from nbdclone.store import Store
+from nbdclone.store.catalog import now
+from nbdclone.store.chunks import CHUNK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SyncReport:
+    staged: list[str] = field(default_factory=list)  # NAME@VERSION brought to this host
+    moved: list[tuple[str, str, str]] = field(default_factory=list)  # (base, old, new) local pointer moves
+    fetched: int = 0  # chunks read from RADOS
+    local: int = 0  # chunks this host's pack already held
+
+
+def import_version(
+    store: Store, config: FleetConfig, name: str, local_import: Callable[[str], object]
+) -> tuple[str, bool]:
+    """Import a version of base `name` into the fleet: reserve its number in etcd, run `local_import(vid)`
+    (an import into this host's store under that number), publish it. Returns the version and whether it
+    became current (a new base's first version)."""
+    vid = fleet_catalog.run(config, lambda c: c.reserve(name))
+    local_import(vid)
+    return vid, publish(store, config, name, vid)
+
+
+def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:
+    """Put a local version's chunks and map in RADOS, then name it in etcd. Returns whether it became the
+    base's current version."""
+    record = store.get_base(name)
+    vmap = store.version_map(record, vid, digests=True)
+    entries = []
+    with Objects(config) as objects:
+        fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for i, slot, key in vmap.stored():
+                data = os.pread(fd, CHUNK, slot * CHUNK)
+                digest, _ = objects.put_chunk(data)
+                entries.append((i, digest, key))
+        finally:
+            os.close(fd)
+        raw = FleetMap(vmap.size, tuple(entries)).encode()
+        map_object = f"map.{name}.{vid}.{sha256(raw).hex()[:16]}"
+        objects.put_if_absent(map_object, raw)
+    version = FleetVersion(vid, vmap.size, now(), record.versions[vid].source, map_object, sha256(raw).hex())
+    current = fleet_catalog.run(config, lambda c: c.add_version(name, version))
+    log.info("published %s@%s to fleet %s (%d chunks)", name, vid, config.name, len(entries))
+    return current
+
+
+def stage(store: Store, objects: Objects, name: str, version: FleetVersion, report: SyncReport) -> bool:
+    """Bring fleet version `name`@`version.id` into this host's store. Returns False if it was here."""
+    local = store.catalog().bases.get(name)
+    if local is not None and version.id in local.versions:
+        return False
+    raw = objects.get(version.map_object, 64 << 20)
+    if sha256(raw).hex() != version.map_sha256:
+        raise errors.StorageError(5, what=f"reading {version.map_object}", detail="it does not match its record")
+    fmap = FleetMap.decode(raw, version.map_object)
+    with store.chunks.writer():
+        existing = list(store.all_version_maps(digests=True))
+        held: dict[bytes, list[int]] = {}
+        for vm in existing:
+            for _, slot, key in vm.stored():
+                held.setdefault(key, []).append(slot)
+        fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC) if held else -1
+
+        def chunks() -> Iterator[tuple[int, bytes | None]]:
+            for i, digest, key in fmap.entries:
+                data = next(
+                    (d for slot in held.get(key, ()) if sha256(d := os.pread(fd, CHUNK, slot * CHUNK)) == digest),
+                    None,
+                )
+                if data is None:
+                    data = objects.get_chunk(digest, CHUNK)
+                    report.fetched += 1
+                else:
+                    report.local += 1
+                yield i, data[: min(CHUNK, fmap.size - i * CHUNK)]
+
+        try:
+            vmap, new_chunks = store.chunks.import_chunks(chunks(), fmap.size, existing)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        store.add_version(name, vmap, f"fleet {objects.config.name}: {version.source}", new_chunks, vid=version.id)
+    report.staged.append(f"{name}@{version.id}")
+    return True
+
+
+def sync(
+    store: Store, config: FleetConfig, *, also: dict[str, set[str]] | None = None, only: bool = False
+) -> SyncReport:
+    """Stage every fleet base's current version (and the `also` versions: base -> ids), then point this
+    host's bases where the fleet's point. With `only`, stage just the `also` versions and move nothing."""
+
+    async def read(c: FleetCatalog) -> dict[str, tuple[dict[str, FleetVersion], str | None]]:
+        out = {}
+        for base in await c.bases():
+            current = await c.current(base)
+            out[base] = (await c.versions(base), current[0] if current else None)
+        return out
+
+    view = fleet_catalog.run(config, read)
+    report = SyncReport()
+    with Objects(config) as objects:
+        for base, (versions, current) in sorted(view.items()):
+            wanted = ({current} if current and not only else set()) | (also or {}).get(base, set())
+            for vid in sorted(wanted, key=int):
+                if vid not in versions:
+                    raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {config.name}")
+                stage(store, objects, base, versions[vid], report)
+            if current is not None and not only and base in store.catalog().bases:
+                old = store.current_version(store.get_base(base))
+                if old != current:
+                    store.promote(base, current)
+                    report.moved.append((base, old, current))
+    return report

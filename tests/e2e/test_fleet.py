@@ -1,0 +1,140 @@
+"""Fleet mode against a real etcd and a real Ceph (one monitor, one BlueStore OSD), started once for this
+module by the project's scripts/fleet-engines. Hosts are separate stores and separate servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbdclone import errors
+from nbdclone.fleet.catalog import FleetCatalog, FlipLost
+from nbdclone.fleet.config import FleetConfig
+from tests.helpers import Server, cli, make_image, pread_all, wait_closed
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+SIZE = 24 * MiB
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    where = tmp_path_factory.mktemp("engines")
+    env = {"ETCD_PORT": "23791", "CEPH_MON_PORT": "16789", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    up = subprocess.run(
+        [ROOT / "scripts" / "fleet-engines", "up", str(where)], env=env, capture_output=True, text=True, check=False
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield dict(line.split("=", 1) for line in up.stdout.split())
+    finally:
+        subprocess.run([ROOT / "scripts" / "fleet-engines", "down", str(where)], check=True)
+
+
+@pytest.fixture
+def fleet(engines: dict[str, str], tmp_path: Path) -> FleetConfig:
+    """A fleet of its own (an etcd prefix and a RADOS namespace) on the shared engines."""
+    return FleetConfig(engines["NBDCLONE_ETCD"], engines["CEPH_CONF"], engines["NBDCLONE_POOL"], uuid.uuid4().hex[:12])
+
+
+def _join(fleet: FleetConfig, store: Path, host: str) -> None:
+    cli("fleet", "join", fleet.etcd, "--ceph-conf", fleet.ceph_conf, "--name", fleet.name, "--host", host, store=store)
+
+
+def _current(store: Path, base: str) -> str | None:
+    rows = json.loads(cli("base", "list", "--json", store=store).stdout)["versions"]
+    return next((r["version"] for r in rows if r["base"] == base and r["current"]), None)
+
+
+def _read(server: Server, store: Path, name: str) -> bytes:
+    h = server.connect(name)
+    data = pread_all(h, SIZE)
+    h.shutdown()
+    wait_closed(store, name)
+    return data
+
+
+def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConfig) -> None:
+    v1 = make_image(tmp_path / "v1.raw", SIZE, [(0, 6 * MiB), (12 * MiB, MiB)], seed=1)
+    v2 = bytearray(v1)
+    v2[3 * MiB : 3 * MiB + 200_000] = b"\x42" * 200_000  # 4 chunks change
+    (tmp_path / "v2.raw").write_bytes(v2)
+    hosts = {h: tmp_path / h for h in ("h1", "h2", "h3")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in ("h2", "h3")}
+    try:
+        for h, srv in servers.items():
+            cli("clone", "create", "follows", "--base", "gold", store=hosts[h])
+            cli("clone", "create", "pinned", "--base", "gold@1", store=hosts[h])
+            for clone in ("follows", "pinned"):
+                assert hashlib.sha256(_read(srv, hosts[h], clone)).digest() == hashlib.sha256(v1).digest()
+
+        cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=hosts["h1"])
+        flipped = time.monotonic()
+        assert "current version 1 -> 2" in cli("base", "promote", "gold", "2", store=hosts["h1"]).stdout
+        deadline = time.monotonic() + 60
+        while any(_current(hosts[h], "gold") != "2" for h in servers):  # their servers follow the watch
+            assert time.monotonic() < deadline, [srv.log for srv in servers.values()]
+            time.sleep(0.05)
+        print(f"flip on h1 to the last host's pointer: {time.monotonic() - flipped:.2f} s")
+        for h, srv in servers.items():
+            assert _read(srv, hosts[h], "follows") == v2  # moved at its next first connection
+            assert _read(srv, hosts[h], "pinned") == v1  # pinned clones stay
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    # A host that has version 1 fetches only the chunks version 2 changed, once.
+    _join(fleet, hosts.setdefault("h4", tmp_path / "h4"), "h4")
+    cli("clone", "create", "old", "--base", "gold@1", store=hosts["h4"])  # stages version 1 only
+    report = json.loads(cli("fleet", "sync", "--json", store=hosts["h4"]).stdout)
+    assert report["staged"] == ["gold@2"] and report["fetched"] == 4, report
+    again = json.loads(cli("fleet", "sync", "--json", store=hosts["h4"]).stdout)
+    assert again["staged"] == [] and again["fetched"] == 0
+    assert cli("check", store=hosts["h4"]).returncode == 0
+
+
+def test_a_flip_race_has_one_winner(tmp_path: Path, fleet: FleetConfig) -> None:
+    """Two hosts flip from the same pointer revision: one etcd transaction wins, the other is told the
+    winner and changes nothing; a version etcd does not name cannot be made current."""
+    for v in ("1", "2", "3"):
+        make_image(tmp_path / f"v{v}.raw", 4 * MiB, [(0, MiB)], seed=int(v))
+    _join(fleet, tmp_path / "h1", "h1")
+    for v in ("1", "2", "3"):
+        cli("base", "import", "os", str(tmp_path / f"v{v}.raw"), store=tmp_path / "h1")
+
+    async def race() -> tuple[str, str]:
+        async with FleetCatalog(fleet) as a, FleetCatalog(fleet) as b:
+            current = await a.current("os")
+            assert current is not None and current[0] == "1"
+            await a.promote("os", "2", seen=current[1])
+            with pytest.raises(FlipLost) as lost:
+                await b.promote("os", "3", seen=current[1])
+            with pytest.raises(errors.VersionNotFound):
+                await b.promote("os", "9")
+            now = await b.current("os")
+            assert now is not None
+            return str(lost.value), now[0]
+
+    message, now = asyncio.run(race())
+    assert now == "2" and "to version 2" in message
+
+
+def test_fleet_commands_fail_clearly_without_a_fleet(tmp_path: Path, fleet: FleetConfig) -> None:
+    bad = cli("fleet", "sync", store=tmp_path / "alone", check=False)
+    assert bad.returncode == 1 and "is in no fleet" in bad.stderr and bad.stderr.count("\n") == 1
+    nowhere = cli(
+        "fleet", "join", "http://127.0.0.1:1", "--ceph-conf", fleet.ceph_conf, store=tmp_path / "x", check=False
+    )
+    assert nowhere.returncode == 1 and "etcd at http://127.0.0.1:1 did not answer" in nowhere.stderr
+    assert not (tmp_path / "x" / "fleet.json").exists()
