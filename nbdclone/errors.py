@@ -48,6 +48,16 @@ class SnapshotExists(NbdcloneError, FileExistsError):
     template = "clone {clone!r} already has a snapshot named {name!r}"
 
 
+class NotOwned(NbdcloneError):
+    errno = _errno.EACCES
+    template = "clone {name!r} is not this host's to serve ({why})"
+
+
+class Fenced(NbdcloneError):
+    errno = _errno.ESHUTDOWN
+    template = "this host's fleet lease ran out or its clone moved: it no longer serves {name!r}"
+
+
 class BaseExists(NbdcloneError, FileExistsError):
     errno = _errno.EEXIST
     template = "a base named {name!r} already exists in store {store}"

@@ -114,6 +114,11 @@ class RunDir:
     def cache_stats(self) -> Path:
         return self.path / "stats-cache.json"
 
+    @property
+    def fleet_lease(self) -> Path:
+        """In fleet mode: until when this host's lease holds, and the clones it owns (fleet/lease.py)."""
+        return self.path / "fleet-lease.json"
+
     def saved_address(self) -> Address:
         """The address settings of the last server (the defaults if none ran yet)."""
         try:

@@ -27,7 +27,7 @@ from nbdclone.cli._common import (
 )
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
-from nbdclone.store.catalog import is_own_base, parse_base_ref, slot_of
+from nbdclone.store.catalog import is_own_base, parse_base_ref, slot_of, validate_name
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
 from nbdclone.supervisor import server
@@ -54,16 +54,30 @@ def clone_create(
     if sum(x is not None for x in (base, size, source)) != 1:
         raise errors.InvalidArgument(detail="give exactly one of --base BASE, --size SIZE or --from CLONE[@SNAP]")
     st = Store(store)
+    fleet = fleet_config.load(Path(store).absolute())
+    if fleet is None:
+        _create(st, names, base, size, source, read_only)
+        return
+    from nbdclone.fleet import clones as fleet_clones
+
+    if base is not None:
+        _stage_from_fleet(st, base)
+    for name in names:
+        validate_name("clone", name)
+    with fleet_clones.claimed(fleet, names):  # the names are this host's in the fleet first
+        _create(st, names, base, size, source, read_only)
+    fleet_clones.wait_served(st, names)
+
+
+def _create(st: Store, names: list[str], base: str | None, size: str | None, source: str | None, ro: bool) -> None:
     if source is not None:
         for name in names:
             with progress_bar() as bar:
                 task = bar.add_task(f"copying {source}", total=None)
-                lineage.create_from(st, name, source, readonly=read_only, progress=updater(bar, task))
+                lineage.create_from(st, name, source, readonly=ro, progress=updater(bar, task))
             out.print(f"created clone {name} from {source}")
         return
-    if base is not None:
-        _stage_from_fleet(st, base)
-    records = st.create_clones(names, base=base, size=parse_size(size) if size else None, readonly=read_only)
+    records = st.create_clones(names, base=base, size=parse_size(size) if size else None, readonly=ro)
     for record in records[:20]:
         what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
         out.print(f"created clone {record.name} {what}")
@@ -235,7 +249,17 @@ def clone_rename(old: str, new: str, store: StoreOpt = DEFAULT_STORE) -> None:
 def clone_rm(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE) -> None:
     """Remove clones and their writes. Refused for a connected one."""
     st = Store(store)
-    _each(names or [], st, st.remove_clone, "removed clone {name}")
+    fleet = fleet_config.load(Path(store).absolute())
+    if fleet is None:
+        _each(names or [], st, st.remove_clone, "removed clone {name}")
+        return
+    from nbdclone.fleet import clones as fleet_clones
+
+    def remove(name: str) -> None:
+        st.remove_clone(name)
+        fleet_clones.release(fleet, name)  # after: a crash between leaves a claim 'fleet sync' can drop
+
+    _each(names or [], st, remove, "removed clone {name}")
 
 
 class ExportFormat(enum.StrEnum):

@@ -142,9 +142,84 @@ class FleetCatalog:
             raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {self.config.name}")
         raise FlipLost(base=base, winner=pointer[0][0].decode() if pointer else "?")
 
+    # -- hosts and clones ----------------------------------------------------------------------------
+
+    async def register(self, host: str, info: dict[str, Any], ttl: int) -> Any:
+        """Put this host's key under a new lease of `ttl` seconds; returns the lease (refresh() it)."""
+        lease = await self._call("lease", self._client.lease(ttl))
+        await self._call("register", self._client.put(self._key("hosts", host), json.dumps(info).encode(), lease))
+        return lease
+
+    async def refresh(self, lease: Any) -> bool:
+        """Keep a lease alive; False if etcd no longer has it (it expired)."""
+        reply = await self._call("refresh", lease.refresh())
+        return int(reply.TTL) > 0  # 0: etcd let it expire
+
+    async def host(self, host: str) -> dict[str, Any] | None:
+        got = await self._call("host", self._client.get(self._key("hosts", host)))
+        return None if got is None else dict(json.loads(got.value))
+
+    async def clones(self) -> dict[str, dict[str, Any]]:
+        prefix = self._key("clones", "")
+        found = await self._call("clones", self._client.get_prefix(prefix))
+        return {kv.key[len(prefix) :].decode(): {**json.loads(kv.value), "rev": kv.mod_revision} for kv in found}
+
+    async def claim_clone(self, name: str, host: str) -> None:
+        """Record a new clone as `host`'s (epoch 1); refused if the fleet has one of that name."""
+        tx = self._client.transactions
+        key = self._key("clones", name)
+        value = json.dumps({"host": host, "epoch": 1}).encode()
+        ok, responses = await self._call(
+            "create clone",
+            self._client.transaction(
+                compare=[tx.version(key) == 0], success=[tx.put(key, value)], failure=[tx.get(key)]
+            ),
+        )
+        if not ok:
+            owner = json.loads(responses[0][0][0])["host"]
+            raise errors.CloneExists(name=name, store=f"fleet {self.config.name} (on host {owner})")
+
+    async def release_clone(self, name: str, host: str) -> None:
+        """Forget a clone this host owns."""
+        tx = self._client.transactions
+        key = self._key("clones", name)
+        got = await self._call("remove clone", self._client.get(key))
+        if got is None:
+            return
+        if json.loads(got.value)["host"] != host:
+            raise errors.NbdcloneError(detail=f"clone {name!r} is owned by host {json.loads(got.value)['host']}")
+        await self._call(
+            "remove clone",
+            self._client.transaction(compare=[tx.mod(key) == got.mod_revision], success=[tx.delete(key)], failure=[]),
+        )
+
+    async def move_clone(
+        self, name: str, seen: dict[str, Any], to: str, extra: dict[str, Any], *, owner_gone: bool = False
+    ) -> int:
+        """Give clone `name` (as `seen`: its record and revision) to host `to` with the next epoch, in one
+        transaction that compares the record's revision and, with `owner_gone`, that the old owner's lease
+        key is gone (a takeover). Returns the new epoch; raises if anything changed meanwhile."""
+        tx = self._client.transactions
+        key = self._key("clones", name)
+        epoch = int(seen["epoch"]) + 1
+        value = json.dumps({"host": to, "epoch": epoch, **extra}).encode()
+        compare = [tx.mod(key) == seen["rev"]]
+        if owner_gone:
+            compare.append(tx.version(self._key("hosts", seen["host"])) == 0)
+        ok, _ = await self._call(
+            "move", self._client.transaction(compare=compare, success=[tx.put(key, value)], failure=[])
+        )
+        if not ok:
+            raise errors.NbdcloneError(
+                detail=f"clone {name!r} changed owner or its owner is alive; nothing was moved"
+                if owner_gone
+                else f"clone {name!r} changed while moving it; nothing was moved"
+            )
+        return epoch
+
     async def watch(self, on_change: Callable[[], Any]) -> None:
-        """Call `on_change()` whenever anything under the fleet's bases changes (forever)."""
-        async for _ in await self._client.watch_prefix(self._key("bases", "")):
+        """Call `on_change()` whenever anything of the fleet changes (forever)."""
+        async for _ in await self._client.watch_prefix(self.config.prefix):
             on_change()
 
 

@@ -1,38 +1,95 @@
-"""A running server follows its fleet: an etcd watch on the fleet's bases wakes a sync (sync.py) of this
-host's store, at start, on every change, and every FOLLOW_EVERY seconds in case a watch event was lost.
-etcd or Ceph down: the error is logged, the server goes on serving its last view, and it tries again."""
+"""A running server follows its fleet.
+
+    lease   the host's key in etcd lives under a lease of LEASE_TTL seconds, refreshed every LEASE_TTL/5;
+            after each refresh, run/fleet-lease.json says until when this host may serve and which clones
+            it owns (lease.py: the workers' fence)
+    sync    an etcd watch on the fleet wakes a sync of this host's store (sync.py): at start, on every
+            change, and every FOLLOW_EVERY seconds in case an event was lost
+
+etcd or Ceph down: the error is logged and retried; serving goes on while the lease holds (an etcd restart
+is far shorter than LEASE_TTL); flips and creates wait for etcd with a clear error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from typing import Any
 
 from nbdclone import errors
+from nbdclone.fleet import lease as lease_file
 from nbdclone.fleet.catalog import FleetCatalog
 from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.sync import sync
+from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 
 log = logging.getLogger(__name__)
 FOLLOW_EVERY = 30.0
-RETRY = 2.0
+RETRY = 1.0
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def keep_lease(
+    store: Store, config: FleetConfig, stop: asyncio.Event, wake: asyncio.Event, changed: asyncio.Event
+) -> None:
+    """Keep the lease; rewrite the lease file after each refresh, and at once when the fleet `changed`."""
+    run_dir = RunDir(store.path)
+    lease: Any = None
+    owned: dict[str, int] = {}
+    while not stop.is_set():
+        try:
+            async with FleetCatalog(config) as catalog:
+                while not stop.is_set():
+                    sent = time.time()
+                    if lease is None or not await catalog.refresh(lease):
+                        info = {"store": str(store.path), "pid": os.getpid()}
+                        lease = await catalog.register(config.host, info, lease_file.LEASE_TTL)
+                        log.info("fleet %s: host %s holds a lease of %d s", config.name, config.host, lease.ttl)
+                    clones = await catalog.clones()
+                    now_owned = {n: int(r["epoch"]) for n, r in clones.items() if r["host"] == config.host}
+                    lease_file.write(run_dir, config.host, sent + lease_file.LEASE_TTL - lease_file.MARGIN, now_owned)
+                    if now_owned != owned:
+                        owned = now_owned
+                        wake.set()
+                    try:
+                        await asyncio.wait_for(changed.wait(), lease_file.LEASE_TTL / 5)
+                    except TimeoutError:
+                        pass
+                    changed.clear()
+        except Exception as exc:  # etcd down or the connection cut: retried; the lease file ages meanwhile
+            log.warning("fleet %s: cannot refresh the lease (%s); retrying", config.name, exc)
+            await _sleep(stop, RETRY)
 
 
 async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None:
     wake = asyncio.Event()
     wake.set()
+    changed = asyncio.Event()
+
+    def on_change() -> None:
+        wake.set()
+        changed.set()
 
     async def watch() -> None:
         while not stop.is_set():
             try:
                 async with FleetCatalog(config) as catalog:
-                    wake.set()  # whatever changed while the watch was down
-                    await catalog.watch(wake.set)
+                    on_change()  # whatever changed while the watch was down
+                    await catalog.watch(on_change)
             except Exception as exc:  # etcd down or the watch cut: retried
                 log.warning("fleet %s: etcd watch lost (%s); retrying", config.name, exc)
-                await asyncio.sleep(RETRY)
+                await _sleep(stop, RETRY)
 
-    watcher = asyncio.ensure_future(watch())
+    tasks = [asyncio.ensure_future(watch()), asyncio.ensure_future(keep_lease(store, config, stop, wake, changed))]
     try:
         while not stop.is_set():
             waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}
@@ -46,7 +103,7 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
                 report = await asyncio.to_thread(sync, store, config)
             except errors.NbdcloneError as exc:
                 log.error("fleet %s: sync failed (%s); serving the last view", config.name, exc)
-                await asyncio.sleep(RETRY)
+                await _sleep(stop, RETRY)
                 wake.set()
                 continue
             for ref in report.staged:
@@ -54,4 +111,5 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
             for base, old, new in report.moved:
                 log.info("fleet %s: base %s flipped %s -> %s", config.name, base, old, new)
     finally:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 import nbdkit
 
-from nbdclone.errors import CloneNotFound, NbdcloneError, StorageError
+from nbdclone.errors import CloneNotFound, Fenced, NbdcloneError, NotOwned, StorageError
+from nbdclone.fleet.lease import Fence, in_fleet
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 from nbdclone.store.catalog import Catalog, is_valid_name, worker_of
@@ -75,6 +76,7 @@ class Handle:
     thread: int  # the connection's thread, which holds a Python thread state for the connection's life
     tid: int  # its native id (for its CPU affinity)
     gil_state: int
+    revoked: bool = False  # fleet mode: its clone is another host's now (fleet/lease.py)
 
 
 _config: dict[str, str] = {}
@@ -83,6 +85,8 @@ _registry: Registry | None = None
 _drain = Drain()
 _counters = Counters()
 _connections: dict[int, str] = {}  # native id of each connection thread with a clone open -> the clone
+_handles: dict[int, Handle] = {}  # the same threads' handles (fleet mode revokes them)
+_fence: Fence = Fence(None)  # single-host mode: never fenced; fleet mode: the host's lease (fleet/lease.py)
 _ns = time.perf_counter_ns
 _me = threading.get_ident
 _bucket = bisect.bisect_left
@@ -123,7 +127,11 @@ def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
                 _drain.park(me)
             started = _ns()
             try:
+                if started > _fence.deadline_ns or h.revoked:
+                    raise Fenced(name=h.name)
                 result = fn(h, *args)
+                if _ns() > _fence.deadline_ns or h.revoked:  # done on a copy that is not the clone's now
+                    raise Fenced(name=h.name)
             except NbdcloneError as exc:
                 h.stats.ops[op].errors += 1
                 nbdkit.set_error(exc.errno)
@@ -235,6 +243,19 @@ def after_fork() -> None:
     if _settings.control is not None:
         _drain.watch(_settings.control, range(3, 3 + _settings.listeners), _close_all_for_stop)
     watch_connections(_settings.handshake_timeout, _settings.per_client, lambda: dict(_connections))
+    if in_fleet(_settings.store):
+        global _fence
+        _fence = Fence(RunDir(_settings.store))
+        _fence.watch(_revoke)
+
+
+def _revoke(names: set[str]) -> None:
+    """Clones another host owns now: their open connections' requests fail from here on."""
+    for h in list(_handles.values()):
+        if h.name in names:
+            h.revoked = True
+    if names:
+        log.warning("fleet: clone(s) %s moved to another host; their connections here are refused", sorted(names))
 
 
 def _close_all_for_stop() -> None:
@@ -298,6 +319,10 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
         # Another worker serves it: one RocksDB handle per clone, in one process (`nbdclone uri` says where).
         raise StorageError(errno.ENOENT, what=f"clone {name!r}", detail=f"is served by worker {_worker_of(name)}")
     record = cat.clones.get(name)
+    if not _fence.owns(name):
+        _fence.refresh(_revoke)  # a clone created or moved here since the last look
+    if not _fence.owns(name):
+        raise NotOwned(name=name, why="its fleet lease ran out or another host owns it")
     clone = _reg().acquire(name, exclusive=_settings.exclusive)
     tid = threading.get_native_id()
     _pins().opened(tid)
@@ -306,12 +331,14 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
     readonly = _settings.readonly or (record is not None and record.readonly)
     h = Handle(name, clone, readonly, stats, stats.ops["read"], stats.ops["write"], key, _me(), tid, 0)
     _connections[tid] = name
+    _handles[tid] = h
     h.gil_state = gil_ensure()  # last: nothing after it can fail
     return h
 
 
 def close(h: Handle) -> None:
     _connections.pop(h.tid, None)
+    _handles.pop(h.tid, None)
     _counters.closed(id(h.key))
     _pins().closed(h.tid)
     _reg().release(h.name)
@@ -393,6 +420,8 @@ def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
         _drain.park(me)
     started = _ns()
     try:
+        if started > _fence.deadline_ns or h.revoked:
+            raise Fenced(name=h.name)
         h.clone.pread_into(buf, offset)
     except (NbdcloneError, OSError) as exc:
         h.reads.errors += 1
@@ -415,14 +444,19 @@ def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
         _drain.park(me)
     started = _ns()
     try:
+        if started > _fence.deadline_ns or h.revoked:
+            raise Fenced(name=h.name)
         h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
+        ended = _ns()
+        if ended > _fence.deadline_ns or h.revoked:  # written to a copy that is not the clone's now
+            raise Fenced(name=h.name)
     except (NbdcloneError, OSError) as exc:
         h.writes.errors += 1
         nbdkit.set_error(exc.errno or errno.EIO)
         raise
     finally:
         _drain.inflight[me] = 0
-    elapsed = _ns() - started
+    elapsed = ended - started
     s = h.writes
     s.requests += 1
     s.bytes += len(buf)

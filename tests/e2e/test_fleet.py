@@ -74,10 +74,12 @@ def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConf
     servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in ("h2", "h3")}
     try:
         for h, srv in servers.items():
-            cli("clone", "create", "follows", "--base", "gold", store=hosts[h])
-            cli("clone", "create", "pinned", "--base", "gold@1", store=hosts[h])
-            for clone in ("follows", "pinned"):
+            cli("clone", "create", f"follows-{h}", "--base", "gold", store=hosts[h])
+            cli("clone", "create", f"pinned-{h}", "--base", "gold@1", store=hosts[h])
+            for clone in (f"follows-{h}", f"pinned-{h}"):
                 assert hashlib.sha256(_read(srv, hosts[h], clone)).digest() == hashlib.sha256(v1).digest()
+        taken = cli("clone", "create", "follows-h2", "--base", "gold", store=hosts["h3"], check=False)
+        assert taken.returncode == 1 and "on host h2" in taken.stderr  # one name, one owner, fleet-wide
 
         cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=hosts["h1"])
         flipped = time.monotonic()
@@ -88,8 +90,8 @@ def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConf
             time.sleep(0.05)
         print(f"flip on h1 to the last host's pointer: {time.monotonic() - flipped:.2f} s")
         for h, srv in servers.items():
-            assert _read(srv, hosts[h], "follows") == v2  # moved at its next first connection
-            assert _read(srv, hosts[h], "pinned") == v1  # pinned clones stay
+            assert _read(srv, hosts[h], f"follows-{h}") == v2  # moved at its next first connection
+            assert _read(srv, hosts[h], f"pinned-{h}") == v1  # pinned clones stay
     finally:
         for srv in servers.values():
             srv.stop()

@@ -1,0 +1,65 @@
+"""A fleet's clones: each one is owned by one host, recorded in etcd with an epoch (catalog.py); the
+owner's workers serve it only while its lease holds (lease.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from nbdclone import errors
+from nbdclone.fleet import catalog as fleet_catalog
+from nbdclone.fleet import lease
+from nbdclone.fleet.catalog import FleetCatalog
+from nbdclone.fleet.config import FleetConfig
+from nbdclone.runtime import RunDir
+from nbdclone.store import Store
+
+
+@contextlib.contextmanager
+def claimed(config: FleetConfig, names: list[str]) -> Iterator[None]:
+    """Claim `names` for this host in etcd (all or none), for the body to create them here; if it fails,
+    the claims are given back."""
+
+    async def claim(c: FleetCatalog) -> None:
+        done: list[str] = []
+        try:
+            for name in names:
+                await c.claim_clone(name, config.host)
+                done.append(name)
+        except BaseException:
+            for name in done:
+                await c.release_clone(name, config.host)
+            raise
+
+    fleet_catalog.run(config, claim)
+    try:
+        yield
+    except BaseException:
+        fleet_catalog.run(config, lambda c: _release_all(c, config.host, names))
+        raise
+
+
+async def _release_all(c: FleetCatalog, host: str, names: list[str]) -> None:
+    for name in names:
+        await c.release_clone(name, host)
+
+
+def release(config: FleetConfig, name: str) -> None:
+    fleet_catalog.run(config, lambda c: c.release_clone(name, config.host))
+
+
+def wait_served(store: Store, names: list[str], timeout: float = 15) -> None:
+    """If this host's server runs, wait until its lease names `names` (so a client may connect now)."""
+    try:
+        store.server_info()
+    except errors.ServerNotRunning:
+        return
+    path = RunDir(store.path).fleet_lease
+    deadline = time.monotonic() + timeout
+    while not set(names) <= set(lease.read(path)[1]):
+        if time.monotonic() > deadline:
+            raise errors.NbdcloneError(
+                detail=f"the server did not take up clone(s) {', '.join(names)} in {timeout:.0f} s"
+            )
+        time.sleep(0.02)

@@ -1,0 +1,87 @@
+"""Which clones this host may serve, and until when: the fence between hosts.
+
+    supervisor (follow.py)   keeps the host's etcd lease alive (TTL LEASE_TTL); after each refresh that
+                             etcd answered, writes run/fleet-lease.json: valid_until = the time the
+                             refresh was *sent* + LEASE_TTL - MARGIN, and the clones etcd says it owns
+    each worker (Fence)      reads that file every FENCE_EVERY; a first connection to a clone it does not
+                             own is refused; every request checks the monotonic clock against the lease
+                             (one integer compare) and its clone's handle for revocation
+
+Another host may take a clone over only once this host's lease key is gone from etcd, which is LEASE_TTL
+after the last refresh etcd saw, so after valid_until here. A host that is frozen (SIGSTOP), partitioned or
+whose supervisor died stops serving at valid_until: requests fail (ESHUTDOWN) and do not reach the overlay,
+and a write that finishes after it is reported failed. When the lease is back, clones another host took
+meanwhile are revoked before the new deadline is published. What remains: a reply already past the last
+check when the process was frozen (microseconds of code) goes out when it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nbdclone.runtime import RunDir
+from nbdclone.store.layout import write_atomic
+
+LEASE_TTL = 15  # seconds: an etcd restart (about 1 s) does not fence anything
+MARGIN = 3  # seconds this host stops before etcd can hand its clones to another
+FENCE_EVERY = 0.5
+NEVER = 1 << 62  # no fence (single-host mode)
+
+
+def write(run_dir: RunDir, host: str, valid_until: float, owned: dict[str, int]) -> None:
+    doc = {"host": host, "valid_until": valid_until, "owned": owned}
+    write_atomic(run_dir.fleet_lease, json.dumps(doc), run_dir.path)
+
+
+def read(path: Path) -> tuple[float, dict[str, int]]:
+    """(valid_until as wall time, owned clones -> epoch); (0, {}) if there is no readable lease."""
+    try:
+        doc = json.loads(path.read_text())
+        return float(doc["valid_until"]), {str(k): int(v) for k, v in doc["owned"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0.0, {}
+
+
+class Fence:
+    """A worker's view of the lease. `deadline_ns` (time.monotonic_ns) is read on the request path without
+    a lock: an int assignment is atomic, and a stale value is at most FENCE_EVERY old, in the safe
+    direction only once revocations are applied first (refresh)."""
+
+    def __init__(self, run_dir: RunDir | None) -> None:
+        """With no run dir (single-host mode) nothing is ever fenced."""
+        self.path = run_dir.fleet_lease if run_dir is not None else None
+        self.deadline_ns = 0 if run_dir is not None else NEVER  # fleet: nothing is served until a lease is read
+        self.owned: dict[str, int] = {}
+
+    def refresh(self, revoke: Callable[[set[str]], None]) -> None:
+        if self.path is None:
+            return
+        valid_until, owned = read(self.path)
+        lost = set(self.owned) - set(owned)
+        if lost:
+            revoke(lost)  # before a later deadline is published
+        self.owned = owned
+        left = valid_until - time.time()
+        self.deadline_ns = time.monotonic_ns() + int(left * 1e9) if left > 0 else 0
+
+    def owns(self, name: str) -> bool:
+        if self.path is None:
+            return True
+        return name in self.owned and time.monotonic_ns() < self.deadline_ns
+
+    def watch(self, revoke: Callable[[set[str]], None]) -> None:
+        def run() -> None:
+            while True:
+                self.refresh(revoke)
+                time.sleep(FENCE_EVERY)
+
+        threading.Thread(target=run, name="nbdclone-fence", daemon=True).start()
+
+
+def in_fleet(store: Path) -> bool:
+    return os.path.exists(store / "fleet.json")
