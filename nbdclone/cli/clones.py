@@ -64,7 +64,7 @@ def clone_create(
         _stage_from_fleet(st, base)
     for name in names:
         validate_name("clone", name)
-    with fleet_clones.claimed(fleet, names):  # the names are this host's in the fleet first
+    with fleet_clones.claimed(fleet, st.path, names):  # the names are this host's in the fleet first
         _create(st, names, base, size, source, read_only)
     fleet_clones.wait_served(st, names)
 
@@ -356,3 +356,24 @@ def clone_resize(
         task = bar.add_task(f"resizing {name}", total=None)
         old = lineage.resize(Store(store), name, new, shrink=shrink, progress=updater(bar, task))
     out.print(f"clone {name}: {human(old)} -> {human(new)}" if old != new else f"clone {name} is {human(new)} already")
+
+
+@clone_app.command("move")
+def clone_move(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="The fleet host to give it to.")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Take it over from a host whose lease is gone (its store must be readable)."),
+    ] = False,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Give a clone to another host of the fleet: its changes go through Ceph, its owner and epoch change
+    in one etcd transaction, and the new host's server takes it up. Refused while it has clients here."""
+    from nbdclone.fleet import move
+
+    fleet = fleet_config.load(Path(store).absolute())
+    if fleet is None:
+        raise errors.InvalidArgument(detail=f"store {store} is in no fleet: there is no host to move a clone to")
+    epoch = move.move(Store(store), fleet, name, to, force=force)
+    out.print(f"clone {name} is host {to}'s now (epoch {epoch})")

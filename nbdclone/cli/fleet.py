@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,10 +39,17 @@ def fleet_join(
     from nbdclone.fleet import catalog as fleet_catalog
     from nbdclone.fleet.objects import Objects
 
-    config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host)
+    config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host or socket.gethostname())
     config.etcd_address()
     fleet_catalog.run(config, lambda c: c.bases())
     Objects(config).close()
+    st = Store(store)
+    names = sorted(st.catalog().clones)
+    if names:  # this host's clones become its own in the fleet (all, or none and no join)
+        from nbdclone.fleet import clones as fleet_clones
+
+        with fleet_clones.claimed(config, st.path, names):
+            pass
     config = fleet_config.save(Path(store).absolute(), config)
     out.print(f"store {store} is host {config.host} of fleet {config.name} (etcd {config.etcd}, pool {pool})")
 

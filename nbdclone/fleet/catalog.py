@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -164,11 +165,12 @@ class FleetCatalog:
         found = await self._call("clones", self._client.get_prefix(prefix))
         return {kv.key[len(prefix) :].decode(): {**json.loads(kv.value), "rev": kv.mod_revision} for kv in found}
 
-    async def claim_clone(self, name: str, host: str) -> None:
-        """Record a new clone as `host`'s (epoch 1); refused if the fleet has one of that name."""
+    async def claim_clone(self, name: str, host: str, store: str) -> None:
+        """Record a new clone as `host`'s (epoch 1, its data in `store`); refused if the fleet has one of
+        that name."""
         tx = self._client.transactions
         key = self._key("clones", name)
-        value = json.dumps({"host": host, "epoch": 1}).encode()
+        value = json.dumps({"host": host, "epoch": 1, "store": store, "id": uuid.uuid4().hex}).encode()
         ok, responses = await self._call(
             "create clone",
             self._client.transaction(

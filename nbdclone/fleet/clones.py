@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from nbdclone import errors
 from nbdclone.fleet import catalog as fleet_catalog
@@ -17,7 +18,7 @@ from nbdclone.store import Store
 
 
 @contextlib.contextmanager
-def claimed(config: FleetConfig, names: list[str]) -> Iterator[None]:
+def claimed(config: FleetConfig, store_path: Path, names: list[str]) -> Iterator[None]:
     """Claim `names` for this host in etcd (all or none), for the body to create them here; if it fails,
     the claims are given back."""
 
@@ -25,7 +26,7 @@ def claimed(config: FleetConfig, names: list[str]) -> Iterator[None]:
         done: list[str] = []
         try:
             for name in names:
-                await c.claim_clone(name, config.host)
+                await c.claim_clone(name, config.host, str(store_path))
                 done.append(name)
         except BaseException:
             for name in done:

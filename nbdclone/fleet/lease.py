@@ -27,8 +27,9 @@ from pathlib import Path
 from nbdclone.runtime import RunDir
 from nbdclone.store.layout import write_atomic
 
-LEASE_TTL = 15  # seconds: an etcd restart (about 1 s) does not fence anything
-MARGIN = 3  # seconds this host stops before etcd can hand its clones to another
+#: Seconds: an etcd restart (about 1 s) fences nothing. Tests shorten it (NBDCLONE_FLEET_LEASE_TTL).
+LEASE_TTL = int(os.environ.get("NBDCLONE_FLEET_LEASE_TTL", "15"))
+MARGIN = max(1, LEASE_TTL // 5)  # seconds this host stops before etcd can hand its clones to another
 FENCE_EVERY = 0.5
 NEVER = 1 << 62  # no fence (single-host mode)
 

@@ -88,6 +88,20 @@ class Objects:
         finally:
             self._io.release_write_op(op)
 
+    def put(self, name: str, data: bytes) -> None:
+        """Write object `name` whole (replacing it: one atomic write_full)."""
+        try:
+            self._io.write_full(name, data)
+        except rados.Error as exc:
+            raise errors.StorageError(5, what=f"writing object {name}", detail=str(exc)) from None
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._io.stat(name)
+        except rados.ObjectNotFound:
+            return False
+        return True
+
     def get(self, name: str, size: int) -> bytes:
         try:
             return bytes(self._io.read(name, size))

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from nbdclone import errors
 from nbdclone.fleet import catalog as fleet_catalog
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 class SyncReport:
     staged: list[str] = field(default_factory=list)  # NAME@VERSION brought to this host
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (base, old, new) local pointer moves
+    clones: list[str] = field(default_factory=list)  # clones adopted or dropped (move.reconcile)
     fetched: int = 0  # chunks read from RADOS
     local: int = 0  # chunks this host's pack already held
 
@@ -121,14 +123,14 @@ def sync(
     """Stage every fleet base's current version (and the `also` versions: base -> ids), then point this
     host's bases where the fleet's point. With `only`, stage just the `also` versions and move nothing."""
 
-    async def read(c: FleetCatalog) -> dict[str, tuple[dict[str, FleetVersion], str | None]]:
+    async def read(c: FleetCatalog) -> tuple[dict[str, tuple[dict[str, FleetVersion], str | None]], dict[str, Any]]:
         out = {}
         for base in await c.bases():
             current = await c.current(base)
             out[base] = (await c.versions(base), current[0] if current else None)
-        return out
+        return out, await c.clones()
 
-    view = fleet_catalog.run(config, read)
+    view, clones = fleet_catalog.run(config, read)
     report = SyncReport()
     with Objects(config) as objects:
         for base, (versions, current) in sorted(view.items()):
@@ -142,4 +144,8 @@ def sync(
                 if old != current:
                     store.promote(base, current)
                     report.moved.append((base, old, current))
+        if not only:
+            from nbdclone.fleet.move import reconcile
+
+            report.clones = reconcile(store, config, objects, clones)
     return report

@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbd
 import pytest
 
 from nbdclone import errors
 from nbdclone.fleet.catalog import FleetCatalog, FlipLost
 from nbdclone.fleet.config import FleetConfig
-from tests.helpers import Server, cli, make_image, pread_all, wait_closed
+from nbdclone.store.layout import CRASH_AT_ENV
+from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_closed
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -140,3 +143,77 @@ def test_fleet_commands_fail_clearly_without_a_fleet(tmp_path: Path, fleet: Flee
     )
     assert nowhere.returncode == 1 and "etcd at http://127.0.0.1:1 did not answer" in nowhere.stderr
     assert not (tmp_path / "x" / "fleet.json").exists()
+
+
+def _wait_owned(store: Path, name: str, timeout: float = 30) -> None:
+    """Until this host's server serves `name` (its lease file names it)."""
+    deadline = time.monotonic() + timeout
+    while name not in json.loads((store / "run" / "fleet-lease.json").read_text())["owned"]:
+        assert time.monotonic() < deadline, f"{name} was not taken up by {store}"
+        time.sleep(0.05)
+
+
+def _owner(fleet: FleetConfig, name: str) -> tuple[str, int]:
+    async def look() -> tuple[str, int]:
+        async with FleetCatalog(fleet) as c:
+            rec = (await c.clones())[name]
+            return rec["host"], rec["epoch"]
+
+    return asyncio.run(look())
+
+
+@pytest.mark.parametrize("crash", [None, "move-switch", "move-clean"])
+def test_a_clone_moves_between_hosts_and_a_killed_move_leaves_one_owner(
+    tmp_path: Path, fleet: FleetConfig, crash: str | None
+) -> None:
+    make_image(tmp_path / "v1.raw", SIZE, [(0, 4 * MiB)], seed=3)
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    try:
+        cli("clone", "create", "vm", "--base", "gold", store=hosts["h1"])
+        model = bytearray(_read(servers["h1"], hosts["h1"], "vm"))
+        h = servers["h1"].connect("vm")
+        for off, data in ((MiB + 5, b"moved" * 50_000), (SIZE - 4096, b"\x7e" * 4096), (2 * MiB, bytes(70_000))):
+            h.pwrite(data, off)
+            model[off : off + len(data)] = data
+        h.flush()
+        refused = cli("clone", "move", "vm", "--to", "h2", store=hosts["h1"], check=False)
+        assert refused.returncode == 1 and "disconnect its clients first" in refused.stderr
+        h.shutdown()
+        wait_closed(hosts["h1"], "vm")
+
+        env = {**os.environ, CRASH_AT_ENV: crash} if crash else None
+        moved = subprocess.run(
+            [NBDCLONE, "clone", "move", "vm", "--to", "h2", "--store", str(hosts["h1"])],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert moved.returncode == (-9 if crash else 0), moved.stderr
+        owner, epoch = _owner(fleet, "vm")
+        assert (owner, epoch) == (("h1", 1) if crash == "move-switch" else ("h2", 2))
+        other = "h2" if owner == "h1" else "h1"
+        _wait_owned(hosts[owner], "vm")
+        deadline = time.monotonic() + 30  # the owner adopts (or keeps), the other drops its copy
+        while not any(
+            c["name"] == "vm" for c in json.loads(cli("clone", "list", "--json", store=hosts[owner]).stdout)["clones"]
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _read(servers[owner], hosts[owner], "vm") == model
+        while any(
+            c["name"] == "vm" for c in json.loads(cli("clone", "list", "--json", store=hosts[other]).stdout)["clones"]
+        ):
+            assert time.monotonic() < deadline, "the old host kept its copy"
+            time.sleep(0.05)
+        with pytest.raises(nbd.Error):
+            servers[other].connect("vm")
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    for store in hosts.values():
+        assert cli("check", store=store).returncode == 0
