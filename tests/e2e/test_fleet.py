@@ -4,9 +4,11 @@ module by the project's scripts/fleet-engines. Hosts are separate stores and sep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -217,3 +219,70 @@ def test_a_clone_moves_between_hosts_and_a_killed_move_leaves_one_owner(
             srv.stop()
     for store in hosts.values():
         assert cli("check", store=store).returncode == 0
+
+
+def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
+    tmp_path: Path, fleet: FleetConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h1's server is frozen (SIGSTOP) with a client connected; once its lease is gone, h2 takes the clone
+    over with every acknowledged write; when h1 wakes, it serves the clone no more (no two hosts ever
+    serve it), and it drops its copy once its client is gone."""
+    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
+    make_image(tmp_path / "v1.raw", SIZE, [(0, 4 * MiB)], seed=5)
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    frozen: list[int] = []
+    try:
+        cli("clone", "create", "vm", "--base", "gold", store=hosts["h1"])
+        h = servers["h1"].connect("vm")
+        model = bytearray(pread_all(h, SIZE))
+        for k in range(40):  # acknowledged, some flushed, the last ones not
+            data = bytes([k + 1]) * 8192
+            h.pwrite(data, k * 300_000)
+            model[k * 300_000 : k * 300_000 + 8192] = data
+            if k == 20:
+                h.flush()
+        info = servers["h1"].info()
+        frozen = [info["pid"], *(w["pid"] for w in info["workers"])]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+        async def lease_gone() -> None:
+            async with FleetCatalog(fleet) as c:
+                deadline = time.monotonic() + 30
+                while await c.host("h1") is not None:
+                    assert time.monotonic() < deadline, "h1's lease did not expire"
+                    await asyncio.sleep(0.1)
+
+        asyncio.run(lease_gone())
+        cli("clone", "move", "vm", "--to", "h2", "--force", store=hosts["h2"])
+        assert _owner(fleet, "vm") == ("h2", 2)
+        _wait_owned(hosts["h2"], "vm")
+        assert _read(servers["h2"], hosts["h2"], "vm") == model  # nothing acknowledged is lost
+
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+        with pytest.raises(nbd.Error):  # h1 woke up past its lease: its old connection is refused...
+            h.pwrite(b"late" * 1024, 0)
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)
+        with pytest.raises(nbd.Error):  # ...and so is a new one
+            servers["h1"].connect("vm")
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+        deadline = time.monotonic() + 30
+        while any(
+            c["name"] == "vm" for c in json.loads(cli("clone", "list", "--json", store=hosts["h1"]).stdout)["clones"]
+        ):
+            assert time.monotonic() < deadline, "h1 kept its copy"
+            time.sleep(0.1)
+        assert _read(servers["h2"], hosts["h2"], "vm") == model
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        for srv in servers.values():
+            srv.stop()
