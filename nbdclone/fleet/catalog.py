@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 import aetcd
 
 from nbdclone import errors
-from nbdclone.fleet.config import FleetConfig
+from nbdclone.fleet.config import TIMEOUT, FleetConfig
 
 T = TypeVar("T")
-TIMEOUT = 10  # seconds for one etcd request: etcd down is an error, not a hang
 
 
 @dataclass(frozen=True, slots=True)

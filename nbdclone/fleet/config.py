@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from dataclasses import asdict, dataclass
@@ -12,6 +13,9 @@ from nbdclone import errors
 from nbdclone.store.layout import write_atomic
 
 FLEET_FILE = "fleet.json"
+#: Seconds one etcd request or one RADOS operation may take before it fails (an engine down is an error,
+#: not a hang). Tests shorten it (NBDCLONE_FLEET_TIMEOUT).
+TIMEOUT = int(os.environ.get("NBDCLONE_FLEET_TIMEOUT", "10"))
 _FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import rados
 
 from nbdclone import errors
-from nbdclone.fleet.config import FleetConfig
+from nbdclone.fleet.config import TIMEOUT, FleetConfig
 
 _ENTRY = struct.Struct("<Q32s16s")  # chunk index, SHA-256, the local digest (mmh3-128)
 _HEADER = struct.Struct("<8sQQ")  # magic, size, entries
@@ -57,8 +57,9 @@ class Objects:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         try:
-            self._cluster = rados.Rados(conffile=config.ceph_conf)
-            self._cluster.connect(timeout=10)
+            limits = {k: str(TIMEOUT) for k in ("rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout")}
+            self._cluster = rados.Rados(conffile=config.ceph_conf, conf=limits)
+            self._cluster.connect(timeout=TIMEOUT)
             self._io = self._cluster.open_ioctx(config.pool)
         except rados.Error as exc:
             detail = f"cannot reach Ceph ({config.ceph_conf}, pool {config.pool}): {exc}"

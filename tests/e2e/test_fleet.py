@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -286,3 +287,78 @@ def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
             os.kill(pid, signal.SIGCONT)
         for srv in servers.values():
             srv.stop()
+
+
+def test_engines_down_under_load(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd stopped under load: the clone keeps serving and a flip fails in one line in bounded time, then
+    works once etcd is back. The OSD stopped: the staged (warm) clone keeps serving; a version not staged
+    here (cold) fails in bounded time, and is staged once the OSD is back."""
+    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    where = Path(engines["CEPH_CONF"]).parent
+    engine = [str(ROOT / "scripts" / "fleet-engines")]
+    for v in ("1", "2"):
+        make_image(tmp_path / f"v{v}.raw", SIZE, [(0, 2 * MiB), (9 * MiB, MiB)], seed=10 + int(v))
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=hosts["h1"])
+    srv = Server(hosts["h2"], tmp_path / "h2.sock").start()
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def load() -> None:  # a client writing and reading back all along
+        h = srv.connect("vm")
+        k = 0
+        while not stop.is_set():
+            data = (k % 251 + 1).to_bytes(1, "little") * 4096
+            try:
+                h.pwrite(data, (k % 2000) * 4096)
+                if h.pread(4096, (k % 2000) * 4096) != data:
+                    failures.append(f"read back wrong at {k}")
+            except nbd.Error as exc:
+                failures.append(str(exc))
+            k += 1
+            done[0] = k
+        h.shutdown()
+
+    try:
+        cli("clone", "create", "vm", "--base", "gold@1", store=hosts["h2"])
+        worker = threading.Thread(target=load)
+        worker.start()
+        subprocess.run([*engine, "stop", "etcd", str(where)], check=True)
+        try:
+            started = time.monotonic()
+            flip = cli("base", "promote", "gold", "2", store=hosts["h1"], check=False)
+            assert flip.returncode == 1 and flip.stderr.count("\n") == 1 and "etcd" in flip.stderr, flip.stderr
+            assert time.monotonic() - started < 20
+            before = done[0]
+            time.sleep(1)
+            assert done[0] > before, "the clone stopped serving while etcd was down"
+        finally:
+            subprocess.run([*engine, "start", "etcd", str(where)], check=True, capture_output=True)
+        cli("base", "promote", "gold", "2", store=hosts["h1"])
+
+        subprocess.run([*engine, "stop", "osd", str(where)], check=True)
+        try:
+            before = done[0]
+            time.sleep(1)
+            assert done[0] > before, "the warm clone stopped serving while the OSD was down"
+            _join(fleet, hosts.setdefault("h3", tmp_path / "h3"), "h3")
+            started = time.monotonic()
+            cold = cli("clone", "create", "cold", "--base", "gold@2", store=hosts["h3"], check=False)
+            assert cold.returncode == 1 and cold.stderr.count("\n") == 1, cold.stderr
+            assert time.monotonic() - started < 30
+        finally:
+            subprocess.run([*engine, "start", "osd", str(where)], check=True, capture_output=True)
+        cli("clone", "create", "cold", "--base", "gold@2", store=hosts["h3"])
+        assert json.loads(cli("clone", "info", "cold", "--json", store=hosts["h3"]).stdout)["version"] == "2"
+    finally:
+        stop.set()
+        with contextlib.suppress(NameError):
+            worker.join(30)
+        srv.stop()
+    assert not failures, failures[:5]
