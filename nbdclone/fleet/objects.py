@@ -7,10 +7,14 @@ Thread safety: one Objects may be used from many threads (librados' ioctx operat
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import rados
 
@@ -122,6 +126,38 @@ class Objects:
         if sha256(data) != key:
             raise errors.StorageError(5, what=f"reading {chunk_name(key)}", detail="its bytes do not match its name")
         return data
+
+    def get_chunks(self, keys: Iterable[bytes], size: int, window: int = 32) -> Iterator[bytes]:
+        """The chunks named by `keys`, in order, each verified; up to `window` reads in flight at once (a
+        cold host fetches at the cluster's pace, not one round trip per chunk)."""
+        keys = iter(keys)
+        pending: collections.deque[tuple[bytes, Any, dict[str, bytes]]] = collections.deque()
+
+        def submit(key: bytes) -> None:
+            box: dict[str, bytes] = {}
+
+            def done(completion: Any, data: bytes, box: dict[str, bytes] = box) -> None:
+                box["data"] = data
+
+            pending.append((key, self._io.aio_read(chunk_name(key), size, 0, done), box))
+
+        for key in itertools.islice(keys, window):
+            submit(key)
+        while pending:
+            key, completion, box = pending.popleft()
+            completion.wait_for_complete_and_cb()
+            status = completion.get_return_value()
+            if status < 0:
+                raise errors.StorageError(-status, what=f"reading {chunk_name(key)}", detail=os.strerror(-status))
+            data = bytes(box.get("data", b""))
+            if sha256(data) != key:
+                raise errors.StorageError(
+                    5, what=f"reading {chunk_name(key)}", detail="its bytes do not match its name"
+                )
+            following = next(keys, None)
+            if following is not None:
+                submit(following)
+            yield data
 
     def list_chunks(self) -> Iterator[str]:
         for obj in self._io.list_objects():

@@ -93,18 +93,22 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
             for _, slot, key in vm.stored():
                 held.setdefault(key, []).append(slot)
         fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC) if held else -1
+        # Which chunks this host holds (by the local digest, confirmed by SHA-256), then the rest fetched
+        # with many reads in flight, in the order the import takes them.
+        slots = [
+            next((s for s in held.get(key, ()) if sha256(os.pread(fd, CHUNK, s * CHUNK)) == digest), -1)
+            for _, digest, key in fmap.entries
+        ]
+        fetched = objects.get_chunks((e[1] for e, s in zip(fmap.entries, slots, strict=True) if s < 0), CHUNK)
 
         def chunks() -> Iterator[tuple[int, bytes | None]]:
-            for i, digest, key in fmap.entries:
-                data = next(
-                    (d for slot in held.get(key, ()) if sha256(d := os.pread(fd, CHUNK, slot * CHUNK)) == digest),
-                    None,
-                )
-                if data is None:
-                    data = objects.get_chunk(digest, CHUNK)
-                    report.fetched += 1
-                else:
+            for (i, _, _), slot in zip(fmap.entries, slots, strict=True):
+                if slot >= 0:
+                    data = os.pread(fd, CHUNK, slot * CHUNK)
                     report.local += 1
+                else:
+                    data = next(fetched)
+                    report.fetched += 1
                 yield i, data[: min(CHUNK, fmap.size - i * CHUNK)]
 
         try:
