@@ -100,3 +100,14 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
         table.add_row(r["base"], r["version"], "*" if r["current"] else "", "yes" if r["here"] else "no")
     out.print(table)
     out.print(f"host {config.host} of fleet {config.name}")
+
+
+@fleet_app.command("gc")
+def fleet_gc(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Delete the fleet's chunks that no version and no clone's last move names. Refused while an import
+    or a move runs anywhere in the fleet (imports and moves wait for a gc), so no chunk an import has
+    found already stored is ever taken from it."""
+    from nbdclone.fleet.gc import gc
+
+    deleted, kept = gc(_config(Path(store)))
+    out.print(f"fleet gc: {deleted} chunk(s) deleted, {kept} kept")

@@ -218,6 +218,28 @@ class FleetCatalog:
             )
         return epoch
 
+    # -- imports and gc exclude each other ------------------------------------------------------------
+    #
+    # An import (or a move) puts chunks put-if-absent: an existing chunk is a dedup hit it will reference
+    # once its map is named. A gc deletes chunks nothing names. So neither may run while the other does:
+    # each announces itself (a key under a lease, which a crash lets expire), then looks for the other,
+    # and backs off if it is there. Both announce before they look, so at least one sees the other.
+
+    WORK_TTL = 900  # seconds: how long a crashed import or gc can block the other
+
+    async def announce(self, kind: str) -> tuple[bytes, Any]:
+        lease = await self._call("announce", self._client.lease(self.WORK_TTL))
+        key = self._key(kind, uuid.uuid4().hex)
+        await self._call("announce", self._client.put(key, b"1", lease))
+        return key, lease
+
+    async def others(self, kind: str) -> int:
+        found = await self._call("look", self._client.get_prefix(self._key(kind, ""), keys_only=True))
+        return len(list(found))
+
+    async def withdraw(self, lease: Any) -> None:
+        await self._call("withdraw", lease.revoke())
+
     async def watch(self, on_change: Callable[[], Any]) -> None:
         """Call `on_change()` whenever anything of the fleet changes (forever)."""
         async for _ in await self._client.watch_prefix(self.config.prefix):

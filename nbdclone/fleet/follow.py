@@ -21,7 +21,7 @@ from typing import Any
 from nbdclone import errors
 from nbdclone.fleet import lease as lease_file
 from nbdclone.fleet.catalog import FleetCatalog
-from nbdclone.fleet.config import FleetConfig
+from nbdclone.fleet.config import TIMEOUT, FleetConfig
 from nbdclone.fleet.sync import sync
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
@@ -36,6 +36,16 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
+
+
+async def leased(run_dir: RunDir, config: FleetConfig) -> None:
+    """Wait (at most the fleet's timeout) until this host holds a lease its workers can read."""
+    deadline = time.monotonic() + TIMEOUT
+    while lease_file.read(run_dir.fleet_lease)[0] <= time.time():
+        if time.monotonic() > deadline:
+            log.warning("fleet %s: no lease yet (is etcd up?); serving nothing until there is one", config.name)
+            return
+        await asyncio.sleep(0.02)
 
 
 async def keep_lease(

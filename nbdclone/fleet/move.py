@@ -168,7 +168,9 @@ def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool =
             detail=f"host {to!r} holds no lease in fleet {config.name}: is its server running?"
         )
     epoch = int(record["epoch"]) + 1
-    with Objects(config) as objects, contextlib.ExitStack() as held:
+    from nbdclone.fleet.gc import excluding_gc
+
+    with Objects(config) as objects, contextlib.ExitStack() as held, excluding_gc(config):
         if force:
             if record["host"] == config.host and to == config.host:
                 raise errors.InvalidArgument(detail=f"clone {name!r} is this host's already")

@@ -8,6 +8,7 @@ Thread safety: one Objects may be used from many threads (librados' ioctx operat
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import os
@@ -99,6 +100,10 @@ class Objects:
             self._io.write_full(name, data)
         except rados.Error as exc:
             raise errors.StorageError(5, what=f"writing object {name}", detail=str(exc)) from None
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(rados.ObjectNotFound):
+            self._io.remove_object(name)
 
     def exists(self, name: str) -> bool:
         try:

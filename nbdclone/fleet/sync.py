@@ -48,9 +48,12 @@ def import_version(
     """Import a version of base `name` into the fleet: reserve its number in etcd, run `local_import(vid)`
     (an import into this host's store under that number), publish it. Returns the version and whether it
     became current (a new base's first version)."""
-    vid = fleet_catalog.run(config, lambda c: c.reserve(name))
-    local_import(vid)
-    return vid, publish(store, config, name, vid)
+    from nbdclone.fleet.gc import excluding_gc
+
+    with excluding_gc(config):  # its chunks are dedup hits a gc must not take away before the map is named
+        vid = fleet_catalog.run(config, lambda c: c.reserve(name))
+        local_import(vid)
+        return vid, publish(store, config, name, vid)
 
 
 def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:

@@ -357,9 +357,11 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
             fleet = fleet_config.load(cfg.store)
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
-                from nbdclone.fleet.follow import follow
+                from nbdclone.fleet.follow import follow, leased
 
+                run_dir.fleet_lease.unlink(missing_ok=True)  # a past run's: its clones may have moved since
                 evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop))
+                await leased(run_dir, fleet)  # "ready" means its clones can be opened
             announce(cfg.where)
             sockets.notify("READY=1")
             while not stop.is_set():

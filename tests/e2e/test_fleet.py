@@ -362,3 +362,34 @@ def test_engines_down_under_load(
             worker.join(30)
         srv.stop()
     assert not failures, failures[:5]
+
+
+def test_fleet_gc_never_takes_a_chunk_an_import_relies_on(tmp_path: Path, fleet: FleetConfig) -> None:
+    """Chunks nothing names go; an import running (announced) blocks a gc, and a gc running makes an
+    import wait; every version still reads whole after gc."""
+    from nbdclone.fleet.gc import excluding_gc, gc
+    from nbdclone.fleet.objects import Objects
+
+    data = make_image(tmp_path / "v1.raw", 4 * MiB, [(0, 2 * MiB)], seed=21)
+    _join(fleet, tmp_path / "h1", "h1")
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=tmp_path / "h1")
+    with Objects(fleet) as objects:  # what a killed import leaves: chunks no map names
+        strays = [objects.put_chunk(bytes([k]) * 65536)[0] for k in range(1, 6)]
+    with excluding_gc(fleet):  # an import in flight: gc is refused and deletes nothing
+        with pytest.raises(errors.NbdcloneError, match="an import or a move is running"):
+            gc(fleet)
+    deleted, kept = gc(fleet)
+    assert (deleted, kept) == (5, 32)
+    with Objects(fleet) as objects:
+        assert not any(objects.exists(f"chunk.{k.hex()}") for k in strays)
+    _join(fleet, tmp_path / "h2", "h2")  # a new host stages every chunk of the version from the fleet
+    report = json.loads(cli("fleet", "sync", "--json", store=tmp_path / "h2").stdout)
+    assert report["fetched"] == 32
+    cli("clone", "create", "vm", "--base", "gold", store=tmp_path / "h2")
+    srv = Server(tmp_path / "h2", tmp_path / "h2.sock").start()
+    try:
+        h = srv.connect("vm")
+        assert pread_all(h, 4 * MiB) == data
+        h.shutdown()
+    finally:
+        srv.stop()
