@@ -122,10 +122,36 @@ def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: B
         out.print(f"chunk store: {human(pack.stat().st_blocks * 512)} on disk")
 
 
+def _wait_warm(fleet: fleet_config.FleetConfig, name: str, vid: str, share: float, timeout: float) -> None:
+    from nbdclone.fleet import catalog as fleet_catalog
+
+    deadline = time.monotonic() + timeout
+    while True:
+        warm, live = fleet_catalog.run(fleet, lambda c: c.warm_share(name, vid))
+        if live and warm >= share * live:
+            out.print(f"{name}@{vid} is warm on {warm} of {live} live host(s)")
+            return
+        if time.monotonic() > deadline:
+            raise errors.NbdcloneError(
+                detail=f"{name}@{vid} is warm on {warm} of {live} live host(s) after {timeout:.0f} s; nothing flipped"
+            )
+        time.sleep(0.5)
+
+
 @base_app.command("promote")
 def base_promote(
     name: str,
     version: Annotated[str, typer.Argument(help="The version to make current (an older one: a rollback).")],
+    wait_warm: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-warm",
+            min=0.0,
+            max=1.0,
+            help="Fleet: first wait until this share of live hosts hold the version with its boot trace cached.",
+        ),
+    ] = None,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds --wait-warm waits at most.")] = 600.0,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
@@ -139,6 +165,8 @@ def base_promote(
 
         validate_name("base", name)
         fleet_sync.sync(st, fleet, also={name: {version}})
+        if wait_warm is not None:
+            _wait_warm(fleet, name, version, wait_warm, wait_timeout)
         fleet_catalog.run(fleet, lambda c: c.promote(name, version))
     old = st.promote(name, version)
     now, wait = st.moves(name)
@@ -159,11 +187,28 @@ def base_publish(
     """Make CLONE's contents (as a client reads them now) the next version of base NAME (a new base if NAME
     does not exist). Only the chunks the clone changed are read and stored. Refused while CLONE has clients."""
     st = Store(store)
+    fleet = fleet_config.load(Path(store).absolute())
+    written = [0]
     with progress_bar() as bar:
         task = bar.add_task(f"publishing {clone}", total=None)
-        _, vid, written = lineage.publish_clone(st, name, clone, updater(bar, task))
-    out.print(f"{name}: version {vid} from clone {clone} ({human(written * CHUNK)} of new chunks stored)")
+
+        def local_publish(vid: str | None) -> str:
+            _, got, written[0] = lineage.publish_clone(st, name, clone, updater(bar, task), vid=vid)
+            return got
+
+        if fleet is None:
+            vid = local_publish(None)
+        else:  # numbered by the fleet; its chunks and map go to RADOS before etcd names it
+            from nbdclone.fleet import sync as fleet_sync
+
+            validate_name("base", name)
+            vid, _ = fleet_sync.import_version(st, fleet, name, local_publish)
+    out.print(f"{name}: version {vid} from clone {clone} ({human(written[0] * CHUNK)} of new chunks stored)")
     if promote:
+        if fleet is not None:
+            from nbdclone.fleet import catalog as fleet_catalog
+
+            fleet_catalog.run(fleet, lambda c: c.promote(name, vid))
         old = st.promote(name, vid)
         now, wait = st.moves(name)
         out.print(f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait")
@@ -204,3 +249,74 @@ def _fleet_current(fleet: fleet_config.FleetConfig, name: str) -> str:
 
     current = fleet_catalog.run(fleet, lambda c: c.current(name))
     return current[0] if current is not None else "-"
+
+
+trace_app = typer.Typer(help="A version's boot trace: what its clones' first boot read, prefetched since.")
+base_app.add_typer(trace_app, name="trace")
+
+
+def _trace_of(st: Store, ref: str) -> tuple[BaseRecord, str, Path]:
+    record, vid = st.resolve(ref)
+    return record, vid, st.trace_path(record, vid)
+
+
+@trace_app.command("show")
+def trace_show(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")],
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a version's boot trace: how many chunks and bytes each boot prefetches, and where they are."""
+    from nbdclone.store.chunks import load_trace
+
+    st = Store(store)
+    record, vid, path = _trace_of(st, ref)
+    trace = load_trace(path)
+    runs: list[tuple[int, int]] = []  # (offset, length) of each run of chunks read one after another
+    for chunk in trace:
+        if runs and runs[-1][0] + runs[-1][1] == chunk * CHUNK:
+            runs[-1] = (runs[-1][0], runs[-1][1] + CHUNK)
+        else:
+            runs.append((chunk * CHUNK, CHUNK))
+    info = {
+        "base": record.name,
+        "version": vid,
+        "recorded": bool(trace),
+        "chunks": len(trace),
+        "bytes": len(trace) * CHUNK,
+    }
+    if as_json:
+        print_json({**info, "ranges": runs})
+        return
+    if not trace:
+        out.print(f"{record.name}@{vid} has no boot trace: its next first boot records one")
+        return
+    out.print(
+        f"{record.name}@{vid}: {len(trace)} chunks ({human(len(trace) * CHUNK)}) in {len(runs)} ranges, in boot order"
+    )
+    for off, length in runs[:10]:
+        out.print(f"  {human(off)} +{human(length)}")
+
+
+@trace_app.command("clear")
+def trace_clear(ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")], store: StoreOpt = DEFAULT_STORE) -> None:
+    """Forget a version's boot trace (here, and in the fleet): its next first boot records a new one."""
+    st = Store(store)
+    record, vid, path = _trace_of(st, ref)
+    path.unlink(missing_ok=True)
+    fleet = fleet_config.load(Path(store).absolute())
+    if fleet is not None:
+        from nbdclone.fleet import catalog as fleet_catalog
+
+        fleet_catalog.run(fleet, lambda c: c.clear_trace(record.name, vid))
+    out.print(f"{record.name}@{vid}: boot trace cleared; the next first boot of a clone records one")
+
+
+@trace_app.command("record")
+def trace_record(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")], store: StoreOpt = DEFAULT_STORE
+) -> None:
+    """Record a version's boot trace again: the next first connection of one of its clones (a server
+    restart or every clone closed) records it, for 30 s. A client that reads most of the disk (a copy, a
+    check) is not taken for a boot."""
+    trace_clear(ref, store)

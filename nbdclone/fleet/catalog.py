@@ -218,6 +218,36 @@ class FleetCatalog:
             )
         return epoch
 
+    # -- boot traces and warm hosts ------------------------------------------------------------------
+
+    async def trace(self, base: str, vid: str) -> str | None:
+        """The object holding version `vid`'s boot trace, if the fleet has one."""
+        got = await self._call("trace", self._client.get(self._key("bases", base, "traces", vid)))
+        return None if got is None else str(got.value.decode())
+
+    async def set_trace(self, base: str, vid: str, obj: str) -> bool:
+        """Name a version's trace object; the first host's wins. Returns whether this one did."""
+        tx = self._client.transactions
+        key = self._key("bases", base, "traces", vid)
+        ok, _ = await self._call(
+            "trace",
+            self._client.transaction(compare=[tx.version(key) == 0], success=[tx.put(key, obj.encode())], failure=[]),
+        )
+        return bool(ok)
+
+    async def clear_trace(self, base: str, vid: str) -> None:
+        await self._call("trace", self._client.delete(self._key("bases", base, "traces", vid)))
+
+    async def set_warm(self, base: str, vid: str, host: str) -> None:
+        await self._call("warm", self._client.put(self._key("warm", base, vid, host), b"1"))
+
+    async def warm_share(self, base: str, vid: str) -> tuple[int, int]:
+        """(live hosts that have version `vid` staged and its trace in their cache, live hosts)."""
+        hosts = await self._call("hosts", self._client.get_prefix(self._key("hosts", ""), keys_only=True))
+        live = {kv.key.rsplit(b"/", 1)[-1] for kv in hosts}
+        warm = await self._call("warm", self._client.get_prefix(self._key("warm", base, vid, ""), keys_only=True))
+        return len(live & {kv.key.rsplit(b"/", 1)[-1] for kv in warm}), len(live)
+
     # -- imports and gc exclude each other ------------------------------------------------------------
     #
     # An import (or a move) puts chunks put-if-absent: an existing chunk is a dedup hit it will reference

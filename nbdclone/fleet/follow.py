@@ -84,6 +84,7 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
     wake = asyncio.Event()
     wake.set()
     changed = asyncio.Event()
+    warmed: set[str] = set()  # versions whose trace this server has read into the cache
 
     def on_change() -> None:
         wake.set()
@@ -110,7 +111,7 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
                 break
             wake.clear()
             try:
-                report = await asyncio.to_thread(sync, store, config)
+                report = await asyncio.to_thread(sync, store, config, warmed=warmed)
             except errors.NbdcloneError as exc:
                 log.error("fleet %s: sync failed (%s); serving the last view", config.name, exc)
                 await _sleep(stop, RETRY)
@@ -118,6 +119,8 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
                 continue
             for ref in report.staged:
                 log.info("fleet %s: staged %s (%d chunks fetched)", config.name, ref, report.fetched)
+            for line in report.traces + report.clones:
+                log.info("fleet %s: %s", config.name, line)
             for base, old, new in report.moved:
                 log.info("fleet %s: base %s flipped %s -> %s", config.name, base, old, new)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.objects import FleetMap, Objects, sha256
 from nbdclone.store import Store
 from nbdclone.store.catalog import now
-from nbdclone.store.chunks import CHUNK
+from nbdclone.store.chunks import CHUNK, load_trace, write_trace
+from nbdclone.store.images import warm_version
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SyncReport:
     staged: list[str] = field(default_factory=list)  # NAME@VERSION brought to this host
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (base, old, new) local pointer moves
     clones: list[str] = field(default_factory=list)  # clones adopted or dropped (move.reconcile)
+    traces: list[str] = field(default_factory=list)  # boot traces given to or taken from the fleet
     fetched: int = 0  # chunks read from RADOS
     local: int = 0  # chunks this host's pack already held
 
@@ -125,9 +128,16 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
 
 
 def sync(
-    store: Store, config: FleetConfig, *, also: dict[str, set[str]] | None = None, only: bool = False
+    store: Store,
+    config: FleetConfig,
+    *,
+    also: dict[str, set[str]] | None = None,
+    only: bool = False,
+    warmed: set[str] | None = None,
 ) -> SyncReport:
-    """Stage every fleet base's current version (and the `also` versions: base -> ids), then point this
+    """Stage every fleet base's current version and the versions newer than it (so a flip finds every
+    host ready), and the `also` versions (base -> ids); share boot traces both ways; read each staged
+    version's trace into the cache once (`warmed` remembers which) and say so in etcd; then point this
     host's bases where the fleet's point. With `only`, stage just the `also` versions and move nothing."""
 
     async def read(c: FleetCatalog) -> tuple[dict[str, tuple[dict[str, FleetVersion], str | None]], dict[str, Any]]:
@@ -139,13 +149,18 @@ def sync(
 
     view, clones = fleet_catalog.run(config, read)
     report = SyncReport()
+    warmed = set() if warmed is None else warmed
     with Objects(config) as objects:
         for base, (versions, current) in sorted(view.items()):
-            wanted = ({current} if current and not only else set()) | (also or {}).get(base, set())
+            wanted = (also or {}).get(base, set())
+            if current and not only:
+                wanted = wanted | {current} | {v for v in versions if int(v) > int(current)}
             for vid in sorted(wanted, key=int):
                 if vid not in versions:
                     raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {config.name}")
                 stage(store, objects, base, versions[vid], report)
+                if not only:
+                    _share_trace(store, config, objects, base, vid, warmed, report)
             if current is not None and not only and base in store.catalog().bases:
                 old = store.current_version(store.get_base(base))
                 if old != current:
@@ -156,3 +171,29 @@ def sync(
 
             report.clones = reconcile(store, config, objects, clones)
     return report
+
+
+def _share_trace(
+    store: Store, config: FleetConfig, objects: Objects, base: str, vid: str, warmed: set[str], report: SyncReport
+) -> None:
+    """The first host whose clone booted a version gives its trace to the fleet; every other host takes it
+    (a boot recorded once serves every host's prefetch). Then the trace is read into this host's cache."""
+    record = store.get_base(base)
+    path = store.trace_path(record, vid)
+    obj = fleet_catalog.run(config, lambda c: c.trace(base, vid))
+    local = load_trace(path)
+    if obj is None and local:
+        name = f"trace.{base}.{vid}.{config.host}"
+        objects.put(name, local.tobytes())
+        if fleet_catalog.run(config, lambda c: c.set_trace(base, vid, name)):
+            report.traces.append(f"gave the fleet the boot trace of {base}@{vid}")
+    elif obj is not None and not local:
+        trace = array("I")
+        trace.frombytes(objects.get(obj, 64 << 20))
+        write_trace(path, trace)
+        report.traces.append(f"took the fleet's boot trace of {base}@{vid}")
+    ref = f"{base}@{vid}"
+    if ref not in warmed and load_trace(path):
+        warm_version(store, ref)
+        warmed.add(ref)
+        fleet_catalog.run(config, lambda c: c.set_warm(base, vid, config.host))

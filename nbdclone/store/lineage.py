@@ -67,15 +67,15 @@ def _no_progress(done: int, total: int) -> None:
 
 
 def publish_clone(
-    store: Store, base: str, clone_name: str, progress: Progress = _no_progress
+    store: Store, base: str, clone_name: str, progress: Progress = _no_progress, *, vid: str | None = None
 ) -> tuple[BaseRecord, str, int]:
-    """Make clone `clone_name`'s contents the next version of base `base` (created if new). Returns the
-    base, the new version's id and how many chunks had to be stored."""
+    """Make clone `clone_name`'s contents the next version of base `base` (created if new), numbered `vid`
+    if given (a fleet's number). Returns the base, the new version's id and how many chunks were stored."""
     validate_name("base", base)
     with store.chunks.writer(), store.lock():
         record = _closed(store, clone_name)
         vmap, written, source = _capture(store, record, progress=progress)
-        base_record, vid = store.commit_version(base, vmap, source, written)
+        base_record, vid = store.commit_version(base, vmap, source, written, vid=vid)
     return base_record, vid, written
 
 

@@ -178,7 +178,7 @@ class Registry:
                 if trace:
                     self._traces[key] = base.slot_ranges(trace, ordered=True)
                 elif self.record_traces and base.recorder is None:
-                    base.recorder = TraceRecorder(trace_path)
+                    base.recorder = TraceRecorder(trace_path, stored=len(base.map.used_slots()))
         self._bases[key] = (base, users + 1)
         return key, base
 

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -393,3 +394,83 @@ def test_fleet_gc_never_takes_a_chunk_an_import_relies_on(tmp_path: Path, fleet:
         h.shutdown()
     finally:
         srv.stop()
+
+
+BOOT = ROOT / "tests" / "data" / "linux-boot.fio.iolog"  # ../shared/traces: a real Linux boot's I/O
+
+
+def _iolog() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(reads, writes) of the recorded boot, as (offset, length)."""
+    reads, writes = [], []
+    for line in BOOT.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[1] in ("read", "write"):
+            (reads if parts[1] == "read" else writes).append((int(parts[2]), int(parts[3])))
+    return reads, writes
+
+
+def _fetched(log: list[str]) -> int:
+    """Chunks a server's fleet syncs fetched from RADOS, from its log."""
+    return sum(int(m.group(1)) for line in log for m in [re.search(r"staged \S+ \((\d+) chunks fetched\)", line)] if m)
+
+
+def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> None:
+    """One clone boots on h1 (its trace is recorded), the fleet shares the trace; then 8 clones on each of
+    3 hosts replay the boot at once with fio. Each host fetched each chunk of the version once, and no
+    more during the storm; every clone reads what the boot read, exactly."""
+    size = 256 * MiB
+    image = bytearray(os.urandom(size))
+    (tmp_path / "gold.raw").write_bytes(image)
+    reads, writes = _iolog()
+    hosts = {h: tmp_path / h for h in ("h1", "h2", "h3")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "gold.raw"), store=hosts["h1"])
+    chunks = size // (64 * 1024)
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    cli_fetched = {h: 0 for h in hosts}
+    clones = {h: [f"vm-{h}-{k}" for k in range(8)] for h in hosts}
+    try:
+        cli("clone", "create", "first", "--base", "gold", store=hosts["h1"])
+        subprocess.run(
+            ["fio", "--name=first", "--ioengine=nbd", f"--uri={servers['h1'].uri('first')}", f"--read_iolog={BOOT}",
+             "--replay_no_stall=1", "--output=/dev/null"],
+            check=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+        wait_closed(hosts["h1"], "first")  # its last connection closed: the trace is written
+        for h in hosts:
+            report = json.loads(cli("fleet", "sync", "--json", store=hosts[h]).stdout)
+            cli_fetched[h] += report["fetched"]
+        shown = json.loads(cli("base", "trace", "show", "gold", "--json", store=hosts["h3"]).stdout)
+        assert shown["recorded"] and 0 < shown["bytes"] < 128 * MiB, shown  # a boot, shared, not a scan
+        for h in hosts:
+            cli("clone", "create", *clones[h], "--base", "gold", store=hosts[h])
+        jobs = {}
+        for h, srv in servers.items():
+            args = ["fio", "--ioengine=nbd", f"--read_iolog={BOOT}", "--replay_no_stall=1", "--output=/dev/null"]
+            for name in clones[h]:
+                args += [f"--name={name}", f"--uri={srv.uri(name)}"]
+            jobs[h] = subprocess.Popen(args, cwd=tmp_path)
+        for h, job in jobs.items():
+            assert job.wait(300) == 0, f"the storm on {h} failed"
+        written = bytearray(size)  # 1 where the boot wrote: the clone's own bytes there
+        for off, length in writes:
+            written[off : off + length] = b"\x01" * length
+        for h, srv in servers.items():
+            for name in clones[h]:
+                handle = srv.connect(name)
+                for off, length in reads:
+                    got = handle.pread(length, off)
+                    want = bytes(image[off : off + length])
+                    if got != want:
+                        keep = [k for k in range(length) if not written[off + k]]
+                        assert [got[k] for k in keep] == [want[k] for k in keep], f"{name} at {off}"
+                handle.shutdown()
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    for h in ("h2", "h3"):  # staged once: every chunk of the version fetched exactly once, the storm none
+        total = cli_fetched[h] + _fetched(servers[h].log)
+        assert total == chunks, f"{h} fetched {total} chunks for a version of {chunks}"
+    assert cli_fetched["h1"] + _fetched(servers["h1"].log) == 0  # it imported the version

@@ -178,3 +178,23 @@ def test_reads_across_chunks_and_partial_tail(cs: ChunkStore) -> None:
         (2 * CHUNK, 2 * CHUNK, False),
     ]
     base.close()
+
+
+@pytest.mark.parametrize(
+    ("stored", "read", "kept"),
+    [
+        pytest.param(20_000, 900, True, id="a-boot-reads-a-little"),
+        pytest.param(20_000, 12_000, False, id="a-whole-disk-scan-is-not-a-boot"),
+        pytest.param(1_000, 900, True, id="a-small-image-boot-may-read-most"),
+        pytest.param(20_000, 10, False, id="a-probe-is-not-a-boot"),
+        pytest.param(0, 12_000, True, id="no-size-known-no-scan-rule"),
+    ],
+)
+def test_trace_recorder_keeps_boots_not_scans_or_probes(tmp_path: Path, stored: int, read: int, kept: bool) -> None:
+    trace = tmp_path / "1.trace"
+    recorder = chunks.TraceRecorder(trace, stored=stored)
+    recorder.add(range(0, 2 * read, 2))
+    recorder.finish()
+    assert trace.exists() == kept
+    if kept:
+        assert list(chunks.load_trace(trace)) == list(range(0, 2 * read, 2))
