@@ -157,6 +157,16 @@ def _wait_owned(store: Path, name: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _two_hosts_with_gold(tmp_path: Path, fleet: FleetConfig, seed: int) -> dict[str, Path]:
+    """Hosts h1 and h2 of `fleet`; base gold (4 MiB of data in SIZE) imported on h1."""
+    make_image(tmp_path / "v1.raw", SIZE, [(0, 4 * MiB)], seed=seed)
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    return hosts
+
+
 def _owner(fleet: FleetConfig, name: str) -> tuple[str, int]:
     async def look() -> tuple[str, int]:
         async with FleetCatalog(fleet) as c:
@@ -170,11 +180,7 @@ def _owner(fleet: FleetConfig, name: str) -> tuple[str, int]:
 def test_a_clone_moves_between_hosts_and_a_killed_move_leaves_one_owner(
     tmp_path: Path, fleet: FleetConfig, crash: str | None
 ) -> None:
-    make_image(tmp_path / "v1.raw", SIZE, [(0, 4 * MiB)], seed=3)
-    hosts = {h: tmp_path / h for h in ("h1", "h2")}
-    for name, store in hosts.items():
-        _join(fleet, store, name)
-    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    hosts = _two_hosts_with_gold(tmp_path, fleet, seed=3)
     servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
     try:
         cli("clone", "create", "vm", "--base", "gold", store=hosts["h1"])
@@ -230,11 +236,7 @@ def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
     over with every acknowledged write; when h1 wakes, it serves the clone no more (no two hosts ever
     serve it), and it drops its copy once its client is gone."""
     monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
-    make_image(tmp_path / "v1.raw", SIZE, [(0, 4 * MiB)], seed=5)
-    hosts = {h: tmp_path / h for h in ("h1", "h2")}
-    for name, store in hosts.items():
-        _join(fleet, store, name)
-    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    hosts = _two_hosts_with_gold(tmp_path, fleet, seed=5)
     servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
     frozen: list[int] = []
     try:
