@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, out, print_json
+from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, out, parse_size, print_json
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store
 
@@ -32,6 +32,12 @@ def fleet_join(
     pool: Annotated[str, typer.Option(help="The RADOS pool of the fleet's objects.")] = "nbdclone",
     name: Annotated[str, typer.Option("--name", help="The fleet (an etcd prefix, a RADOS namespace).")] = "default",
     host: Annotated[str, typer.Option(help="This host's name in the fleet.", show_default="the host name")] = "",
+    pack_bound: Annotated[
+        str | None,
+        typer.Option(
+            "--pack-bound", help="Evict versions this host no longer needs while its chunks take more, like 50G."
+        ),
+    ] = None,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Make this store a host of a fleet: its bases then come from, and go to, the fleet's etcd and Ceph.
@@ -39,7 +45,8 @@ def fleet_join(
     from nbdclone.fleet import catalog as fleet_catalog
     from nbdclone.fleet.objects import Objects
 
-    config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host or socket.gethostname())
+    bound = parse_size(pack_bound) if pack_bound else 0
+    config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host or socket.gethostname(), bound)
     config.etcd_address()
     fleet_catalog.run(config, lambda c: c.bases())
     Objects(config).close()
@@ -63,12 +70,22 @@ def fleet_sync(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> Non
 
     report = sync.sync(Store(store), _config(Path(store)))
     if as_json:
-        print_json({"staged": report.staged, "moved": report.moved, "fetched": report.fetched, "local": report.local})
+        print_json(
+            {
+                "staged": report.staged,
+                "moved": report.moved,
+                "fetched": report.fetched,
+                "local": report.local,
+                "evicted": report.evicted,
+            }
+        )
         return
     for ref in report.staged:
         out.print(f"staged {ref}")
     for base, old, new in report.moved:
         out.print(f"{base}: current version {old} -> {new}")
+    for ref in report.evicted:
+        out.print(f"evicted {ref} (the fleet keeps it)")
     out.print(f"{report.fetched} chunk(s) fetched, {report.local} found on this host")
 
 

@@ -26,6 +26,7 @@ class FleetConfig:
     pool: str = "nbdclone"
     name: str = "default"  # the fleet: an etcd prefix and a RADOS namespace, so fleets can share engines
     host: str = ""
+    pack_bound: int = 0  # bytes: versions this host no longer needs are evicted while its pack is larger
 
     @property
     def prefix(self) -> bytes:
@@ -58,7 +59,9 @@ def save(store: Path, config: FleetConfig) -> FleetConfig:
     host = config.host or socket.gethostname()
     if not _FLEET_NAME.fullmatch(host):
         raise errors.InvalidArgument(detail=f"invalid host name {host!r}")
-    config = FleetConfig(config.etcd, str(Path(config.ceph_conf).absolute()), config.pool, config.name, host)
+    config = FleetConfig(
+        config.etcd, str(Path(config.ceph_conf).absolute()), config.pool, config.name, host, config.pack_bound
+    )
     store.mkdir(parents=True, exist_ok=True)
     write_atomic(store / FLEET_FILE, json.dumps(asdict(config)), store / "tmp")
     return config

@@ -41,6 +41,7 @@ class SyncReport:
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (base, old, new) local pointer moves
     clones: list[str] = field(default_factory=list)  # clones adopted or dropped (move.reconcile)
     traces: list[str] = field(default_factory=list)  # boot traces given to or taken from the fleet
+    evicted: list[str] = field(default_factory=list)  # NAME@VERSION removed here to stay under the bound
     fetched: int = 0  # chunks read from RADOS
     local: int = 0  # chunks this host's pack already held
 
@@ -170,7 +171,39 @@ def sync(
             from nbdclone.fleet.move import reconcile
 
             report.clones = reconcile(store, config, objects, clones)
+            if config.pack_bound:
+                report.evicted = evict(store, config.pack_bound, {b: c for b, (_, c) in view.items()})
     return report
+
+
+def evict(store: Store, bound: int, current: dict[str, str | None]) -> list[str]:
+    """Remove, oldest first, the versions of fleet bases this host holds but no longer needs (not current,
+    not newer than current, used by no clone here) while its chunk pack takes more than `bound` bytes. The
+    fleet keeps them: a host stages one again if a clone wants it."""
+    evicted: list[str] = []
+    users = store.version_users()
+    candidates = sorted(
+        (
+            (int(vid), base, vid)
+            for base, cur in current.items()
+            if cur is not None and base in store.catalog().bases
+            for vid in store.get_base(base).versions
+            if int(vid) < int(cur) and (base, vid) not in users
+        ),
+    )
+    for _, base, vid in candidates:
+        if _pack_bytes(store) <= bound:
+            break
+        store.remove_version(f"{base}@{vid}")
+        evicted.append(f"{base}@{vid}")
+    return evicted
+
+
+def _pack_bytes(store: Store) -> int:
+    try:
+        return os.stat(store.chunks.pack).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def _share_trace(

@@ -476,3 +476,26 @@ def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> 
         total = cli_fetched[h] + _fetched(servers[h].log)
         assert total == chunks, f"{h} fetched {total} chunks for a version of {chunks}"
     assert cli_fetched["h1"] + _fetched(servers["h1"].log) == 0  # it imported the version
+
+
+def test_a_host_evicts_versions_it_no_longer_needs_under_its_bound(tmp_path: Path, fleet: FleetConfig) -> None:
+    """Versions that are not current, not newer, and used by no clone here go (oldest first) while the
+    pack is over the bound; a pinned clone keeps its version; an evicted one can be staged again."""
+    for v in ("1", "2", "3"):
+        make_image(tmp_path / f"v{v}.raw", 8 * MiB, [(0, 4 * MiB)], seed=30 + int(v))
+    cli("fleet", "join", fleet.etcd, "--ceph-conf", fleet.ceph_conf, "--name", fleet.name, "--host", "h1",
+        "--pack-bound", "6M", store=tmp_path / "h1")  # fmt: skip
+    for v in ("1", "2", "3"):
+        cli("base", "import", "gold", str(tmp_path / f"v{v}.raw"), store=tmp_path / "h1")
+    cli("clone", "create", "old", "--base", "gold@1", store=tmp_path / "h1")
+    cli("base", "promote", "gold", "3", store=tmp_path / "h1")
+    report = json.loads(cli("fleet", "sync", "--json", store=tmp_path / "h1").stdout)
+    assert report["evicted"] == ["gold@2"], report  # gold@1 is pinned by a clone, gold@3 is current
+    local = {r["version"] for r in json.loads(cli("base", "list", "--json", store=tmp_path / "h1").stdout)["versions"]}
+    assert local == {"1", "3"}
+    cli("clone", "rm", "old", store=tmp_path / "h1")
+    report = json.loads(cli("fleet", "sync", "--json", store=tmp_path / "h1").stdout)
+    assert report["evicted"] == ["gold@1"]
+    assert os.stat(tmp_path / "h1" / "chunks" / "pack").st_blocks * 512 <= 6 * MiB
+    cli("clone", "create", "again", "--base", "gold@2", store=tmp_path / "h1")  # the fleet kept it
+    assert json.loads(cli("clone", "info", "again", "--json", store=tmp_path / "h1").stdout)["version"] == "2"
