@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -124,6 +125,31 @@ class Objects:
         """Store a chunk under its SHA-256; returns the digest and whether it was new."""
         key = sha256(data)
         return key, self.put_if_absent(chunk_name(key), data)
+
+    def put_chunks(self, chunks: Iterable[bytes], window: int = 32) -> Iterator[bytes]:
+        """Store each chunk under its SHA-256, put-if-absent, with up to `window` writes in flight; yields
+        the digests in order once each write is durable (an existing object is a dedup hit)."""
+        pending: collections.deque[tuple[bytes, Any, Any]] = collections.deque()
+
+        def settle() -> bytes:
+            key, completion, op = pending.popleft()
+            completion.wait_for_complete_and_cb()
+            status = completion.get_return_value()
+            self._io.release_write_op(op)
+            if status < 0 and -status != errno.EEXIST:
+                raise errors.StorageError(-status, what=f"writing {chunk_name(key)}", detail=os.strerror(-status))
+            return key
+
+        for data in chunks:
+            key = sha256(data)
+            op = self._io.create_write_op()
+            op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+            op.write_full(data)
+            pending.append((key, self._io.operate_aio_write_op(op, chunk_name(key)), op))
+            if len(pending) >= window:
+                yield settle()
+        while pending:
+            yield settle()
 
     def get_chunk(self, key: bytes, size: int) -> bytes:
         """A chunk, verified against the digest that names it."""

@@ -65,14 +65,12 @@ def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:
     base's current version."""
     record = store.get_base(name)
     vmap = store.version_map(record, vid, digests=True)
-    entries = []
     with Objects(config) as objects:
+        stored = list(vmap.stored())
         fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for i, slot, key in vmap.stored():
-                data = os.pread(fd, CHUNK, slot * CHUNK)
-                digest, _ = objects.put_chunk(data)
-                entries.append((i, digest, key))
+            digests = objects.put_chunks(os.pread(fd, CHUNK, slot * CHUNK) for _, slot, _ in stored)
+            entries = [(i, digest, key) for (i, _, key), digest in zip(stored, digests, strict=True)]
         finally:
             os.close(fd)
         raw = FleetMap(vmap.size, tuple(entries)).encode()
