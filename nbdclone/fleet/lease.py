@@ -4,8 +4,8 @@
                              etcd answered, writes run/fleet-lease.json: valid_until = the time the
                              refresh was *sent* + LEASE_TTL - MARGIN, and the clones etcd says it owns
     each worker (Fence)      reads that file every FENCE_EVERY; a first connection to a clone it does not
-                             own is refused; every request checks the monotonic clock against the lease
-                             (one integer compare) and its clone's handle for revocation
+                             own is refused; every request compares the monotonic clock with its
+                             connection's copy of the deadline (0 once its clone is another host's)
 
 Another host may take a clone over only once this host's lease key is gone from etcd, which is LEASE_TTL
 after the last refresh etcd saw, so after valid_until here. A host that is frozen (SIGSTOP), partitioned or
@@ -49,9 +49,11 @@ def read(path: Path) -> tuple[float, dict[str, int]]:
 
 
 class Fence:
-    """A worker's view of the lease. `deadline_ns` (time.monotonic_ns) is read on the request path without
-    a lock: an int assignment is atomic, and a stale value is at most FENCE_EVERY old, in the safe
-    direction only once revocations are applied first (refresh)."""
+    """A worker's view of the lease. Each open connection holds its own copy of the deadline
+    (time.monotonic_ns), compared on the request path without a lock (an int assignment is atomic); the
+    fence thread hands every connection the new deadline, or 0 if its clone is another host's now, before
+    new connections use it. A connection's copy is at most FENCE_EVERY old: if the lease was not renewed
+    meanwhile, an older deadline, the safe direction."""
 
     def __init__(self, run_dir: RunDir | None) -> None:
         """With no run dir (single-host mode) nothing is ever fenced."""
@@ -59,26 +61,28 @@ class Fence:
         self.deadline_ns = 0 if run_dir is not None else NEVER  # fleet: nothing is served until a lease is read
         self.owned: dict[str, int] = {}
 
-    def refresh(self, revoke: Callable[[set[str]], None]) -> None:
+    def refresh(self, apply: Callable[[set[str], int], None]) -> None:
+        """Read the lease file; `apply(lost clones, deadline)` hands the new deadline to the open
+        connections (and revokes the lost clones' ones) before it is used for new connections."""
         if self.path is None:
             return
         valid_until, owned = read(self.path)
         lost = set(self.owned) - set(owned)
-        if lost:
-            revoke(lost)  # before a later deadline is published
-        self.owned = owned
         left = valid_until - time.time()
-        self.deadline_ns = time.monotonic_ns() + int(left * 1e9) if left > 0 else 0
+        deadline = time.monotonic_ns() + int(left * 1e9) if left > 0 else 0
+        apply(lost, deadline)
+        self.owned = owned
+        self.deadline_ns = deadline
 
     def owns(self, name: str) -> bool:
         if self.path is None:
             return True
         return name in self.owned and time.monotonic_ns() < self.deadline_ns
 
-    def watch(self, revoke: Callable[[set[str]], None]) -> None:
+    def watch(self, apply: Callable[[set[str], int], None]) -> None:
         def run() -> None:
             while True:
-                self.refresh(revoke)
+                self.refresh(apply)
                 time.sleep(FENCE_EVERY)
 
         threading.Thread(target=run, name="nbdclone-fence", daemon=True).start()

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import rados
+try:
+    import rados  # Debian python3-rados (not on PyPI)
+except ImportError:  # a single-host install: fleet commands say what to install
+    rados = None
 
 from nbdclone import errors
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
@@ -62,6 +65,8 @@ def chunk_name(key: bytes) -> str:
 class Objects:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
+        if rados is None:
+            raise errors.NbdcloneError(detail="fleet mode needs librados for Python: apt install python3-rados")
         try:
             limits = {k: str(TIMEOUT) for k in ("rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout")}
             self._cluster = rados.Rados(conffile=config.ceph_conf, conf=limits)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import CloneNotFound, Fenced, NbdcloneError, NotOwned, StorageError
-from nbdclone.fleet.lease import Fence, in_fleet
+from nbdclone.fleet.lease import NEVER, Fence, in_fleet
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 from nbdclone.store.catalog import Catalog, is_valid_name, worker_of
@@ -77,6 +77,7 @@ class Handle:
     tid: int  # its native id (for its CPU affinity)
     gil_state: int
     revoked: bool = False  # fleet mode: its clone is another host's now (fleet/lease.py)
+    fence_ns: int = NEVER  # requests after this (time.monotonic_ns) are refused: the lease, or 0 if revoked
 
 
 _config: dict[str, str] = {}
@@ -127,10 +128,10 @@ def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
                 _drain.park(me)
             started = _ns()
             try:
-                if started > _fence.deadline_ns or h.revoked:
+                if started > h.fence_ns:
                     raise Fenced(name=h.name)
                 result = fn(h, *args)
-                if _ns() > _fence.deadline_ns or h.revoked:  # done on a copy that is not the clone's now
+                if _ns() > h.fence_ns:  # done on a copy that is not the clone's now
                     raise Fenced(name=h.name)
             except NbdcloneError as exc:
                 h.stats.ops[op].errors += 1
@@ -246,16 +247,18 @@ def after_fork() -> None:
     if in_fleet(_settings.store):
         global _fence
         _fence = Fence(RunDir(_settings.store))
-        _fence.watch(_revoke)
+        _fence.watch(_apply_fence)
 
 
-def _revoke(names: set[str]) -> None:
-    """Clones another host owns now: their open connections' requests fail from here on."""
+def _apply_fence(lost: set[str], deadline_ns: int) -> None:
+    """A new lease deadline for every open connection; connections to clones another host owns now are
+    refused from here on (fence_ns 0)."""
     for h in list(_handles.values()):
-        if h.name in names:
+        if h.name in lost:
             h.revoked = True
-    if names:
-        log.warning("fleet: clone(s) %s moved to another host; their connections here are refused", sorted(names))
+        h.fence_ns = 0 if h.revoked else deadline_ns
+    if lost:
+        log.warning("fleet: clone(s) %s moved to another host; their connections here are refused", sorted(lost))
 
 
 def _close_all_for_stop() -> None:
@@ -320,7 +323,7 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
         raise StorageError(errno.ENOENT, what=f"clone {name!r}", detail=f"is served by worker {_worker_of(name)}")
     record = cat.clones.get(name)
     if not _fence.owns(name):
-        _fence.refresh(_revoke)  # a clone created or moved here since the last look
+        _fence.refresh(_apply_fence)  # a clone created or moved here since the last look
     if not _fence.owns(name):
         raise NotOwned(name=name, why="its fleet lease ran out or another host owns it")
     clone = _reg().acquire(name, exclusive=_settings.exclusive)
@@ -331,6 +334,7 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by
     readonly = _settings.readonly or (record is not None and record.readonly)
     h = Handle(name, clone, readonly, stats, stats.ops["read"], stats.ops["write"], key, _me(), tid, 0)
     _connections[tid] = name
+    h.fence_ns = _fence.deadline_ns
     _handles[tid] = h
     h.gil_state = gil_ensure()  # last: nothing after it can fail
     return h
@@ -420,7 +424,7 @@ def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
         _drain.park(me)
     started = _ns()
     try:
-        if started > _fence.deadline_ns or h.revoked:
+        if started > h.fence_ns:
             raise Fenced(name=h.name)
         h.clone.pread_into(buf, offset)
     except (NbdcloneError, OSError) as exc:
@@ -444,11 +448,11 @@ def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
         _drain.park(me)
     started = _ns()
     try:
-        if started > _fence.deadline_ns or h.revoked:
+        if started > h.fence_ns:
             raise Fenced(name=h.name)
         h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
         ended = _ns()
-        if ended > _fence.deadline_ns or h.revoked:  # written to a copy that is not the clone's now
+        if ended > h.fence_ns:  # written to a copy that is not the clone's now
             raise Fenced(name=h.name)
     except (NbdcloneError, OSError) as exc:
         h.writes.errors += 1
