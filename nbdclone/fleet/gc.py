@@ -2,8 +2,9 @@
 
 A chunk is live if a version map object etcd names lists it, or the manifest of a clone's last move does.
 `gc` announces itself and refuses if an import or move is announced (catalog.py); an import or move
-announces itself first and waits while a gc is announced (`excluding_gc`). (Map and manifest objects that
-nothing names, left by killed imports and moves, are not collected yet.)
+announces itself first and waits while a gc is announced (`excluding_gc`). Map, trace and move manifest
+objects that etcd does not name (left by killed imports and moves; no import or move runs while gc does)
+go too.
 """
 
 from __future__ import annotations
@@ -53,16 +54,18 @@ def gc(config: FleetConfig) -> tuple[int, int]:
     """Delete the chunks (and stray map and manifest objects) nothing names. Returns (chunks deleted,
     chunks kept)."""
 
-    async def begin(c: FleetCatalog) -> tuple[object, list[str], list[str]]:
+    async def begin(c: FleetCatalog) -> tuple[object, list[str], list[str], list[str]]:
         _, lease = await c.announce("gc")
         if await c.others("imports"):
             await c.withdraw(lease)
             raise errors.NbdcloneError(detail="an import or a move is running in the fleet; gc again later")
-        maps = [v.map_object for base in await c.bases() for v in (await c.versions(base)).values()]
+        bases = await c.bases()
+        maps = [v.map_object for base in bases for v in (await c.versions(base)).values()]
         ships = [str(r["ship"]) for r in (await c.clones()).values() if r.get("ship")]
-        return lease, maps, ships
+        traces = [t for base in bases for vid in await c.versions(base) if (t := await c.trace(base, vid))]
+        return lease, maps, ships, traces
 
-    lease, maps, ships = fleet_catalog.run(config, begin)
+    lease, maps, ships, traces = fleet_catalog.run(config, begin)
     try:
         with Objects(config) as objects:
             live: set[str] = set()
@@ -81,6 +84,11 @@ def gc(config: FleetConfig) -> tuple[int, int]:
                 else:
                     objects.remove(name)
                     deleted += 1
+            named = {*maps, *ships, *traces}
+            for name in list(objects.list_objects(("map.", "ship.", "trace."))):
+                if name not in named:
+                    objects.remove(name)
+                    log.info("fleet %s gc: removed %s, which nothing names", config.name, name)
     finally:
         fleet_catalog.run(config, lambda c: c.withdraw(lease))
     log.info("fleet %s gc: %d chunks deleted, %d kept", config.name, deleted, kept)

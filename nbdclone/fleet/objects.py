@@ -196,6 +196,10 @@ class Objects:
             yield data
 
     def list_chunks(self) -> Iterator[str]:
+        return self.list_objects(("chunk.",))
+
+    def list_objects(self, prefixes: tuple[str, ...]) -> Iterator[str]:
+        """The names of the fleet's objects that start with one of `prefixes`."""
         for obj in self._io.list_objects():
-            if obj.key.startswith("chunk."):
+            if obj.key.startswith(prefixes):
                 yield obj.key

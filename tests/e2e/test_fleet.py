@@ -376,8 +376,10 @@ def test_fleet_gc_never_takes_a_chunk_an_import_relies_on(tmp_path: Path, fleet:
     data = make_image(tmp_path / "v1.raw", 4 * MiB, [(0, 2 * MiB)], seed=21)
     _join(fleet, tmp_path / "h1", "h1")
     cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=tmp_path / "h1")
-    with Objects(fleet) as objects:  # what a killed import leaves: chunks no map names
+    with Objects(fleet) as objects:  # what killed imports and moves leave: chunks and objects nothing names
         strays = [objects.put_chunk(bytes([k]) * 65536)[0] for k in range(1, 6)]
+        objects.put("map.gold.9.0123456789abcdef", b"a map no version names")
+        objects.put("ship.vm.0.2", b"a manifest no clone names")
     with excluding_gc(fleet):  # an import in flight: gc is refused and deletes nothing
         with pytest.raises(errors.NbdcloneError, match="an import or a move is running"):
             gc(fleet)
@@ -385,6 +387,8 @@ def test_fleet_gc_never_takes_a_chunk_an_import_relies_on(tmp_path: Path, fleet:
     assert (deleted, kept) == (5, 32)
     with Objects(fleet) as objects:
         assert not any(objects.exists(f"chunk.{k.hex()}") for k in strays)
+        assert not objects.exists("map.gold.9.0123456789abcdef") and not objects.exists("ship.vm.0.2")
+        assert len(list(objects.list_objects(("map.",)))) == 1  # the version's own map stays
     _join(fleet, tmp_path / "h2", "h2")  # a new host stages every chunk of the version from the fleet
     report = json.loads(cli("fleet", "sync", "--json", store=tmp_path / "h2").stdout)
     assert report["fetched"] == 32
