@@ -450,6 +450,9 @@ def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> 
             cli_fetched[h] += report["fetched"]
         shown = json.loads(cli("base", "trace", "show", "gold", "--json", store=hosts["h3"]).stdout)
         assert shown["recorded"] and 0 < shown["bytes"] < 128 * MiB, shown  # a boot, shared, not a scan
+        # Every host holds gold@1 with its trace in its cache: a flip that waits for all of them goes at once.
+        waited = cli("base", "promote", "gold", "1", "--wait-warm", "1", "--wait-timeout", "30", store=hosts["h1"])
+        assert "gold@1 is warm on 3 of 3 live host(s)" in waited.stdout, waited.stdout
         for h in hosts:
             cli("clone", "create", *clones[h], "--base", "gold", store=hosts[h])
         jobs = {}
