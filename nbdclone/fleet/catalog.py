@@ -220,10 +220,11 @@ class FleetCatalog:
 
     # -- boot traces and warm hosts ------------------------------------------------------------------
 
-    async def trace(self, base: str, vid: str) -> str | None:
-        """The object holding version `vid`'s boot trace, if the fleet has one."""
-        got = await self._call("trace", self._client.get(self._key("bases", base, "traces", vid)))
-        return None if got is None else str(got.value.decode())
+    async def traces(self, base: str) -> dict[str, str]:
+        """Version -> the object holding its boot trace, for the versions of `base` that have one."""
+        prefix = self._key("bases", base, "traces", "")
+        found = await self._call("traces", self._client.get_prefix(prefix))
+        return {kv.key[len(prefix) :].decode(): kv.value.decode() for kv in found}
 
     async def set_trace(self, base: str, vid: str, obj: str) -> bool:
         """Name a version's trace object; the first host's wins. Returns whether this one did."""

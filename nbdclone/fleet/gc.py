@@ -62,7 +62,7 @@ def gc(config: FleetConfig) -> tuple[int, int]:
         bases = await c.bases()
         maps = [v.map_object for base in bases for v in (await c.versions(base)).values()]
         ships = [str(r["ship"]) for r in (await c.clones()).values() if r.get("ship")]
-        traces = [t for base in bases for vid in await c.versions(base) if (t := await c.trace(base, vid))]
+        traces = [t for base in bases for t in (await c.traces(base)).values()]
         return lease, maps, ships, traces
 
     lease, maps, ships, traces = fleet_catalog.run(config, begin)

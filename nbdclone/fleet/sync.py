@@ -139,18 +139,21 @@ def sync(
     version's trace into the cache once (`warmed` remembers which) and say so in etcd; then point this
     host's bases where the fleet's point. With `only`, stage just the `also` versions and move nothing."""
 
-    async def read(c: FleetCatalog) -> tuple[dict[str, tuple[dict[str, FleetVersion], str | None]], dict[str, Any]]:
+    View = dict[str, tuple[dict[str, FleetVersion], str | None, dict[str, str]]]
+
+    async def read(c: FleetCatalog) -> tuple[View, dict[str, Any]]:
+        """The fleet's state, over one etcd connection: per base its versions, current one and traces."""
         out = {}
         for base in await c.bases():
             current = await c.current(base)
-            out[base] = (await c.versions(base), current[0] if current else None)
+            out[base] = (await c.versions(base), current[0] if current else None, await c.traces(base))
         return out, await c.clones()
 
     view, clones = fleet_catalog.run(config, read)
     report = SyncReport()
     warmed = set() if warmed is None else warmed
     with Objects(config) as objects:
-        for base, (versions, current) in sorted(view.items()):
+        for base, (versions, current, traces) in sorted(view.items()):
             wanted = (also or {}).get(base, set())
             if current and not only:
                 wanted = wanted | {current} | {v for v in versions if int(v) > int(current)}
@@ -159,7 +162,7 @@ def sync(
                     raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {config.name}")
                 stage(store, objects, base, versions[vid], report)
                 if not only:
-                    _share_trace(store, config, objects, base, vid, warmed, report)
+                    _share_trace(store, config, objects, base, vid, traces.get(vid), warmed, report)
             if current is not None and not only and base in store.catalog().bases:
                 old = store.current_version(store.get_base(base))
                 if old != current:
@@ -170,7 +173,7 @@ def sync(
 
             report.clones = reconcile(store, config, objects, clones)
             if config.pack_bound:
-                report.evicted = evict(store, config.pack_bound, {b: c for b, (_, c) in view.items()})
+                report.evicted = evict(store, config.pack_bound, {b: c for b, (_, c, _) in view.items()})
     return report
 
 
@@ -205,13 +208,20 @@ def _pack_bytes(store: Store) -> int:
 
 
 def _share_trace(
-    store: Store, config: FleetConfig, objects: Objects, base: str, vid: str, warmed: set[str], report: SyncReport
+    store: Store,
+    config: FleetConfig,
+    objects: Objects,
+    base: str,
+    vid: str,
+    obj: str | None,
+    warmed: set[str],
+    report: SyncReport,
 ) -> None:
     """The first host whose clone booted a version gives its trace to the fleet; every other host takes it
-    (a boot recorded once serves every host's prefetch). Then the trace is read into this host's cache."""
+    (`obj`: the fleet's, if it has one; a boot recorded once serves every host's prefetch). Then the trace
+    is read into this host's cache."""
     record = store.get_base(base)
     path = store.trace_path(record, vid)
-    obj = fleet_catalog.run(config, lambda c: c.trace(base, vid))
     local = load_trace(path)
     if obj is None and local:
         name = f"trace.{base}.{vid}.{config.host}"
