@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, out, parse_size, print_json
+from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, human, out, parse_size, print_json
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store
 
@@ -62,20 +62,33 @@ def fleet_join(
 
 
 @fleet_app.command("sync")
-def fleet_sync(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """Bring this host up to the fleet now: stage each base's current version (fetching only the chunks
-    this host does not hold) and move this host's pointers to the fleet's. A running server does it on
-    every change by itself."""
+def fleet_sync(
+    store: StoreOpt = DEFAULT_STORE,
+    all_chunks: Annotated[
+        bool,
+        typer.Option(
+            "--all-chunks", help="Also fetch every chunk not fetched yet (a host that must serve on with Ceph down)."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring this host up to the fleet now: stage each base's current version and newer ones (their maps;
+    chunks are fetched when first read, a boot trace's at once) and move this host's pointers to the
+    fleet's. A running server does it on every change by itself."""
     from nbdclone.fleet import sync
 
-    report = sync.sync(Store(store), _config(Path(store)))
+    st = Store(store)
+    report = sync.sync(st, _config(st.path))
+    filled = sync.fetch_all(st) if all_chunks else 0
     if as_json:
         print_json(
             {
                 "staged": report.staged,
                 "moved": report.moved,
-                "fetched": report.fetched,
-                "local": report.local,
+                "remote": report.remote,
+                "fetched": report.fetched + filled,
+                "reads": report.reads,
+                "read_bytes": report.read_bytes,
                 "evicted": report.evicted,
             }
         )
@@ -86,7 +99,10 @@ def fleet_sync(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> Non
         out.print(f"{base}: current version {old} -> {new}")
     for ref in report.evicted:
         out.print(f"evicted {ref} (the fleet keeps it)")
-    out.print(f"{report.fetched} chunk(s) fetched, {report.local} found on this host")
+    out.print(
+        f"{report.remote} chunk(s) staged to fetch when read, {report.fetched + filled} fetched; "
+        f"{report.reads} object(s) read from the fleet ({human(report.read_bytes)})"
+    )
 
 
 @fleet_app.command("status")

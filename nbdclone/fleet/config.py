@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nbdclone import errors
-from nbdclone.store.layout import write_atomic
+from nbdclone.store.layout import FLEET_FILE, write_atomic
 
-FLEET_FILE = "fleet.json"
 #: Seconds one etcd request or one RADOS operation may take before it fails (an engine down is an error,
 #: not a hang). Tests shorten it (NBDCLONE_FLEET_TIMEOUT).
 TIMEOUT = int(os.environ.get("NBDCLONE_FLEET_TIMEOUT", "10"))

@@ -22,6 +22,7 @@ from nbdclone import errors
 from nbdclone.fleet import lease as lease_file
 from nbdclone.fleet.catalog import FleetCatalog
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
+from nbdclone.fleet.fetch import Fetcher
 from nbdclone.fleet.sync import sync
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
@@ -80,7 +81,7 @@ async def keep_lease(
             await _sleep(stop, RETRY)
 
 
-async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None:
+async def follow(store: Store, config: FleetConfig, stop: asyncio.Event, fetcher: Fetcher | None = None) -> None:
     wake = asyncio.Event()
     wake.set()
     changed = asyncio.Event()
@@ -117,8 +118,12 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event) -> None
                 await _sleep(stop, RETRY)
                 wake.set()
                 continue
+            if fetcher is not None:
+                fetcher.count_sync(report.fetched, report.reads, report.read_bytes)
             for ref in report.staged:
-                log.info("fleet %s: staged %s (%d chunks fetched)", config.name, ref, report.fetched)
+                log.info("fleet %s: staged %s (%d chunks to fetch when read)", config.name, ref, report.remote)
+            if report.fetched:
+                log.info("fleet %s: %d chunks fetched from boot traces", config.name, report.fetched)
             for line in report.traces + report.clones:
                 log.info("fleet %s: %s", config.name, line)
             for base, old, new in report.moved:

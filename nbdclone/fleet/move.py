@@ -128,7 +128,8 @@ def adopt(store: Store, config: FleetConfig, objects: Objects, name: str, manife
         state = store.start_overlay(record, head["version"])
         base: Base
         if head["base"] is not None:
-            base = ChunkedBase(store.chunks.pack, store.version_map(store.get_base(head["base"]), head["version"]))
+            vmap = store.version_map(store.get_base(head["base"]), head["version"])
+            base = ChunkedBase(store.chunks.pack, vmap, fetch=store.fetcher())
         else:
             base = ZeroBase(head["size"])
         from nbdclone.store.clone import Clone

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,9 @@ class Objects:
             detail = f"cannot reach Ceph ({config.ceph_conf}, pool {config.pool}): {exc}"
             raise errors.NbdcloneError(detail=detail) from None
         self._io.set_namespace(config.name)
+        self.reads = 0  # objects read (and their bytes): what this connection cost the cluster
+        self.read_bytes = 0
+        self._counting = threading.Lock()
 
     def close(self) -> None:
         self._io.close()
@@ -120,7 +124,9 @@ class Objects:
 
     def get(self, name: str, size: int) -> bytes:
         try:
-            return bytes(self._io.read(name, size))
+            data = bytes(self._io.read(name, size))
+            self._count(data)
+            return data
         except rados.ObjectNotFound:
             raise errors.StorageError(2, what=f"reading object {name}", detail="it is not in the fleet") from None
         except rados.Error as exc:
@@ -166,34 +172,46 @@ class Objects:
     def get_chunks(self, keys: Iterable[bytes], size: int, window: int = 32) -> Iterator[bytes]:
         """The chunks named by `keys`, in order, each verified; up to `window` reads in flight at once (a
         cold host fetches at the cluster's pace, not one round trip per chunk)."""
-        keys = iter(keys)
-        pending: collections.deque[tuple[bytes, Any, dict[str, bytes]]] = collections.deque()
+        keys = list(keys)
+        for key, data in zip(keys, self.get_many((chunk_name(k) for k in keys), size, window), strict=True):
+            if sha256(data) != key:
+                raise errors.StorageError(
+                    5, what=f"reading {chunk_name(key)}", detail="its bytes do not match its name"
+                )
+            yield data
 
-        def submit(key: bytes) -> None:
+    def get_many(self, names: Iterable[str], size: int, window: int = 32) -> Iterator[bytes]:
+        """The objects `names` (up to `size` bytes each), in order, with up to `window` reads in flight."""
+        names = iter(names)
+        pending: collections.deque[tuple[str, Any, dict[str, bytes]]] = collections.deque()
+
+        def submit(name: str) -> None:
             box: dict[str, bytes] = {}
 
             def done(completion: Any, data: bytes, box: dict[str, bytes] = box) -> None:
                 box["data"] = data
 
-            pending.append((key, self._io.aio_read(chunk_name(key), size, 0, done), box))
+            pending.append((name, self._io.aio_read(name, size, 0, done), box))
 
-        for key in itertools.islice(keys, window):
-            submit(key)
+        for name in itertools.islice(names, window):
+            submit(name)
         while pending:
-            key, completion, box = pending.popleft()
+            name, completion, box = pending.popleft()
             completion.wait_for_complete_and_cb()
             status = completion.get_return_value()
             if status < 0:
-                raise errors.StorageError(-status, what=f"reading {chunk_name(key)}", detail=os.strerror(-status))
+                raise errors.StorageError(-status, what=f"reading {name}", detail=os.strerror(-status))
             data = bytes(box.get("data", b""))
-            if sha256(data) != key:
-                raise errors.StorageError(
-                    5, what=f"reading {chunk_name(key)}", detail="its bytes do not match its name"
-                )
-            following = next(keys, None)
+            self._count(data)
+            following = next(names, None)
             if following is not None:
                 submit(following)
             yield data
+
+    def _count(self, data: bytes) -> None:
+        with self._counting:
+            self.reads += 1
+            self.read_bytes += len(data)
 
     def list_chunks(self) -> Iterator[str]:
         return self.list_objects(("chunk.",))

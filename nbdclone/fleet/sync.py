@@ -2,15 +2,21 @@
 
     publish   a version the host imported (under the number the fleet reserved for it) goes to RADOS:
               its chunks put-if-absent under their SHA-256, then its map object; then etcd names it
-    stage     a version the fleet names comes to the host: its map object is read and checked, each chunk
-              the host's pack holds (found by its local digest, confirmed by SHA-256) is taken from the
-              pack, each other one is fetched once and verified; then the local store commits it under
-              the fleet's number (an import: chunks synced, map, catalog)
+    stage     a version the fleet names comes to the host: its map object is read and checked, and the
+              local store commits it under the fleet's number at once, without its bytes: each chunk
+              the host's pack holds (found by its local digest, confirmed by SHA-256) shares that slot,
+              every other one gets a slot left a hole, which the host's fetcher fills when something
+              first reads it (store/remote.py, fetch.py)
+    traces    the first host whose clone booted a version gives the fleet its trace, and the trace's
+              chunks as a few large objects (TRACE_OBJECT chunks each, in boot order); every other host
+              that stages the version reads those objects into its pack and its cache: a cold host's
+              first boot costs a few large reads, not one request per chunk
     sync      every fleet base's current version is staged, then the host's pointer is set to it: a
               following clone moves at its next first connection, as after a local flip
 
-A host serves only what its own store holds, so etcd or Ceph being down stops nothing that runs: sync and
-fleet commands fail with a clear error and serving goes on with the last view.
+etcd down stops nothing that runs: sync and fleet commands fail with a clear error and serving goes on
+with the last view. Ceph down stops only first reads of chunks the host has not fetched yet (EIO, in
+bounded time); what a host has fetched, and every version's boot trace it staged, it serves on.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +34,13 @@ from nbdclone.fleet.catalog import FleetCatalog, FleetVersion
 from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.objects import FleetMap, Objects, sha256
 from nbdclone.store import Store
-from nbdclone.store.catalog import now
-from nbdclone.store.chunks import CHUNK, load_trace, write_trace
+from nbdclone.store.cache import PackReader, digest
+from nbdclone.store.catalog import BaseRecord, now
+from nbdclone.store.chunks import CHUNK, ZERO_SLOT, VersionMap, load_trace, write_trace
 from nbdclone.store.images import warm_version
 
 log = logging.getLogger(__name__)
+TRACE_OBJECT = 64  # chunks per trace object (4 MiB: a boot of 57 MiB is 15 reads)
 
 
 @dataclass(slots=True)
@@ -42,8 +50,10 @@ class SyncReport:
     clones: list[str] = field(default_factory=list)  # clones adopted or dropped (move.reconcile)
     traces: list[str] = field(default_factory=list)  # boot traces given to or taken from the fleet
     evicted: list[str] = field(default_factory=list)  # NAME@VERSION removed here to stay under the bound
-    fetched: int = 0  # chunks read from RADOS
-    local: int = 0  # chunks this host's pack already held
+    remote: int = 0  # chunks staged without their bytes (the fetcher fills them when first read)
+    fetched: int = 0  # chunks filled from the fleet's trace objects
+    reads: int = 0  # RADOS objects read (maps, traces, trace objects) and their bytes
+    read_bytes: int = 0
 
 
 def import_version(
@@ -62,17 +72,20 @@ def import_version(
 
 def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:
     """Put a local version's chunks and map in RADOS, then name it in etcd. Returns whether it became the
-    base's current version."""
+    base's current version. A chunk staged from the fleet (chunks/remote names its slot) is there already."""
     record = store.get_base(name)
     vmap = store.version_map(record, vid, digests=True)
+    remote = store.chunks.remote.load()
     with Objects(config) as objects:
         stored = list(vmap.stored())
+        local = [(i, slot, key) for i, slot, key in stored if slot not in remote]
         fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            digests = objects.put_chunks(os.pread(fd, CHUNK, slot * CHUNK) for _, slot, _ in stored)
-            entries = [(i, digest, key) for (i, _, key), digest in zip(stored, digests, strict=True)]
+            digests = objects.put_chunks(os.pread(fd, CHUNK, slot * CHUNK) for _, slot, _ in local)
+            shas = {i: digest for (i, _, _), digest in zip(local, digests, strict=True)}
         finally:
             os.close(fd)
+        entries = [(i, shas[i] if slot not in remote else remote[slot], key) for i, slot, key in stored]
         raw = FleetMap(vmap.size, tuple(entries)).encode()
         map_object = f"map.{name}.{vid}.{sha256(raw).hex()[:16]}"
         objects.put_if_absent(map_object, raw)
@@ -83,7 +96,8 @@ def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:
 
 
 def stage(store: Store, objects: Objects, name: str, version: FleetVersion, report: SyncReport) -> bool:
-    """Bring fleet version `name`@`version.id` into this host's store. Returns False if it was here."""
+    """Bring fleet version `name`@`version.id` into this host's store, without its bytes (see the module's
+    docstring). Returns False if it was here."""
     local = store.catalog().bases.get(name)
     if local is not None and version.id in local.versions:
         return False
@@ -93,36 +107,11 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
     fmap = FleetMap.decode(raw, version.map_object)
     with store.chunks.writer():
         existing = list(store.all_version_maps(digests=True))
-        held: dict[bytes, list[int]] = {}
-        for vm in existing:
-            for _, slot, key in vm.stored():
-                held.setdefault(key, []).append(slot)
-        fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC) if held else -1
-        # Which chunks this host holds (by the local digest, confirmed by SHA-256), then the rest fetched
-        # with many reads in flight, in the order the import takes them.
-        slots = [
-            next((s for s in held.get(key, ()) if sha256(os.pread(fd, CHUNK, s * CHUNK)) == digest), -1)
-            for _, digest, key in fmap.entries
-        ]
-        fetched = objects.get_chunks((e[1] for e, s in zip(fmap.entries, slots, strict=True) if s < 0), CHUNK)
-
-        def chunks() -> Iterator[tuple[int, bytes | None]]:
-            for (i, _, _), slot in zip(fmap.entries, slots, strict=True):
-                if slot >= 0:
-                    data = os.pread(fd, CHUNK, slot * CHUNK)
-                    report.local += 1
-                else:
-                    data = next(fetched)
-                    report.fetched += 1
-                yield i, data[: min(CHUNK, fmap.size - i * CHUNK)]
-
-        try:
-            vmap, new_chunks = store.chunks.import_chunks(chunks(), fmap.size, existing)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        store.add_version(name, vmap, f"fleet {objects.config.name}: {version.source}", new_chunks, vid=version.id)
+        vmap, remote = store.chunks.map_remote(fmap.entries, fmap.size, existing)
+        store.chunks.remote.add(remote)  # R1: named before the map and the catalog name the slots
+        store.add_version(name, vmap, f"fleet {objects.config.name}: {version.source}", 0, vid=version.id)
     report.staged.append(f"{name}@{version.id}")
+    report.remote += len(remote)
     return True
 
 
@@ -174,7 +163,28 @@ def sync(
             report.clones = reconcile(store, config, objects, clones)
             if config.pack_bound:
                 report.evicted = evict(store, config.pack_bound, {b: c for b, (_, c, _) in view.items()})
+        report.reads, report.read_bytes = objects.reads, objects.read_bytes
     return report
+
+
+def fetch_all(store: Store, batch: int = 1024) -> int:
+    """Fetch every chunk the host's versions map and it has not fetched yet (through the running server's
+    fetcher if there is one). Returns how many chunks that was."""
+    fetch = store.fetcher()
+    remote = store.chunks.remote.load()
+    if fetch is None or not remote:
+        return 0
+    wanted: dict[int, bytes] = {}
+    for vmap in store.all_version_maps(digests=True):
+        wanted.update((slot, key) for _, slot, key in vmap.stored() if slot in remote)
+    fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        missing = [(s, k) for s, k in sorted(wanted.items()) if digest(os.pread(fd, CHUNK, s * CHUNK)) != k]
+    finally:
+        os.close(fd)
+    for at in range(0, len(missing), batch):
+        fetch(missing[at : at + batch])
+    return len(missing)
 
 
 def evict(store: Store, bound: int, current: dict[str, str | None]) -> list[str]:
@@ -218,23 +228,79 @@ def _share_trace(
     report: SyncReport,
 ) -> None:
     """The first host whose clone booted a version gives its trace to the fleet; every other host takes it
-    (`obj`: the fleet's, if it has one; a boot recorded once serves every host's prefetch). Then the trace
-    is read into this host's cache."""
+    (`obj`: the fleet's, if it has one; a boot recorded once serves every host's prefetch), with its
+    chunks. Then the trace is read into this host's cache."""
     record = store.get_base(base)
     path = store.trace_path(record, vid)
     local = load_trace(path)
+    ref = f"{base}@{vid}"
     if obj is None and local:
         name = f"trace.{base}.{vid}.{config.host}"
-        objects.put(name, local.tobytes())
+        _put_trace_chunks(store, objects, record, vid, local, name)
+        objects.put(name, local.tobytes())  # after its chunks: a trace the fleet names has them
         if fleet_catalog.run(config, lambda c: c.set_trace(base, vid, name)):
-            report.traces.append(f"gave the fleet the boot trace of {base}@{vid}")
+            report.traces.append(f"gave the fleet the boot trace of {ref}")
     elif obj is not None and not local:
         trace = array("I")
         trace.frombytes(objects.get(obj, 64 << 20))
+        report.fetched += _get_trace_chunks(store, objects, record, vid, trace, obj)
         write_trace(path, trace)
-        report.traces.append(f"took the fleet's boot trace of {base}@{vid}")
-    ref = f"{base}@{vid}"
+        report.traces.append(f"took the fleet's boot trace of {ref}")
     if ref not in warmed and load_trace(path):
-        warm_version(store, ref)
+        warm_version(store, ref)  # fetches what the trace objects did not bring (none, unless one was bad)
         warmed.add(ref)
         fleet_catalog.run(config, lambda c: c.set_warm(base, vid, config.host))
+
+
+def _trace_chunks(vmap: VersionMap, trace: array[int]) -> list[int]:
+    """The chunks a trace's objects hold, in boot order: each chunk of the trace once, zeros left out."""
+    return [i for i in dict.fromkeys(trace) if i < vmap.nchunks and vmap.slot(i) != ZERO_SLOT]
+
+
+def _put_trace_chunks(
+    store: Store, objects: Objects, record: BaseRecord, vid: str, trace: array[int], name: str
+) -> None:
+    """Put the trace's chunks in the fleet as objects `name`.K of TRACE_OBJECT chunks each."""
+    vmap = store.version_map(record, vid)
+    chunks = _trace_chunks(vmap, trace)
+    reader = PackReader(store.chunks.pack, fetch=store.fetcher())
+    try:
+        reader.ensure(store.chunks.nslots())
+        for k in range(0, len(chunks), TRACE_OBJECT):
+            group = [(vmap.slot(i), vmap.key(i)) for i in chunks[k : k + TRACE_OBJECT]]
+            reader.verify_all(group)  # what this host serves is what it gives
+            objects.put(
+                f"{name}.{k // TRACE_OBJECT}", b"".join(os.pread(reader.fd, CHUNK, s * CHUNK) for s, _ in group)
+            )
+    finally:
+        reader.close()
+
+
+def _get_trace_chunks(
+    store: Store, objects: Objects, record: BaseRecord, vid: str, trace: array[int], name: str
+) -> int:
+    """Read the trace's chunk objects (those holding a chunk this host lacks) and fill the pack from them.
+    Returns the chunks filled. A chunk that does not check out is left to the fetcher."""
+    vmap = store.version_map(record, vid)
+    chunks = _trace_chunks(vmap, trace)
+    remote = store.chunks.remote.load()
+    fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        lacking = {
+            i
+            for i in chunks
+            if vmap.slot(i) in remote and digest(os.pread(fd, CHUNK, vmap.slot(i) * CHUNK)) != vmap.key(i)
+        }
+    finally:
+        os.close(fd)
+    groups = [chunks[k : k + TRACE_OBJECT] for k in range(0, len(chunks), TRACE_OBJECT)]
+    wanted = [k for k, group in enumerate(groups) if lacking.intersection(group)]
+    filled = 0
+    for k, data in zip(wanted, objects.get_many((f"{name}.{k}" for k in wanted), TRACE_OBJECT * CHUNK), strict=True):
+        got = [
+            (vmap.slot(i), vmap.key(i), data[n * CHUNK : (n + 1) * CHUNK])
+            for n, i in enumerate(groups[k])
+            if i in lacking
+        ]
+        filled += store.chunks.remote.fill(got, digest)
+    return filled

@@ -31,6 +31,7 @@ from typing import Any
 import mmh3
 
 from nbdclone import errors
+from nbdclone.store.remote import Fetch
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ class PackReader:
     time this process reads it since the last eviction pass (`verify`): bytes changed on disk are refused,
     never served."""
 
-    def __init__(self, pack: Path, clock: Path | None = None) -> None:
+    def __init__(self, pack: Path, clock: Path | None = None, fetch: Fetch | None = None) -> None:
         self.pack = pack
+        self.fetch = fetch  # a fleet host's: fills slots staged but not fetched yet (remote.py)
         self.clock_path = clock
         self.fd = os.open(pack, os.O_RDONLY | os.O_CLOEXEC)
         self.stats = CacheStats()
@@ -95,18 +97,33 @@ class PackReader:
     def verify(self, slot: int, key: bytes) -> None:
         """Check chunk `slot` against its content digest `key` (once per eviction pass per process).
         Damage raises Damaged, for the clone that read it; nothing is marked good."""
+        self.verify_all([(slot, key)])
+
+    def verify_all(self, pairs: list[tuple[int, bytes]]) -> None:
+        """Check each (slot, digest). On a fleet host, the slots that do not match (staged, not fetched
+        yet) are fetched in one request and checked again; what still does not match raises Damaged."""
+        wrong = [(slot, key) for slot, key in pairs if not self._matches(slot, key)]
+        if wrong and self.fetch is not None:
+            self.fetch(wrong)
+            wrong = [(slot, key) for slot, key in wrong if not self._matches(slot, key)]
+        if wrong:
+            slot = wrong[0][0]
+            log.error("chunk pack %s: chunk %d does not match its digest; it is not served", self.pack, slot)
+            raise errors.Damaged(path=self.pack, detail=f"chunk {slot} does not match its digest")
+
+    def _matches(self, slot: int, key: bytes) -> bool:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         got = 0
         while got < CHUNK:
             n = os.preadv(self.fd, [view[got:]], (slot << _SHIFT) + got)
             if n == 0:
-                raise errors.Damaged(path=self.pack, detail=f"it ends inside chunk {slot}, which a version holds")
+                return False  # the pack ends inside it
             got += n
         if digest(buf) != key:
-            log.error("chunk pack %s: chunk %d does not match its digest; it is not served", self.pack, slot)
-            raise errors.Damaged(path=self.pack, detail=f"chunk {slot} does not match its digest")
+            return False
         self.verified[slot] = 1
+        return True
 
     def refresh(self) -> None:
         """Before a read is checked against `verified`: after an eviction pass, what comes back from the

@@ -22,7 +22,8 @@ from nbdclone import errors
 from nbdclone.runtime import SLOTS
 from nbdclone.store._sealed import read_sealed, read_sealed_json, seal_json
 from nbdclone.store.chunks import ChunkStore, VersionMap
-from nbdclone.store.layout import STATE, Layout, write_atomic
+from nbdclone.store.layout import FLEET_FILE, STATE, Layout, write_atomic
+from nbdclone.store.remote import Fetch, FetchClient
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,13 @@ class CatalogStore(Layout):
         super().__init__(path)
         self.chunks = ChunkStore(self.chunks_dir)
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
+
+    def fetcher(self) -> Fetch | None:
+        """How this store's readers fill chunks staged but not fetched yet: a fleet host's fetcher
+        (remote.py); None for a single-host store."""
+        if (self.path / FLEET_FILE).exists() or self.chunks.remote.exists():
+            return FetchClient(self.path)
+        return None
 
     def catalog(self) -> Catalog:
         """The current catalog; re-read only when the file changed (it is replaced, never edited). If it

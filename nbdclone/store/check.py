@@ -5,7 +5,8 @@ What is checked, in order (each step trusts only what the steps before it verifi
     catalog       catalog.json and its mirror: checksums, one readable
     bases         each base's folder, current pointer (checksum, names a version), each version's map
                   (checksum, size, slots inside the pack), its boot trace (checksum)
-    chunks        every chunk a version holds, read from the pack, against its content digest
+    chunks        every chunk a version holds, read from the pack, against its content digest (a fleet
+                  host's chunks staged but not fetched yet are counted: they are fetched when read)
     clones        each clone's state.json (checksum, names its base's version and an overlay that exists),
                   its overlay: RocksDB opens and every entry reads (RocksDB checks its block checksums),
                   the data file holds every block the map says it does
@@ -183,11 +184,16 @@ def _check_chunks(store: Store, cat: Catalog, maps: dict[tuple[str, str], Versio
     if not users:
         return
     buf = bytearray(CHUNK)
+    remote = store.chunks.remote.load()  # a fleet host's slots staged but not fetched yet (remote.py)
     with open(store.chunks.pack, "rb", buffering=0) as pack:
         for slot in sorted(users):
             key, refs = users[slot]
             n = pack.readinto(memoryview(buf)) if pack.seek(slot * CHUNK) == slot * CHUNK else 0
-            if n != CHUNK or digest(buf) != key:
+            if (n != CHUNK or digest(buf) != key) and slot in remote:  # fetched when first read
+                report.checked["chunks to fetch from the fleet"] = (
+                    report.checked.get("chunks to fetch from the fleet", 0) + 1
+                )
+            elif n != CHUNK or digest(buf) != key:
                 problem = f"chunk {slot} ({'short' if n != CHUNK else 'does not match its digest'})"
                 report.findings.append(
                     Finding(

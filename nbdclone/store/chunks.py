@@ -35,6 +35,8 @@ from nbdclone.store._fs import punch_hole, runs
 from nbdclone.store._sealed import seal_bytes, unseal_bytes
 from nbdclone.store.base import Extent
 from nbdclone.store.cache import PackReader, digest
+from nbdclone.store.remote import Fetch, RemoteSlots
+from nbdclone.store.remote import sha256 as remote_sha256
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,7 @@ class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.pack = root / "pack"
+        self.remote = RemoteSlots(root)  # a fleet host's slots staged but not fetched yet (remote.py)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[None]:
@@ -234,14 +237,8 @@ class ChunkStore:
         hold (loaded with digests). A chunk not given is all zeros, or with `start` (a map of the same size,
         one of `existing`), what it is there. Returns the new version's map and how many chunks it had to
         write. Caller holds writer()."""
-        index: dict[bytes, list[int]] = {}
-        used: set[int] = set()
-        for vm in existing:
-            for _, slot, key in vm.stored():
-                index.setdefault(key, []).append(slot)
-                used.add(slot)
-        for candidates in index.values():
-            candidates[:] = sorted(set(candidates))
+        index, used = _index(existing)
+        used |= self.remote.load().keys()  # R3: a remote slot is never given to other bytes
         nslots = self.nslots()
         free = sorted(set(range(nslots)) - used, reverse=True)
         vmap = start.derived() if start is not None else VersionMap(size)
@@ -272,6 +269,41 @@ class ChunkStore:
             os.close(fd)
         return vmap, written
 
+    def map_remote(
+        self, entries: Iterable[tuple[int, bytes, bytes]], size: int, existing: Iterable[VersionMap]
+    ) -> tuple[VersionMap, dict[int, bytes]]:
+        """Map a fleet version's chunks ((index, SHA-256, local digest), in order) without their bytes: a
+        chunk a slot here holds (its bytes' SHA-256 checked) or will hold (chunks/remote names it) shares
+        that slot; every other one gets a free slot, left a hole. Returns the map and the new slots'
+        SHA-256s, for chunks/remote. The pack is extended over them (sparse). Caller holds writer() and
+        writes chunks/remote, then the map, then the catalog (remote.py, R1)."""
+        index, used = _index(existing)
+        remote = self.remote.load()
+        used |= remote.keys()
+        nslots = self.nslots()
+        free = sorted(set(range(nslots)) - used, reverse=True)
+        vmap = VersionMap(size)
+        new: dict[int, bytes] = {}
+        shared: dict[bytes, int] = {}  # SHA-256 -> the slot this version already gave it
+        fd = os.open(self.pack, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            for i, sha, key in entries:
+                slot = shared.get(sha)
+                if slot is None:
+                    slot = next((s for s in index.get(key, ()) if _holds(fd, s, sha, remote)), None)
+                if slot is None:
+                    slot = free.pop() if free else nslots
+                    nslots = max(nslots, slot + 1)
+                    new[slot] = sha
+                shared[sha] = slot
+                vmap.put(i, slot, key)
+            if os.fstat(fd).st_size < nslots * CHUNK:
+                os.ftruncate(fd, nslots * CHUNK)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return vmap, new
+
     def _find(self, fd: int, candidates: Iterable[int], data: bytes) -> int | None:
         """A slot whose bytes equal `data`; the digest only nominates candidates."""
         for slot in candidates:
@@ -291,6 +323,7 @@ class ChunkStore:
         used: set[int] = set()
         for vm in live:
             used |= vm.used_slots()
+        self.remote.forget(used)  # R3: before a slot is punched or reused
         nslots = self.nslots()
         if not nslots:
             return 0
@@ -310,18 +343,40 @@ class ChunkStore:
         return freed
 
 
+def _index(maps: Iterable[VersionMap]) -> tuple[dict[bytes, list[int]], set[int]]:
+    """Local digest -> the slots holding it (ascending), and every slot used, over `maps`."""
+    index: dict[bytes, list[int]] = {}
+    used: set[int] = set()
+    for vm in maps:
+        for _, slot, key in vm.stored():
+            index.setdefault(key, []).append(slot)
+            used.add(slot)
+    for candidates in index.values():
+        candidates[:] = sorted(set(candidates))
+    return index, used
+
+
+def _holds(fd: int, slot: int, sha: bytes, remote: dict[int, bytes]) -> bool:
+    """Slot `slot` holds, or chunks/remote says it will hold, the chunk of SHA-256 `sha`."""
+    if slot in remote:
+        return remote[slot] == sha
+    return remote_sha256(os.pread(fd, CHUNK, slot * CHUNK)) == sha
+
+
 class ChunkedBase:
     """A base version as clones read it: the pack read through the version's chunk map and the process's
     PackReader (the shared cache). Optionally records a boot trace: the chunks read first, in order."""
 
-    def __init__(self, pack: Path, vmap: VersionMap, reader: PackReader | None = None) -> None:
+    def __init__(
+        self, pack: Path, vmap: VersionMap, reader: PackReader | None = None, fetch: Fetch | None = None
+    ) -> None:
         self.size = vmap.size
         self.map = vmap
         self._pages = vmap.pages
         self._own_reader = reader is None
         used = vmap.used_slots()
         if reader is None and used:
-            reader = PackReader(pack)
+            reader = PackReader(pack, fetch=fetch)
         self._reader = reader
         self._verified = bytearray()
         if reader is not None and used:
@@ -363,9 +418,9 @@ class ChunkedBase:
             if slot == ZERO_SLOT:
                 dst[:] = bytes(len(dst))
             else:
-                for k in range(j - i):
-                    if not self._verified[slot + k]:
-                        self._reader.verify(slot + k, self.map.key(i + k))  # type: ignore[union-attr]
+                unchecked = [(slot + k, self.map.key(i + k)) for k in range(j - i) if not self._verified[slot + k]]
+                if unchecked:
+                    self._reader.verify_all(unchecked)  # type: ignore[union-attr]
                 self._reader.read(dst, (slot << _SHIFT) + (pos - (i << _SHIFT)))  # type: ignore[union-attr]
             pos = stop
 

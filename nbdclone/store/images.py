@@ -30,7 +30,7 @@ from nbdclone.store._rocks import RocksOverlay
 from nbdclone.store.base import Base, BaseImage, ZeroBase
 from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import BaseRecord, validate_name
-from nbdclone.store.chunks import CHUNK, ChunkedBase, load_trace
+from nbdclone.store.chunks import CHUNK, ZERO_SLOT, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
 from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect
 from nbdclone.store.overlay import MemoryOverlay, Overlay
@@ -235,7 +235,8 @@ def open_clone_readonly(store: Store, name: str) -> Clone:
     if base_name is None or version is None:
         base = ZeroBase(record.size)
     else:
-        base = ChunkedBase(store.chunks.pack, store.version_map(store.get_base(base_name), version))
+        vmap = store.version_map(store.get_base(base_name), version)
+        base = ChunkedBase(store.chunks.pack, vmap, fetch=store.fetcher())
     overlay: Overlay = (
         MemoryOverlay() if state is None else RocksOverlay(store.overlay_path(record, state), readonly=True)
     )
@@ -365,9 +366,13 @@ def warm_version(store: Store, ref: str) -> tuple[str, int]:
         raise errors.InvalidArgument(
             detail=f"{record.name}@{vid} has no boot trace yet: one is recorded when its first clone boots"
         )
-    reader = PackReader(store.chunks.pack)
+    reader = PackReader(store.chunks.pack, fetch=store.fetcher())
     base = ChunkedBase(store.chunks.pack, store.version_map(record, vid), reader)
     try:
+        if reader.fetch is not None:  # a fleet host: the trace's chunks not fetched yet come in one request
+            reader.ensure(store.chunks.nslots())
+            chunks = dict.fromkeys(i for i in trace if i < base.map.nchunks and base.map.slot(i) != ZERO_SLOT)
+            reader.verify_all([(base.map.slot(i), base.map.key(i)) for i in chunks])
         return f"{record.name}@{vid}", reader.load(base.slot_ranges(trace))
     finally:
         base.close()

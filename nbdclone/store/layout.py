@@ -15,6 +15,8 @@
                               last connection closes with the server running: while it is, clients may
                               come back to that version, so the clone does not move
       clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
+      chunks/remote           a fleet host's slots staged but not fetched yet (see remote.py)
+      fleet.json              a fleet host's settings (fleet/config.py)
       tmp/                    work in progress (see Layout.scratch)
       run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
       /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Layout.clock_path)
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 #: fsync, rename, fsync-dir, done) or of a clone's change of base (lineage-commit, lineage-switch).
 CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
 STATE = "state.json"  # in a clone's folder: its live overlay (see clones.py)
+FLEET_FILE = "fleet.json"  # a fleet host's settings (fleet/config.py)
 ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
 
 

@@ -170,7 +170,7 @@ class Registry:
             base = self._idle.pop(key, None)
             if base is None:
                 if self._reader is None:
-                    self._reader = PackReader(self.store.chunks.pack, self.store.clock_path)
+                    self._reader = PackReader(self.store.chunks.pack, self.store.clock_path, self.store.fetcher())
                 base = ChunkedBase(self.store.chunks.pack, self.store.version_map(base_record, version), self._reader)
             if key not in self._traces:
                 trace_path = self.store.trace_path(base_record, version)

@@ -345,7 +345,19 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
         reload = asyncio.Event()
         restore = _install_signal_handlers(stop, reload)
         metrics = None
+        fleet = fleet_config.load(cfg.store)
+        fetching: asyncio.Future[Any] | None = None
+        fetched = asyncio.Event()  # the fetcher stops after the workers (a draining request may need a chunk)
         try:
+            if fleet is not None:  # before any worker: a clone of a staged version may need chunks at once
+                from nbdclone.fleet.fetch import Fetcher, serve_fetches
+
+                fetcher = Fetcher(cfg.store, fleet)
+                listening = asyncio.Event()
+                fetching = asyncio.ensure_future(serve_fetches(cfg.store, fetcher, listening, fetched))
+                await asyncio.wait({fetching, asyncio.ensure_future(listening.wait())}, return_when="FIRST_COMPLETED")
+                if fetching.done():
+                    fetching.result()  # it could not listen: say why
             for w in sup.workers:
                 if not await sup.start(w):
                     return 1
@@ -355,12 +367,11 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
 
                 metrics = serve_metrics(cfg.metrics, store, run_dir)
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
-            fleet = fleet_config.load(cfg.store)
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
                 from nbdclone.fleet.follow import follow, leased
 
                 run_dir.fleet_lease.unlink(missing_ok=True)  # a past run's: its clones may have moved since
-                evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop))
+                evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop, fetcher))
                 await leased(run_dir, fleet)  # "ready" means its clones can be opened
             announce(cfg.where)
             sockets.notify("READY=1")
@@ -386,6 +397,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
             sockets.notify("STOPPING=1")
             restore()
             await asyncio.gather(*(sup.stop(w) for w in sup.workers))
+            if fetching is not None:
+                fetched.set()
+                await asyncio.gather(fetching, return_exceptions=True)
             if metrics is not None:
                 metrics.shutdown()
             store.clear_server_info(os.getpid())

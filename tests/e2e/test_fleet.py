@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -99,18 +98,43 @@ def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConf
         for h, srv in servers.items():
             assert _read(srv, hosts[h], f"follows-{h}") == v2  # moved at its next first connection
             assert _read(srv, hosts[h], f"pinned-{h}") == v1  # pinned clones stay
+            # Staged without bytes, filled when read (or from the boot trace h2 gave the fleet): each
+            # chunk either version holds came to each host once.
+            stats = _fetch_stats(hosts[h])
+            assert stats["chunks"] + stats["trace_chunks"] == len(_distinct_chunks(v1, v2)), stats
     finally:
         for srv in servers.values():
             srv.stop()
 
-    # A host that has version 1 fetches only the chunks version 2 changed, once.
+    # A host that has version 1 stages version 2 with slots only for what version 2 changed, fetches
+    # nothing until something reads, and reads fetch (here, with no server running, in the CLI's process).
     _join(fleet, hosts.setdefault("h4", tmp_path / "h4"), "h4")
     cli("clone", "create", "old", "--base", "gold@1", store=hosts["h4"])  # stages version 1 only
     report = json.loads(cli("fleet", "sync", "--json", store=hosts["h4"]).stdout)
-    assert report["staged"] == ["gold@2"] and report["fetched"] == 4, report
-    again = json.loads(cli("fleet", "sync", "--json", store=hosts["h4"]).stdout)
-    assert again["staged"] == [] and again["fetched"] == 0
-    assert cli("check", store=hosts["h4"]).returncode == 0
+    changed = len(_distinct_chunks(v2) - _distinct_chunks(v1))
+    assert report["staged"] == ["gold@2"] and report["remote"] == changed and report["fetched"] == 0, report
+    assert report["reads"] == 1  # its map
+    checked = cli("check", store=hosts["h4"])
+    assert checked.returncode == 0 and f"{len(_distinct_chunks(v1, v2))} chunks to fetch" in checked.stdout
+    cli("clone", "export", "old", str(tmp_path / "old.raw"), store=hosts["h4"])
+    assert (tmp_path / "old.raw").read_bytes() == v1
+    filled = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
+    assert filled["staged"] == [] and filled["fetched"] == changed  # version 1's came with the export
+    again = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
+    assert again["staged"] == [] and again["fetched"] == 0 and again["reads"] == 0
+    checked = cli("check", store=hosts["h4"])
+    assert checked.returncode == 0 and "to fetch" not in checked.stdout
+
+
+def _distinct_chunks(*images: bytes) -> set[bytes]:
+    """The distinct 64 KiB chunks of `images` that are not all zeros."""
+    chunks = {bytes(image[at : at + 65536]) for image in images for at in range(0, len(image), 65536)}
+    return chunks - {bytes(65536)}
+
+
+def _fetch_stats(store: Path) -> dict[str, int]:
+    data: dict[str, int] = json.loads((store / "run" / "stats-fetch.json").read_text())
+    return data
 
 
 def test_a_flip_race_has_one_winner(tmp_path: Path, fleet: FleetConfig) -> None:
@@ -296,8 +320,9 @@ def test_engines_down_under_load(
     tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """etcd stopped under load: the clone keeps serving and a flip fails in one line in bounded time, then
-    works once etcd is back. The OSD stopped: the staged (warm) clone keeps serving; a version not staged
-    here (cold) fails in bounded time, and is staged once the OSD is back."""
+    works once etcd is back. The OSD stopped: the warm clone (its chunks fetched) keeps serving; a cold
+    clone's first read of a chunk not fetched yet fails with EIO in bounded time and reads right once the
+    OSD is back; a version not staged here fails to stage in bounded time, and stages once it is back."""
     monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
     where = Path(engines["CEPH_CONF"]).parent
     engine = [str(ROOT / "scripts" / "fleet-engines")]
@@ -313,15 +338,21 @@ def test_engines_down_under_load(
     failures: list[str] = []
     done = [0]
 
-    def load() -> None:  # a client writing and reading back all along
+    v1 = (tmp_path / "v1.raw").read_bytes()
+
+    def load() -> None:  # a client writing and reading back, and reading the base, all along
         h = srv.connect("vm")
+        assert pread_all(h, SIZE)[9 * MiB :] == v1[9 * MiB :]  # warm: every chunk fetched
         k = 0
         while not stop.is_set():
             data = (k % 251 + 1).to_bytes(1, "little") * 4096
+            at = 9 * MiB + (k % 256) * 4096
             try:
                 h.pwrite(data, (k % 2000) * 4096)
                 if h.pread(4096, (k % 2000) * 4096) != data:
                     failures.append(f"read back wrong at {k}")
+                if h.pread(4096, at) != v1[at : at + 4096]:
+                    failures.append(f"base read wrong at {k}")
             except nbd.Error as exc:
                 failures.append(str(exc))
             k += 1
@@ -344,21 +375,38 @@ def test_engines_down_under_load(
         finally:
             subprocess.run([*engine, "start", "etcd", str(where)], check=True, capture_output=True)
         cli("base", "promote", "gold", "2", store=hosts["h1"])
+        cli("clone", "create", "cold", "--base", "gold@2", store=hosts["h2"])  # staged: its map, no chunk
+        v2 = (tmp_path / "v2.raw").read_bytes()
+        _join(fleet, hosts.setdefault("h3", tmp_path / "h3"), "h3")
 
         subprocess.run([*engine, "stop", "osd", str(where)], check=True)
         try:
             before = done[0]
             time.sleep(1)
             assert done[0] > before, "the warm clone stopped serving while the OSD was down"
-            _join(fleet, hosts.setdefault("h3", tmp_path / "h3"), "h3")
+            h = srv.connect("cold")
             started = time.monotonic()
-            cold = cli("clone", "create", "cold", "--base", "gold@2", store=hosts["h3"], check=False)
-            assert cold.returncode == 1 and cold.stderr.count("\n") == 1, cold.stderr
+            with pytest.raises(nbd.Error) as cold_read:
+                h.pread(65536, 0)
+            assert cold_read.value.errno == "EIO" and time.monotonic() - started < 20, cold_read.value
+            started = time.monotonic()
+            staged = cli("clone", "create", "new", "--base", "gold@2", store=hosts["h3"], check=False)
+            assert staged.returncode == 1 and staged.stderr.count("\n") == 1, staged.stderr
             assert time.monotonic() - started < 30
         finally:
             subprocess.run([*engine, "start", "osd", str(where)], check=True, capture_output=True)
-        cli("clone", "create", "cold", "--base", "gold@2", store=hosts["h3"])
-        assert json.loads(cli("clone", "info", "cold", "--json", store=hosts["h3"]).stdout)["version"] == "2"
+        deadline = time.monotonic() + 60
+        while True:  # the OSD peers again within seconds; the same connection's next read is right
+            try:
+                assert h.pread(65536, 0) == v2[:65536]
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, "the cold clone did not recover"
+                time.sleep(0.5)
+        assert pread_all(h, SIZE) == v2
+        h.shutdown()
+        cli("clone", "create", "new", "--base", "gold@2", store=hosts["h3"])
+        assert json.loads(cli("clone", "info", "new", "--json", store=hosts["h3"]).stdout)["version"] == "2"
     finally:
         stop.set()
         with contextlib.suppress(NameError):
@@ -391,7 +439,7 @@ def test_fleet_gc_never_takes_a_chunk_an_import_relies_on(tmp_path: Path, fleet:
         assert len(list(objects.list_objects(("map.",)))) == 1  # the version's own map stays
     _join(fleet, tmp_path / "h2", "h2")  # a new host stages every chunk of the version from the fleet
     report = json.loads(cli("fleet", "sync", "--json", store=tmp_path / "h2").stdout)
-    assert report["fetched"] == 32
+    assert report["remote"] == 32 and report["fetched"] == 0  # fetched as the clone reads
     cli("clone", "create", "vm", "--base", "gold", store=tmp_path / "h2")
     srv = Server(tmp_path / "h2", tmp_path / "h2.sock").start()
     try:
@@ -415,54 +463,54 @@ def _iolog() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     return reads, writes
 
 
-def _fetched(log: list[str]) -> int:
-    """Chunks a server's fleet syncs fetched from RADOS, from its log."""
-    return sum(int(m.group(1)) for line in log for m in [re.search(r"staged \S+ \((\d+) chunks fetched\)", line)] if m)
+def _storm(servers: dict[str, Server], clones: dict[str, list[str]], cwd: Path) -> None:
+    """Every clone replays the recorded boot with fio, all at once."""
+    jobs = {}
+    for h, names in clones.items():
+        args = ["fio", "--ioengine=nbd", f"--read_iolog={BOOT}", "--replay_no_stall=1", "--output=/dev/null"]
+        for name in names:
+            args += [f"--name={name}", f"--uri={servers[h].uri(name)}"]
+        jobs[h] = subprocess.Popen(args, cwd=cwd)
+    for h, job in jobs.items():
+        assert job.wait(300) == 0, f"the storm on {h} failed"
 
 
 def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> None:
-    """One clone boots on h1 (its trace is recorded), the fleet shares the trace; then 8 clones on each of
-    3 hosts replay the boot at once with fio. Each host fetched each chunk of the version once, and no
-    more during the storm; every clone reads what the boot read, exactly."""
+    """A cold storm: 8 clones on h2 replay the recorded Linux boot at once with no trace anywhere; h2's
+    fetcher reads each chunk the boot needs from RADOS once, however many clones wait. Their boot's trace
+    goes to the fleet with its chunks as a few large objects; h1 and h3 take it; then 8 clones on each of
+    the 3 hosts replay the boot at once: no host fetches a chunk more than once, none beyond the trace's,
+    and every clone reads the base's bytes wherever the boot did not write."""
     size = 256 * MiB
     image = bytearray(os.urandom(size))
     (tmp_path / "gold.raw").write_bytes(image)
     reads, writes = _iolog()
+    booted = {i for off, length in reads for i in range(off // 65536, (off + length - 1) // 65536 + 1)}
     hosts = {h: tmp_path / h for h in ("h1", "h2", "h3")}
     for name, store in hosts.items():
         _join(fleet, store, name)
     cli("base", "import", "gold", str(tmp_path / "gold.raw"), store=hosts["h1"])
-    chunks = size // (64 * 1024)
     servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
-    cli_fetched = {h: 0 for h in hosts}
+    filled = {h: 0 for h in hosts}  # chunks CLI syncs filled from trace objects
+    cold = [f"cold-{k}" for k in range(8)]
     clones = {h: [f"vm-{h}-{k}" for k in range(8)] for h in hosts}
     try:
-        cli("clone", "create", "first", "--base", "gold", store=hosts["h1"])
-        subprocess.run(
-            ["fio", "--name=first", "--ioengine=nbd", f"--uri={servers['h1'].uri('first')}", f"--read_iolog={BOOT}",
-             "--replay_no_stall=1", "--output=/dev/null"],
-            check=True,
-            cwd=tmp_path,
-        )  # fmt: skip
-        wait_closed(hosts["h1"], "first")  # its last connection closed: the trace is written
-        for h in hosts:
-            report = json.loads(cli("fleet", "sync", "--json", store=hosts[h]).stdout)
-            cli_fetched[h] += report["fetched"]
+        cli("clone", "create", *cold, "--base", "gold", store=hosts["h2"])
+        _storm(servers, {"h2": cold}, tmp_path)
+        stats = _fetch_stats(hosts["h2"])
+        assert stats["chunks"] == len(booted) and stats["trace_chunks"] == 0, stats  # each once, no more
+        for name in cold:
+            wait_closed(hosts["h2"], name)  # the first connection's recording is written
+        for h in ("h2", "h1", "h3"):  # h2 gives its trace, the others take it
+            filled[h] += json.loads(cli("fleet", "sync", "--json", store=hosts[h]).stdout)["fetched"]
         shown = json.loads(cli("base", "trace", "show", "gold", "--json", store=hosts["h3"]).stdout)
-        assert shown["recorded"] and 0 < shown["bytes"] < 128 * MiB, shown  # a boot, shared, not a scan
+        assert shown["recorded"] and shown["bytes"] == len(booted) * 65536, shown  # the boot, shared
         # Every host holds gold@1 with its trace in its cache: a flip that waits for all of them goes at once.
         waited = cli("base", "promote", "gold", "1", "--wait-warm", "1", "--wait-timeout", "30", store=hosts["h1"])
         assert "gold@1 is warm on 3 of 3 live host(s)" in waited.stdout, waited.stdout
         for h in hosts:
             cli("clone", "create", *clones[h], "--base", "gold", store=hosts[h])
-        jobs = {}
-        for h, srv in servers.items():
-            args = ["fio", "--ioengine=nbd", f"--read_iolog={BOOT}", "--replay_no_stall=1", "--output=/dev/null"]
-            for name in clones[h]:
-                args += [f"--name={name}", f"--uri={srv.uri(name)}"]
-            jobs[h] = subprocess.Popen(args, cwd=tmp_path)
-        for h, job in jobs.items():
-            assert job.wait(300) == 0, f"the storm on {h} failed"
+        _storm(servers, clones, tmp_path)
         written = bytearray(size)  # 1 where the boot wrote: the clone's own bytes there
         for off, length in writes:
             written[off : off + length] = b"\x01" * length
@@ -476,13 +524,16 @@ def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> 
                         keep = [k for k in range(length) if not written[off + k]]
                         assert [got[k] for k in keep] == [want[k] for k in keep], f"{name} at {off}"
                 handle.shutdown()
+        stats = {h: _fetch_stats(hosts[h]) for h in hosts}
     finally:
         for srv in servers.values():
             srv.stop()
-    for h in ("h2", "h3"):  # staged once: every chunk of the version fetched exactly once, the storm none
-        total = cli_fetched[h] + _fetched(servers[h].log)
-        assert total == chunks, f"{h} fetched {total} chunks for a version of {chunks}"
-    assert cli_fetched["h1"] + _fetched(servers["h1"].log) == 0  # it imported the version
+    print({h: {**s, "cli_filled": filled[h]} for h, s in stats.items()})
+    assert stats["h1"]["chunks"] + stats["h1"]["trace_chunks"] + filled["h1"] == 0  # it imported the version
+    assert stats["h2"]["chunks"] == len(booted)  # the cold storm's, and none since
+    for h in ("h3",):  # the trace's chunks came in trace objects, once; the storm fetched nothing
+        assert stats[h]["chunks"] == 0 and stats[h]["trace_chunks"] + filled[h] == len(booted), stats[h]
+        assert stats[h]["sync_reads"] <= 3 + len(booted) // 64, stats[h]  # a map, a trace, its objects
 
 
 def test_a_host_evicts_versions_it_no_longer_needs_under_its_bound(tmp_path: Path, fleet: FleetConfig) -> None:

@@ -1,0 +1,218 @@
+"""Chunks a version maps before the store holds them: a fleet host's pack is a cache of the fleet's.
+
+A fleet host stages a version by writing its map at once, with a slot for every chunk, and fetches a
+chunk's bytes into its slot only when something reads it (a clone, a boot trace's prefetch). Until then
+the slot is a hole of the pack, and chunks/remote says which fleet chunk belongs there:
+
+    chunks/remote      slot -> SHA-256 of the chunk the slot holds or will hold (sealed; replaced whole)
+    chunks/fetch.lock  flock: fill() holds it shared while it writes slots; forget() holds it exclusive
+
+A reader checks every chunk against the version's digest before serving it (cache.PackReader.verify); a
+slot that does not match, and that chunks/remote names, is asked of the fetcher (one per host, in the
+server's supervisor: fleet/fetch.py), which reads the chunk from the fleet, checks it against the SHA-256
+that names it and against the reader's digest, and writes it in place. A single-host store has no
+chunks/remote and nothing here runs.
+
+Invariants
+  R1 every slot a committed version maps holds that chunk (its bytes match the version's digest), or
+     chunks/remote names the slot with the SHA-256 of that chunk, which the fleet holds
+  R2 fill() writes a slot only while holding fetch.lock shared, only while chunks/remote names the slot
+     with the SHA-256 of the bytes it writes, and only bytes whose local digest is the reader's
+  R3 a slot chunks/remote names is never given to other bytes: imports count it as used, and an entry is
+     dropped (forget) only under the pack's writer lock and fetch.lock exclusive, once no live version
+     maps its slot, before the slot is punched or reused
+Order of a staging (under the writer lock): slots chosen, the pack extended over them (sparse), chunks/
+remote written (fsync, rename), then the version's map, then the catalog. A crash leaves entries that no
+version maps: harmless (R2 writes only bytes a reader asked for by digest) and dropped by the next gc.
+A filled slot is not fsynced: if power fails first, it reads back as a hole or torn, fails its digest,
+and is fetched again (R1 keeps its entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from nbdclone import errors
+from nbdclone.store._fs import fsync_dir
+from nbdclone.store._sealed import seal_bytes, unseal_bytes
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+_MAGIC = b"NBDCRMT1"
+_ENTRY = struct.Struct("<Q32s")  # slot, SHA-256
+#: What a reader calls with the (slot, local digest) pairs it could not verify: on return each is filled,
+#: or it raises StorageError.
+Fetch = Callable[[list[tuple[int, bytes]]], None]
+
+
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class RemoteSlots:
+    """chunks/remote and chunks/fetch.lock of one store (R1-R3 above). Thread safe."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "remote"
+        self.lock_path = root / "fetch.lock"
+        self.pack = root / "pack"
+        self._cached: tuple[tuple[int, int], dict[int, bytes]] | None = None
+        self._mutex = threading.Lock()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> dict[int, bytes]:
+        """slot -> SHA-256 as chunks/remote says now (read again only when it was replaced)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_ino, st.st_mtime_ns)
+        with self._mutex:
+            if self._cached is not None and self._cached[0] == stamp:
+                return self._cached[1]
+        raw = unseal_bytes(self.path.read_bytes(), self.path)
+        if not raw.startswith(_MAGIC) or (len(raw) - len(_MAGIC)) % _ENTRY.size:
+            raise errors.Damaged(path=self.path, detail="it is not a table of remote chunks")
+        table = {slot: key for slot, key in _ENTRY.iter_unpack(raw[len(_MAGIC) :])}
+        with self._mutex:
+            self._cached = (stamp, table)
+        return table
+
+    def _save(self, table: dict[int, bytes]) -> None:
+        body = _MAGIC + b"".join(_ENTRY.pack(s, k) for s, k in sorted(table.items()))
+        tmp = self.path.with_name(f".remote.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(seal_bytes(body))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def add(self, entries: dict[int, bytes]) -> None:
+        """Name new slots (a staging's; caller holds the pack's writer lock; R1's order: before the map)."""
+        if entries:
+            self._save({**self.load(), **entries})
+
+    def forget(self, keep: set[int]) -> int:
+        """Drop the entries of slots not in `keep` (the slots live versions map), waiting for fills in
+        flight. Caller holds the pack's writer lock (R3). Returns how many were dropped."""
+        table = self.load()
+        gone = [s for s in table if s not in keep]
+        if gone:
+            with self._locked(fcntl.LOCK_EX):
+                self._save({s: k for s, k in table.items() if s in keep})
+        return len(gone)
+
+    @contextlib.contextmanager
+    def _locked(self, how: int) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)
+
+    def fill(self, chunks: Iterable[tuple[int, bytes, bytes]], local_digest: Callable[[bytes], bytes]) -> int:
+        """Write (slot, local digest, bytes) chunks fetched from the fleet into their slots (R2): each is
+        written only if chunks/remote names its slot with the bytes' SHA-256 and the bytes' local digest is
+        the one given. Returns how many were written."""
+        written = 0
+        with self._locked(fcntl.LOCK_SH):
+            table = self.load()
+            fd = os.open(self.pack, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                for slot, key, data in chunks:
+                    if len(data) != CHUNK or table.get(slot) != sha256(data) or local_digest(data) != key:
+                        log.warning(
+                            "chunk pack %s: not filling slot %d (no longer remote, or other bytes)", self.pack, slot
+                        )
+                        continue
+                    view = memoryview(data)
+                    at = slot * CHUNK
+                    while view:
+                        n = os.pwrite(fd, view, at)
+                        view, at = view[n:], at + n
+                    written += 1
+            finally:
+                os.close(fd)
+        return written
+
+
+def fetch_address(store: Path) -> bytes:
+    """The fetcher's socket: in the abstract namespace (no file to go stale, no path length limit), named
+    after the store."""
+    return b"\0nbdclone-fetch-" + hashlib.sha256(os.fsencode(store.absolute())).hexdigest()[:24].encode()
+
+
+_REQUEST = struct.Struct("<Q16s")
+_COUNT = struct.Struct("<I")
+_REPLY = struct.Struct("<II")  # errno (0: every chunk is in place), length of the message that follows
+
+
+class FetchClient:
+    """A reader's way to the store's fetcher: the running server's (one per host, shared by every worker),
+    or, with no server running, one in this process (a CLI command reading a staged version)."""
+
+    TIMEOUT = 120.0  # the fetcher bounds each fleet read itself (NBDCLONE_FLEET_TIMEOUT); this is a backstop
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+
+    def __call__(self, pairs: list[tuple[int, bytes]]) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.TIMEOUT)
+            try:
+                sock.connect(fetch_address(self.store))
+            except ConnectionRefusedError:
+                from nbdclone.fleet.fetch import fetch_here  # no server: this process fetches
+
+                log.info("no fetcher is running for %s: fetching %d chunk(s) in this process", self.store, len(pairs))
+                fetch_here(self.store, pairs)
+                return
+            sock.sendall(_COUNT.pack(len(pairs)) + b"".join(_REQUEST.pack(s, k) for s, k in pairs))
+            status, n = _REPLY.unpack(_recv(sock, _REPLY.size))
+            detail = _recv(sock, n).decode(errors="replace")
+        except OSError as exc:
+            raise errors.StorageError(errno.EIO, what="fetching chunks from the fleet", detail=str(exc)) from None
+        finally:
+            sock.close()
+        if status:  # the client sees EIO whatever the cause (NBD carries few errnos)
+            detail = f"{os.strerror(status)}: {detail}"
+            raise errors.StorageError(errno.EIO, what="fetching chunks from the fleet", detail=detail)
+
+
+def read_request(raw: bytes) -> list[tuple[int, bytes]]:
+    return [(s, k) for s, k in _REQUEST.iter_unpack(raw)]
+
+
+def encode_reply(status: int, detail: str = "") -> bytes:
+    body = detail.encode()
+    return _REPLY.pack(status, len(body)) + body
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        more = sock.recv(n - len(buf))
+        if not more:
+            raise ConnectionError("the fetcher closed the connection")
+        buf += more
+    return bytes(buf)
+
+
+REQUEST_SIZE = _REQUEST.size
+COUNT = _COUNT
