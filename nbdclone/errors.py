@@ -83,6 +83,11 @@ class CloneInUse(NbdcloneError):
     template = "clone {name!r} is open on a running server; disconnect its clients first"
 
 
+class CloneLeaving(NbdcloneError):
+    errno = _errno.EBUSY
+    template = "clone {name!r} is moving to host {to}; connect there once it is moved"
+
+
 class SourceNotFound(NbdcloneError, FileNotFoundError):
     errno = _errno.ENOENT
     template = "source {path} does not exist"

@@ -3,10 +3,14 @@ machine, started by scripts/fleet-engines unless --etcd and --ceph-conf name run
 
   flip       etcd transaction time of `base promote` (p50/p99) and flip-to-last-host: from the flip until
              every host's local pointer names the new version (p50/p99)
-  staging    time from an import on host 1 until each other host holds the version, and the chunks each
-             host fetched from RADOS for it (at most the version's chunks)
+  staging    time from an import on host 1 until each other host holds the version (its map: chunks are
+             fetched when first read)
+  rados      per host, what the fleet's objects cost it for the booted version: objects read and bytes
+             (its map, its boot trace, the trace's chunk objects, chunks fetched on demand), against the
+             trace's chunks
   boot       a recorded Linux boot replayed with fio on one clone per host, cold (page cache dropped) and
-             warm (trace prefetched), against the same replay on a single-host store
+             warm (trace prefetched), against the same replay on a single-host store; and on host 2 a
+             boot of a version no host has booted (no trace: every chunk fetched on demand)
   move       a clone with 16 MiB written moved to another host, until that host serves it
 
 Every process it starts is stopped by its PID. Times are medians where several runs are made.
@@ -18,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -90,8 +93,10 @@ class Host:
     def uri(self, clone: str) -> str:
         return run("uri", clone, store=self.store).strip()
 
-    def fetched(self) -> int:
-        return sum(int(n) for n in re.findall(r"staged \S+ \((\d+) chunks fetched\)", self.log.read_text()))
+    def stats(self) -> dict[str, int]:
+        """The host's fetcher counters (run/stats-fetch.json)."""
+        data: dict[str, int] = json.loads((self.store / "run" / "stats-fetch.json").read_text())
+        return data
 
 
 def replay(uri: str, work: Path) -> float:
@@ -201,16 +206,25 @@ def main() -> None:
             last.append(time.monotonic() - t0)
         results["flip_txn_ms"] = {"p50": round(pct(txn, 0.5) * 1e3, 1), "p99": round(pct(txn, 0.99) * 1e3, 1)}
         results["flip_to_last_host_ms"] = {"p50": round(pct(last, 0.5) * 1e3), "p99": round(pct(last, 0.99) * 1e3)}
-        time.sleep(1)
-        results["fetched_per_host"] = {h.name: h.fetched() for h in hosts[1:]}
         results["chunks_per_version"] = chunks
 
-        # boot: first boot on h1 records the trace, the fleet shares it; then cold and warm per host
+        # boot: the first boot on h1 records the trace; h1 gives it to the fleet with its chunks, every
+        # other host's server takes them and says it is warm; then cold and warm boots per host
         run("clone", "create", "first", "--base", "gold@1", store=hosts[0].store)
         replay(hosts[0].uri("first"), work)
         time.sleep(1)
-        for h in hosts:
-            run("fleet", "sync", store=h.store)
+        run("fleet", "sync", store=hosts[0].store)
+        run("base", "promote", "gold", "1", "--wait-warm", "1", "--wait-timeout", "300", store=hosts[0].store)
+        trace = json.loads(run("base", "trace", "show", "gold@1", "--json", store=hosts[0].store))
+        results["trace_chunks"] = trace["bytes"] // (64 * 1024)
+        results["rados_per_host"] = {
+            h.name: {
+                "objects": (s := h.stats())["sync_reads"] + s["chunks"],
+                "MiB": round((s["sync_bytes"] + s["bytes"]) / MiB, 1),
+                "chunks_filled": s["trace_chunks"] + s["chunks"],
+            }
+            for h in hosts[1:]
+        }
         single = work / "single"
         run("base", "import", "gold", str(work / "v1.raw"), store=single)
         run("clone", "create", "s-cold", "s-warm", "--base", "gold", store=single)
@@ -230,10 +244,24 @@ def main() -> None:
             boot[h.name] = {"cold_s": round(cold, 2), "warm_s": round(warm, 2)}
         results["boot"] = boot
 
+        # a boot of a version nobody booted yet: no trace, every chunk it reads fetched on demand
+        before = hosts[1].stats()
+        run("clone", "create", "h2-new", "--base", "gold@2", store=hosts[1].store)
+        drop_caches()
+        first = replay(hosts[1].uri("h2-new"), work)
+        after = hosts[1].stats()
+        results["boot_on_demand"] = {
+            "s": round(first, 2),
+            "vs_single_cold": round(first / boot["single"]["cold_s"], 2),
+            "chunks_fetched": after["chunks"] - before["chunks"],
+            "requests": after["requests"] - before["requests"],
+        }
+
         # move: 16 MiB written, to the next host, until it serves it
         run("clone", "create", "mover", "--base", "gold", store=hosts[0].store)
-        subprocess.run(["nbdcopy", str(work / "v2.raw"), hosts[0].uri("mover"), "--length", str(16 * MiB)],
-                       check=False)  # fmt: skip
+        with open(work / "v2.raw", "rb") as src, open(work / "16m.raw", "wb") as dst:
+            dst.write(src.read(16 * MiB))
+        subprocess.run(["nbdcopy", str(work / "16m.raw"), hosts[0].uri("mover")], check=True)
         t0 = time.monotonic()
         run("clone", "move", "mover", "--to", hosts[1].name, store=hosts[0].store)
         lease = hosts[1].store / "run" / "fleet-lease.json"

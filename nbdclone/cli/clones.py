@@ -366,14 +366,24 @@ def clone_move(
         bool,
         typer.Option("--force", help="Take it over from a host whose lease is gone (its store must be readable)."),
     ] = False,
+    drain: Annotated[
+        float,
+        typer.Option(
+            "--drain",
+            min=0.0,
+            metavar="SECONDS",
+            help="Refuse new clients here and wait up to SECONDS for the connected ones to leave.",
+        ),
+    ] = 0.0,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Give a clone to another host of the fleet: its changes go through Ceph, its owner and epoch change
-    in one etcd transaction, and the new host's server takes it up. Refused while it has clients here."""
+    in one etcd transaction, and the new host's server takes it up. Refused while it has clients here
+    (with --drain, once they have had SECONDS to leave)."""
     from nbdclone.fleet import move
 
     fleet = fleet_config.load(Path(store).absolute())
     if fleet is None:
         raise errors.InvalidArgument(detail=f"store {store} is in no fleet: there is no host to move a clone to")
-    epoch = move.move(Store(store), fleet, name, to, force=force)
+    epoch = move.move(Store(store), fleet, name, to, force=force, drain=drain)
     out.print(f"clone {name} is host {to}'s now (epoch {epoch})")

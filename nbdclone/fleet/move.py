@@ -27,7 +27,9 @@ import json
 import logging
 import shutil
 import struct
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -152,10 +154,10 @@ def adopt(store: Store, config: FleetConfig, objects: Objects, name: str, manife
     return record
 
 
-def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool = False) -> int:
-    """Give clone `name` to host `to`. Without `force`, this host must own it and it must be closed here;
-    with `force` (a takeover), its owner's lease must be gone and its store readable from here (shared
-    storage). Returns the new epoch."""
+def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool = False, drain: float = 0.0) -> int:
+    """Give clone `name` to host `to`. Without `force`, this host must own it and it must be closed here,
+    or close within `drain` seconds (no new client may open it meanwhile); with `force` (a takeover), its
+    owner's lease must be gone and its store readable from here (shared storage). Returns the new epoch."""
 
     async def look(c: FleetCatalog) -> tuple[dict[str, Any], dict[str, Any] | None]:
         clones = await c.clones()
@@ -179,6 +181,8 @@ def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool =
         else:
             if record["host"] != config.host:
                 raise errors.InvalidArgument(detail=f"clone {name!r} is host {record['host']}'s: move it there")
+            if drain > 0:
+                held.enter_context(_draining(store, name, to, drain))
             # Held to the end: no first connection here from the ship until the clone is gone from here.
             held.enter_context(store.lock())
             local = store.get_clone(name)
@@ -194,6 +198,22 @@ def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool =
             store.write_catalog(replace(cat, clones={n: r for n, r in cat.clones.items() if n != name}))
             shutil.rmtree(store.clone_dir(local), ignore_errors=True)
     return new_epoch
+
+
+@contextlib.contextmanager
+def _draining(store: Store, name: str, to: str, seconds: float) -> Iterator[None]:
+    """Refuse new clients of the clone (clones/ID/leaving, lapsing at the deadline if this process dies)
+    and wait up to `seconds` for its clients to go. The marker goes with the clone, or when the move fails."""
+    record = store.get_clone(name)
+    marker = store.leaving_path(record)
+    deadline = time.time() + seconds
+    marker.write_text(f"{to} {deadline + 5}\n")  # the last few seconds cover the ship under the lock
+    try:
+        while store.is_open(record) and time.time() < deadline:
+            time.sleep(0.1)
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def reconcile(store: Store, config: FleetConfig, objects: Objects, clones: dict[str, dict[str, Any]]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 import uuid
 from dataclasses import asdict, replace
 
@@ -194,6 +195,15 @@ class Clones(CatalogStore):
 
     def is_held(self, record: CloneRecord) -> bool:
         return self.held_path(record).exists()
+
+    def leaving(self, record: CloneRecord) -> str | None:
+        """The host a move is draining the clone for, while the drain lasts (a crashed move's marker
+        lapses at its deadline)."""
+        try:
+            to, until = self.leaving_path(record).read_text().split()
+            return to if time.time() < float(until) else None
+        except (FileNotFoundError, ValueError):
+            return None
 
     def is_open(self, record: CloneRecord) -> bool:
         """A server has the clone's overlay open (any of its overlays, if its state is damaged)."""

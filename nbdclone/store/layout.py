@@ -14,6 +14,8 @@
       clones/ID/held          present (durably) from a server's first open of a following clone until its
                               last connection closes with the server running: while it is, clients may
                               come back to that version, so the clone does not move
+      clones/ID/leaving       present while `clone move --drain` waits for its clients to go: until the time
+                              it holds, no new client opens the clone (fleet/move.py)
       clones/ID/OVERLAY/      the clone's overlay on that version: RocksDB block map + sparse data file
       chunks/remote           a fleet host's slots staged but not fetched yet (see remote.py)
       fleet.json              a fleet host's settings (fleet/config.py)
@@ -87,6 +89,10 @@ class Layout:
 
     def held_path(self, record: CloneRecord) -> Path:
         return self.clone_dir(record) / "held"
+
+    def leaving_path(self, record: CloneRecord) -> Path:
+        """Present while a move drains the clone: until the time it holds, no new client opens it."""
+        return self.clone_dir(record) / "leaving"
 
     def overlay_path(self, record: CloneRecord, state: CloneState) -> Path:
         return self.clone_dir(record) / state.overlay

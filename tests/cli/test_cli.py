@@ -265,7 +265,8 @@ def test_serve_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_shell_completion_completes_commands() -> None:
-    script = subprocess.run([NBDCLONE, "--show-completion", "bash"], capture_output=True, text=True)
+    # typer finds the shell among the parent processes: run it from bash (pytest's own parent may be gone)
+    script = subprocess.run(["bash", "-c", f"{NBDCLONE} --show-completion; exit $?"], capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
     assert "_nbdclone_completion" in script.stdout and "complete " in script.stdout
     for words, cword, want in (("nbdclone ba", "1", "base"), ("nbdclone clone rese", "2", "reset")):

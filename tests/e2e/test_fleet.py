@@ -22,6 +22,7 @@ import pytest
 from nbdclone import errors
 from nbdclone.fleet.catalog import FleetCatalog, FlipLost
 from nbdclone.fleet.config import FleetConfig
+from nbdclone.store import Store
 from nbdclone.store.layout import CRASH_AT_ENV
 from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_closed
 
@@ -324,6 +325,53 @@ def test_a_clone_moves_between_hosts_and_a_killed_move_leaves_one_owner(
             srv.stop()
     for store in hosts.values():
         assert cli("check", store=store).returncode == 0
+
+
+def test_a_move_drains_a_connected_clone(tmp_path: Path, fleet: FleetConfig) -> None:
+    """clone move --drain: new clients are refused at once, the connected one finishes (its last writes
+    go with the clone), then the clone moves; a client that does not leave in time makes the move fail
+    in one line, and the clone serves on here."""
+    hosts = _two_hosts_with_gold(tmp_path, fleet, seed=5)
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    try:
+        cli("clone", "create", "vm", "--base", "gold", store=hosts["h1"])
+        h = servers["h1"].connect("vm")
+        h.pwrite(b"before" * 1000, 0)
+        h.flush()
+        stuck = cli("clone", "move", "vm", "--to", "h2", "--drain", "1", store=hosts["h1"], check=False)
+        assert stuck.returncode == 1 and stuck.stderr.count("\n") == 1 and "disconnect" in stuck.stderr
+        other = servers["h1"].connect("vm")  # the failed drain let go: new clients come in again
+        other.shutdown()
+        mover = subprocess.Popen(
+            [NBDCLONE, "clone", "move", "vm", "--to", "h2", "--drain", "60", "--store", str(hosts["h1"])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # draining: a new client is refused, the connected one still works
+            try:
+                servers["h1"].connect("vm").shutdown()
+            except nbd.Error:
+                break
+            assert time.monotonic() < deadline, "a new client was let in while the clone drained"
+            time.sleep(0.05)
+        h.pwrite(b"after!" * 1000, 65536)
+        h.flush()
+        assert mover.poll() is None  # it waits for the client
+        h.shutdown()
+        out, err = mover.communicate(timeout=60)
+        assert mover.returncode == 0 and "host h2's now" in out, err
+        _wait_owned(hosts["h2"], "vm")
+        deadline = time.monotonic() + 30
+        while "vm" not in Store(hosts["h2"]).catalog().clones:
+            assert time.monotonic() < deadline, "h2 did not adopt the clone"
+            time.sleep(0.05)
+        data = _read(servers["h2"], hosts["h2"], "vm")
+        assert data[:6000] == b"before" * 1000 and data[65536 : 65536 + 6000] == b"after!" * 1000
+    finally:
+        for srv in servers.values():
+            srv.stop()
 
 
 def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
