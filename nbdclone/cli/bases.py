@@ -25,7 +25,7 @@ from nbdclone.cli._common import (
 )
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
-from nbdclone.store.catalog import BaseRecord, validate_name
+from nbdclone.store.catalog import BaseRecord, parse_base_ref, validate_name
 from nbdclone.store.chunks import CHUNK
 
 
@@ -218,12 +218,39 @@ def base_publish(
 @base_app.command("rm")
 def base_rm(
     ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base, or one version of it.")],
+    wait: Annotated[
+        float, typer.Option(help="Fleet: seconds to wait for every host to drop its copy.", min=0.0)
+    ] = 30.0,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Remove a base (refused while a clone uses it), or one version (refused if current or in use)."""
+    """Remove a base (refused while a clone uses it), or one version (refused if current or in use). On a
+    fleet host, a version of a fleet base is removed from the fleet: no host may flip to it or make new
+    clones of it, each host drops its copy once no clone there uses it, and then the fleet forgets it."""
     st = Store(store)
+    fleet = fleet_config.load(st.path)
+    name, vid = parse_base_ref(ref)
+    if fleet is not None and name in _fleet_bases(fleet):
+        if vid is None:
+            raise errors.InvalidArgument(
+                detail=f"base {name!r} is the fleet's: remove its old versions with base rm {name}@VERSION"
+            )
+        from nbdclone.fleet import sync
+
+        holders = sync.retire(st, fleet, name, vid, wait)
+        if holders:
+            out.print(f"{ref} is being removed from fleet {fleet.name}; clones on host(s) {', '.join(holders)} use it")
+            out.print("it goes once they no longer do ('nbdclone fleet status' shows it as retiring)")
+        else:
+            out.print(f"removed {ref} from fleet {fleet.name}; 'nbdclone fleet gc' frees its chunks")
+        return
     freed = st.remove_version(ref) if "@" in ref else st.remove_base(ref)
     out.print(f"removed {ref}; freed {human(freed)}")
+
+
+def _fleet_bases(fleet: fleet_config.FleetConfig) -> list[str]:
+    from nbdclone.fleet import catalog as fleet_catalog
+
+    return fleet_catalog.run(fleet, lambda c: c.bases())
 
 
 @base_app.command("gc")

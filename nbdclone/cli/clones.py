@@ -92,11 +92,14 @@ def _stage_from_fleet(st: Store, ref: str) -> None:
         return
     name, vid = parse_base_ref(ref)
     local = st.catalog().bases.get(name)
-    if local is not None and (vid is None or vid in local.versions):
+    if local is not None and vid is None:
         return
     from nbdclone.fleet import sync
 
-    sync.sync(st, fleet, also={name: {vid}}, only=True) if vid else sync.sync(st, fleet)
+    if vid:  # even if it is here: not a version the fleet is removing
+        sync.sync(st, fleet, also={name: {vid}}, only=True, new_clone=True)
+    else:
+        sync.sync(st, fleet)
 
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:

@@ -117,8 +117,10 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
         rows = []
         for base in await c.bases():
             current = await c.current(base)
+            retiring = await c.retiring(base)
             for vid, v in sorted((await c.versions(base)).items(), key=lambda kv: int(kv[0])):
-                rows.append({"base": base, "version": vid, "size": v.size, "current": current and current[0] == vid})
+                row = {"base": base, "version": vid, "size": v.size, "current": bool(current and current[0] == vid)}
+                rows.append({**row, "retiring": vid in retiring, "held_by": await c.holders(base, vid)})
         return rows
 
     rows = fleet_catalog.run(config, read)
@@ -128,9 +130,11 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
     if as_json:
         print_json(rows, items="versions")
         return
-    table = Table("BASE", "VERSION", "CURRENT", "ON THIS HOST", box=None)
+    table = Table("BASE", "VERSION", "CURRENT", "ON THIS HOST", "HOSTS", "STATE", box=None)
     for r in rows:
-        table.add_row(r["base"], r["version"], "*" if r["current"] else "", "yes" if r["here"] else "no")
+        state = "retiring" if r["retiring"] else ""
+        here = "yes" if r["here"] else "no"
+        table.add_row(r["base"], r["version"], "*" if r["current"] else "", here, str(len(r["held_by"])), state)
     out.print(table)
     out.print(f"host {config.host} of fleet {config.name}")
 

@@ -126,21 +126,118 @@ class FleetCatalog:
         if now is None:
             raise errors.BaseNotFound(name=base, store=f"fleet {self.config.name}")
         old, revision = now
-        compare = [tx.mod(current_key) == (seen if seen is not None else revision), tx.version(record) > 0]
+        retiring = self._key("bases", base, "retiring", vid)
+        compare = [
+            tx.mod(current_key) == (seen if seen is not None else revision),
+            tx.version(record) > 0,
+            tx.version(retiring) == 0,
+        ]
         ok, responses = await self._call(
             "promote",
             self._client.transaction(
                 compare=compare,
                 success=[tx.put(current_key, vid.encode())],
-                failure=[tx.get(current_key), tx.get(record)],
+                failure=[tx.get(current_key), tx.get(record), tx.get(retiring)],
             ),
         )
         if ok:
             return old
-        pointer, exists = responses
+        pointer, exists, leaving = responses
         if not exists:
             raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {self.config.name}")
+        if leaving:
+            raise errors.InvalidArgument(
+                detail=f"{base}@{vid} is being removed from the fleet; it cannot become current"
+            )
         raise FlipLost(base=base, winner=pointer[0][0].decode() if pointer else "?")
+
+    # -- removing versions -----------------------------------------------------------------------------
+    #
+    # A host that stages a version first puts bases/NAME/holds/V/HOST, then checks that the version is
+    # still recorded (else it takes the key back and stages nothing); it deletes the key only after it has
+    # removed the version from its store. Removing a version (retire) marks it retiring (no flip to it,
+    # no new stagings for new clones), and the record goes in one transaction that compares that no holds
+    # key is left (a range compare): a host's put comes before that transaction (which then fails) or
+    # after it (and the host finds the record gone). So no host ever serves a version the fleet forgot,
+    # and fleet gc takes its chunks only once no map names them.
+
+    def _holds_prefix(self, base: str, vid: str) -> bytes:
+        return self._key("bases", base, "holds", vid, "")
+
+    async def hold(self, base: str, vid: str, host: str) -> bool:
+        """Say `host` holds version `vid` (before staging it). Returns False, and takes it back, if the
+        version is not recorded (any more)."""
+        key = self._holds_prefix(base, vid) + host.encode()
+        await self._call("hold", self._client.put(key, b"1"))
+        if await self._call("hold", self._client.get(self._key("bases", base, "versions", vid))) is None:
+            await self._call("hold", self._client.delete(key))
+            return False
+        return True
+
+    async def let_go(self, base: str, vid: str, host: str) -> None:
+        """`host` removed version `vid` from its store."""
+        await self._call("let go", self._client.delete(self._holds_prefix(base, vid) + host.encode()))
+
+    async def held(self, host: str) -> set[tuple[str, str]]:
+        """The (base, version) pairs `host` says it holds."""
+        out: set[tuple[str, str]] = set()
+        for base in await self.bases():
+            prefix = self._key("bases", base, "holds", "")
+            for kv in await self._call("holds", self._client.get_prefix(prefix, keys_only=True)):
+                vid, _, who = kv.key[len(prefix) :].decode().partition("/")
+                if who == host:
+                    out.add((base, vid))
+        return out
+
+    async def holders(self, base: str, vid: str) -> list[str]:
+        prefix = self._holds_prefix(base, vid)
+        found = await self._call("holds", self._client.get_prefix(prefix, keys_only=True))
+        return sorted(kv.key[len(prefix) :].decode() for kv in found)
+
+    async def retiring(self, base: str) -> set[str]:
+        prefix = self._key("bases", base, "retiring", "")
+        found = await self._call("retiring", self._client.get_prefix(prefix, keys_only=True))
+        return {kv.key[len(prefix) :].decode() for kv in found}
+
+    async def retire(self, base: str, vid: str) -> None:
+        """Mark version `vid` retiring: one transaction comparing that it is recorded and not current."""
+        tx = self._client.transactions
+        record = self._key("bases", base, "versions", vid)
+        current = self._key("bases", base, "current")
+        ok, responses = await self._call(
+            "retire",
+            self._client.transaction(
+                compare=[tx.version(record) > 0, tx.value(current) != vid.encode()],
+                success=[tx.put(self._key("bases", base, "retiring", vid), b"1")],
+                failure=[tx.get(record)],
+            ),
+        )
+        if not ok:
+            if not responses[0]:
+                raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {self.config.name}")
+            raise errors.VersionInUse(name=base, version=vid, why="it is the fleet's current version")
+
+    async def forget(self, base: str, vid: str) -> bool:
+        """Delete a retiring version's records if no host holds it (one transaction). Returns whether it
+        did; its map and chunks are then fleet gc's."""
+        tx = self._client.transactions
+        holds = self._holds_prefix(base, vid)
+        retiring = self._key("bases", base, "retiring", vid)
+        ok, _ = await self._call(
+            "forget",
+            self._client.transaction(
+                compare=[tx.version(holds, aetcd.utils.prefix_range_end(holds)) == 0, tx.version(retiring) > 0],
+                success=[
+                    tx.delete(self._key("bases", base, "versions", vid)),
+                    tx.delete(self._key("bases", base, "traces", vid)),
+                    tx.delete(retiring),
+                ],
+                failure=[],
+            ),
+        )
+        if ok:
+            await self._call("forget", self._client.delete_prefix(self._key("warm", base, vid, "")))
+        return bool(ok)
 
     # -- hosts and clones ----------------------------------------------------------------------------
 

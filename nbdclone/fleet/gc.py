@@ -86,7 +86,8 @@ def gc(config: FleetConfig) -> tuple[int, int]:
                     deleted += 1
             named = {*maps, *ships, *traces}
             for name in list(objects.list_objects(("map.", "ship.", "trace."))):
-                if name not in named:
+                stem, _, k = name.rpartition(".")
+                if name not in named and not (k.isdigit() and stem in traces):  # a trace's chunk objects
                     objects.remove(name)
                     log.info("fleet %s gc: removed %s, which nothing names", config.name, name)
     finally:

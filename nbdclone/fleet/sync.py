@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,9 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
     local = store.catalog().bases.get(name)
     if local is not None and version.id in local.versions:
         return False
+    config = objects.config
+    if not fleet_catalog.run(config, lambda c: c.hold(name, version.id, config.host)):  # before any byte
+        raise errors.VersionNotFound(name=name, version=version.id, store=f"fleet {config.name}")
     raw = objects.get(version.map_object, 64 << 20)
     if sha256(raw).hex() != version.map_sha256:
         raise errors.StorageError(5, what=f"reading {version.map_object}", detail="it does not match its record")
@@ -115,56 +119,129 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class BaseView:
+    """One fleet base as a sync reads it."""
+
+    versions: dict[str, FleetVersion]
+    current: str | None
+    traces: dict[str, str]  # version -> its boot trace object
+    retiring: set[str]  # versions being removed from the fleet
+
+
 def sync(
     store: Store,
     config: FleetConfig,
     *,
     also: dict[str, set[str]] | None = None,
     only: bool = False,
+    new_clone: bool = False,
     warmed: set[str] | None = None,
 ) -> SyncReport:
     """Stage every fleet base's current version and the versions newer than it (so a flip finds every
-    host ready), and the `also` versions (base -> ids); share boot traces both ways; read each staged
-    version's trace into the cache once (`warmed` remembers which) and say so in etcd; then point this
-    host's bases where the fleet's point. With `only`, stage just the `also` versions and move nothing."""
+    host ready), and the `also` versions (base -> ids; for a `new_clone`, not one being removed); share
+    boot traces both ways; read each staged version's trace into the cache once (`warmed` remembers
+    which) and say so in etcd; point this host's bases where the fleet's point; remove the versions the
+    fleet is removing that no clone here uses, and tell etcd which versions this host holds. With `only`,
+    stage just the `also` versions and do nothing else."""
 
-    View = dict[str, tuple[dict[str, FleetVersion], str | None, dict[str, str]]]
-
-    async def read(c: FleetCatalog) -> tuple[View, dict[str, Any]]:
-        """The fleet's state, over one etcd connection: per base its versions, current one and traces."""
+    async def read(c: FleetCatalog) -> tuple[dict[str, BaseView], dict[str, Any], set[tuple[str, str]]]:
+        """The fleet's state, over one etcd connection."""
         out = {}
         for base in await c.bases():
             current = await c.current(base)
-            out[base] = (await c.versions(base), current[0] if current else None, await c.traces(base))
-        return out, await c.clones()
+            versions, traces, retiring = await c.versions(base), await c.traces(base), await c.retiring(base)
+            out[base] = BaseView(versions, current[0] if current else None, traces, retiring)
+        return out, await c.clones(), await c.held(config.host)
 
-    view, clones = fleet_catalog.run(config, read)
+    view, clones, held = fleet_catalog.run(config, read)
     report = SyncReport()
     warmed = set() if warmed is None else warmed
     with Objects(config) as objects:
-        for base, (versions, current, traces) in sorted(view.items()):
+        for base, b in sorted(view.items()):
             wanted = (also or {}).get(base, set())
-            if current and not only:
-                wanted = wanted | {current} | {v for v in versions if int(v) > int(current)}
+            if new_clone and wanted & b.retiring:
+                raise errors.InvalidArgument(
+                    detail=f"{base}@{min(wanted & b.retiring)} is being removed from the fleet; use another version"
+                )
+            if b.current and not only:
+                newer = {v for v in b.versions if int(v) > int(b.current)}
+                wanted = wanted | {b.current} | (newer - b.retiring)
             for vid in sorted(wanted, key=int):
-                if vid not in versions:
+                if vid not in b.versions:
                     raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {config.name}")
-                stage(store, objects, base, versions[vid], report)
+                stage(store, objects, base, b.versions[vid], report)
                 if not only:
-                    _share_trace(store, config, objects, base, vid, traces.get(vid), warmed, report)
-            if current is not None and not only and base in store.catalog().bases:
+                    _share_trace(store, config, objects, base, vid, b.traces.get(vid), warmed, report)
+            if b.current is not None and not only and base in store.catalog().bases:
                 old = store.current_version(store.get_base(base))
-                if old != current:
-                    store.promote(base, current)
-                    report.moved.append((base, old, current))
+                if old != b.current:
+                    store.promote(base, b.current)
+                    report.moved.append((base, old, b.current))
         if not only:
             from nbdclone.fleet.move import reconcile
 
             report.clones = reconcile(store, config, objects, clones)
             if config.pack_bound:
-                report.evicted = evict(store, config.pack_bound, {b: c for b, (_, c, _) in view.items()})
+                report.evicted = evict(store, config.pack_bound, {b: v.current for b, v in view.items()})
+            report.evicted += _drop_retiring(store, view)
+            _tell_held(store, config, view, held)
         report.reads, report.read_bytes = objects.reads, objects.read_bytes
     return report
+
+
+def _drop_retiring(store: Store, view: dict[str, BaseView]) -> list[str]:
+    """Remove the versions the fleet is removing that no clone here uses."""
+    users = store.version_users()
+    dropped = []
+    for base, b in view.items():
+        record = store.catalog().bases.get(base)
+        for vid in sorted(b.retiring & set(record.versions if record else ())):
+            if (base, vid) in users or vid == store.current_version(record):  # type: ignore[arg-type]
+                continue
+            store.remove_version(f"{base}@{vid}")
+            dropped.append(f"{base}@{vid}")
+    return dropped
+
+
+def _tell_held(store: Store, config: FleetConfig, view: dict[str, BaseView], held: set[tuple[str, str]]) -> None:
+    """Make this host's holds keys say which fleet versions its store holds (catalog.py: removing versions).
+    A version is held from before it is staged (stage) until after it is removed here (this)."""
+    cat = store.catalog()
+    here = {
+        (base, vid)
+        for base, b in view.items()
+        if base in cat.bases
+        for vid in cat.bases[base].versions
+        if vid in b.versions
+    }
+
+    async def tell(c: FleetCatalog) -> None:
+        for base, vid in sorted(here - held):
+            if not await c.hold(base, vid, config.host):
+                log.error("fleet %s: %s@%s is held here but the fleet removed it", config.name, base, vid)
+        for base, vid in sorted(held - here):
+            await c.let_go(base, vid, config.host)
+
+    if here != held:
+        fleet_catalog.run(config, tell)
+
+
+def retire(store: Store, config: FleetConfig, base: str, vid: str, wait: float) -> list[str]:
+    """Remove version `vid` of `base` from the fleet: mark it retiring (refused if current), let each host
+    drop its copy (its server's sync does; this host's is dropped now), then forget it once no host holds
+    it. Returns the hosts still holding it after `wait` seconds (it goes once they let go)."""
+    fleet_catalog.run(config, lambda c: c.retire(base, vid))
+    sync(store, config)  # this host lets go now (its server may not run)
+    deadline = time.monotonic() + wait
+    while True:
+        if fleet_catalog.run(config, lambda c: c.forget(base, vid)):
+            log.info("fleet %s: removed %s@%s (fleet gc frees its chunks)", config.name, base, vid)
+            return []
+        holders = fleet_catalog.run(config, lambda c: c.holders(base, vid))
+        if time.monotonic() > deadline:
+            return holders
+        time.sleep(0.2)
 
 
 def fetch_all(store: Store, batch: int = 1024) -> int:
@@ -235,11 +312,14 @@ def _share_trace(
     local = load_trace(path)
     ref = f"{base}@{vid}"
     if obj is None and local:
+        from nbdclone.fleet.gc import excluding_gc
+
         name = f"trace.{base}.{vid}.{config.host}"
-        _put_trace_chunks(store, objects, record, vid, local, name)
-        objects.put(name, local.tobytes())  # after its chunks: a trace the fleet names has them
-        if fleet_catalog.run(config, lambda c: c.set_trace(base, vid, name)):
-            report.traces.append(f"gave the fleet the boot trace of {ref}")
+        with excluding_gc(config):  # a gc would take objects etcd does not name yet
+            _put_trace_chunks(store, objects, record, vid, local, name)
+            objects.put(name, local.tobytes())  # after its chunks: a trace the fleet names has them
+            if fleet_catalog.run(config, lambda c: c.set_trace(base, vid, name)):
+                report.traces.append(f"gave the fleet the boot trace of {ref}")
     elif obj is not None and not local:
         trace = array("I")
         trace.frombytes(objects.get(obj, 64 << 20))
@@ -296,11 +376,18 @@ def _get_trace_chunks(
     groups = [chunks[k : k + TRACE_OBJECT] for k in range(0, len(chunks), TRACE_OBJECT)]
     wanted = [k for k, group in enumerate(groups) if lacking.intersection(group)]
     filled = 0
-    for k, data in zip(wanted, objects.get_many((f"{name}.{k}" for k in wanted), TRACE_OBJECT * CHUNK), strict=True):
-        got = [
-            (vmap.slot(i), vmap.key(i), data[n * CHUNK : (n + 1) * CHUNK])
-            for n, i in enumerate(groups[k])
-            if i in lacking
-        ]
-        filled += store.chunks.remote.fill(got, digest)
+    try:
+        for k, data in zip(
+            wanted, objects.get_many((f"{name}.{k}" for k in wanted), TRACE_OBJECT * CHUNK), strict=True
+        ):
+            got = [
+                (vmap.slot(i), vmap.key(i), data[n * CHUNK : (n + 1) * CHUNK])
+                for n, i in enumerate(groups[k])
+                if i in lacking
+            ]
+            filled += store.chunks.remote.fill(got, digest)
+    except errors.StorageError as exc:  # a trace from before trace objects, or one lost: chunk by chunk then
+        log.warning(
+            "boot trace %s: its chunk objects cannot be read (%s); the fetcher fetches them one by one", name, exc
+        )
     return filled

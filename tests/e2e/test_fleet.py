@@ -211,6 +211,53 @@ def test_a_server_killed_while_it_fetches_loses_nothing(tmp_path: Path, fleet: F
     assert cli("check", store=hosts["h2"]).returncode == 0
 
 
+def test_a_version_leaves_the_fleet_once_no_host_uses_it(tmp_path: Path, fleet: FleetConfig) -> None:
+    """base rm NAME@V on a fleet host: refused for the current version; otherwise V is retiring (no flip
+    to it, no new clone of it) until no host holds it: a host drops its copy once no clone there uses it,
+    and then the fleet forgets it and fleet gc frees its chunks; clones of other versions read on."""
+    v1 = make_image(tmp_path / "v1.raw", SIZE, [(0, 3 * MiB)], seed=41)
+    v2 = make_image(tmp_path / "v2.raw", SIZE, [(0, 3 * MiB)], seed=42)
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=hosts["h1"])
+    cli("base", "promote", "gold", "2", store=hosts["h1"])
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    try:
+        cli("clone", "create", "pinned", "--base", "gold@1", store=hosts["h2"])
+        cli("clone", "create", "follows", "--base", "gold", store=hosts["h1"])
+        current = cli("base", "rm", "gold@2", store=hosts["h1"], check=False)
+        assert current.returncode == 1 and current.stderr.count("\n") == 1 and "current" in current.stderr
+        held = cli("base", "rm", "gold@1", "--wait", "2", store=hosts["h1"])
+        assert "clones on host(s) h2 use it" in held.stdout, held.stdout
+        rows = json.loads(cli("fleet", "status", "--json", store=hosts["h1"]).stdout)["versions"]
+        assert [(r["version"], r["retiring"], r["held_by"]) for r in rows] == [
+            ("1", True, ["h2"]),
+            ("2", False, ["h1", "h2"]),
+        ]
+        flip = cli("base", "promote", "gold", "1", store=hosts["h1"], check=False)
+        assert flip.returncode == 1 and "being removed" in flip.stderr
+        new = cli("clone", "create", "new", "--base", "gold@1", store=hosts["h1"], check=False)
+        assert new.returncode == 1 and "being removed" in new.stderr
+        assert _read(servers["h2"], hosts["h2"], "pinned") == v1  # what uses it reads on
+        cli("clone", "rm", "pinned", store=hosts["h2"])
+        gone = cli("base", "rm", "gold@1", "--wait", "30", store=hosts["h1"])
+        assert "removed gold@1 from fleet" in gone.stdout, gone.stdout
+        rows = json.loads(cli("fleet", "status", "--json", store=hosts["h1"]).stdout)["versions"]
+        assert [r["version"] for r in rows] == ["2"]
+        for h in hosts:
+            assert set(Store(hosts[h]).catalog().bases["gold"].versions) == {"2"}
+        freed = cli("fleet", "gc", store=hosts["h1"]).stdout
+        only_v1 = len(_distinct_chunks(v1) - _distinct_chunks(v2))
+        assert f"{only_v1} chunk(s) deleted, {len(_distinct_chunks(v2))} kept" in freed, freed
+        assert _read(servers["h1"], hosts["h1"], "follows") == v2
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    assert cli("check", store=hosts["h2"]).returncode == 0
+
+
 def test_a_flip_race_has_one_winner(tmp_path: Path, fleet: FleetConfig) -> None:
     """Two hosts flip from the same pointer revision: one etcd transaction wins, the other is told the
     winner and changes nothing; a version etcd does not name cannot be made current."""
