@@ -38,6 +38,9 @@ from nbdclone.store.remote import CHUNK, COUNT, REQUEST_SIZE, RemoteSlots, encod
 log = logging.getLogger(__name__)
 
 MAX_PAIRS = 1 << 16  # a request names at most this many chunks (4 GiB)
+#: Slots fetched after each missed one when they are not here either: a staged version's slots follow its
+#: chunks, so this is readahead for a boot nobody recorded yet (its reads in flight at once cost about one).
+AHEAD = 8
 THREADS = 64  # requests served at once (each waits on RADOS or on another's fetch, never on the CPU)
 
 
@@ -48,6 +51,8 @@ class FetchStats:
     bytes: int = 0
     waits: int = 0  # chunks a request found on their way for another one
     failures: int = 0
+    ahead: int = 0  # of `chunks`, fetched as readahead (AHEAD)
+    refetched: int = 0  # chunks fetched again after this fetcher had filled them (a torn fill, damage)
     trace_chunks: int = 0  # filled by the server's syncs from boot-trace objects
     sync_reads: int = 0  # objects the server's syncs read (maps, traces, trace objects), and their bytes
     sync_bytes: int = 0
@@ -72,6 +77,7 @@ class Fetcher:
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        self._filled = bytearray()  # a bit per slot this fetcher has filled
         self._objects: Objects | None = None
 
     def close(self) -> None:
@@ -102,17 +108,23 @@ class Fetcher:
 
     def fetch(self, pairs: list[tuple[int, bytes]]) -> None:
         """Return once every (slot, digest) holds its chunk; raise StorageError if one cannot."""
-        mine: list[tuple[int, bytes, _Pending]] = []
+        mine: list[tuple[int, bytes | None, _Pending]] = []
         theirs: list[_Pending] = []
         with self._lock:
             self.stats.requests += 1
-            for slot, key in dict(pairs).items():
+            asked = dict(pairs)
+            for slot, key in asked.items():
                 if slot in self._pending:
                     theirs.append(self._pending[slot])
                 else:
                     self._pending[slot] = p = _Pending()
                     mine.append((slot, key, p))
             self.stats.waits += len(theirs)
+            for slot in sorted(
+                {s + k for s in asked for k in range(1, AHEAD + 1)} - asked.keys() - self._pending.keys()
+            ):
+                self._pending[slot] = _Pending()  # readahead: nobody waits for it, but nobody fetches it twice
+                mine.append((slot, None, self._pending[slot]))
         try:
             if mine:
                 self._fetch([(slot, key) for slot, key, _ in mine])
@@ -137,11 +149,14 @@ class Fetcher:
             if p.error is not None:
                 raise p.error
 
-    def _fetch(self, pairs: list[tuple[int, bytes]]) -> None:
+    def _fetch(self, pairs: list[tuple[int, bytes | None]]) -> None:
         table = self.remote.load()
         fd = os.open(self.remote.pack, os.O_RDONLY | os.O_CLOEXEC)
         try:  # a slot another request filled since its reader looked is not fetched again
-            missing = [(slot, key) for slot, key in pairs if digest(os.pread(fd, CHUNK, slot * CHUNK)) != key]
+            missing: list[tuple[int, bytes | None]] = [
+                (slot, key) for slot, key in pairs if key is not None and not _holds(fd, slot, key)
+            ]
+            missing += [(slot, None) for slot, key in pairs if key is None and slot in table and _hole(fd, slot)]
         finally:
             os.close(fd)
         unknown = [slot for slot, _ in missing if slot not in table]
@@ -153,17 +168,43 @@ class Fetcher:
             )
         if not missing:
             return
-        data = list(self.objects().get_chunks((table[slot] for slot, _ in missing), CHUNK))
+        try:
+            data = list(self.objects().get_chunks((table[slot] for slot, _ in missing), CHUNK))
+        except errors.StorageError:
+            if all(key is not None for _, key in missing):
+                raise
+            missing = [
+                (slot, key) for slot, key in missing if key is not None
+            ]  # a readahead's failure is not the reader's
+            data = list(self.objects().get_chunks((table[slot] for slot, _ in missing), CHUNK))
         filled = self.remote.fill(((slot, key, d) for (slot, key), d in zip(missing, data, strict=True)), digest)
         with self._lock:
             self.stats.chunks += filled
             self.stats.bytes += filled * CHUNK
+            self.stats.ahead += sum(key is None for _, key in missing)
+            for slot, _ in missing:
+                if slot >> 3 >= len(self._filled):
+                    self._filled.extend(bytes((slot >> 3) + 1 - len(self._filled)))
+                self.stats.refetched += self._filled[slot >> 3] >> (slot & 7) & 1
+                self._filled[slot >> 3] |= 1 << (slot & 7)
         if filled < len(missing):
             raise errors.StorageError(
                 errno.EIO,
                 what=f"filling {self.remote.pack}",
                 detail="a fetched chunk does not match what the version holds",
             )
+
+
+def _holds(fd: int, slot: int, key: bytes) -> bool:
+    return digest(os.pread(fd, CHUNK, slot * CHUNK)) == key
+
+
+def _hole(fd: int, slot: int) -> bool:
+    """Slot `slot` holds no data yet (a readahead's test: no digest to compare with)."""
+    try:
+        return os.lseek(fd, slot * CHUNK, os.SEEK_DATA) >= (slot + 1) * CHUNK
+    except OSError:  # ENXIO: no data from there to the end
+        return True
 
 
 def fetch_here(store: Path, pairs: list[tuple[int, bytes]]) -> None:

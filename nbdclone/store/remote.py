@@ -17,7 +17,8 @@ Invariants
   R1 every slot a committed version maps holds that chunk (its bytes match the version's digest), or
      chunks/remote names the slot with the SHA-256 of that chunk, which the fleet holds
   R2 fill() writes a slot only while holding fetch.lock shared, only while chunks/remote names the slot
-     with the SHA-256 of the bytes it writes, and only bytes whose local digest is the reader's
+     with the SHA-256 of the bytes it writes, and (for a reader's request) only bytes whose local digest
+     is the reader's
   R3 a slot chunks/remote names is never given to other bytes: imports count it as used, and an entry is
      dropped (forget) only under the pack's writer lock and fetch.lock exclusive, once no live version
      maps its slot, before the slot is punched or reused
@@ -125,17 +126,18 @@ class RemoteSlots:
         finally:
             os.close(fd)
 
-    def fill(self, chunks: Iterable[tuple[int, bytes, bytes]], local_digest: Callable[[bytes], bytes]) -> int:
+    def fill(self, chunks: Iterable[tuple[int, bytes | None, bytes]], local_digest: Callable[[bytes], bytes]) -> int:
         """Write (slot, local digest, bytes) chunks fetched from the fleet into their slots (R2): each is
-        written only if chunks/remote names its slot with the bytes' SHA-256 and the bytes' local digest is
-        the one given. Returns how many were written."""
+        written only if chunks/remote names its slot with the bytes' SHA-256 and, where a reader asked for
+        it (the digest is not None: a readahead's is), the bytes' local digest is the one given. Returns
+        how many were written."""
         written = 0
         with self._locked(fcntl.LOCK_SH):
             table = self.load()
             fd = os.open(self.pack, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 for slot, key, data in chunks:
-                    if len(data) != CHUNK or table.get(slot) != sha256(data) or local_digest(data) != key:
+                    if len(data) != CHUNK or table.get(slot) != sha256(data) or key not in (None, local_digest(data)):
                         log.warning(
                             "chunk pack %s: not filling slot %d (no longer remote, or other bytes)", self.pack, slot
                         )

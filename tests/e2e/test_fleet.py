@@ -120,7 +120,8 @@ def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConf
     cli("clone", "export", "old", str(tmp_path / "old.raw"), store=hosts["h4"])
     assert (tmp_path / "old.raw").read_bytes() == v1
     filled = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
-    assert filled["staged"] == [] and filled["fetched"] == changed  # version 1's came with the export
+    # version 1's came with the export (and its readahead may have brought version 2's)
+    assert filled["staged"] == [] and filled["fetched"] <= changed
     again = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
     assert again["staged"] == [] and again["fetched"] == 0 and again["reads"] == 0
     checked = cli("check", store=hosts["h4"])
@@ -665,8 +666,9 @@ def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> 
     try:
         cli("clone", "create", *cold, "--base", "gold", store=hosts["h2"])
         _storm(servers, {"h2": cold}, tmp_path)
-        stats = _fetch_stats(hosts["h2"])
-        assert stats["chunks"] == len(booted) and stats["trace_chunks"] == 0, stats  # each once, no more
+        stats = _fetch_stats(hosts["h2"])  # each chunk the boot read fetched once (asked for, or read ahead)
+        assert stats["refetched"] == 0 and stats["chunks"] - stats["ahead"] <= len(booted) <= stats["chunks"], stats
+        cold_chunks = stats["chunks"]
         for name in cold:
             wait_closed(hosts["h2"], name)  # the first connection's recording is written
         for h in ("h2", "h1", "h3"):  # h2 gives its trace, the others take it
@@ -698,7 +700,7 @@ def test_a_boot_storm_across_three_hosts(tmp_path: Path, fleet: FleetConfig) -> 
             srv.stop()
     print({h: {**s, "cli_filled": filled[h]} for h, s in stats.items()})
     assert stats["h1"]["chunks"] + stats["h1"]["trace_chunks"] + filled["h1"] == 0  # it imported the version
-    assert stats["h2"]["chunks"] == len(booted)  # the cold storm's, and none since
+    assert stats["h2"]["refetched"] == 0 and stats["h2"]["chunks"] == cold_chunks  # the cold storm's, none since
     for h in ("h3",):  # the trace's chunks came in trace objects, once; the storm fetched nothing
         assert stats[h]["chunks"] == 0 and stats[h]["trace_chunks"] + filled[h] == len(booted), stats[h]
         assert stats[h]["sync_reads"] <= 3 + len(booted) // 64, stats[h]  # a map, a trace, its objects
