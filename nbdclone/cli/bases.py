@@ -238,8 +238,11 @@ def base_rm(
 
         holders = sync.retire(st, fleet, name, vid, wait)
         if holders:
-            out.print(f"{ref} is being removed from fleet {fleet.name}; clones on host(s) {', '.join(holders)} use it")
-            out.print("it goes once they no longer do ('nbdclone fleet status' shows it as retiring)")
+            out.print(f"{ref} is being removed from fleet {fleet.name}; host(s) {', '.join(holders)} still hold it")
+            out.print(
+                "it goes once their clones no longer use it ('nbdclone fleet status' shows it as retiring; "
+                "a host gone for good: 'nbdclone fleet forget HOST')"
+            )
         else:
             out.print(f"removed {ref} from fleet {fleet.name}; 'nbdclone fleet gc' frees its chunks")
         return

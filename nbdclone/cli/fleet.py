@@ -139,6 +139,18 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
     out.print(f"host {config.host} of fleet {config.name}")
 
 
+@fleet_app.command("forget")
+def fleet_forget(
+    host: Annotated[str, typer.Argument(help="A host gone for good.")], store: StoreOpt = DEFAULT_STORE
+) -> None:
+    """Forget a host that is gone for good: the versions it held may leave the fleet. Refused while it
+    holds a lease or owns a clone (take those over first with 'clone move NAME --to HOST --force')."""
+    from nbdclone.fleet import catalog as fleet_catalog
+
+    held = fleet_catalog.run(_config(Path(store)), lambda c: c.forget_host(host))
+    out.print(f"forgot host {host} (it held {held} version(s))")
+
+
 @fleet_app.command("gc")
 def fleet_gc(store: StoreOpt = DEFAULT_STORE) -> None:
     """Delete the fleet's chunks that no version and no clone's last move names. Refused while an import

@@ -239,6 +239,28 @@ class FleetCatalog:
             await self._call("forget", self._client.delete_prefix(self._key("warm", base, vid, "")))
         return bool(ok)
 
+    async def forget_host(self, host: str) -> int:
+        """Delete the holds and warm keys of a host gone for good: refused while it holds a lease or owns
+        a clone. Returns how many versions it held."""
+        if await self.host(host) is not None:
+            raise errors.InvalidArgument(detail=f"host {host!r} holds a lease: it is alive")
+        owned = sorted(n for n, r in (await self.clones()).items() if r["host"] == host)
+        if owned:
+            raise errors.InvalidArgument(
+                detail=f"host {host!r} owns clone(s) {', '.join(owned)}: take them over first (clone move --force)"
+            )
+        held = 0
+        for base in await self.bases():
+            prefix = self._key("bases", base, "holds", "")
+            for kv in await self._call("holds", self._client.get_prefix(prefix, keys_only=True)):
+                if kv.key.endswith(b"/" + host.encode()):
+                    await self._call("forget host", self._client.delete(kv.key))
+                    held += 1
+            for kv in await self._call("warm", self._client.get_prefix(self._key("warm", base, ""), keys_only=True)):
+                if kv.key.endswith(b"/" + host.encode()):
+                    await self._call("forget host", self._client.delete(kv.key))
+        return held
+
     # -- hosts and clones ----------------------------------------------------------------------------
 
     async def register(self, host: str, info: dict[str, Any], ttl: int) -> Any:

@@ -212,10 +212,14 @@ def test_a_server_killed_while_it_fetches_loses_nothing(tmp_path: Path, fleet: F
     assert cli("check", store=hosts["h2"]).returncode == 0
 
 
-def test_a_version_leaves_the_fleet_once_no_host_uses_it(tmp_path: Path, fleet: FleetConfig) -> None:
+def test_a_version_leaves_the_fleet_once_no_host_uses_it(
+    tmp_path: Path, fleet: FleetConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """base rm NAME@V on a fleet host: refused for the current version; otherwise V is retiring (no flip
     to it, no new clone of it) until no host holds it: a host drops its copy once no clone there uses it,
-    and then the fleet forgets it and fleet gc frees its chunks; clones of other versions read on."""
+    and then the fleet forgets it and fleet gc frees its chunks; clones of other versions read on. A host
+    that is down keeps holding its versions until `fleet forget` (refused while its lease lives)."""
+    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
     v1 = make_image(tmp_path / "v1.raw", SIZE, [(0, 3 * MiB)], seed=41)
     v2 = make_image(tmp_path / "v2.raw", SIZE, [(0, 3 * MiB)], seed=42)
     hosts = {h: tmp_path / h for h in ("h1", "h2")}
@@ -231,7 +235,7 @@ def test_a_version_leaves_the_fleet_once_no_host_uses_it(tmp_path: Path, fleet: 
         current = cli("base", "rm", "gold@2", store=hosts["h1"], check=False)
         assert current.returncode == 1 and current.stderr.count("\n") == 1 and "current" in current.stderr
         held = cli("base", "rm", "gold@1", "--wait", "2", store=hosts["h1"])
-        assert "clones on host(s) h2 use it" in held.stdout, held.stdout
+        assert "host(s) h2 still hold it" in held.stdout, held.stdout
         rows = json.loads(cli("fleet", "status", "--json", store=hosts["h1"]).stdout)["versions"]
         assert [(r["version"], r["retiring"], r["held_by"]) for r in rows] == [
             ("1", True, ["h2"]),
@@ -253,6 +257,23 @@ def test_a_version_leaves_the_fleet_once_no_host_uses_it(tmp_path: Path, fleet: 
         only_v1 = len(_distinct_chunks(v1) - _distinct_chunks(v2))
         assert f"{only_v1} chunk(s) deleted, {len(_distinct_chunks(v2))} kept" in freed, freed
         assert _read(servers["h1"], hosts["h1"], "follows") == v2
+
+        cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])  # version 3
+        deadline = time.monotonic() + 30
+        while "3" not in Store(hosts["h2"]).catalog().bases["gold"].versions:  # h2's server staged it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        servers["h2"].stop()  # h2 goes away for good, holding versions 2 and 3
+        alive = cli("fleet", "forget", "h2", store=hosts["h1"], check=False)
+        assert alive.returncode == 1 and "alive" in alive.stderr  # its lease has not lapsed yet
+        held = cli("base", "rm", "gold@3", "--wait", "1", store=hosts["h1"])
+        assert "host(s) h2 still hold it" in held.stdout, held.stdout
+        deadline = time.monotonic() + 30
+        while (forgot := cli("fleet", "forget", "h2", store=hosts["h1"], check=False)).returncode:
+            assert time.monotonic() < deadline and "alive" in forgot.stderr, forgot.stderr
+            time.sleep(0.5)
+        assert "it held 2 version(s)" in forgot.stdout
+        assert "removed gold@3 from fleet" in cli("base", "rm", "gold@3", store=hosts["h1"]).stdout
     finally:
         for srv in servers.values():
             srv.stop()
