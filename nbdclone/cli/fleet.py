@@ -125,15 +125,19 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
 
     rows = fleet_catalog.run(config, read)
     local = st.catalog().bases
+    unfetched = st.chunks.remote.unfetched()
     for r in rows:
         r["here"] = r["base"] in local and r["version"] in local[r["base"]].versions
+        if r["here"]:  # the share of its stored chunks this host's pack holds now
+            slots = st.version_map(local[r["base"]], r["version"], digests=False).used_slots()
+            r["fetched"] = round(1 - len(slots & unfetched) / len(slots), 4) if slots else 1.0
     if as_json:
         print_json(rows, items="versions")
         return
     table = Table("BASE", "VERSION", "CURRENT", "ON THIS HOST", "HOSTS", "STATE", box=None)
     for r in rows:
         state = "retiring" if r["retiring"] else ""
-        here = "yes" if r["here"] else "no"
+        here = f"yes, {100 * r['fetched']:.0f}% fetched" if r["here"] else "no"
         table.add_row(r["base"], r["version"], "*" if r["current"] else "", here, str(len(r["held_by"])), state)
     out.print(table)
     out.print(f"host {config.host} of fleet {config.name}")

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from nbdclone import errors
-from nbdclone.store._fs import fsync_dir
+from nbdclone.store._fs import data_ranges, fsync_dir
 from nbdclone.store._sealed import seal_bytes, unseal_bytes
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,23 @@ class RemoteSlots:
             os.fsync(f.fileno())
         os.rename(tmp, self.path)
         fsync_dir(self.path.parent)
+
+    def unfetched(self) -> set[int]:
+        """The named slots that are still holes of the pack (not fetched yet; a torn fill is not seen)."""
+        table = self.load()
+        if not table:
+            return set()
+        try:
+            fd = os.open(self.pack, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return set(table)
+        try:
+            held: set[int] = set()
+            for start, end in data_ranges(fd, os.fstat(fd).st_size):
+                held.update(range(-(-start // CHUNK), end // CHUNK))
+        finally:
+            os.close(fd)
+        return set(table) - held
 
     def add(self, entries: dict[int, bytes]) -> None:
         """Name new slots (a staging's; caller holds the pack's writer lock; R1's order: before the map)."""

@@ -117,15 +117,32 @@ def test_hosts_share_one_base_and_follow_a_flip(tmp_path: Path, fleet: FleetConf
     assert report["reads"] == 1  # its map
     checked = cli("check", store=hosts["h4"])
     assert checked.returncode == 0 and f"{len(_distinct_chunks(v1, v2))} chunks to fetch" in checked.stdout
+    fetched = {
+        r["version"]: r["fetched"]
+        for r in json.loads(cli("fleet", "status", "--json", store=hosts["h4"]).stdout)["versions"]
+    }
+    assert fetched == {"1": 0.0, "2": 0.0}
     cli("clone", "export", "old", str(tmp_path / "old.raw"), store=hosts["h4"])
     assert (tmp_path / "old.raw").read_bytes() == v1
+    fetched = {
+        r["version"]: r["fetched"]
+        for r in json.loads(cli("fleet", "status", "--json", store=hosts["h4"]).stdout)["versions"]
+    }
+    assert fetched["1"] == 1.0
     filled = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
     # version 1's came with the export (and its readahead may have brought version 2's)
     assert filled["staged"] == [] and filled["fetched"] <= changed
+    assert _fetched_share(hosts["h4"]) == {"1": 1.0, "2": 1.0}
     again = json.loads(cli("fleet", "sync", "--all-chunks", "--json", store=hosts["h4"]).stdout)
     assert again["staged"] == [] and again["fetched"] == 0 and again["reads"] == 0
     checked = cli("check", store=hosts["h4"])
     assert checked.returncode == 0 and "to fetch" not in checked.stdout
+
+
+def _fetched_share(store: Path) -> dict[str, float]:
+    """Per version on this host, the share of its chunks fetched (fleet status)."""
+    rows = json.loads(cli("fleet", "status", "--json", store=store).stdout)["versions"]
+    return {r["version"]: r["fetched"] for r in rows if r["here"]}
 
 
 def _distinct_chunks(*images: bytes) -> set[bytes]:

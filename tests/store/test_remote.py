@@ -67,8 +67,10 @@ def test_a_staged_version_takes_no_space_and_reads_right_through_fills(cs: Chunk
     assert len(new) == 3 and os.stat(cs.pack).st_blocks == 0  # one slot per distinct chunk, all holes
     with pytest.raises(errors.Damaged):  # a reader that cannot fetch never serves a hole as data
         read_all(cs, vmap, None)
+    assert cs.remote.unfetched() == set(new)
     assert read_all(cs, vmap, fleet) == b"".join(data)
     assert sorted(fleet.fetched) == sorted(new)  # each slot once
+    assert cs.remote.unfetched() == set()
     fleet.fetched.clear()
     assert read_all(cs, vmap, fleet) == b"".join(data) and fleet.fetched == []  # held now: no fetch
 
