@@ -26,7 +26,7 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,7 +238,7 @@ class ChunkStore:
         one of `existing`), what it is there. Returns the new version's map and how many chunks it had to
         write. Caller holds writer()."""
         index, used = _index(existing)
-        used |= self.remote.load().keys()  # R3: a remote slot is never given to other bytes
+        used.update(self.remote.load())  # R3: a remote slot is never given to other bytes
         nslots = self.nslots()
         free = sorted(set(range(nslots)) - used, reverse=True)
         vmap = start.derived() if start is not None else VersionMap(size)
@@ -279,7 +279,7 @@ class ChunkStore:
         writes chunks/remote, then the map, then the catalog (remote.py, R1)."""
         index, used = _index(existing)
         remote = self.remote.load()
-        used |= remote.keys()
+        used.update(remote)
         nslots = self.nslots()
         free = sorted(set(range(nslots)) - used, reverse=True)
         vmap = VersionMap(size)
@@ -356,7 +356,7 @@ def _index(maps: Iterable[VersionMap]) -> tuple[dict[bytes, list[int]], set[int]
     return index, used
 
 
-def _holds(fd: int, slot: int, sha: bytes, remote: dict[int, bytes]) -> bool:
+def _holds(fd: int, slot: int, sha: bytes, remote: Mapping[int, bytes]) -> bool:
     """Slot `slot` holds, or chunks/remote says it will hold, the chunk of SHA-256 `sha`."""
     if slot in remote:
         return remote[slot] == sha

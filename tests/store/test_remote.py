@@ -171,3 +171,23 @@ def test_gc_keeps_the_entries_of_slots_live_versions_map(cs: ChunkStore) -> None
         cs.release_unused([m2])  # version 1 went
     assert set(cs.remote.load()) == m2.used_slots()
     assert read_all(cs, m2, fleet) == b"".join(v2)
+
+
+def test_the_table_reads_both_formats_and_refuses_damage(tmp_path: Path) -> None:
+    import struct
+
+    from nbdclone.store._sealed import seal_bytes
+    from nbdclone.store.remote import RemoteSlots, RemoteTable
+
+    entries = {9: sha256(b"a"), 2: sha256(b"b"), 5: sha256(b"c")}
+    table = RemoteTable.of(entries)
+    assert dict(table.items()) == entries and list(table) == [2, 5, 9] and 4 not in table and table.get(4) is None
+    remote = RemoteSlots(tmp_path)
+    remote.path.write_bytes(seal_bytes(table.encode()))
+    assert dict(remote.load().items()) == entries
+    rows = b"NBDCRMT1" + b"".join(struct.pack("<Q32s", s, k) for s, k in entries.items())  # as first written
+    remote.path.write_bytes(seal_bytes(rows))
+    assert dict(RemoteSlots(tmp_path).load().items()) == entries
+    remote.path.write_bytes(seal_bytes(table.encode()[:-1]))
+    with pytest.raises(errors.Damaged):
+        RemoteSlots(tmp_path).load()
