@@ -151,11 +151,11 @@ class Fetcher:
 
     def _fetch(self, pairs: list[tuple[int, bytes | None]]) -> None:
         table = self.remote.load()
+        # A slot another request filled since its reader looked is not fetched again.
+        asked = [(slot, key) for slot, key in pairs if key is not None]
+        missing: list[tuple[int, bytes | None]] = list(self.remote.lacking(asked, digest))
         fd = os.open(self.remote.pack, os.O_RDONLY | os.O_CLOEXEC)
-        try:  # a slot another request filled since its reader looked is not fetched again
-            missing: list[tuple[int, bytes | None]] = [
-                (slot, key) for slot, key in pairs if key is not None and not _holds(fd, slot, key)
-            ]
+        try:
             missing += [(slot, None) for slot, key in pairs if key is None and slot in table and _hole(fd, slot)]
         finally:
             os.close(fd)
@@ -193,10 +193,6 @@ class Fetcher:
                 what=f"filling {self.remote.pack}",
                 detail="a fetched chunk does not match what the version holds",
             )
-
-
-def _holds(fd: int, slot: int, key: bytes) -> bool:
-    return digest(os.pread(fd, CHUNK, slot * CHUNK)) == key
 
 
 def _hole(fd: int, slot: int) -> bool:

@@ -113,7 +113,7 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
         existing = list(store.all_version_maps(digests=True))
         vmap, remote = store.chunks.map_remote(fmap.entries, fmap.size, existing)
         store.chunks.remote.add(remote)  # R1: named before the map and the catalog name the slots
-        store.add_version(name, vmap, f"fleet {objects.config.name}: {version.source}", 0, vid=version.id)
+        store.add_version(name, vmap, f"fleet {config.name}: {version.source}", 0, vid=version.id)
     report.staged.append(f"{name}@{version.id}")
     report.remote += len(remote)
     return True
@@ -152,7 +152,7 @@ def sync(
             current = await c.current(base)
             versions, traces, retiring = await c.versions(base), await c.traces(base), await c.retiring(base)
             out[base] = BaseView(versions, current[0] if current else None, traces, retiring)
-        return out, await c.clones(), await c.held(config.host)
+        return out, await c.clones(), await c.held(config.host, list(out))
 
     view, clones, held = fleet_catalog.run(config, read)
     report = SyncReport()
@@ -254,11 +254,7 @@ def fetch_all(store: Store, batch: int = 1024) -> int:
     wanted: dict[int, bytes] = {}
     for vmap in store.all_version_maps(digests=True):
         wanted.update((slot, key) for _, slot, key in vmap.stored() if slot in remote)
-    fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        missing = [(s, k) for s, k in sorted(wanted.items()) if digest(os.pread(fd, CHUNK, s * CHUNK)) != k]
-    finally:
-        os.close(fd)
+    missing = store.chunks.remote.lacking(sorted(wanted.items()), digest)
     for at in range(0, len(missing), batch):
         fetch(missing[at : at + batch])
     return len(missing)
@@ -364,15 +360,9 @@ def _get_trace_chunks(
     vmap = store.version_map(record, vid)
     chunks = _trace_chunks(vmap, trace)
     remote = store.chunks.remote.load()
-    fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        lacking = {
-            i
-            for i in chunks
-            if vmap.slot(i) in remote and digest(os.pread(fd, CHUNK, vmap.slot(i) * CHUNK)) != vmap.key(i)
-        }
-    finally:
-        os.close(fd)
+    staged = [(vmap.slot(i), vmap.key(i)) for i in chunks if vmap.slot(i) in remote]
+    unfilled = {slot for slot, _ in store.chunks.remote.lacking(staged, digest)}
+    lacking = {i for i in chunks if vmap.slot(i) in unfilled}
     groups = [chunks[k : k + TRACE_OBJECT] for k in range(0, len(chunks), TRACE_OBJECT)]
     wanted = [k for k, group in enumerate(groups) if lacking.intersection(group)]
     filled = 0

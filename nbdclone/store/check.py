@@ -189,11 +189,13 @@ def _check_chunks(store: Store, cat: Catalog, maps: dict[tuple[str, str], Versio
         for slot in sorted(users):
             key, refs = users[slot]
             n = pack.readinto(memoryview(buf)) if pack.seek(slot * CHUNK) == slot * CHUNK else 0
-            if (n != CHUNK or digest(buf) != key) and slot in remote:  # fetched when first read
+            if n == CHUNK and digest(buf) == key:
+                continue
+            if slot in remote:  # staged, fetched when first read
                 report.checked["chunks to fetch from the fleet"] = (
                     report.checked.get("chunks to fetch from the fleet", 0) + 1
                 )
-            elif n != CHUNK or digest(buf) != key:
+            else:
                 problem = f"chunk {slot} ({'short' if n != CHUNK else 'does not match its digest'})"
                 report.findings.append(
                     Finding(

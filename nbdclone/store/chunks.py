@@ -35,7 +35,7 @@ from nbdclone.store._fs import punch_hole, runs
 from nbdclone.store._sealed import seal_bytes, unseal_bytes
 from nbdclone.store.base import Extent
 from nbdclone.store.cache import PackReader, digest
-from nbdclone.store.remote import Fetch, RemoteSlots
+from nbdclone.store.remote import Fetch, RemoteSlots, RemoteTable
 from nbdclone.store.remote import sha256 as remote_sha256
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,7 @@ class ChunkStore:
         hold (loaded with digests). A chunk not given is all zeros, or with `start` (a map of the same size,
         one of `existing`), what it is there. Returns the new version's map and how many chunks it had to
         write. Caller holds writer()."""
-        index, used = _index(existing)
-        used.update(self.remote.load())  # R3: a remote slot is never given to other bytes
-        nslots = self.nslots()
-        free = sorted(set(range(nslots)) - used, reverse=True)
+        index, _, free, nslots = self._slots(existing)
         vmap = start.derived() if start is not None else VersionMap(size)
         assert vmap.size == size, "a derived version keeps its size"
         written = 0
@@ -277,11 +274,7 @@ class ChunkStore:
         that slot; every other one gets a free slot, left a hole. Returns the map and the new slots'
         SHA-256s, for chunks/remote. The pack is extended over them (sparse). Caller holds writer() and
         writes chunks/remote, then the map, then the catalog (remote.py, R1)."""
-        index, used = _index(existing)
-        remote = self.remote.load()
-        used.update(remote)
-        nslots = self.nslots()
-        free = sorted(set(range(nslots)) - used, reverse=True)
+        index, remote, free, nslots = self._slots(existing)
         vmap = VersionMap(size)
         new: dict[int, bytes] = {}
         shared: dict[bytes, int] = {}  # SHA-256 -> the slot this version already gave it
@@ -303,6 +296,23 @@ class ChunkStore:
         finally:
             os.close(fd)
         return vmap, new
+
+    def _slots(self, existing: Iterable[VersionMap]) -> tuple[dict[bytes, list[int]], RemoteTable, list[int], int]:
+        """What a new version is made against: local digest -> slots holding it (ascending), the remote
+        table, the free slots (last to use first) and the pack's slot count. A slot chunks/remote names
+        is never free (R3)."""
+        index: dict[bytes, list[int]] = {}
+        used: set[int] = set()
+        for vm in existing:
+            for _, slot, key in vm.stored():
+                index.setdefault(key, []).append(slot)
+                used.add(slot)
+        for candidates in index.values():
+            candidates[:] = sorted(set(candidates))
+        remote = self.remote.load()
+        used.update(remote)
+        nslots = self.nslots()
+        return index, remote, sorted(set(range(nslots)) - used, reverse=True), nslots
 
     def _find(self, fd: int, candidates: Iterable[int], data: bytes) -> int | None:
         """A slot whose bytes equal `data`; the digest only nominates candidates."""
@@ -341,19 +351,6 @@ class ChunkStore:
         finally:
             os.close(fd)
         return freed
-
-
-def _index(maps: Iterable[VersionMap]) -> tuple[dict[bytes, list[int]], set[int]]:
-    """Local digest -> the slots holding it (ascending), and every slot used, over `maps`."""
-    index: dict[bytes, list[int]] = {}
-    used: set[int] = set()
-    for vm in maps:
-        for _, slot, key in vm.stored():
-            index.setdefault(key, []).append(slot)
-            used.add(slot)
-    for candidates in index.values():
-        candidates[:] = sorted(set(candidates))
-    return index, used
 
 
 def _holds(fd: int, slot: int, sha: bytes, remote: Mapping[int, bytes]) -> bool:

@@ -370,7 +370,6 @@ def warm_version(store: Store, ref: str) -> tuple[str, int]:
     base = ChunkedBase(store.chunks.pack, store.version_map(record, vid), reader)
     try:
         if reader.fetch is not None:  # a fleet host: the trace's chunks not fetched yet come in one request
-            reader.ensure(store.chunks.nslots())
             chunks = dict.fromkeys(i for i in trace if i < base.map.nchunks and base.map.slot(i) != ZERO_SLOT)
             reader.verify_all([(base.map.slot(i), base.map.key(i)) for i in chunks])
         return f"{record.name}@{vid}", reader.load(base.slot_ranges(trace))

@@ -76,7 +76,8 @@ class Registry:
             entry = self._clones.get(name)
             if entry is not None and exclusive:
                 raise errors.CloneBusy(name=name)
-            if entry is not None and (leaving := self.store.leaving(entry.record)) is not None:
+            record = entry.record if entry is not None else self.store.get_clone(name)
+            if (leaving := self.store.leaving(record)) is not None:
                 raise errors.CloneLeaving(name=name, to=leaving)  # a move drains it: no new client
             if entry is None:
                 entry = self._open(name)
@@ -91,9 +92,6 @@ class Registry:
     def _open(self, name: str) -> _Open:
         with self.store.lock(shared=True):
             record = self.store.get_clone(name)
-            leaving = self.store.leaving(record)
-            if leaving is not None:
-                raise errors.CloneLeaving(name=name, to=leaving)
             version = self.store.target_version(record)  # a checked pointer: a version the base has
             state = self.store.clone_state(record)  # checked: a damaged state raises, and nothing moves
             on = self.store.state_on(record, state) if state is not None else None

@@ -168,6 +168,16 @@ class RemoteSlots:
             os.close(fd)
         return set(table) - held
 
+    def lacking(
+        self, pairs: Iterable[tuple[int, bytes]], local_digest: Callable[[bytes], bytes]
+    ) -> list[tuple[int, bytes]]:
+        """The (slot, local digest) pairs whose slot does not hold those bytes (not fetched yet, or torn)."""
+        fd = os.open(self.pack, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return [(slot, key) for slot, key in pairs if local_digest(os.pread(fd, CHUNK, slot * CHUNK)) != key]
+        finally:
+            os.close(fd)
+
     def add(self, entries: dict[int, bytes]) -> None:
         """Name new slots (a staging's; caller holds the pack's writer lock; R1's order: before the map)."""
         if entries:
