@@ -246,11 +246,12 @@ class BlockMap:
     def write(self, puts: Iterable[tuple[bytes, bytes | None]], *, sync: bool = False) -> None:
         """One atomic batch: each (key, value) is put, or deleted where value is None; synced if `sync`."""
         batch = rocksdict.WriteBatch(raw_mode=True)
+        put, delete = batch.put, batch.delete
         for k, value in puts:
             if value is None:
-                batch.delete(k)
+                delete(k)
             else:
-                batch.put(k, value)
+                put(k, value)
         try:
             self._db.write(batch)
         except Exception as exc:

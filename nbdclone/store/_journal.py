@@ -7,7 +7,8 @@ writes them into the map (RocksDB) in one batch.
       24   epoch (8, little-endian): bumped each time the map has taken every record (`reset`)
       64   records, one per request, back to back:
              length (4, little-endian) | seal (8) | payload (length bytes)
-           payload: entries, each key (9: b"i" + block, big-endian) | n (1) | value (n bytes; n = 255: delete)
+           payload: entries, each key (9: b"i" + block, big-endian) | n (1) | value (n bytes; n = 255: delete);
+                    or a run: b"r" | first block (8, big-endian) | n (1) | a value of n bytes per block
            seal: xxh3-64 of the payload, seeded with (epoch << 32 | the record's offset) ^ the id's first 8 bytes
 
 Why a journal (docs/performance.md): an acknowledged write must leave its map entry somewhere that outlives
@@ -48,12 +49,13 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"NBDCJNL1"
 HEADER = 64
-CAPACITY = 32 << 20  # bytes of records before a write spills them into the map (about 850k first writes)
+CAPACITY = 64 << 20  # bytes of records before a write spills them into the map (1.4M one-block records)
 GROW = 1 << 20  # memory is allocated (and given back at a reset) this much at a time
 DELETE = 255
 _EPOCH = struct.Struct("<Q")
 _RECORD = struct.Struct("<IQ")  # length, seal
 _KEY = 9
+_ENTRY = ord("i")  # a payload of entries starts with a key (b"i" + block); a run with b"r"
 _SHM = Path("/dev/shm")
 
 Entry = tuple[bytes, "bytes | None"]
@@ -91,7 +93,18 @@ def encode(entries: Sequence[Entry]) -> bytes:
     return b"".join([k + _DELETE if v is None else k + n[len(v)] + v for k, v in entries])
 
 
+def encode_run(first: int, values: Sequence[bytes]) -> bytes:
+    """The payload of one record of entries for blocks first, first + 1, ...: values all of one length."""
+    return b"r" + first.to_bytes(8, "big") + _LENGTHS[len(values[0])] + b"".join(values)
+
+
 def decode(payload: bytes) -> list[Entry]:
+    if payload[:1] == b"r":
+        first, n = int.from_bytes(payload[1:9], "big"), payload[9]
+        count, rest = divmod(len(payload) - 10, n)
+        if rest or not n or n == DELETE:
+            raise ValueError("a journal run's values do not fill it")
+        return [(b"i" + (first + k).to_bytes(8, "big"), payload[10 + k * n : 10 + (k + 1) * n]) for k in range(count)]
     out: list[Entry] = []
     pos, end = 0, len(payload)
     while pos < end:
@@ -161,7 +174,8 @@ class Journal:
         self.allocated = want
 
     def append(self, payload: bytes) -> None:
-        """Add one record (the entries of one request). Raises Full if it does not fit."""
+        """Add one record (`encode`, `encode_run`): the entries of one request. Raises Full if it does not
+        fit."""
         pos = self.pos
         end = pos + 12 + len(payload)
         if end > self.allocated:
@@ -191,7 +205,7 @@ class Journal:
             payload = mm[pos + 12 : end]
             if xxhash.xxh3_64_intdigest(payload, seed ^ pos) != seal:
                 break
-            if length == _KEY + 1 + payload[_KEY] and payload[_KEY] != DELETE:  # one entry (a one-block write)
+            if payload[0] == _ENTRY and length == _KEY + 1 + payload[_KEY] and payload[_KEY] != DELETE:  # one entry
                 out.append((payload[:_KEY], payload[_KEY + 1 :]))
             else:
                 try:
@@ -202,8 +216,10 @@ class Journal:
         return out, pos
 
     def entries(self) -> list[Entry]:
-        """Every entry recorded since the last reset, oldest first."""
-        return self._scan()[0]
+        """The newest entry of each key recorded since the last reset (a spill writes them in one batch: the
+        keys are distinct, so their order does not matter). Parsed from the records: nothing is kept per
+        entry while requests are served."""
+        return list(dict(self._scan()[0]).items())
 
     def __len__(self) -> int:
         return self.pos - HEADER

@@ -36,15 +36,37 @@ def test_entries_come_back_in_order_after_a_reopen(folder: Path) -> None:
     try:
         j.put(key(1), b"v1")
         j.append(_journal.encode([(key(2), b"z"), (key(1), None), (key(3), b"t" * 26)]))
+        j.append(_journal.encode_run(5, [b"a" * 26, b"b" * 26]))
         j.close()
         again = Journal(folder / ident.hex(), ident, create=False)
-        assert again.entries() == [(key(1), b"v1"), (key(2), b"z"), (key(1), None), (key(3), b"t" * 26)]
+        assert again.entries() == [
+            (key(1), None),
+            (key(2), b"z"),
+            (key(3), b"t" * 26),
+            (key(5), b"a" * 26),
+            (key(6), b"b" * 26),
+        ]
         again.put(key(4), b"v4")  # a reopened journal appends after what it holds
         assert again.entries()[-1] == (key(4), b"v4")
         again.close(remove=True)
         assert not (folder / ident.hex()).exists()
     finally:
         (folder / ident.hex()).unlink(missing_ok=True)
+
+
+def test_a_run_of_one_block_is_a_run_not_an_entry(folder: Path) -> None:
+    """A run record of one block is as long as a one-entry record: it must still be read as a run."""
+    ident = os.urandom(16)
+    path = folder / ident.hex()
+    try:
+        j = Journal(path, ident, create=True)
+        j.append(_journal.encode_run(25, [b"x" * 26]))
+        j.close()
+        again = Journal(path, ident, create=False)
+        assert again.entries() == [(key(25), b"x" * 26)]
+        again.close()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_a_record_cut_at_any_byte_ends_the_log_before_it(folder: Path) -> None:
