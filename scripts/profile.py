@@ -1,13 +1,15 @@
-"""Where each microsecond of one request goes, in the real server: py-spy samples nbdclone's worker while
-fio drives one clone, and each sample is put under the step of the request it was in.
+"""Where each microsecond of one request goes, in the real server: `perf` samples nbdclone's worker on the
+CPU while fio drives one clone, and each sample is put under the step it was in.
 
     scripts/profile [--workload 4k-write|4k-read|1m-write|all] [--seconds 5]
 
-The worker and fio are pinned to different cores (as in scripts/bench). The CPU time of each of the
-worker's threads is read from /proc over the sampling window; py-spy samples the threads (`--native`: C
-frames too, so the time nbdkit spends outside Python is seen), and the connection thread's CPU per request
-is split over the steps in proportion to its samples that are not waits (a leaf in a blocking call).
-Threads other than the connection's (the stats publisher, the watchers, RocksDB's) are one row.
+The worker and fio are pinned to different cores, as in scripts/bench. perf's cpu-clock samples (with call
+chains) see only time on a CPU: the kernel's work is told apart by the system call it serves (the socket's
+read and send, the data file's or pack's pwritev and preadv), native code by its library (xxh3, mmh3,
+RocksDB, nbdkit and libc), and the rest is the Python interpreter. py-spy then samples the Python frames
+(without pausing the worker) to split the interpreter's time over nbdclone's modules, by the module of
+the innermost Python frame. A step's cost per request is its share of the samples times the worker's CPU
+time per request (from /proc, over the same window).
 """
 
 from __future__ import annotations
@@ -24,54 +26,109 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
-RATE = 1000  # samples per second
 
 WORKLOADS = {
     "4k-write": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
     "4k-read": ["--rw=randread", "--bs=4k", "--iodepth=32"],
     "1m-write": ["--rw=write", "--bs=1M", "--iodepth=8"],
 }
-
-#: Steps, each found by the innermost frame of a sample that matches one of its patterns (file or function
-#: names as py-spy prints them), checked in this order.
-STEPS: list[tuple[str, tuple[str, ...]]] = [
-    ("fingerprint (xxh3 of each 4 KiB block)", ("fingerprint", "xxh3_64_digest")),
-    ("chunk digest check (mmh3 of 64 KiB)", ("_matches", "mmh3")),
-    ("map: RocksDB", ("_blockmap.py", "rocksdict", "librocksdb", "rocksdb::")),
-    ("map: journal in /dev/shm", ("_journal.py",)),
-    ("data file / pack: pwritev, preadv", ("pwritev", "preadv", "os_pwritev", "os_preadv", "pread64", "pwrite64")),
-    ("locks (the GIL, the overlay's lock)", ("take_gil", "PyThread_acquire_lock", "acquire_timed", "drop_gil")),
-    ("overlay and journal logic (_rocks.py)", ("_rocks.py",)),
-    ("clone: block states, zero check (clone.py, states.py)", ("clone.py", "states.py")),
-    ("base and cache reads (chunks.py, cache.py)", ("chunks.py", "cache.py", "base.py")),
-    ("request wrapper and counters (plugin.py)", ("plugin.py",)),
-    ("Python's entry from nbdkit (the callback call)", ("py_call", "PyObject_Call", "_PyEval", "PyEval")),
-    ("nbdkit: protocol, socket I/O (no Python frame)", ("",)),
+FILE_CALLS = ("pwritev", "preadv", "pwrite64", "pread64", "fdatasync")
+SOCKET_CALLS = ("read", "__libc_read", "recv", "send", "__libc_send", "sendmsg", "writev", "__send")
+#: Native libraries, by a piece of their file name.
+LIBRARIES = [
+    ("fingerprints (xxh3 of each 4 KiB block)", "_xxhash"),
+    ("chunk digests (mmh3 of 64 KiB)", "mmh3"),
+    ("map: RocksDB", "rocksdict"),
+    ("nbdkit, its filter and libc", "nbdkit"),
+    ("nbdkit, its filter and libc", "libc.so"),
+    ("nbdkit, its filter and libc", "ld-linux"),
 ]
-OTHER = "other threads of the worker (stats, watchers, RocksDB)"
-#: A sample whose innermost frame is one of these is a thread waiting, not working.
-WAITS = ("clock_nanosleep", "poll (", "epoll_wait", "pthread_cond_wait", "pthread_cond_timedwait", "sem_wait")
+PYTHON = "Python interpreter"
+#: The interpreter's time, split by the module of the innermost Python frame (py-spy).
+MODULES = [
+    ("Python: request wrapper, counters (worker/plugin.py)", ("plugin.py",)),
+    ("Python: clone, block states, zero check (clone.py, states.py)", ("clone.py", "states.py")),
+    ("Python: overlay write paths (_rocks.py, _datafile.py)", ("_rocks.py", "_datafile.py", "_recovery.py")),
+    ("Python: journal (_journal.py)", ("_journal.py",)),
+    ("Python: base and cache reads (chunks.py, cache.py)", ("chunks.py", "cache.py", "base.py")),
+]
+PY_OTHER = "Python: other (stats, watchers, nbdkit's call)"
 
 
-def sh(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def classify(frames: list[str]) -> str:
-    frames = frames[::-1]  # innermost first
-    for frame in frames:
-        for step, patterns in STEPS[:-1]:
-            if any(p in frame for p in patterns):
-                return step
-    return STEPS[-1][0]
+def perf_step(chain: list[tuple[str, str]]) -> str:
+    """The step of one perf sample: `chain` is (symbol, library) from the innermost frame out."""
+    dso = chain[0][1]
+    if "kernel" in dso:
+        for s, d in chain:
+            if "kernel" in d:
+                continue
+            name = s.split("+")[0]
+            if name.startswith(FILE_CALLS):
+                return "kernel: data file and pack (pwritev, preadv, page cache)"
+            if name in SOCKET_CALLS or name.startswith(("send", "recv")):
+                return "kernel: the socket (request in, reply out, waking fio)"
+            break
+        return "kernel: other"
+    for step, piece in LIBRARIES:
+        if piece in dso:
+            return step
+    return PYTHON
+
+
+def perf_samples(data: Path) -> collections.Counter[str]:
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "ip,sym,dso"], check=True, capture_output=True, text=True
+    ).stdout
+    counts: collections.Counter[str] = collections.Counter()
+    for block in out.split("\n\n"):
+        chain = []
+        for line in block.strip().splitlines():
+            parts = line.strip().split(None, 1)
+            if len(parts) < 2:
+                continue
+            rest = parts[1]
+            sym, _, dso = rest.rpartition(" (")
+            chain.append((sym, dso.rstrip(")")))
+        if chain:
+            counts[perf_step(chain)] += 1
+    return counts
+
+
+def python_split(raw: Path) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for sample in raw.read_text().splitlines():
+        stack, _, many = sample.rpartition(" ")
+        frames = [f for f in stack.split(";") if ".py:" in f]
+        if not frames:
+            continue
+        inner = frames[-1]
+        step = next((s for s, pieces in MODULES if any(p in inner for p in pieces)), PY_OTHER)
+        counts[step] += int(many)
+    return counts
+
+
+def thread_cpu(pid: int) -> float:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def profile(name: str, seconds: int, work: Path, store: Path, cores: list[int]) -> dict[str, float]:
     sock = work / "nbdclone.sock"
     cli = str(VENV / "nbdclone")
     sh(cli, "clone", "reset", "p0", "--store", str(store))
+    pin = ["taskset", "-c", str(cores[-1])]
     server = subprocess.Popen(
-        ["taskset", "-c", str(cores[-1]), cli, "serve", "--store", str(store), "--socket", str(sock), "--workers", "1"],
+        [*pin, cli, "serve", "--store", str(store), "--socket", str(sock), "--workers", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -80,57 +137,37 @@ def profile(name: str, seconds: int, work: Path, store: Path, cores: list[int]) 
         for out_line in server.stdout:
             if out_line.startswith(b"nbdclone: serving"):
                 break
-        uri = sh(cli, "uri", "p0", "--store", str(store)).stdout.strip()
+        uri = sh(cli, "uri", "p0", "--store", str(store)).strip()
         out = work / "fio.json"
         fio_cmd = ["fio", "--ioengine=nbd", "--output-format=json", f"--output={out}", "--name=p", f"--uri={uri}"]
-        fio_cmd += ["--time_based", f"--runtime={seconds + 8}", "--size=1G", *WORKLOADS[name]]
+        fio_cmd += ["--time_based", f"--runtime={2 * seconds + 4}", "--size=1G", *WORKLOADS[name]]
         fio = subprocess.Popen(["taskset", "-c", ",".join(map(str, cores[:-1])), *fio_cmd])
         time.sleep(1.5)  # past the first connection's open
         worker = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
-        raw = work / f"{name}.txt"
-        spy = ["record", "--native", "--threads", "--rate", str(RATE), "--duration", str(seconds), "--format", "raw"]
+        data, raw = work / f"{name}.perf", work / f"{name}.spy"
         cpu0, t0 = thread_cpu(worker), time.monotonic()
-        sh(str(VENV / "py-spy"), *spy, "--output", str(raw), "--pid", str(worker))
-        if os.environ.get("PROFILE_KEEP"):
-            shutil.copy(raw, os.environ["PROFILE_KEEP"])
+        sh("perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-p", str(worker), "-o", str(data),
+           "--", "sleep", str(seconds))  # fmt: skip
         cpu1, t1 = thread_cpu(worker), time.monotonic()
+        spy = ["record", "--nonblocking", "--rate", "500", "--duration", str(seconds), "--format", "raw"]
+        sh(str(VENV / "py-spy"), *spy, "--output", str(raw), "--pid", str(worker))
         fio.wait()
         job = json.loads(out.read_text())["jobs"][0]
         iops = job["read"]["iops"] + job["write"]["iops"]
     finally:
         server.terminate()
         server.wait(30)
-    samples: dict[int, list[tuple[list[str], int]]] = collections.defaultdict(list)
-    for sample in raw.read_text().splitlines():
-        stack, _, many = sample.rpartition(" ")
-        head, *frames = stack.split(";")  # "thread (TID): NAME", then the frames, outermost first
-        samples[int(head.split("(", 1)[1].split(")", 1)[0])].append((frames, int(many)))
-    conns = {tid for tid, ss in samples.items() if any("plugin.py" in f for fr, _ in ss for f in fr)}
-    requests = iops * (t1 - t0)
-    spent = {tid: cpu1.get(tid, 0.0) - cpu0.get(tid, 0.0) for tid in cpu1}
-    counts: collections.Counter[str] = collections.Counter()
-    for tid in conns:
-        for frames, n in samples[tid]:
-            if not frames[-1].startswith(WAITS):
-                counts[classify(frames)] += n
-    busy = sum(counts.values()) or 1
-    conn_us = sum(spent.get(t, 0.0) for t in conns) / requests * 1e6
-    table = {step: counts[step] / busy * conn_us for step, _ in STEPS}
-    table[OTHER] = sum(v for t, v in spent.items() if t not in conns) / requests * 1e6
+    steps = perf_samples(data)
+    total = sum(steps.values()) or 1
+    per_request = (cpu1 - cpu0) / (iops * (t1 - t0)) * 1e6
+    table = {step: n / total * per_request for step, n in steps.items() if step != PYTHON}
+    python = steps[PYTHON] / total * per_request
+    split = python_split(raw)
+    spread = sum(split.values()) or 1
+    for step, n in split.items():
+        table[step] = python * n / spread
     table["requests per second"] = iops
     return table
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of `pid`."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
 
 
 def main() -> None:
@@ -138,11 +175,12 @@ def main() -> None:
     ap.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"])
     ap.add_argument("--seconds", type=int, default=5)
     args = ap.parse_args()
-    if not shutil.which("py-spy", path=str(VENV)):
+    if not (VENV / "py-spy").exists():
         sh(str(VENV / "python"), "-m", "pip", "install", "-q", "py-spy")
+    if not shutil.which("perf"):
+        raise SystemExit("profile: perf is needed (Debian: apt-get install linux-perf)")
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        cores = cores * 2
+    cores = cores if len(cores) > 1 else cores * 2
     work = Path(tempfile.mkdtemp(prefix="nbdclone-profile-"))
     try:
         base, store = work / "base.raw", work / "store"
@@ -155,15 +193,17 @@ def main() -> None:
         tables = {n: profile(n, args.seconds, work, store, cores) for n in names}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"| step (us per request, CPU) | {' | '.join(names)} |")
+    rows: list[str] = []
+    for t in tables.values():
+        rows += [r for r in t if r not in rows and r != "requests per second"]
+    print(f"| step (us of CPU per request) | {' | '.join(names)} |")
     print(f"|---|{'---|' * len(names)}")
-    rows = [step for step, _ in STEPS] + [OTHER]
-    for step in rows:
-        print(f"| {step} | {' | '.join(f'{tables[n][step]:.2f}' for n in names)} |")
-    total = {n: sum(tables[n][s] for s in rows) for n in names}
+    for step in sorted(rows, key=lambda r: -max(t.get(r, 0.0) for t in tables.values())):
+        print(f"| {step} | {' | '.join(f'{tables[n].get(step, 0.0):.2f}' for n in names)} |")
+    total = {n: sum(v for k, v in tables[n].items() if k != "requests per second") for n in names}
     print(f"| **total** | {' | '.join(f'**{total[n]:.2f}**' for n in names)} |")
     rates = " | ".join(f"{tables[n]['requests per second']:.0f}" for n in names)
-    print(f"| requests per second | {rates} |")
+    print(f"| requests per second (while profiled) | {rates} |")
 
 
 if __name__ == "__main__":
