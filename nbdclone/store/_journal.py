@@ -5,7 +5,9 @@ writes them into the map (RocksDB) in one batch.
       0    magic b"NBDCJNL1"
       8    the overlay's id (16 bytes): a journal is replayed only into the overlay that wrote it
       24   epoch (8, little-endian): bumped each time the map has taken every record (`reset`)
-      64   records, one per request, back to back:
+      32   the overlay's directory (2 bytes of length, then the path): `collect` removes the journals of
+           overlays that are gone (a clone removed or reset after its server died)
+      4096 records, one per request, back to back:
              length (4, little-endian) | seal (8) | payload (length bytes)
            payload: entries, each key (9: b"i" + block, big-endian) | n (1) | value (n bytes; n = 255: delete);
                     or a run: b"r" | first block (8, big-endian) | n (1) | a value of n bytes per block
@@ -48,7 +50,8 @@ from nbdclone.store._fs import punch_hole
 log = logging.getLogger(__name__)
 
 MAGIC = b"NBDCJNL1"
-HEADER = 64
+HEADER = 4096
+_PATH = 32
 CAPACITY = 64 << 20  # bytes of records before a write spills them into the map (1.4M one-block records)
 GROW = 1 << 20  # memory is allocated (and given back at a reset) this much at a time
 DELETE = 255
@@ -121,10 +124,42 @@ def decode(payload: bytes) -> list[Entry]:
     return out
 
 
+def owner(path: Path) -> Path | None:
+    """The overlay directory a journal file says it belongs to (None: not a journal, or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER)
+    except OSError:
+        return None
+    if head[:8] != MAGIC or len(head) < _PATH + 2:
+        return None
+    n = int.from_bytes(head[_PATH : _PATH + 2], "little")
+    return Path(os.fsdecode(head[_PATH + 2 : _PATH + 2 + n])) if n else None
+
+
+def collect(store: Path) -> int:
+    """Remove the journals of overlays under `store` that no longer exist (their clone was removed or reset
+    while a journal was left by a server that died). Returns how many. A journal of an overlay that exists
+    is kept whatever its age: it may hold the only record of acknowledged writes."""
+    where = folder()
+    if where is None:
+        return 0
+    root = store.absolute()
+    removed = 0
+    for path in where.iterdir():
+        own = owner(path)
+        if own is not None and own.is_relative_to(root) and not own.is_dir():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class Journal:
     """One overlay's journal file, mapped. `append` is the hot path: one seal and one memcpy."""
 
-    def __init__(self, path: Path, ident: bytes, *, create: bool, capacity: int = CAPACITY) -> None:
+    def __init__(
+        self, path: Path, ident: bytes, *, create: bool, owner: Path | None = None, capacity: int = CAPACITY
+    ) -> None:
         self.path = path
         self.ident = ident
         flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
@@ -152,8 +187,10 @@ class Journal:
             os.close(fd)
             raise
         if fresh or self.mm[:8] != MAGIC or self.mm[8:24] != ident:
+            where = os.fsencode(owner.absolute())[: HEADER - _PATH - 2] if owner is not None else b""
+            head = MAGIC + ident + _EPOCH.pack(0) + len(where).to_bytes(2, "little") + where
             self.epoch = 0
-            self.mm[:HEADER] = MAGIC + ident + _EPOCH.pack(0) + bytes(HEADER - 32)
+            self.mm[:HEADER] = head + bytes(HEADER - len(head))
         else:
             self.epoch = _EPOCH.unpack_from(self.mm, 24)[0]
         self._seed = (self.epoch << 32) ^ int.from_bytes(self.ident[:8], "little")

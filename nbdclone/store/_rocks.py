@@ -132,7 +132,7 @@ class RocksOverlay:
         if self._readonly and not path.exists():
             return None
         try:
-            return _journal.Journal(path, ident, create=not self._readonly)
+            return _journal.Journal(path, ident, create=not self._readonly, owner=self.path)
         except StorageError as exc:
             if self._readonly:
                 raise

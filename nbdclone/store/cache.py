@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 _SHIFT = 16
-_HEADER = 8  # cache.clock starts with a generation byte (bumped by every eviction pass), then padding
+_HEADER = 8  # cache.clock starts with a byte that counts eviction passes, then padding
 #: The bits of a slot's byte in the clock. VERIFIED is set by a reader once the chunk matched its digest, and
 #: cleared with the rest of the byte when the chunk's pages are dropped (Evictor) or its slot gets another
 #: chunk (ChunkStore): a chunk read back from the disk is checked again. ACCESSED is the CLOCK's bit.
@@ -111,7 +111,7 @@ class PackReader:
                 self.marks = own
 
     def verify(self, slot: int, key: bytes) -> None:
-        """Check chunk `slot` against its content digest `key` (once per eviction pass per process).
+        """Check chunk `slot` against its content digest `key` (sets its VERIFIED bit if it matches).
         Damage raises Damaged, for the clone that read it; nothing is marked good."""
         self.verify_all([(slot, key)])
 

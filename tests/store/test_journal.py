@@ -257,3 +257,27 @@ def test_a_read_only_open_reads_what_only_the_journal_holds(tmp_path: Path) -> N
     again.pread_into(memoryview(buf), 0)
     assert bytes(buf) == b"\x33" * BS + b"\x22" * BS + bytes(BS)
     again.close()
+
+
+def test_journals_of_overlays_that_are_gone_are_collected(tmp_path: Path, folder: Path) -> None:
+    """A server killed with writes unflushed leaves journals; the clone is then removed. A server's start
+    removes those, and only those: a journal whose overlay exists may hold acknowledged writes, and other
+    stores' journals are theirs."""
+    store, other = tmp_path / "store", tmp_path / "other"
+    kept, gone, foreign = store / "clones" / "a" / "ov1", store / "clones" / "b" / "ov2", other / "ov3"
+    journals = []
+    for owner in (kept, gone, foreign):
+        owner.mkdir(parents=True)
+        ident = os.urandom(16)
+        j = Journal(folder / ident.hex(), ident, create=True, owner=owner)
+        j.put(key(1), b"unflushed")
+        j.close()
+        journals.append(folder / ident.hex())
+    try:
+        gone.rmdir()
+        foreign.rmdir()
+        assert _journal.collect(store) == 1
+        assert [p.exists() for p in journals] == [True, False, True]
+    finally:
+        for p in journals:
+            p.unlink(missing_ok=True)
