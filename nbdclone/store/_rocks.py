@@ -119,25 +119,31 @@ class RocksOverlay:
             raise
 
     def _open_journal(self, create: bool) -> _journal.Journal | None:
-        """The overlay's journal (see _journal): found by the id its map records, made at a writable open
-        (None: no private folder in /dev/shm, where entries go straight into the map; or, read-only, none)."""
+        """The journal the last writer left (see _journal), found by the id the map records; None if there
+        is none (a clean close removes it), or no private folder in /dev/shm."""
         folder = _journal.folder()
-        ident = self._map.get(bm.META_JOURNAL)
-        if ident is None and not self._readonly:
-            ident = os.urandom(16)
-            self._map.write([(bm.META_JOURNAL, ident)], sync=not create)  # before any record names it
-        if folder is None or ident is None:
+        ident = None if create else self._map.get(bm.META_JOURNAL)
+        if folder is None or ident is None or not (folder / ident.hex()).exists():
             return None
-        path = folder / ident.hex()
-        if self._readonly and not path.exists():
-            return None
+        return _journal.Journal(folder / ident.hex(), ident, create=False, owner=self.path)
+
+    def _new_journal(self) -> None:
+        """A journal of this session's own, once the last writer's is in the map: a new id, in the map's WAL
+        before any record names it (unsynced: a power cut that loses it loses the journal too). So a journal
+        this open did not see (another user's /dev/shm) never matches the map again, and is never replayed
+        over entries written since. Where /dev/shm has no private folder, entries go straight to the map."""
+        old, self._journal = self._journal, None
+        if old is not None:
+            old.close(remove=True)
+        folder = _journal.folder()
+        if folder is None:
+            return
+        ident = os.urandom(16)
+        self._map.write([(bm.META_JOURNAL, ident)])
         try:
-            return _journal.Journal(path, ident, create=not self._readonly, owner=self.path)
+            self._journal = _journal.Journal(folder / ident.hex(), ident, create=True, owner=self.path)
         except StorageError as exc:
-            if self._readonly:
-                raise
             log.warning("overlay %s: no journal (%s); map entries are written straight to the map", self.path, exc)
-            return None
 
     def _retry_writable(self) -> None:
         """Opened read-only on a full disk: try to open for writing again (space may be back). Caller holds
@@ -171,9 +177,9 @@ class RocksOverlay:
             # A writer stopped with entries only its journal held: into the map first (synced: the journal
             # is reset next), then recovery as after any unclean stop.
             m.write(journaled, sync=True)
-            assert self._journal is not None
-            self._journal.reset()
             journaled = []
+        if not self._readonly:
+            self._new_journal()
         entries = _merged(m.entries(), journaled) if journaled else m.entries()
         self._journaled = {}
         for k, value in journaled:  # (read-only: what reads check these blocks against)

@@ -200,7 +200,8 @@ def test_a_kill_at_each_step_of_a_flush_keeps_every_acknowledged_write(
     again.close()
 
 
-def test_a_write_killed_inside_its_journal_record_reads_old_or_new(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", [1, 12, 20, 47])
+def test_a_write_killed_inside_its_journal_record_reads_old_or_new(tmp_path: Path, cut: int) -> None:
     """Bytes, then the record: a kill in the middle of the record's store leaves the block's previous state
     (the write was not acknowledged); every acknowledged write before it reads back."""
     path = tmp_path / "ov"
@@ -213,23 +214,43 @@ def test_a_write_killed_inside_its_journal_record_reads_old_or_new(tmp_path: Pat
     start = journal.pos
     clone.pwrite(memoryview(b"\x22" * BS), BS)
     end = journal.pos
+    assert end - start == 48, "a one-block first write is one 48-byte record"
     record = bytes(journal.mm[start:end])
     _die(overlay)
-    for cut in (1, 12, end - start - 1):
-        with open(journal.path, "r+b") as f:
-            f.seek(start)
-            f.write(record[:cut] + bytes(end - start - cut))
-        reopened = RocksOverlay(path)
-        again = Clone(ZeroBase(16 * BS), reopened, 16 * BS)
-        buf = bytearray(2 * BS)
-        again.pread_into(memoryview(buf), 0)
-        assert bytes(buf) == b"\x11" * BS + bytes(BS), f"cut after {cut} bytes"
-        _die(reopened)
-        with open(journal.path, "r+b") as f:  # the next round cuts the same record again
-            f.seek(start)
-            f.write(record)
-            f.seek(24)
-            f.write((0).to_bytes(8, "little"))  # its epoch, as when it was written
+    with open(journal.path, "r+b") as f:
+        f.seek(start)
+        f.write(record[:cut] + bytes(end - start - cut))
+    again = Clone(ZeroBase(16 * BS), RocksOverlay(path), 16 * BS)
+    buf = bytearray(2 * BS)
+    again.pread_into(memoryview(buf), 0)
+    assert bytes(buf) == b"\x11" * BS + bytes(BS), f"cut after {cut} bytes"
+    again.close()
+
+
+def test_a_journal_an_open_did_not_see_is_never_replayed_later(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user (another /dev/shm folder) opens the overlay after a kill and writes; the journal it
+    could not see must not be replayed over those writes when the first user opens it again."""
+    path = tmp_path / "ov"
+    create_overlay(path)
+    overlay = RocksOverlay(path)
+    clone = Clone(ZeroBase(16 * BS), overlay, 16 * BS)
+    clone.pwrite(memoryview(b"\x11" * BS), 0)  # only in the journal
+    _die(overlay)
+    elsewhere = tmp_path / "other-shm"
+    elsewhere.mkdir(mode=0o700)
+    monkeypatch.setattr(_journal, "folder", lambda: elsewhere)
+    other = Clone(ZeroBase(16 * BS), RocksOverlay(path), 16 * BS)
+    other.trim(BS, 0)
+    other.pwrite(memoryview(b"\x33" * BS), BS)
+    other.close()
+    monkeypatch.undo()
+    back = Clone(ZeroBase(16 * BS), RocksOverlay(path), 16 * BS)
+    buf = bytearray(2 * BS)
+    back.pread_into(memoryview(buf), 0)
+    assert bytes(buf) == bytes(BS) + b"\x33" * BS
+    back.close()
 
 
 def test_a_read_only_open_reads_what_only_the_journal_holds(tmp_path: Path) -> None:
