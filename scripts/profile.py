@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import cpu_seconds  # a process's CPU seconds, from /proc (scripts/ is on the path)
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
 
@@ -111,17 +113,6 @@ def python_split(raw: Path) -> collections.Counter[str]:
     return counts
 
 
-def thread_cpu(pid: int) -> float:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def profile(name: str, seconds: int, work: Path, store: Path, cores: list[int]) -> dict[str, float]:
     sock = work / "nbdclone.sock"
     cli = str(VENV / "nbdclone")
@@ -145,10 +136,10 @@ def profile(name: str, seconds: int, work: Path, store: Path, cores: list[int]) 
         time.sleep(1.5)  # past the first connection's open
         worker = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
         data, raw = work / f"{name}.perf", work / f"{name}.spy"
-        cpu0, t0 = thread_cpu(worker), time.monotonic()
+        cpu0, t0 = cpu_seconds([worker]), time.monotonic()
         sh("perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-p", str(worker), "-o", str(data),
            "--", "sleep", str(seconds))  # fmt: skip
-        cpu1, t1 = thread_cpu(worker), time.monotonic()
+        cpu1, t1 = cpu_seconds([worker]), time.monotonic()
         spy = ["record", "--nonblocking", "--rate", "500", "--duration", str(seconds), "--format", "raw"]
         sh(str(VENV / "py-spy"), *spy, "--output", str(raw), "--pid", str(worker))
         fio.wait()
