@@ -83,6 +83,7 @@ class Handle:
 _config: dict[str, str] = {}
 _settings: Settings | None = None
 _registry: Registry | None = None
+_first_open = threading.Lock()  # the lazily made globals below are made once
 _drain = Drain()
 _counters = Counters()
 _connections: dict[int, str] = {}  # native id of each connection thread with a clone open -> the clone
@@ -281,17 +282,22 @@ def thread_model() -> int:
 
 
 def _reg() -> Registry:
-    # Opened lazily, after nbdkit has forked: RocksDB starts threads, and so do we.
+    # Opened lazily, after nbdkit has forked: RocksDB starts threads, and so do we. Under a lock: the
+    # first connections open at once, and two registries would each open a clone's overlay (two writers
+    # of one map, each taking the other's open for an unclean stop).
     global _registry
     if _registry is None:
-        assert _settings is not None
-        _registry = Registry(Store(_settings.store))
-        threading.Thread(
-            target=publish_stats,
-            args=(RunDir(_settings.store), _settings.worker, _registry.stats, _counters),
-            name="nbdclone-stats",
-            daemon=True,
-        ).start()
+        with _first_open:
+            if _registry is None:
+                assert _settings is not None
+                registry = Registry(Store(_settings.store))
+                threading.Thread(
+                    target=publish_stats,
+                    args=(RunDir(_settings.store), _settings.worker, registry.stats, _counters),
+                    name="nbdclone-stats",
+                    daemon=True,
+                ).start()
+                _registry = registry
     return _registry
 
 
@@ -357,7 +363,9 @@ _pin_state: Pins | None = None
 def _pins() -> Pins:
     global _pin_state
     if _pin_state is None:
-        _pin_state = Pins(_settings.cpu if _settings is not None else None)
+        with _first_open:
+            if _pin_state is None:
+                _pin_state = Pins(_settings.cpu if _settings is not None else None)
     return _pin_state
 
 

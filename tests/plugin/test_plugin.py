@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from nbdclone.store import Store
 from nbdclone.store.images import import_base
 from nbdclone.supervisor.server import plugin_pythonpath
-from tests.helpers import PLUGIN, extents, make_image, pread_all, snapshot
+from tests.helpers import NBDCLONE, PLUGIN, extents, make_image, pread_all, snapshot
 
 SIZE = 4 << 20
 BASE_DATA = [(0, 1 << 20), (3 << 20, 4096)]
@@ -181,3 +184,63 @@ def test_list_exports_lists_every_clone(store: Store) -> None:
     h.opt_list(lambda name, desc: names.append(name))
     h.opt_abort()
     assert sorted(names) == ["c1", "c2"]
+
+
+def _writer(sock: Path, barrier: threading.Barrier, rnd: int, k: int, errors: list[BaseException]) -> None:
+    """One connection of a round: waits for the others, connects, writes and flushes blocks of its own."""
+    try:
+        h = nbd.NBD()
+        h.set_export_name("c1")
+        barrier.wait()
+        h.connect_unix(str(sock))
+        for j in range(8):
+            h.pwrite(_block(rnd, k, j), (k * 8 + j) * 4096)
+        h.flush()
+        h.shutdown()
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
+def _block(rnd: int, k: int, j: int) -> bytes:
+    return bytes([rnd, k, j]) * 1365 + b"!"
+
+
+def test_first_connections_at_once_share_one_open_of_the_clone(store: Store, tmp_path: Path) -> None:
+    """A fresh server's first connections arrive together (multi-conn: a client opens several): they must
+    share one registry and so one open overlay, or each open takes the other's for an unclean stop and
+    punches its blocks. Each round: a new nbdkit, 8 connections released by a barrier, each writes and
+    flushes its own blocks; one "opened clone" in the log, every write reads back, and check is clean."""
+    n = 8
+    for rnd in range(6):
+        sock = tmp_path / f"r{rnd}.sock"
+        log = (tmp_path / f"r{rnd}.log").open("w+")
+        proc = subprocess.Popen(
+            ["nbdkit", "-f", "-U", str(sock), "--threads", "16", "python", str(PLUGIN), f"store={store.path}"],
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
+                time.sleep(0.01)
+            barrier = threading.Barrier(n)
+            errors: list[BaseException] = []
+            threads = [threading.Thread(target=_writer, args=(sock, barrier, rnd, k, errors)) for k in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors, errors
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert text.count("opened clone c1") == 1, text
+        h = connect(store, "c1")
+        want = b"".join(_block(rnd, k, j) for k in range(n) for j in range(8))
+        assert h.pread(len(want), 0) == want
+        h.shutdown()
+        checked = subprocess.run([NBDCLONE, "check", "--store", str(store.path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
