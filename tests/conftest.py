@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdclone.store import _journal
 from tests.helpers import Server, free_ports
 
 
@@ -25,11 +26,12 @@ def server(tmp_path: Path, store_path: Path) -> Iterator[Server]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _shared_memory_left_clean() -> Iterator[None]:
-    """Stores made by tests keep their cache access bytes (and read-only RocksDB logs) in /dev/shm: remove
-    what this session added there."""
+    """Stores made by tests keep their cache access bytes, read-only RocksDB logs and overlays' journals in
+    /dev/shm: remove what this session added there."""
     shm = Path("/dev/shm")
     before = set(shm.glob("nbdclone-*"))
     yield
+    _journal.collect(Path("/"))  # overlays' journals left by killed writers whose test folders are gone
     for path in set(shm.glob("nbdclone-*")) - before:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -7,6 +7,7 @@
     b"m/format" -> b"4"    b"m/written" -> bytes written (8)    b"m/durable" -> last durable generation (8)
     b"m/open" -> b"1" while a server has it open, b"0" after a clean close
     b"m/trust" -> the first generation after the last unclean stop (8), until a scrub (see _rocks.read)
+    b"m/journal" -> the id of the overlay's journal in /dev/shm (16), where entries wait for a flush (_journal)
 
 One WriteBatch per request is atomic; the WAL is written (not synced) at every write, so a kill -9 of the
 process keeps it; `sync` makes every earlier write durable. All overlays of a process share one block cache
@@ -45,6 +46,9 @@ META_DURABLE = b"m/durable"
 #: bytes but lost the WAL record naming them (a rewrite in place): their prints are trusted once read again.
 META_TRUST = b"m/trust"
 META_OPEN = b"m/open"
+#: The overlay's journal's id (16 random bytes): entries of acknowledged writes wait there until a flush
+#: (_journal); a journal is replayed only into the map that names it.
+META_JOURNAL = b"m/journal"
 OLD_DATA = b"b"  # format 1 kept block bytes in RocksDB under this prefix
 
 BLOCK_CACHE_BYTES = 32 << 20  # the block cache every overlay of a process shares
@@ -242,11 +246,12 @@ class BlockMap:
     def write(self, puts: Iterable[tuple[bytes, bytes | None]], *, sync: bool = False) -> None:
         """One atomic batch: each (key, value) is put, or deleted where value is None; synced if `sync`."""
         batch = rocksdict.WriteBatch(raw_mode=True)
+        put, delete = batch.put, batch.delete
         for k, value in puts:
             if value is None:
-                batch.delete(k)
+                delete(k)
             else:
-                batch.put(k, value)
+                put(k, value)
         try:
             self._db.write(batch)
         except Exception as exc:

@@ -34,10 +34,10 @@ _HEAD = 10  # tag, previous state, generation (8)
 _PRINT = 8
 
 
-def fingerprint(block: bytes | bytearray | memoryview) -> bytes:
-    """What tells a block's bytes apart from the bytes that were there before (xxh3: 0.17 us per 4 KiB here,
-    mmh3's 128 bits 0.70 us)."""
-    return xxhash.xxh3_64_digest(block)
+#: What tells a block's bytes apart from the bytes that were there before (xxh3: 0.17 us per 4 KiB here,
+#: mmh3's 128 bits 0.70 us): the C function itself, called once per written block (a Python wrapper around
+#: it cost 15 us of a 1 MiB write's 256 calls).
+fingerprint: Callable[[bytes | bytearray | memoryview], bytes] = xxhash.xxh3_64_digest
 
 
 def tentative(prev: int, generation: int, *prints: bytes) -> bytes:

@@ -37,11 +37,12 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from nbdclone.errors import Damaged, StorageError
 from nbdclone.store import _blockmap as bm
+from nbdclone.store import _journal
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._datafile import DataFile
 from nbdclone.store._fs import fsync_dir, runs
@@ -50,6 +51,7 @@ from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Change, Move
 
 _SHIFT = BLOCK_SIZE.bit_length() - 1
 _INDEX = bm.INDEX
+_HEAD, _PRINT = 10, 8  # a tentative entry: tag, previous state, generation (8); then one or two prints
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class RocksOverlay:
         self._full = False  # opened read-only for want of space: writes get ENOSPC until a reopen succeeds
         self.format: bytes | None = None
         self._reprinted = 0  # blocks whose print was refreshed after an unclean stop (see _mismatch)
+        # Opened read-only over a journal its writer left: the DATA entries only the journal holds (reads).
+        self._journaled: dict[int, bytes] = {}
         try:
             self._states: list[Change] | None = self._start(create)
         except StorageError as exc:
@@ -85,41 +89,78 @@ class RocksOverlay:
             self._readonly = self._full = True
             self._states = self._start(False)
         self._dirty = False  # anything updated since the last flush began
-        # Blocks that became DATA in a generation not yet durable: block -> (prev state, generation, print).
-        self._tentative: dict[int, tuple[int, int, bytes]] = {}
+        # Blocks that became DATA in a generation not yet durable: block -> its entry (tentative(prev, gen,
+        # acked print, newest print)), the newest one, which the journal or the map holds too.
+        self._tentative: dict[int, bytes] = {}
         self._to_punch: set[int] = set()  # blocks that stopped being DATA; their entries are not yet durable
         self._pending: dict[int, bytes] = {}  # block -> print of bytes rewritten in place, not yet in the map
         self._punching: set[int] = set()  # ... whose entries the running (or last failed) flush makes durable
+        self._heads = (self._gen, _heads(self._gen))  # what first writes' entries start with, this generation
+        # A flush took a generation and has not yet let its blocks leave `_tentative` (it runs, or failed).
+        self._unpruned = False
 
     # -- open and recovery ---------------------------------------------------------------------------
 
     def _start(self, create: bool) -> list[Change]:
-        """Open the map and the data file, and recover if the last writer did not close."""
+        """Open the map, the data file and the journal, and recover if the last writer did not close."""
         self._map = bm.BlockMap(self.path, create=create, readonly=self._readonly)
         self._data: DataFile | None = None
+        self._journal: _journal.Journal | None = None
         try:
             self._data = DataFile(self.path / DATA_FILE, BLOCK_SIZE, readonly=self._readonly)
+            self._journal = self._open_journal(create)
             return self._open_map(create)
         except BaseException:
             if self._data is not None:
                 self._data.close()
+            if self._journal is not None:
+                self._journal.close()
             self._map.close()
             raise
+
+    def _open_journal(self, create: bool) -> _journal.Journal | None:
+        """The journal the last writer left (see _journal), found by the id the map records; None if there
+        is none (a clean close removes it), or no private folder in /dev/shm."""
+        folder = _journal.folder()
+        ident = None if create else self._map.get(bm.META_JOURNAL)
+        if folder is None or ident is None or not (folder / ident.hex()).exists():
+            return None
+        return _journal.Journal(folder / ident.hex(), ident, create=False, owner=self.path)
+
+    def _new_journal(self) -> None:
+        """A journal of this session's own, once the last writer's is in the map: a new id, in the map's WAL
+        before any record names it (unsynced: a power cut that loses it loses the journal too). So a journal
+        this open did not see (another user's /dev/shm) never matches the map again, and is never replayed
+        over entries written since. Where /dev/shm has no private folder, entries go straight to the map."""
+        old, self._journal = self._journal, None
+        if old is not None:
+            old.close(remove=True)
+        folder = _journal.folder()
+        if folder is None:
+            return
+        ident = os.urandom(16)
+        self._map.write([(bm.META_JOURNAL, ident)])
+        try:
+            self._journal = _journal.Journal(folder / ident.hex(), ident, create=True, owner=self.path)
+        except StorageError as exc:
+            log.warning("overlay %s: no journal (%s); map entries are written straight to the map", self.path, exc)
 
     def _retry_writable(self) -> None:
         """Opened read-only on a full disk: try to open for writing again (space may be back). Caller holds
         `lock`; nothing was written meanwhile, so the map it finds is the one the clone reads."""
-        old_map, old_data = self._map, self._data
+        old_map, old_data, old_journal = self._map, self._data, self._journal
         self._readonly = False
         try:
             self._start(False)
         except StorageError:
             self._readonly = True
-            self._map, self._data = old_map, old_data
+            self._map, self._data, self._journal = old_map, old_data, old_journal
             raise
         old_map.close()
         if old_data is not None:
             old_data.close()
+        if old_journal is not None:
+            old_journal.close()
         self._full = False
         log.info("overlay %s is writable again", self.path)
 
@@ -131,7 +172,22 @@ class RocksOverlay:
         durable = int.from_bytes(m.get(bm.META_DURABLE) or b"", "big")
         self._trust = int.from_bytes(m.get(bm.META_TRUST) or b"", "big")
         unclean = m.get(bm.META_OPEN) == _OPEN
-        rec = recover(m.entries(), unclean=unclean, durable=durable, read_block=data.read_block)
+        journaled = self._journal.entries() if self._journal is not None else []
+        if journaled and not self._readonly:
+            # A writer stopped with entries only its journal held: into the map first (synced: the journal
+            # is reset next), then recovery as after any unclean stop.
+            m.write(journaled, sync=True)
+            journaled = []
+        if not self._readonly:
+            self._new_journal()
+        entries = _merged(m.entries(), journaled) if journaled else m.entries()
+        self._journaled = {}
+        for k, value in journaled:  # (read-only: what reads check these blocks against)
+            if value is not None and value[:1] == bm.TENTATIVE:
+                self._journaled[int.from_bytes(k[1:], "big")] = value
+            else:
+                self._journaled.pop(int.from_bytes(k[1:], "big"), None)
+        rec = recover(entries, unclean=unclean or bool(journaled), durable=durable, read_block=data.read_block)
         last = max((block for block, state in rec.states if state == DATA), default=-1)
         if last >= data.size_blocks():  # the file was cut short under the map: its blocks are gone
             raise Damaged(path=data.path, detail=f"it ends before block {last}, which its map says holds data")
@@ -239,20 +295,25 @@ class RocksOverlay:
         else:
             whole = memoryview(bytearray((stop - first) << _SHIFT))
             data.read(whole, first << _SHIFT)
-        values = self._map.get_many([bm.key(b) for b in range(first, stop)])
-        pending = self._pending
-        for k, value in enumerate(values):
-            prints = None if value is None else prints_of(value)
-            if prints is None:
-                continue
+        pending, tentative_blocks = self._pending, self._tentative
+        unknown: list[tuple[int, bytes]] = []  # (block, print) of blocks whose entry only the map holds
+        for k in range(stop - first):
+            block = first + k
             mark = fingerprint(whole[k << _SHIFT : (k + 1) << _SHIFT])
-            if pending and (newer := pending.get(first + k)) is not None:
-                if mark == newer:  # rewritten in place since the last flush: the map's print is older
-                    continue
-                value = None  # what this process wrote there itself: any other bytes are damage
-            elif mark in prints:
-                continue
-            self._mismatch(first + k, value, mark)
+            if pending and (newer := pending.get(block)) is not None:
+                if mark != newer:  # what this process wrote there itself: any other bytes are damage
+                    self._mismatch(block, None, mark)
+            elif (value := tentative_blocks.get(block) or self._journaled.get(block)) is not None:
+                if mark != value[-_PRINT:] and mark != value[_HEAD : _HEAD + _PRINT]:
+                    self._mismatch(block, value, mark)
+            else:
+                unknown.append((block, mark))
+        if unknown:
+            values = self._map.get_many([_INDEX + b.to_bytes(8, "big") for b, _ in unknown])
+            for (block, mark), value in zip(unknown, values, strict=True):
+                prints = None if value is None else prints_of(value)
+                if prints is not None and mark not in prints:
+                    self._mismatch(block, value, mark)
         if whole is not buf:
             at = offset - (first << _SHIFT)
             buf[:] = whole[at : at + len(buf)]
@@ -261,7 +322,7 @@ class RocksOverlay:
         """A block's bytes are not what its entry (`value`; None: this process's own last write) names.
         Damage, unless the entry is from before an unclean stop (a rewrite's bytes may have reached the disk
         without the record naming them): then the bytes are the block's (old or new, as after any crash), and
-        its entry is made to say so."""
+        its entry is made to say so (at the next flush, as a rewrite's print is)."""
         if value is not None and decode(value).generation < self._trust:
             if not self._reprinted:
                 log.warning(
@@ -272,7 +333,7 @@ class RocksOverlay:
                 )
             self._reprinted += 1
             if not self._readonly:
-                self._map.put(bm.key(block), tentative(DATA, self._gen, mark))
+                self._pending[block] = mark
             return
         assert self._data is not None
         log.error("%s: block %d does not hold what its map fingerprints; not served", self._data.path, block)
@@ -289,14 +350,27 @@ class RocksOverlay:
             self._reopen_map()
         data = self._data
         assert data is not None
-        tentative_blocks = self._tentative
         if len(bufs) == 1 and len(bufs[0]) == BLOCK_SIZE and len(moves) <= 1:  # the hot path: one block
             block = offset >> _SHIFT
             buf = bufs[0]
-            if moves:  # a first write
+            if moves:  # a first write: bytes, then the entry that names them (I2, I3)
                 data.write(bufs, offset, BLOCK_SIZE)
-                self._first_writes([(block, moves[0][1])], memoryview(buf), block)
-            elif block in tentative_blocks:
+                mark = fingerprint(buf)
+                gen, heads = self._heads
+                if gen != self._gen:
+                    self._heads = gen, heads = self._gen, _heads(self._gen)
+                value = heads[moves[0][1]] + mark + mark
+                key = _INDEX + block.to_bytes(8, "big")
+                j = self._journal
+                if j is None or j.allocated - j.pos < 64:  # (a record of one entry is 48 bytes)
+                    self._record(key, value)
+                else:
+                    j.put(key, value)
+                self._tentative[block] = value
+                if self._to_punch or self._punching:
+                    self._to_punch.discard(block)
+                    self._punching.discard(block)
+            elif block in self._tentative:
                 self._rewrite_tentative([(block, buf)])
                 data.write(bufs, offset, BLOCK_SIZE)
             else:
@@ -305,6 +379,58 @@ class RocksOverlay:
             self._update(bufs, offset, moves)
         self._written += written
         self._dirty = True  # after the map: a flush that sees it covers this update (I3)
+
+    def _record(self, key: bytes, value: bytes) -> None:
+        """One map entry of an acknowledged request: into the journal (or the map, where there is none)."""
+        j = self._journal
+        if j is None:
+            self._map.put(key, value)
+            return
+        try:
+            j.put(key, value)
+        except _journal.Full:
+            self._spill()
+            j.put(key, value)
+
+    def _record_all(self, entries: list[tuple[bytes, bytes | None]]) -> None:
+        """A request's map entries, applied together (one journal record, or one map batch)."""
+        if not entries:
+            return
+        j = self._journal
+        if j is None:
+            self._map.write(entries)
+            return
+        self._append(_journal.encode(entries), lambda: entries)
+
+    def _append(self, payload: bytes, entries: Callable[[], list[tuple[bytes, bytes | None]]]) -> None:
+        """One journal record (`payload`, which holds `entries()`); where there is no journal, or the record
+        is larger than the journal, the entries go to the map in one batch."""
+        j = self._journal
+        if j is None:
+            self._map.write(entries())
+            return
+        try:
+            j.append(payload)
+        except _journal.Full:
+            self._spill()
+            try:
+                j.append(payload)
+            except _journal.Full:
+                self._map.write(entries())
+
+    def _spill(self) -> None:
+        """Every journal entry into the map, then the prints of rewrites in place (`_pending`, always the
+        newest word on their blocks), in one batch; then a new journal epoch: the map's WAL holds the entries
+        before the journal lets them go. Caller holds `lock`."""
+        j = self._journal
+        batch = j.entries() if j is not None else []
+        if self._pending:
+            batch += self._pending_entries()
+        if batch:
+            self._map.write(batch)
+        self._pending = {}
+        if j is not None and len(j):
+            j.reset()
 
     def _update(self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move]) -> None:
         data = self._data
@@ -319,6 +445,11 @@ class RocksOverlay:
         whole = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs))
         first, stop = offset >> _SHIFT, (offset + length) >> _SHIFT
         durable: list[tuple[int, memoryview]] = []
+        if not moves and all(map(self._tentative.__contains__, range(first, stop))):
+            # A run of blocks all rewritten before the flush (a large write, again): one run record.
+            self._rewrite_tentative_run(first, whole, stop - first)
+            data.write(bufs, offset, length)
+            return
         if len(firsts) < stop - first:  # rewrites: a tentative entry names the new bytes before they are written
             tentative_blocks = self._tentative
             changed = {block for block, _, _ in moves}
@@ -332,7 +463,7 @@ class RocksOverlay:
         else:
             data.write(bufs, offset, length)
         if firsts:
-            self._first_writes(firsts, whole, first, others=moves)
+            self._first_writes(firsts, whole, first, others=() if len(firsts) == len(moves) else moves)
         else:
             self._apply(moves)
 
@@ -340,39 +471,72 @@ class RocksOverlay:
         self, firsts: Sequence[tuple[int, int]], whole: memoryview, first: int, others: Sequence[Move] = ()
     ) -> None:
         """Blocks whose bytes are written (`whole` holds them, from block `first` on) become DATA: tentative
-        entries (I3), in one batch with the changes of `others` that are not first writes."""
-        gen = self._gen
-        heads = {BASE: tentative_head(BASE, gen), ZEROED: tentative_head(ZEROED, gen)}  # not DATA: KeyError
-        tentative_blocks = self._tentative
-        batch: list[tuple[bytes, bytes | None]] = []
-        append = batch.append
-        for block, old in firsts:
-            at = (block - first) << _SHIFT
-            mark = fingerprint(whole[at : at + BLOCK_SIZE])
-            append((_INDEX + block.to_bytes(8, "big"), heads[old] + mark + mark))  # rewrites' size: in place
-            tentative_blocks[block] = (old, gen, mark)
-        if len(batch) == 1 and not others:
-            self._map.put(*batch[0])  # type: ignore[arg-type]
+        entries (I3), recorded with the changes of `others` that are not first writes."""
+        heads = _heads(self._gen)  # not DATA: KeyError
+        # Comprehensions, not one loop: a 1 MiB write does this for 256 blocks.
+        marks = [fingerprint(whole[(b - first) << _SHIFT : (b + 1 - first) << _SHIFT]) for b, _ in firsts]
+        values = [heads[old] + m + m for (_, old), m in zip(firsts, marks, strict=True)]  # rewrites: same size
+        blocks = [b for b, _ in firsts]
+        self._tentative.update(zip(blocks, values, strict=True))
+        if not others and blocks[-1] - blocks[0] == len(blocks) - 1:  # a run of first writes: one run record
+            self._append(
+                _journal.encode_run(blocks[0], values),
+                lambda: [(_INDEX + b.to_bytes(8, "big"), v) for b, v in zip(blocks, values, strict=True)],
+            )
         else:
+            batch: list[tuple[bytes, bytes | None]] = [
+                (_INDEX + b.to_bytes(8, "big"), v) for b, v in zip(blocks, values, strict=True)
+            ]
             self._apply(others, batch)
         if self._to_punch or self._punching:
             for block, _ in firsts:
                 self._to_punch.discard(block)
                 self._punching.discard(block)
 
+    def _rewrite_tentative_run(self, first: int, whole: memoryview, n: int) -> None:
+        """`_rewrite_tentative` of blocks first .. first + n - 1, whose new bytes `whole` holds, in one
+        run record (comprehensions: a 1 MiB write does this for 256 blocks)."""
+        tentative_blocks = self._tentative
+        blocks = range(first, first + n)
+        marks = [fingerprint(whole[i : i + BLOCK_SIZE]) for i in range(0, n << _SHIFT, BLOCK_SIZE)]
+        olds = map(tentative_blocks.__getitem__, blocks)
+        values = [v[:_HEAD] + v[-_PRINT:] + m for v, m in zip(olds, marks, strict=True)]
+        tentative_blocks.update(zip(blocks, values, strict=True))
+        self._append(
+            _journal.encode_run(first, values),
+            lambda: [(_INDEX + b.to_bytes(8, "big"), v) for b, v in zip(blocks, values, strict=True)],
+        )
+        if self._unpruned:  # as in _rewrite_tentative
+            gen = self._gen
+            for block, value, mark in zip(blocks, values, marks, strict=True):
+                if int.from_bytes(value[2:_HEAD], "big") < gen:
+                    self._pending[block] = mark
+
     def _rewrite_tentative(self, blocks: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Blocks that are DATA since a generation not yet durable get new bytes: their entries name both the
         acknowledged and the new bytes before the new bytes are written (a kill in between keeps either)."""
-        batch: list[tuple[bytes, bytes | None]] = []
-        for block, buf in blocks:
-            prev, gen, acked = self._tentative[block]
+        tentative_blocks, gen = self._tentative, self._gen
+        if len(blocks) == 1:
+            block, buf = blocks[0]
+            value = tentative_blocks[block]
             mark = fingerprint(buf)
-            batch.append((bm.key(block), tentative(prev, gen, acked, mark)))
-            self._tentative[block] = (prev, gen, mark)
-        if len(batch) == 1:
-            self._map.put(*batch[0])  # type: ignore[arg-type]
-        else:
-            self._map.write(batch)
+            tentative_blocks[block] = value = value[:_HEAD] + value[-_PRINT:] + mark
+            self._record(_INDEX + block.to_bytes(8, "big"), value)
+            if self._unpruned and int.from_bytes(value[2:_HEAD], "big") < gen:
+                # A flush has taken the journal since the block became DATA: when it ends, the block leaves
+                # `_tentative`, and the map does not have this entry yet. Its print is in memory until the
+                # next flush, as a rewrite in place's is (reads check `_pending` first).
+                self._pending[block] = mark
+            return
+        marks = [fingerprint(buf) for _, buf in blocks]
+        olds = [tentative_blocks[b] for b, _ in blocks]
+        values = [v[:_HEAD] + v[-_PRINT:] + m for v, m in zip(olds, marks, strict=True)]
+        tentative_blocks.update(zip([b for b, _ in blocks], values, strict=True))
+        self._record_all([(_INDEX + b.to_bytes(8, "big"), v) for (b, _), v in zip(blocks, values, strict=True)])
+        if self._unpruned:
+            for (block, _), value, mark in zip(blocks, values, marks, strict=True):
+                if int.from_bytes(value[2:_HEAD], "big") < gen:  # as above
+                    self._pending[block] = mark
 
     def _write_in_place(
         self,
@@ -397,37 +561,32 @@ class RocksOverlay:
     def _rewrite_durable(self, blocks: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Blocks that are DATA durably get new bytes in place. Their new prints are kept in memory
         (`_pending`, which reads check first) and reach the map in one batch at the start of the next flush
-        (`_write_pending`), or sooner if many pile up. Nothing is lost to a kill or power cut before then:
+        (`_spill`), or sooner if many pile up. Nothing is lost to a kill or power cut before then:
         the block holds old or new bytes under its old entry, and after the unclean stop entries from before
         it are trusted again as their blocks are read (`_mismatch`)."""
         pending = self._pending
         for block, buf in blocks:
             pending[block] = fingerprint(buf)
         if len(pending) >= PENDING_PRINTS:
-            self._write_pending()
+            self._spill()  # unsynced: the next flush's WAL sync makes them durable
 
-    def _write_pending(self) -> None:
-        """The prints of blocks rewritten in place, into the map (one batch, unsynced: the next flush's
-        WAL sync makes them durable). Caller holds `lock`."""
-        if self._pending:
-            gen = self._gen
-            self._map.write([(bm.key(b), tentative(DATA, gen, mark)) for b, mark in self._pending.items()])
-            self._pending = {}
+    def _pending_entries(self) -> list[tuple[bytes, bytes | None]]:
+        gen = self._gen
+        return [(bm.key(b), tentative(DATA, gen, mark)) for b, mark in self._pending.items()]
 
     def _apply(self, moves: Sequence[Move], batch: list[tuple[bytes, bytes | None]] | None = None) -> None:
-        """Map changes of blocks that leave DATA, or stay out of it, in one batch (with `batch`, if given)."""
+        """Map changes of blocks that leave DATA, or stay out of it, recorded together (with `batch`)."""
         batch = batch if batch is not None else []
         freed: list[int] = []
         for block, old, new in moves:
             if new == DATA:
                 continue  # in `batch` already
             if new != old:
-                batch.append((bm.key(block), bm.ZERO if new else None))
+                batch.append((_INDEX + block.to_bytes(8, "big"), bm.ZERO if new else None))
             self._tentative.pop(block, None)
             self._pending.pop(block, None)
             freed.append(block)  # its bytes, if any, are released once its entry is durable (I4)
-        if batch:
-            self._map.write(batch)
+        self._record_all(batch)
         self._to_punch.update(freed)
 
     def _reopen_map(self) -> None:
@@ -445,13 +604,18 @@ class RocksOverlay:
             return
         with self._flush_lock:
             with self.lock:
-                if not (self._dirty or self._pending or self._to_punch or self._punching or self._map.broken):
-                    return  # nothing since the last flush: a boot flushes often, twice in a row at times
+                journaled = self._journal is not None and len(self._journal)
+                if not (self._dirty or journaled or self._pending or self._to_punch or self._punching):
+                    if not self._map.broken:
+                        return  # nothing since the last flush: a boot flushes often, twice in a row at times
                 if self._map.broken:
                     self._map.reopen()
-                self._write_pending()  # in the generation being flushed: durable with it (I6)
+                # In the generation being flushed, in one batch: what the journal holds and the prints of
+                # rewrites (I6): the map's WAL has them all before the journal starts again.
+                self._spill()
                 self._dirty = False
                 generation, self._gen = self._gen, self._gen + 1
+                self._unpruned = True
                 self._punching |= self._to_punch
                 self._to_punch = set()
                 written = self._written
@@ -469,7 +633,10 @@ class RocksOverlay:
                 self._data.punch(sorted(self._punching))
                 self._punching.clear()
                 if self._tentative:  # what became DATA before this generation is durable now
-                    self._tentative = {b: t for b, t in self._tentative.items() if t[1] > generation}
+                    self._tentative = {
+                        b: v for b, v in self._tentative.items() if int.from_bytes(v[2:_HEAD], "big") > generation
+                    }
+                self._unpruned = False
 
     def verify_data(self, *, scrub: bool = False) -> list[int] | None:
         """The DATA blocks whose bytes are none of the ones their entry fingerprints (damage), or None if the
@@ -481,7 +648,14 @@ class RocksOverlay:
             return None
         bad = []
         fixes: list[tuple[bytes, bytes | None]] = []
-        for block, value in self._map.entries():
+        if not self._readonly:
+            with self.lock:
+                self._spill()  # the map holds every entry and print
+            entries: Iterable[tuple[int, bytes]] = self._map.entries()
+        else:  # what a writer's journal holds overlays the map
+            journaled = self._journal.entries() if self._journal is not None else []
+            entries = _merged(self._map.entries(), journaled) if journaled else self._map.entries()
+        for block, value in entries:
             prints = prints_of(value)
             if prints is None:
                 continue
@@ -507,16 +681,40 @@ class RocksOverlay:
         return self._written
 
     def close(self) -> None:
+        closed = False
         try:
             if not self._readonly and not self._full:
                 self.flush()
                 self._map.write(
                     [(bm.META_OPEN, _CLOSED), (bm.META_WRITTEN, self._written.to_bytes(8, "big"))], sync=True
                 )
+                closed = True
         finally:
             if self._data is not None:
                 self._data.close()
+            if self._journal is not None:  # kept unless the map holds all it held, durably
+                self._journal.close(remove=closed)
             self._map.close()
+
+
+def _heads(generation: int) -> dict[int, bytes]:
+    """The start of the tentative entry of a block that was BASE or ZEROED, in `generation`."""
+    return {BASE: tentative_head(BASE, generation), ZEROED: tentative_head(ZEROED, generation)}
+
+
+def _merged(
+    entries: Iterator[tuple[int, bytes]], journaled: list[tuple[bytes, bytes | None]]
+) -> list[tuple[int, bytes]]:
+    """The map's (block, value) entries with a journal's entries laid over them, in block order (read-only
+    opens: the journal stays as the writer left it)."""
+    out = dict(entries)
+    for k, value in journaled:
+        block = int.from_bytes(k[1:], "big")
+        if value is None:
+            out.pop(block, None)
+        else:
+            out[block] = value
+    return sorted(out.items())
 
 
 def create_overlay(path: Path) -> None:

@@ -2,10 +2,12 @@
 
     worker 1 ─┐                          ┌─ pack pages held in memory (one copy, whoever read them)
     worker 2 ─┼─ PackReader ── preadv ───┤
-    CLI warm ─┘   hit: preadv2(RWF_NOWAIT)└─ the clock (/dev/shm): an access byte per chunk slot, shared
-                  miss: preadv (the GIL       by every process; the supervisor's CLOCK hand evicts
-                  released while the disk     unreferenced chunks (fadvise DONTNEED) past --cache-size
-                  works); each chunk checked against its digest once per process per eviction pass
+    CLI warm ─┘   hit: preadv2(RWF_NOWAIT)└─ the clock (/dev/shm): a byte per chunk slot, shared by every
+                  miss: preadv (the GIL       process: ACCESSED (the supervisor's CLOCK hand evicts
+                  released while the disk     unreferenced chunks, fadvise DONTNEED, past --cache-size) and
+                  works)                      VERIFIED (its bytes matched their digest since they were
+                                              last read in from the disk: each chunk is checked once per
+                                              host, not once per worker)
 
 Why the page cache: chunks are stored once by content, so a block that two versions (or a thousand clones)
 share is one slot of one file, cached once and still hot after a flip. The kernel already shares those
@@ -24,6 +26,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +34,20 @@ from typing import Any
 import mmh3
 
 from nbdclone import errors
+from nbdclone.store._fs import runs
 from nbdclone.store.remote import Fetch
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 _SHIFT = 16
-_HEADER = 8  # cache.clock starts with a generation byte (bumped by every eviction pass), then padding
+_HEADER = 8  # cache.clock starts with a byte that counts eviction passes, then padding
+#: The bits of a slot's byte in the clock. VERIFIED is set by a reader once the chunk matched its digest, and
+#: cleared with the rest of the byte when the chunk's pages are dropped (Evictor) or its slot gets another
+#: chunk (ChunkStore): a chunk read back from the disk is checked again. ACCESSED is the CLOCK's bit.
+ACCESSED, VERIFIED = 1, 2
+_SEEN = ACCESSED | VERIFIED  # what a read leaves: it reads only chunks checked already
+_KEEP_VERIFIED = bytes(b & VERIFIED for b in range(256))  # the hand's pass: accessed bits cleared
 PAGE = mmap.PAGESIZE
 _LOAD_CHUNKS = 32  # a prefetch reads up to this many chunks (2 MiB) at a time
 
@@ -65,9 +75,10 @@ class PackReader:
 
     Every read is a system call (preadv2 with RWF_NOWAIT first, to count hits): the pack is never mapped
     into the process, so a pack cut short under a running server is an EIO for the clones that read past
-    its end, not a SIGBUS that kills the worker. A chunk is checked against its content digest the first
-    time this process reads it since the last eviction pass (`verify`): bytes changed on disk are refused,
-    never served."""
+    its end, not a SIGBUS that kills the worker. A chunk is checked against its content digest before it
+    is first served (`verify`), and again after its pages were dropped or its slot reused: bytes changed on
+    disk are refused, never served. `marks` holds the VERIFIED bits: the clock's bytes, shared by the host's
+    workers (one check per host), or without a clock this process's own."""
 
     def __init__(self, pack: Path, clock: Path | None = None, fetch: Fetch | None = None) -> None:
         self.pack = pack
@@ -77,9 +88,9 @@ class PackReader:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._slots = 0
-        self.verified = bytearray()  # per slot: 1 once its bytes matched their digest in this process
         self._clock: mmap.mmap | None = None
-        self._generation = 0
+        # From _HEADER on, a byte per slot (ACCESSED, VERIFIED): the clock, or this process's own bytes.
+        self.marks: mmap.mmap | bytearray = bytearray(_HEADER)
         # preadv2(RWF_NOWAIT) says whether a read was served from memory; tmpfs, FUSE and NFS do not take
         # the flag (EOPNOTSUPP). There every read counts as a miss, and is a plain preadv.
         self._nowait = os.RWF_NOWAIT
@@ -90,12 +101,17 @@ class PackReader:
             if nslots <= self._slots:
                 return
             self._slots = nslots
-            self.verified.extend(bytes(nslots - len(self.verified)))
             if self.clock_path is not None:
                 self._clock = open_clock(self.clock_path, nslots)
+            if self._clock is not None:
+                self.marks = self._clock
+            else:
+                own = self.marks if isinstance(self.marks, bytearray) else bytearray(_HEADER)
+                own.extend(bytes(_HEADER + nslots - len(own)))
+                self.marks = own
 
     def verify(self, slot: int, key: bytes) -> None:
-        """Check chunk `slot` against its content digest `key` (once per eviction pass per process).
+        """Check chunk `slot` against its content digest `key` (sets its VERIFIED bit if it matches).
         Damage raises Damaged, for the clone that read it; nothing is marked good."""
         self.verify_all([(slot, key)])
 
@@ -122,27 +138,23 @@ class PackReader:
             got += n
         if digest(buf) != key:
             return False
-        self.verified[slot] = 1
+        marks = self.marks
+        marks[_HEADER + slot] |= VERIFIED
         return True
 
-    def refresh(self) -> None:
-        """Before a read is checked against `verified`: after an eviction pass, what comes back from the
-        disk is checked again."""
-        clock = self._clock
-        if clock is not None and clock[0] != self._generation:
-            self._generation = clock[0]
-            self.verified[:] = bytes(len(self.verified))
+    def verified(self, slot: int) -> bool:
+        return bool(self.marks[_HEADER + slot] & VERIFIED)
 
     def read(self, dst: memoryview, at: int) -> None:
         """Fill `dst` with the pack's bytes at `at` (within tracked slots). The caller has checked the
-        chunks (refresh, then verify where `verified` says so)."""
+        chunks (verify where their VERIFIED bit is not set)."""
         first, last = at >> _SHIFT, (at + len(dst) - 1) >> _SHIFT
-        clock = self._clock
-        if clock is not None:
-            if first == last:
-                clock[_HEADER + first] = 1
-            else:
-                clock[_HEADER + first : _HEADER + last + 1] = b"\x01" * (last + 1 - first)
+        marks = self.marks
+        if first == last:
+            if marks[_HEADER + first] != _SEEN:  # (a store to a shared line only when it changes)
+                marks[_HEADER + first] = _SEEN
+        else:
+            marks[_HEADER + first : _HEADER + last + 1] = bytes((_SEEN,)) * (last + 1 - first)
         n = len(dst)
         got = 0
         if self._nowait:
@@ -197,6 +209,24 @@ class PackReader:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def forget_verified(clock: Path, slots: Iterable[int]) -> None:
+    """Clear the bytes of `slots` in the clock at `clock` (if there is one): they get other chunks, which
+    must be checked before they are served."""
+    try:
+        fd = os.open(clock, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return  # no server runs (the clock goes with it), or no clock: nothing marks the slots
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return
+        size = os.fstat(fd).st_size
+        for start, count in runs(sorted(slots)):
+            if _HEADER + start < size:
+                os.pwrite(fd, bytes(min(count, size - _HEADER - start)), _HEADER + start)
+    finally:
+        os.close(fd)
 
 
 def open_clock(path: Path, nslots: int) -> mmap.mmap | None:
@@ -320,14 +350,17 @@ class Evictor:
                 if not held:
                     continue
                 first = _HEADER + region * self.REGION
-                if any(clock[first : first + self.REGION]):
-                    clock[first : first + self.REGION] = bytes(self.REGION)
+                marks = clock[first : first + self.REGION]
+                if any(b & ACCESSED for b in marks):  # a second chance: the accessed bits go, VERIFIED stays
+                    clock[first : first + self.REGION] = marks.translate(_KEEP_VERIFIED)
                     continue
+                # Not VERIFIED before the pages go: what is read back in from the disk is checked again.
+                clock[first : first + self.REGION] = bytes(self.REGION)
                 os.posix_fadvise(fd, region * self.REGION * CHUNK, self.REGION * CHUNK, os.POSIX_FADV_DONTNEED)
                 resident -= held
                 self.evictions += 1
                 self.evicted_bytes += held
-            clock[0] = (clock[0] + 1) % 256  # tell readers their "known in memory" bits are stale
+            clock[0] = (clock[0] + 1) % 256  # a pass: its count, for tests and tools
         finally:
             os.close(fd)
             clock.close()

@@ -210,7 +210,7 @@ class CatalogStore(Layout):
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(path)
-        self.chunks = ChunkStore(self.chunks_dir)
+        self.chunks = ChunkStore(self.chunks_dir, self.clock_path)
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
 
     def fetcher(self) -> Fetch | None:

@@ -34,7 +34,8 @@ from nbdclone.errors import Damaged
 from nbdclone.store._fs import punch_hole, runs
 from nbdclone.store._sealed import seal_bytes, unseal_bytes
 from nbdclone.store.base import Extent
-from nbdclone.store.cache import PackReader, digest
+from nbdclone.store.cache import _HEADER as _MARKS
+from nbdclone.store.cache import VERIFIED, PackReader, digest, forget_verified
 from nbdclone.store.remote import Fetch, RemoteSlots, RemoteTable
 from nbdclone.store.remote import sha256 as remote_sha256
 
@@ -209,9 +210,10 @@ class ChunkStore:
     """The pack file and the lock that serialises writers (imports and gc). Readers take no lock: a slot
     is never rewritten while a committed version references it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Path | None = None) -> None:
         self.root = root
         self.pack = root / "pack"
+        self.clock = clock  # the running server's cache clock: slots given new chunks lose their VERIFIED bit
         self.remote = RemoteSlots(root)  # a fleet host's slots staged but not fetched yet (remote.py)
 
     @contextlib.contextmanager
@@ -241,6 +243,7 @@ class ChunkStore:
         vmap = start.derived() if start is not None else VersionMap(size)
         assert vmap.size == size, "a derived version keeps its size"
         written = 0
+        renewed: list[int] = []  # slots given new bytes (a slot past the pack's end may have had others once)
         fd = os.open(self.pack, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             for i, data in chunks:
@@ -260,7 +263,10 @@ class ChunkStore:
                     _pwrite_all(fd, data, slot * CHUNK)
                     index.setdefault(key, []).append(slot)
                     written += 1
+                    renewed.append(slot)
                 vmap.put(i, slot, key)
+            if renewed and self.clock is not None:  # before any version names them
+                forget_verified(self.clock, renewed)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -293,6 +299,8 @@ class ChunkStore:
             if os.fstat(fd).st_size < nslots * CHUNK:
                 os.ftruncate(fd, nslots * CHUNK)
                 os.fsync(fd)
+            if new and self.clock is not None:
+                forget_verified(self.clock, new)
         finally:
             os.close(fd)
         return vmap, new
@@ -375,12 +383,10 @@ class ChunkedBase:
         if reader is None and used:
             reader = PackReader(pack, fetch=fetch)
         self._reader = reader
-        self._verified = bytearray()
         if reader is not None and used:
             if vmap.digest_pages is None:
                 raise ValueError("a version is served from a map loaded with its digests (to check chunks)")
             reader.ensure(max(used) + 1)
-            self._verified = reader.verified  # the same bytearray for the reader's life
         self.recorder: TraceRecorder | None = None
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
@@ -391,14 +397,14 @@ class ChunkedBase:
             recorder.add(range(i, ((end - 1) >> _SHIFT) + 1))
             if recorder.done:  # off the hot path for the rest of the version's life
                 self.recorder = None
-        if self._reader is not None:
-            self._reader.refresh()
         page = self._pages.get(i >> PAGE_SHIFT)
         if end <= (i + 1) << _SHIFT and page is not None and (slot := page[i & PAGE_MASK]) >= 0:
             # The hot path: inside one stored chunk.
-            if not self._verified[slot]:
-                self._reader.verify(slot, self.map.key(i))  # type: ignore[union-attr]
-            self._reader.read(buf, (slot << _SHIFT) + (offset & _MASK))  # type: ignore[union-attr]
+            reader = self._reader
+            assert reader is not None
+            if not reader.marks[_MARKS + slot] & VERIFIED:
+                reader.verify(slot, self.map.key(i))
+            reader.read(buf, (slot << _SHIFT) + (offset & _MASK))
             return
         slot_of = self.map.slot
         pos = offset
@@ -415,7 +421,10 @@ class ChunkedBase:
             if slot == ZERO_SLOT:
                 dst[:] = bytes(len(dst))
             else:
-                unchecked = [(slot + k, self.map.key(i + k)) for k in range(j - i) if not self._verified[slot + k]]
+                marks = self._reader.marks  # type: ignore[union-attr]
+                unchecked = [
+                    (slot + k, self.map.key(i + k)) for k in range(j - i) if not marks[_MARKS + slot + k] & VERIFIED
+                ]
                 if unchecked:
                     self._reader.verify_all(unchecked)  # type: ignore[union-attr]
                 self._reader.read(dst, (slot << _SHIFT) + (pos - (i << _SHIFT)))  # type: ignore[union-attr]

@@ -112,12 +112,17 @@ class Clone:
             self._modify(offset, length, buf, fua=fua)
             return
         if length == BLOCK_SIZE and (buf[_PROBES[0]] or buf[_PROBES[1]] or buf[_PROBES[2]] or buf[_PROBES[3]]):
-            # The hottest path: one block, not all zeros (a probed byte is set).
+            # The hottest path: one block, not all zeros (a probed byte is set). The state's group is looked
+            # up inline (BlockStates' methods cost 0.3 us a call here).
             block = offset >> _SHIFT
+            groups = self._state.groups
             with self._lock:
-                old = self._state[block]
+                g = groups.get(block >> GROUP_SHIFT)
+                if g is None:
+                    g = groups[block >> GROUP_SHIFT] = bytearray(GROUP)
+                old = g[block & _GMASK]
                 self.overlay.update((buf,), offset, ((block, old, DATA),) if old != DATA else (), written=BLOCK_SIZE)
-                self._state[block] = DATA
+                g[block & _GMASK] = DATA
             if fua:
                 self.overlay.flush()
             return

@@ -22,6 +22,8 @@
       tmp/                    work in progress (see Layout.scratch)
       run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
       /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Layout.clock_path)
+      /dev/shm/nbdclone-journals-UID/JID  an overlay's journal of map entries not yet flushed (_journal.py);
+                              removed at its clean close, or at a server's start once its overlay is gone
 
 Names are keys in the catalog and never become paths: files are named by random ids, so an export name
 from the network can only ever be looked up. A file that is replaced is replaced by write_atomic.
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbdclone.runtime import RunDir
+from nbdclone.store import _journal
 from nbdclone.store._fs import fsync_dir
 
 if TYPE_CHECKING:
@@ -127,6 +130,10 @@ class Layout:
     @property
     def server_info_path(self) -> Path:
         return RunDir(self.path).server_info
+
+    def collect_journals(self) -> int:
+        """Remove the journals (/dev/shm) of this store's overlays that no longer exist; how many."""
+        return _journal.collect(self.path)
 
     @property
     def clock_path(self) -> Path:

@@ -340,6 +340,8 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
         except OSError as exc:  # a full disk: serve anyway
             log.error("cannot record the address settings (%s): 'nbdclone uri' may give the old ones", exc)
         _warn_if_exposed(cfg)
+        if gone := store.collect_journals():
+            log.info("removed %d journal(s) of overlays that no longer exist", gone)
         sup = Supervisor(cfg, listeners)
         stop = asyncio.Event()
         reload = asyncio.Event()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from nbdclone.errors import Damaged
 from nbdclone.store import Store, registry
+from nbdclone.store import cache as cache_module
 from nbdclone.store.cache import CHUNK, Evictor, PackReader, resident_bytes
 from nbdclone.store.chunks import ChunkedBase, load_trace
 from nbdclone.store.images import import_base
@@ -188,3 +190,79 @@ def test_an_idle_version_takes_up_a_trace_recorded_meanwhile(store: Store) -> No
     assert reg.reader is not None and reg.reader.stats.prefetched_bytes == 24 * CHUNK
     reg.close_all()
     recorder.close_all()
+
+
+def _counting_digest(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the chunk digests computed (each is one check of a chunk against its key)."""
+    calls: list[int] = []
+    real = cache_module.digest
+
+    def counted(data: bytes | bytearray | memoryview) -> bytes:
+        calls.append(1)
+        return real(data)
+
+    monkeypatch.setattr(cache_module, "digest", counted)
+    return calls
+
+
+def test_a_chunk_is_checked_once_per_host_not_once_per_worker(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two readers sharing one clock (two workers of one server) check each chunk once between them."""
+    calls = _counting_digest(monkeypatch)
+    rec = store.get_base("os")
+    clock = tmp_path / "cache.clock"
+    buf = memoryview(bytearray(4096))
+    pack = store.chunks.pack
+    first = ChunkedBase(pack, store.version_map(rec, "1"), PackReader(pack, clock))
+    for off in range(0, 16 * MiB, CHUNK):
+        first.pread_into(buf, off)
+    assert len(calls) == 16 * MiB // CHUNK
+    second = ChunkedBase(pack, store.version_map(rec, "1"), PackReader(pack, clock))
+    for off in range(0, 16 * MiB, CHUNK):
+        second.pread_into(buf, off)
+    assert len(calls) == 16 * MiB // CHUNK, "the second worker checked chunks the first had checked"
+
+
+def test_a_chunk_read_back_in_after_an_eviction_is_checked_again(store: Store, tmp_path: Path) -> None:
+    """Damage that reaches the disk after a chunk was checked is caught once the evictor dropped its pages:
+    it clears the VERIFIED bit of every region it drops, before it drops it."""
+    rec = store.get_base("os")
+    clock = tmp_path / "cache.clock"
+    pack = store.chunks.pack
+    reader = PackReader(pack, clock)
+    version = ChunkedBase(pack, store.version_map(rec, "1"), reader)
+    buf = memoryview(bytearray(4096))
+    for off in range(0, 16 * MiB, CHUNK):
+        version.pread_into(buf, off)
+    slot = store.version_map(rec, "1").slot(0)
+    assert reader.verified(slot)
+    with open(pack, "r+b") as f:  # the disk's copy changes under the cached one
+        f.seek(slot * CHUNK + 100)
+        f.write(b"\xff")
+    Evictor(pack, clock, 0).run_once()
+    assert not reader.verified(slot)
+    with pytest.raises(Damaged):
+        version.pread_into(buf, 0)
+
+
+def test_a_reused_slot_is_checked_again(store: Store, tmp_path: Path) -> None:
+    """gc frees a version's slots; a new import writes other chunks into them: their VERIFIED bits go."""
+    clock = tmp_path / "cache.clock"
+    reader = PackReader(store.chunks.pack, clock)
+    rec = store.get_base("os")
+    v2 = ChunkedBase(store.chunks.pack, store.version_map(rec, "2"), reader)
+    buf = memoryview(bytearray(4096))
+    for off in range(8 * MiB, 16 * MiB, CHUNK):  # v2's own chunks
+        v2.pread_into(buf, off)
+    own = [store.version_map(rec, "2").slot(i) for i in range(8 * MiB // CHUNK, 16 * MiB // CHUNK)]
+    assert all(reader.verified(s) for s in own)
+    store.chunks.clock = clock
+    store.promote("os", "1")
+    store.remove_version("os@2")  # frees v2's own slots
+    (tmp_path / "v3.raw").write_bytes(os.urandom(16 * MiB))
+    import_base(store, "os", tmp_path / "v3.raw")
+    v3 = store.version_map(store.get_base("os"), "3")
+    reused = {v3.slot(i) for i in range(v3.nchunks)} & set(own)
+    assert reused, "the import did not reuse a freed slot: the test shows nothing"
+    assert not any(reader.verified(s) for s in reused)

@@ -4,12 +4,13 @@ acknowledged and what was flushed (overlay invariants I1-I5).
 Connections are threads: each batch runs 2-4 of them at once against one clone, each on its own range of
 blocks (so what a block holds at the end is known), while other threads flush. Crashes:
 
-- kill: the process dies. The overlay's memory is gone; its files are as the page cache holds them (what
-  it wrote reaches the files at once). Every acknowledged write must read back, exactly.
+- kill: the process dies. The overlay's memory is gone; its files (and its journal in /dev/shm) are as
+  the page cache holds them. Every acknowledged write must read back, exactly.
 - power cut: only what was synced survives. The fault layer records, at each sync, what the data file held
   and how long each WAL file was just before the sync began; a power cut then keeps, for every data block,
   either that synced copy or the current bytes (any subset of dirty pages reaches the disk), and a random
-  prefix of the unsynced part of each WAL (RocksDB replays the longest valid prefix).
+  prefix of the unsynced part of each WAL (RocksDB replays the longest valid prefix). The journal in
+  /dev/shm is lost (a power cut, an OS crash) or kept whole (a file-system shutdown without a reboot).
   Every block must read a content it held at or after the last completed flush that began after its
   write was acknowledged (its "floor"), never zeros nobody wrote, and the same again after another crash.
 """
@@ -99,13 +100,19 @@ class FaultLayer:
         except FileNotFoundError:
             return b""
 
-    def opened(self) -> None:
+    def opened(self, overlay: RocksOverlay) -> None:
         """After an open: everything RocksDB wrote at open is treated as synced (it syncs its own files)."""
+        assert overlay._journal is not None, "no journal: the tests need a private folder in /dev/shm"
+        self.journal = overlay._journal.path
         with self.lock:
             self.synced_logs = {p.name: p.stat().st_size for p in self.dir.glob("*.log")}
             self.synced_data = self._read_data()
 
-    def cut_power(self, rnd: random.Random, policy: str = "random") -> None:
+    def cut_power(self, rnd: random.Random, policy: str = "random", *, journal: bool = False) -> None:
+        """`journal`: the journal survives (a file-system shutdown and remount: memory is kept, the disk's
+        unsynced writes are lost); otherwise it is gone with the rest of memory (a power cut, an OS crash)."""
+        if not journal:
+            self.journal.unlink(missing_ok=True)
         with self.lock:
             self.armed = -1
             current = bytearray(self._read_data())
@@ -137,6 +144,8 @@ def die(overlay: object) -> None:
             with contextlib.suppress(FileNotFoundError):
                 files[p.name] = p.read_bytes()
     overlay._data.close()
+    if overlay._journal is not None:
+        overlay._journal.close()  # the file in /dev/shm stays, as it does when a process dies
     overlay._map.close()
     for p in overlay.path.iterdir():
         if p.name not in files and p.name != _datafile.NAME and not p.name.startswith("LOG"):
@@ -168,8 +177,9 @@ class CrashMachine(RuleBasedStateMachine):
         self._open()
 
     def _open(self) -> None:
-        self.clone = Clone(self.base, RocksOverlay(self.path), SIZE)
-        self.faults.opened()
+        overlay = RocksOverlay(self.path)
+        self.clone = Clone(self.base, overlay, SIZE)
+        self.faults.opened(overlay)
 
     def teardown(self) -> None:
         if hasattr(self, "clone"):
@@ -278,9 +288,15 @@ class CrashMachine(RuleBasedStateMachine):
         assert not lost, f"kill -9 lost acknowledged writes of blocks {lost}"
         self._settled(now)
 
-    @rule(second=st.booleans(), policy=st.sampled_from(POLICIES), during_flush=st.sampled_from([None, 0, 1, 2]))
-    def power_cut(self, second: bool, policy: str, during_flush: int | None) -> None:
-        """The power fails, between requests or as the n-th sync of a flush begins."""
+    @rule(
+        second=st.booleans(),
+        policy=st.sampled_from(POLICIES),
+        during_flush=st.sampled_from([None, 0, 1, 2]),
+        journal=st.booleans(),
+    )
+    def power_cut(self, second: bool, policy: str, during_flush: int | None, journal: bool) -> None:
+        """The power fails (or, `journal`, the file system shuts down and is mounted again: the journal in
+        memory survives), between requests or as the n-th sync of a flush begins."""
         if during_flush is not None:
             self.faults.armed = during_flush
             try:
@@ -290,7 +306,7 @@ class CrashMachine(RuleBasedStateMachine):
             else:
                 self.floor_seq = next(_seq)  # the flush needed fewer syncs: it completed
         self._die()
-        self.faults.cut_power(self.rnd, policy)
+        self.faults.cut_power(self.rnd, policy, journal=journal)
         self._open()
         now = self._read_all()
         for b in range(NBLOCKS):
@@ -304,7 +320,7 @@ class CrashMachine(RuleBasedStateMachine):
             )
         if second:  # what a recovery settled on stays, through another cut with nothing written since
             self._die()
-            self.faults.cut_power(self.rnd, policy)
+            self.faults.cut_power(self.rnd, policy, journal=journal)
             self._open()
             assert self._read_all() == now, "a second power cut changed what the first recovery read"
         self._settled(now)
@@ -333,23 +349,25 @@ def _scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> tup
     path = tmp_path / "ov"
     create_overlay(path)
     faults = FaultLayer(monkeypatch, path)
-    clone = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(path), SIZE)
-    faults.opened()
+    overlay = RocksOverlay(path)
+    clone = Clone(BaseImage(tmp_path / "base.raw"), overlay, SIZE)
+    faults.opened(overlay)
     return base, faults, clone
 
 
-def _after_power_cut(tmp_path: Path, clone: Clone, faults: FaultLayer, seed: int, policy: str) -> Clone:
+def _after_power_cut(tmp_path: Path, clone: Clone, faults: FaultLayer, seed: int, policy: str, journal: bool) -> Clone:
     die(clone.overlay)
-    faults.cut_power(random.Random(seed), policy)
+    faults.cut_power(random.Random(seed), policy, journal=journal)
     overlay = clone.overlay
     assert isinstance(overlay, RocksOverlay)
     return Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(overlay.path), SIZE)
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["power-cut", "fs-shutdown"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
 def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: bool, policy: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: bool, policy: str, journal: bool
 ) -> None:
     """The fault model is not vacuous: an unflushed first write whose bytes or entry did not reach the disk
     goes back to the base (never to zeros); one whose bytes and entry both did may stay; a flushed one stays."""
@@ -359,18 +377,21 @@ def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
         clone.pwrite(memoryview(b"\x77" * BS), 0)
         if flushed:
             clone.flush()
-        clone = _after_power_cut(tmp_path, clone, faults, attempt, policy)
+        clone = _after_power_cut(tmp_path, clone, faults, attempt, policy, journal)
         buf = bytearray(BS)
         clone.pread_into(memoryview(buf), 0)
         if flushed:
             assert bytes(buf) == b"\x77" * BS
         elif policy == "random":
             assert bytes(buf) in (b"\x77" * BS, base[:BS])
-        else:  # one of the two never reached the disk
+        elif journal and policy == "data-not-wal":  # the entry survived in the journal, the bytes on disk
+            assert bytes(buf) == b"\x77" * BS
+        else:  # the bytes or the entry never reached the disk
             assert bytes(buf) == base[:BS]
         clone.close()
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["power-cut", "fs-shutdown"])
 @pytest.mark.parametrize("policy", POLICIES[1:])
 @pytest.mark.parametrize(
     "change",
@@ -383,7 +404,7 @@ def test_a_power_cut_drops_an_unflushed_first_write_and_keeps_a_flushed_one(
     ],
 )
 def test_a_flushed_block_changed_after_the_flush_reads_old_or_new_after_a_power_cut(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Clone], object], policy: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Clone], object], policy: str, journal: bool
 ) -> None:
     """I4 in the worst cases: the change's map entry lost with its data kept, or the other way round."""
     base, faults, clone = _scenario(tmp_path, monkeypatch, 5)
@@ -392,17 +413,18 @@ def test_a_flushed_block_changed_after_the_flush_reads_old_or_new_after_a_power_
     change(clone)
     new = bytearray(BS)
     clone.pread_into(memoryview(new), 0)
-    clone = _after_power_cut(tmp_path, clone, faults, 0, policy)
+    clone = _after_power_cut(tmp_path, clone, faults, 0, policy, journal)
     got = bytearray(BS)
     clone.pread_into(memoryview(got), 0)
     assert got in (b"\x77" * BS, new, base[:BS])  # base: the state between trim and write
     clone.close()
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["power-cut", "fs-shutdown"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("cut_at", [0, 1], ids=["first-sync", "second-sync"])
 def test_a_power_cut_inside_a_flush_leaves_old_or_new_never_zeros(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: int, policy: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: int, policy: str, journal: bool
 ) -> None:
     """I3's order: the data file is synced before the map says its generation is durable. A cut between the
     two syncs of a flush must leave each block with its old or its new bytes."""
@@ -413,7 +435,7 @@ def test_a_power_cut_inside_a_flush_leaves_old_or_new_never_zeros(
     faults.armed = cut_at
     with pytest.raises(PowerCut):
         clone.flush()
-    clone = _after_power_cut(tmp_path, clone, faults, cut_at, policy)
+    clone = _after_power_cut(tmp_path, clone, faults, cut_at, policy, journal)
     for b in range(8):
         got = bytearray(BS)
         clone.pread_into(memoryview(got), b * BS)
