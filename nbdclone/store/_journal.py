@@ -54,6 +54,11 @@ HEADER = 4096
 _PATH = 32
 CAPACITY = 64 << 20  # bytes of records before a write spills them into the map (1.4M one-block records)
 GROW = 1 << 20  # memory is allocated (and given back at a reset) this much at a time
+# The largest record `append` writes (a request of 8 MiB makes at most 74 KiB of entries; larger go to the
+# map). The scan stops at a longer length without reading it: past the last record lie records of older
+# epochs, and a length read from the middle of one is any number (one of 32 MiB cost every flush a 32 MiB
+# copy and hash, and made tmpfs allocate the holes it read).
+MAX_RECORD = 256 << 10
 DELETE = 255
 _EPOCH = struct.Struct("<Q")
 _RECORD = struct.Struct("<IQ")  # length, seal
@@ -180,6 +185,8 @@ class Journal:
             os.posix_fallocate(fd, 0, self.allocated)
             self._fd = fd
             self.mm = mmap.mmap(fd, self.size)
+            # What the last writer allocated (GROW at a time, from the start): records lie only there.
+            self.allocated = max(self.allocated, min(self.size, os.lseek(fd, 0, os.SEEK_HOLE)))
         except OSError as exc:
             os.close(fd)
             raise StorageError(exc.errno or errno.EIO, what=f"opening journal {path}", detail=exc.strerror) from exc
@@ -196,7 +203,6 @@ class Journal:
         self._seed = (self.epoch << 32) ^ int.from_bytes(self.ident[:8], "little")
         self.pos = HEADER
         self.pos = self._scan()[1]
-        self.allocated = min(self.size, max(self.allocated, -(-self.pos // GROW) * GROW))  # (what was written)
 
     def _grow(self, end: int) -> None:
         """Allocate the pages up to `end` (rounded up to GROW), or raise Full if the journal cannot grow."""
@@ -213,6 +219,8 @@ class Journal:
     def append(self, payload: bytes) -> None:
         """Add one record (`encode`, `encode_run`): the entries of one request. Raises Full if it does not
         fit."""
+        if len(payload) > MAX_RECORD:
+            raise Full
         pos = self.pos
         end = pos + 12 + len(payload)
         if end > self.allocated:
@@ -231,13 +239,14 @@ class Journal:
         self.pos = end
 
     def _scan(self) -> tuple[list[Entry], int]:
-        """The entries of every record that matches its seal, in order, and where the next record goes."""
-        mm, seed, pos = self.mm, self._seed, HEADER
+        """The entries of every record that matches its seal, in order, and where the next record goes.
+        Reads only allocated memory (a read of a hole would allocate it)."""
+        mm, seed, pos, limit = self.mm, self._seed, HEADER, self.allocated
         out: list[Entry] = []
-        while pos + 12 <= self.size:
+        while pos + 12 <= limit:
             length, seal = _RECORD.unpack_from(mm, pos)
             end = pos + 12 + length
-            if not length or end > self.size:
+            if not length or length > MAX_RECORD or end > limit:
                 break
             payload = mm[pos + 12 : end]
             if xxhash.xxh3_64_intdigest(payload, seed ^ pos) != seal:

@@ -110,6 +110,34 @@ def test_records_of_an_earlier_epoch_are_not_replayed(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def test_a_stale_length_past_the_last_record_reads_nothing_beyond_it(folder: Path) -> None:
+    """Past the last record lie an older epoch's records, and a length read from the middle of one is any
+    number: the scan stops there without reading it (a stale length of 32 MiB once cost every flush a
+    32 MiB copy and hash, and made tmpfs allocate the holes it read)."""
+    ident = os.urandom(16)
+    path = folder / ident.hex()
+    try:
+        j = Journal(path, ident, create=True)
+        for b in range(100):
+            j.put(key(b), b"old" * 8)
+        j.reset()
+        j.put(key(7), b"new")
+        for stale in (_journal.MAX_RECORD + 1, 32 << 20, j.size):  # where the next record would start
+            j.mm[j.pos : j.pos + 4] = stale.to_bytes(4, "little")
+            blocks = os.stat(path).st_blocks
+            assert j.entries() == [(key(7), b"new")]
+            assert os.stat(path).st_blocks == blocks, "the scan read (and so allocated) memory past the records"
+        j.close()
+        again = Journal(path, ident, create=False)
+        assert again.entries() == [(key(7), b"new")] and again.pos == HEADER + 12 + 10 + 3
+        assert again.allocated == _journal.GROW  # what the writer allocated, found from the file
+        with pytest.raises(Full):  # a record longer than a scan reads goes to the map instead
+            again.append(b"r" * (_journal.MAX_RECORD + 1))
+        again.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def test_another_overlays_journal_is_not_replayed(folder: Path) -> None:
     ident, other = os.urandom(16), os.urandom(16)
     path = folder / ident.hex()
