@@ -51,6 +51,7 @@ from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, Change, Move
 
 _SHIFT = BLOCK_SIZE.bit_length() - 1
 _INDEX = bm.INDEX
+_Write = tuple[Sequence[bytes | bytearray | memoryview], int, int]  # DataFile.write's bufs, offset, length
 _HEAD, _PRINT = 10, 8  # a tentative entry: tag, previous state, generation (8); then one or two prints
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ class RocksOverlay:
                 self._rewrite_tentative([(block, buf)])
                 data.write(bufs, offset, BLOCK_SIZE)
             else:
-                self._write_in_place(bufs, offset, BLOCK_SIZE, [(block, buf)])
+                self._write_in_place([(bufs, offset, BLOCK_SIZE)], [(block, buf)])
         else:
             self._update(bufs, offset, moves)
         self._written += written
@@ -450,6 +451,20 @@ class RocksOverlay:
             self._rewrite_tentative_run(first, whole, stop - first)
             data.write(bufs, offset, length)
             return
+        writes: list[_Write] = [(bufs, offset, length)]
+        if len(firsts) < len(moves):
+            # Blocks that leave DATA in this request (zeros among written blocks) keep their bytes until
+            # their new entry is durable (I4): their old bytes stay readable under their old entry, so a
+            # kill before the entry leaves each block old or new. The others are written run by run.
+            leaving = {block for block, _, new in moves if new != DATA}
+            writes = [
+                (
+                    [whole[(start - first) << _SHIFT : (start - first + count) << _SHIFT]],
+                    start << _SHIFT,
+                    count << _SHIFT,
+                )
+                for start, count in runs([b for b in range(first, stop) if b not in leaving])
+            ]
         if len(firsts) < stop - first:  # rewrites: a tentative entry names the new bytes before they are written
             tentative_blocks = self._tentative
             changed = {block for block, _, _ in moves}
@@ -459,9 +474,10 @@ class RocksOverlay:
                 self._rewrite_tentative(again)
             durable = [p for p in pieces if p[0] not in changed and p[0] not in tentative_blocks]
         if durable:
-            self._write_in_place(bufs, offset, length, durable)  # their prints once the bytes are written
+            self._write_in_place(writes, durable)  # their prints once the bytes are written
         else:
-            data.write(bufs, offset, length)
+            for piece in writes:
+                data.write(*piece)
         if firsts:
             self._first_writes(firsts, whole, first, others=() if len(firsts) == len(moves) else moves)
         else:
@@ -539,18 +555,15 @@ class RocksOverlay:
                     self._pending[block] = mark
 
     def _write_in_place(
-        self,
-        bufs: Sequence[bytes | bytearray | memoryview],
-        offset: int,
-        length: int,
-        durable: Sequence[tuple[int, bytes | bytearray | memoryview]],
+        self, writes: Sequence[_Write], durable: Sequence[tuple[int, bytes | bytearray | memoryview]]
     ) -> None:
-        """Write `bufs` where `durable` blocks are DATA durably; their new prints are noted only once the
+        """Do `writes`, which cover `durable` blocks (DATA durably); their new prints are noted only once the
         bytes are written. A failed write (a full copy-on-write file system fails even overwrites) may have
         written some blocks: their prints are taken from what the file holds."""
         assert self._data is not None
         try:
-            self._data.write(bufs, offset, length)
+            for piece in writes:
+                self._data.write(*piece)
         except BaseException:
             for block, _ in durable:
                 with contextlib.suppress(OSError, StorageError):

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, note, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nbdclone.store import _blockmap, _datafile
+from nbdclone.store import _blockmap, _datafile, _journal
 from nbdclone.store._rocks import RocksOverlay, create_overlay
 from nbdclone.store.base import BaseImage
 from nbdclone.store.clone import Clone
@@ -441,3 +441,75 @@ def test_a_power_cut_inside_a_flush_leaves_old_or_new_never_zeros(
         clone.pread_into(memoryview(got), b * BS)
         assert got in (new[b], base[b * BS : (b + 1) * BS]), f"block {b} reads neither its old nor its new bytes"
     clone.close()
+
+
+class Killed(Exception):
+    """The process dies here (before the call the fault layer stopped)."""
+
+
+#: The calls a write request makes that leave something behind a kill: bytes, journal records, map entries.
+_STEPS = [
+    (_datafile.DataFile, "write"),
+    (_journal.Journal, "append"),
+    (_journal.Journal, "put"),
+    (_blockmap.BlockMap, "write"),
+    (_blockmap.BlockMap, "put"),
+]
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, at: int) -> list[str]:
+    """Make the `at`-th step (counting from 0) of what follows raise Killed instead of running (-1: none
+    does). Returns the steps as they run."""
+    seen: list[str] = []
+    for cls, name in _STEPS:
+        real = getattr(cls, name)
+
+        def step(self: object, *args: object, _real: Callable[..., object] = real, _name: str = name) -> object:
+            seen.append(f"{type(self).__name__}.{_name}")
+            if len(seen) - 1 == at:
+                raise Killed
+            return _real(self, *args)
+
+        monkeypatch.setattr(cls, name, step)
+    return seen
+
+
+@pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
+def test_a_request_zeroing_some_blocks_and_writing_others_is_old_or_new_at_every_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: bool
+) -> None:
+    """E2: one request that turns a written block to zeros, rewrites two and writes a new one, killed before
+    each of its steps in turn: after the restart each block reads its old or its new bytes (never the base
+    under a block that was written, and never zeros under one that was not zeroed)."""
+    old = {2: b"\x21" * BS, 3: b"\x31" * BS, 4: b"\x41" * BS}
+    new = {2: bytes(BS), 3: b"\x32" * BS, 4: b"\x42" * BS, 5: b"\x52" * BS}
+    request = b"".join(new[b] for b in range(2, 6))
+    steps: list[str] = []
+    at = -1  # first a run that is not killed, to learn the steps
+    while at < len(steps):
+        shutil.rmtree(tmp_path / "ov", ignore_errors=True)
+        base, _, clone = _scenario(tmp_path, monkeypatch, 7)
+        before = {b: base[b * BS : (b + 1) * BS] for b in range(NBLOCKS)} | old
+        clone.pwrite(memoryview(b"".join(old.values())), 2 * BS)
+        if flushed:
+            clone.flush()
+        seen = _kill_at(monkeypatch, at)
+        try:
+            clone.pwrite(memoryview(request), 2 * BS)
+            assert at == -1, f"the request ran past step {at}: {seen}"
+            steps = list(seen)
+            assert any(s.startswith("DataFile") for s in steps) and len(steps) > 1, steps
+        except Killed:
+            pass
+        monkeypatch.undo()
+        die(clone.overlay)
+        overlay = clone.overlay
+        assert isinstance(overlay, RocksOverlay)
+        again = Clone(BaseImage(tmp_path / "base.raw"), RocksOverlay(overlay.path), SIZE)
+        for b in range(NBLOCKS):
+            got = bytearray(BS)
+            again.pread_into(memoryview(got), b * BS)
+            allowed = {new.get(b, before[b])} if at == -1 else {before[b], new.get(b, before[b])}
+            assert bytes(got) in allowed, f"killed before step {at} of {steps}: block {b}"
+        again.close()
+        at += 1
