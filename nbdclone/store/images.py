@@ -60,7 +60,7 @@ def import_base(
     label = f"{source.absolute()} ({source_image.format})"
     if source_image.format == "qcow2":
         qemu_nbd = ["qemu-nbd", "--read-only", *convert_source(source_image)]
-        return _import_nbd_from(store, name, label, _bounded(qemu_nbd), progress, size=source_image.size, vid=vid)
+        return _import_nbd_from(store, name, label, _helper(qemu_nbd), progress, size=source_image.size, vid=vid)
     with contextlib.ExitStack() as stack:
         image = BaseImage(source_image.path)
         stack.callback(image.close)
@@ -166,10 +166,14 @@ def _check_url(url: str) -> None:
         raise errors.InvalidArgument(detail=f"cannot read {url}: the server does not answer range requests")
 
 
-def _bounded(cmd: list[str]) -> list[str]:
-    """`cmd` with its address space bounded (qemu parsing an image a user gave): prlimit execs it in the
-    same process, as socket activation needs (LISTEN_PID)."""
-    return ["prlimit", f"--as={CONVERT_MEMORY}", *cmd]
+def _helper(cmd: list[str], *, bounded: bool = True) -> list[str]:
+    """`cmd` as a helper process we start: killed when its parent thread ends, whatever it is doing (a
+    kill -9 of the CLI between libnbd's fork and its connect leaves a server waiting for a client that never
+    comes: it would outlive us, holding our stdout), and, if `bounded`, with its address space bounded (qemu
+    parsing an image a user gave). setpriv and prlimit exec it in the same process, as socket activation
+    needs (LISTEN_PID). Call from the thread that lives as long as the helper is needed."""
+    bound = ["prlimit", f"--as={CONVERT_MEMORY}"] if bounded else []
+    return ["setpriv", "--pdeathsig", "KILL", *bound, *cmd]
 
 
 def _nbd_chunks(h: object, size: int, progress: Progress) -> Iterator[tuple[int, bytes | None]]:
@@ -320,7 +324,7 @@ def _write_qcow2(clone: Clone, dest: Path, fds: tuple[int, ...], progress: Progr
     path = str(dest).replace("/proc/self/", f"/proc/{os.getpid()}/", 1)
     h = nbd.NBD()
     try:
-        h.connect_systemd_socket_activation(["qemu-nbd", "-f", "qcow2", path])
+        h.connect_systemd_socket_activation(_helper(["qemu-nbd", "-f", "qcow2", path], bounded=False))
         _copy_data(clone, lambda view, at: h.pwrite(view, at), progress)
         h.flush()
     except nbd.Error as exc:

@@ -1,6 +1,6 @@
 """Images are data from whoever handed them over: one that would make qemu read a host file, one that is
 damaged, one whose backing chain loops, each is refused with one line, and nothing is added to the store.
-Killed imports and exports leave nothing that `base gc` does not remove."""
+Killed imports and exports leave nothing that `base gc` does not remove, and no helper process running."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, cli, make_image, pread_all, run_killed, snapshot
+from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, run_killed, snapshot, wait_gone
 
 MiB = 1 << 20
 SECRET = b"root:$6$not-for-guests$:19000:0:99999:7:::\n"
@@ -131,3 +131,46 @@ def test_killed_imports_and_exports_leave_nothing_gc_keeps(tmp_path: Path, store
     assert not list((store / "tmp").iterdir()), f"a killed command's work file was kept (of {left})"
     assert snapshot(store) == before  # and nothing else changed
     assert cli("check", store=store).returncode == 0
+
+
+def _stand_ins(pid: int) -> list[int]:
+    """The children of `pid` running the stand-in (`sleep`)."""
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [k for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == "sleep"]
+
+
+@pytest.mark.parametrize("command", ["import", "export"])
+def test_a_killed_command_leaves_no_helper_even_one_waiting_for_it(tmp_path: Path, store: Path, command: str) -> None:
+    """qemu-nbd exits when its client goes, but not before its client came: a CLI killed between starting
+    it and connecting (or a helper stuck opening a file) must not leave it running. The stand-in here never
+    reads its socket, so only the parent-death signal can end it."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qemu-nbd").write_text("#!/bin/sh\nexec sleep 600\n")
+    (fake / "qemu-nbd").chmod(0o755)
+    image = tmp_path / "i.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "4M")
+    cli("clone", "create", "c", "--base", "ok", store=store)
+    target = str(tmp_path / "c.qcow2")
+    args = (
+        ["base", "import", "i", str(image)]
+        if command == "import"
+        else ["clone", "export", "c", target, "--format", "qcow2"]
+    )
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [NBDCLONE, *args, "--store", str(store)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    helpers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not (helpers := _stand_ins(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert helpers, "the command started no helper"
+        proc.kill()
+        proc.wait()
+        wait_gone(helpers, timeout=10, kill=False)
+    finally:
+        proc.kill()
+        proc.wait()
+        wait_gone(helpers, timeout=0)  # a failed run still stops what it started

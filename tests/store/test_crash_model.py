@@ -338,8 +338,12 @@ class CrashMachine(RuleBasedStateMachine):
 
 
 TestCrashes = CrashMachine.TestCase
-TestCrashes.settings = settings(
-    max_examples=250, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+TestCrashes.settings = settings(  # print_blob: a CI failure prints the line that replays it (@reproduce_failure)
+    max_examples=250,
+    stateful_step_count=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
 )
 
 
