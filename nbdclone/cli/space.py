@@ -59,6 +59,9 @@ def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilt
 @app.command()
 def check(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed without guessing.")] = False,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="First empty quarantine/: what earlier repairs moved aside.")
+    ] = False,
     store: StoreOpt = DEFAULT_STORE,
     as_json: JsonOpt = False,
 ) -> None:
@@ -66,7 +69,7 @@ def check(
     overlays, orphans and leftovers of killed commands. Exits 1 if anything is still wrong."""
     from nbdclone.store.check import check as check_store
 
-    report = check_store(Store(store), repair=repair)
+    report = check_store(Store(store), repair=repair, purge=purge)
     if as_json:
         print_json(report.as_dict())
     else:

@@ -2,6 +2,13 @@
 starts from. catalog.json is replaced whole (write_atomic) under the store's exclusive lock, then its
 mirror; readers take no lock and see the old or the new file. Lock order, everywhere: chunks/lock, then
 the store's lock.
+
+Each write carries the next generation. So the mirror is never newer than catalog.json, unless something
+other than nbdclone wrote one of them; a stop between the two renames leaves the mirror one generation
+behind, and the next exclusive lock writes it again (`refresh_mirror`). While catalog.json is damaged,
+readers read the mirror, which may be behind: nothing writes the catalog (or removes anything on its
+strength) until `nbdclone check --repair` has put the damaged file aside and moved aside what only a newer
+record could name (check.py, the quarantine).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -172,10 +179,12 @@ class VersionStats:
 class Catalog:
     bases: dict[str, BaseRecord] = field(default_factory=dict)
     clones: dict[str, CloneRecord] = field(default_factory=dict)
+    generation: int = 0  # of the write that made it: one more than the catalog it replaced
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": CATALOG_FORMAT,
+            "generation": self.generation,
             "bases": {n: asdict(r) for n, r in sorted(self.bases.items())},
             "clones": {n: asdict(r) for n, r in sorted(self.clones.items())},
         }
@@ -188,7 +197,11 @@ class Catalog:
         for n, r in data["bases"].items():
             versions = {v: VersionRecord(**vr) for v, vr in r.pop("versions").items()}
             bases[n] = BaseRecord(**r, versions=versions)
-        return cls(bases=bases, clones={n: CloneRecord(**r) for n, r in data["clones"].items()})
+        clones = {n: CloneRecord(**r) for n, r in data["clones"].items()}
+        generation = data.get("generation", 0)  # (none before generations)
+        if not isinstance(generation, int) or generation < 0:
+            raise ValueError(f"generation {generation!r}")
+        return cls(bases=bases, clones=clones, generation=generation)
 
     def clones_of(self, base: str) -> list[str]:
         return sorted(n for n, c in self.clones.items() if c.base == base)
@@ -212,6 +225,8 @@ class CatalogStore(Layout):
         super().__init__(path)
         self.chunks = ChunkStore(self.chunks_dir, self.clock_path)
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
+        # Why the last catalog() read the mirror (catalog.json is damaged or missing); None if it did not.
+        self.damaged_catalog: errors.Damaged | None = None
 
     def fetcher(self) -> Fetch | None:
         """How this store's readers fill chunks staged but not fetched yet: a fleet host's fetcher
@@ -235,6 +250,7 @@ class CatalogStore(Layout):
                 self._cached = (key, load_catalog(self.catalog_path))
             except errors.Damaged as exc:
                 return self._fall_back(exc)
+        self.damaged_catalog = None
         return self._cached[1]
 
     def _fall_back(self, damage: errors.Damaged) -> Catalog:
@@ -242,22 +258,73 @@ class CatalogStore(Layout):
             catalog = load_catalog(self.mirror_path)
         except (errors.Damaged, FileNotFoundError):
             raise damage from None
-        log.error("%s; reading its mirror %s until it is repaired", damage, self.mirror_path)
+        if self.damaged_catalog is None or str(self.damaged_catalog) != str(damage):  # once, not at every read
+            log.error("%s; reading its mirror %s until it is repaired", damage, self.mirror_path)
+        self.damaged_catalog = damage
         return catalog
 
+    def writable_catalog(self) -> Catalog:
+        """The catalog, for a command that changes the store: refused while catalog.json is damaged (the
+        mirror may be a generation behind it, and a change built on it would drop what it lacks). Caller
+        holds the exclusive lock."""
+        cat = self.catalog()
+        if self.damaged_catalog is not None:
+            raise errors.Damaged(
+                path=self.catalog_path,
+                detail=f"{self.damaged_catalog.fields['detail']}; nothing is changed until "
+                "'nbdclone check --repair' has put it aside",
+            )
+        return cat
+
+    def refresh_mirror(self) -> bool:
+        """Write the mirror again if it is missing, damaged or behind catalog.json (a stop between their
+        renames). Never over a mirror newer than catalog.json (check --repair decides then), never from a
+        damaged catalog.json. Caller holds the exclusive lock; True if it wrote."""
+        try:
+            text = self.catalog_path.read_bytes()
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            if self.mirror_path.read_bytes() == text:
+                return False
+        try:
+            main = load_catalog(self.catalog_path)
+        except errors.Damaged:
+            return False
+        with contextlib.suppress(errors.Damaged, FileNotFoundError):
+            if load_catalog(self.mirror_path).generation > main.generation:
+                return False
+        write_atomic(self.mirror_path, text.decode(), self.tmp)
+        log.warning(
+            "%s was behind %s (a stop between their writes); written again", self.mirror_path, self.catalog_path
+        )
+        return True
+
     @contextlib.contextmanager
-    def lock(self, *, shared: bool = False) -> Iterator[None]:
+    def lock(self, *, shared: bool = False, repair: bool = False) -> Iterator[None]:
+        """The store's lock: exclusive for changes. Taken exclusively, it first brings a mirror a stop left
+        behind up to date, and refuses while catalog.json is damaged (writable_catalog), unless `repair`."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if not shared:
+                try:
+                    self.refresh_mirror()
+                except OSError as exc:  # a full disk: the command goes on, the next one tries again
+                    log.warning("%s is behind %s; not written again: %s", self.mirror_path, self.catalog_path, exc)
+                if not repair:
+                    self.writable_catalog()
             yield
         finally:
             os.close(fd)
 
     def write_catalog(self, catalog: Catalog) -> None:
-        """Replace catalog.json atomically and durably, then its mirror. Caller holds the exclusive lock."""
-        text = seal_json(catalog.to_json())
+        """Replace catalog.json atomically and durably, then its mirror, as the generation after the one it
+        replaces. Refused while catalog.json is damaged (writable_catalog). Caller holds the exclusive lock."""
+        current = self.writable_catalog()
+        generation = max(catalog.generation, current.generation) + 1
+        text = seal_json(replace(catalog, generation=generation).to_json())
         write_atomic(self.catalog_path, text, self.tmp)
         write_atomic(self.mirror_path, text, self.tmp)
 
@@ -295,9 +362,16 @@ class CatalogStore(Layout):
         return VersionMap.load(self.map_path(record, vid), digests=digests)
 
     def all_version_maps(self, catalog: Catalog | None = None, *, digests: bool = False) -> Iterator[VersionMap]:
+        """Every map whose chunks are kept: the catalog's versions' and those in quarantine/ (a record a
+        repair could not read may name them; a damaged one is skipped: it names nothing usable)."""
         for base in (catalog or self.catalog()).bases.values():
             for vid in base.versions:
                 yield self.version_map(base, vid, digests=digests)
+        for path in self.quarantined_maps():
+            try:
+                yield VersionMap.load(path, digests=digests)
+            except errors.Damaged as exc:
+                log.error("%s: its chunks are not kept for it", exc)
 
     def get_clone(self, name: str) -> CloneRecord:
         validate_name("clone", name)

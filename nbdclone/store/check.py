@@ -18,6 +18,12 @@ clone's state.json rebuilt from the origin record of its only overlay; a damaged
 next boot records again); orphans and leftovers removed. Nothing the catalog does not vouch for is trusted,
 and nothing is removed on the strength of a damaged record: a damaged pointer, map, chunk or overlay is
 reported for the operator (re-import, promote, reset), never "fixed".
+
+The catalog kept may not be the newest: catalog.json damaged (the mirror may be a generation behind it),
+or a mirror of a later generation than catalog.json (something else wrote one of them). Then a record the
+repair cannot read may name what looks orphaned: the damaged catalog.json and every orphan are moved to
+quarantine/STAMP/ (renames: no space needed), the chunks their maps name are kept, and the check says so
+until `--purge` empties it, once the operator has looked.
 """
 
 from __future__ import annotations
@@ -65,22 +71,30 @@ class Report:
         return {"clean": self.clean, "checked": self.checked, "findings": [f.as_dict() for f in self.findings]}
 
 
-def check(store: Store, *, repair: bool = False) -> Report:
-    """Verify `store` (see the module docstring); with `repair`, fix what can be fixed without guessing."""
+def check(store: Store, *, repair: bool = False, purge: bool = False) -> Report:
+    """Verify `store` (see the module docstring); with `repair`, fix what can be fixed without guessing;
+    with `purge`, first empty the quarantine."""
     report = Report()
-    with store.chunks.writer(), store.lock():  # nothing changes under the check (a server may still run)
-        cat = _check_catalog(store, report, repair)
-        if cat is None:
+    with store.chunks.writer(), store.lock(repair=True):  # nothing changes under the check (a server may still run)
+        if purge:
+            for folder in store.purge_quarantine():
+                report.findings.append(Finding(str(folder), "held in quarantine", "space only", repaired="removed"))
+        checked = _check_catalog(store, report, repair)
+        if checked is None:
             return report
+        cat, newest, aside = checked
         maps = _check_bases(store, cat, report, repair)
         _check_chunks(store, cat, maps, report)
         _check_clones(store, cat, report, repair)
-        _check_orphans(store, cat, report, repair)
+        _check_orphans(store, cat, report, repair, newest=newest, aside=aside)
         _check_leftovers(store, report, repair)
+        _check_quarantine(store, report)
     return report
 
 
-def _check_catalog(store: Store, report: Report, repair: bool) -> Catalog | None:
+def _check_catalog(store: Store, report: Report, repair: bool) -> tuple[Catalog, bool, Path | None] | None:
+    """The catalog to check the store against, whether it is surely the newest record (no damaged
+    catalog.json, no mirror of a later generation), and the quarantine folder the repair moved a copy to."""
     main = mirror = None
     for path in (store.catalog_path, store.mirror_path):
         try:
@@ -99,9 +113,11 @@ def _check_catalog(store: Store, report: Report, repair: bool) -> Catalog | None
         if store.catalog_path.exists() or store.mirror_path.exists():
             report.findings[-1].needs = "restore catalog.json from a backup: both copies are damaged"
             return None
-        return Catalog()  # an empty store
+        return Catalog(), True, None  # an empty store
     good = main if main is not None else mirror
     assert good is not None
+    newest = main is not None and (mirror is None or mirror.generation <= main.generation)
+    aside = None
     if main is None or mirror is None or main != mirror:
         target = store.mirror_path if main is not None else store.catalog_path
         finding = next((f for f in report.findings if f.path == str(target)), None)
@@ -110,13 +126,17 @@ def _check_catalog(store: Store, report: Report, repair: bool) -> Catalog | None
             finding = Finding(str(target), problem, "store" if target == store.catalog_path else "space only")
             report.findings.append(finding)
         if repair:
+            # The copy about to be overwritten goes aside if it may be newer than the one kept: a mirror
+            # of a later generation, or a damaged catalog.json while something on disk only it can name.
+            keep = not newest and target.exists() and (main is not None or bool(store.orphans(good)))
+            aside = store.quarantine([target]) if keep else None
             text = seal_json(good.to_json())
             write_atomic(store.catalog_path, text, store.tmp)
             write_atomic(store.mirror_path, text, store.tmp)
-            finding.repaired = "rewritten from the good copy"
+            finding.repaired = "rewritten from the good copy" + (f" (the other one moved to {aside})" if aside else "")
         else:
             finding.needs = "nbdclone check --repair"
-    return good
+    return good, newest, aside
 
 
 def _check_bases(store: Store, cat: Catalog, report: Report, repair: bool) -> dict[tuple[str, str], VersionMap]:
@@ -284,15 +304,40 @@ def _overlay_problem(path: Path, repair: bool) -> tuple[str, str] | None:
     return None
 
 
-def _check_orphans(store: Store, cat: Catalog, report: Report, repair: bool) -> None:
-    for path, problem in store.orphans(cat):
+def _check_orphans(
+    store: Store, cat: Catalog, report: Report, repair: bool, *, newest: bool, aside: Path | None
+) -> None:
+    """Orphans: removed by a repair if the catalog is surely the newest record, else moved aside (to
+    `aside`, if the catalog's repair made that folder)."""
+    found = store.orphans(cat)
+    if repair and not newest:
+        aside = store.quarantine([path for path, _ in found], aside)
+    for path, problem in found:
         finding = Finding(str(path), problem, "space only")
-        if repair:
+        if aside is not None:
+            finding.affects = "whatever a newer catalog than the one kept names"
+            finding.repaired = f"moved to {aside}: a record the repair could not read may name it"
+        elif repair:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             finding.repaired = "removed"
-        else:
+        elif newest:
             finding.needs = "nbdclone check --repair, or nbdclone base gc"
+        else:
+            finding.needs = "nbdclone check --repair (moves it to quarantine/: a newer catalog may name it)"
         report.findings.append(finding)
+
+
+def _check_quarantine(store: Store, report: Report) -> None:
+    """What a repair moved aside waits for the operator: reported until `check --purge`."""
+    for folder in store.quarantined():
+        report.findings.append(
+            Finding(
+                str(folder),
+                "moved aside by a repair: a catalog it could not read may name what it holds",
+                "what a newer catalog named (its chunks are kept)",
+                needs="look at it (each item is at its path under the store); then nbdclone check --purge",
+            )
+        )
 
 
 def _check_leftovers(store: Store, report: Report, repair: bool) -> None:

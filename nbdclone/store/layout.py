@@ -20,6 +20,8 @@
       chunks/remote           a fleet host's slots staged but not fetched yet (see remote.py)
       fleet.json              a fleet host's settings (fleet/config.py)
       tmp/                    work in progress (see Layout.scratch)
+      quarantine/STAMP/...    what a repair moved aside instead of removing (a record it could not read
+                              may name it), at its path under the store; `check --purge` empties it
       run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
       /dev/shm/nbdclone-KEY.clock  the shared cache's access bytes (hints; see Layout.clock_path)
       /dev/shm/nbdclone-journals-UID/JID  an overlay's journal of map entries not yet flushed (_journal.py);
@@ -39,6 +41,7 @@ import shutil
 import signal
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,6 +150,41 @@ class Layout:
     @property
     def mirror_path(self) -> Path:
         return self.path / "catalog.mirror.json"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.path / "quarantine"
+
+    def quarantine(self, paths: list[Path], folder: Path | None = None) -> Path | None:
+        """Move `paths` (inside the store) aside, each at its own path under quarantine/STAMP/ (or `folder`),
+        by rename (no space needed). Returns the folder (None if `paths` is empty). Caller holds the lock."""
+        if not paths:
+            return folder
+        if folder is None:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            folder = self.quarantine_dir / f"{stamp}-{uuid.uuid4().hex[:6]}"
+        for path in paths:
+            dest = folder / path.relative_to(self.path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, dest)
+            fsync_dir(dest.parent)
+            fsync_dir(path.parent)
+        return folder
+
+    def quarantined(self) -> list[Path]:
+        """What quarantine/ holds: its folders, oldest first."""
+        return sorted(children(self.quarantine_dir))
+
+    def quarantined_maps(self) -> list[Path]:
+        """The version maps in quarantine/: the chunks they name are kept until it is emptied."""
+        return sorted(self.quarantine_dir.glob("*/bases/*/*.map"))
+
+    def purge_quarantine(self) -> list[Path]:
+        """Empty quarantine/ (the operator has looked). Returns what was there."""
+        gone = self.quarantined()
+        for folder in gone:
+            shutil.rmtree(folder)
+        return gone
 
     def _init_dirs(self) -> None:
         for sub in ("bases", "clones", "chunks", "tmp", "run"):

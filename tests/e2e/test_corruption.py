@@ -18,7 +18,7 @@ import nbd
 import pytest
 
 from nbdclone.store import Store
-from tests.helpers import Server, cli, make_image, pread_all, wait_gone
+from tests.helpers import Server, cli, make_image, pread_all, snapshot, wait_gone
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -287,3 +287,89 @@ def test_a_clone_with_a_damaged_state_can_still_be_reset_or_removed(tmp_path: Pa
     finally:
         server.stop()
     assert cli("check", store=store_path).returncode == 0
+
+
+def _stale_mirror(tmp_path: Path, store_path: Path, last: str) -> Store:
+    """A store whose mirror is one write behind catalog.json (a power cut between their renames): base deb
+    and clone a, then `last` (a version import, or a clone's creation, and writes to it)."""
+    make_image(tmp_path / "deb.raw", SIZE, [(0, SIZE)], seed=1)
+    cli("base", "import", "deb", str(tmp_path / "deb.raw"), store=store_path)
+    cli("clone", "create", "a", "--base", "deb", store=store_path)
+    st = Store(store_path)
+    stale = st.mirror_path.read_bytes()
+    if last == "base import":
+        make_image(tmp_path / "deb2.raw", SIZE, [(0, SIZE)], seed=9)  # new chunks: only version 2 names them
+        cli("base", "import", "deb", str(tmp_path / "deb2.raw"), store=store_path)
+    else:
+        cli("clone", "create", "b", "--base", "deb", store=store_path)
+        server = Server(store_path, tmp_path / "nbd.sock").start()
+        try:
+            h = server.connect("b")
+            h.pwrite(WRITTEN, 8192)
+            h.flush()
+            h.shutdown()
+        finally:
+            server.stop()
+    st.mirror_path.write_bytes(stale)
+    return st
+
+
+WRITTEN = b"b's own block\n" * 292
+
+
+def test_a_mirror_left_behind_is_written_again_by_the_next_command(tmp_path: Path, store_path: Path) -> None:
+    st = _stale_mirror(tmp_path, store_path, "clone create")
+    assert st.mirror_path.read_bytes() != st.catalog_path.read_bytes()
+    cli("base", "promote", "deb", "1", store=store_path)  # writes no catalog; takes the store's lock
+    assert st.mirror_path.read_bytes() == st.catalog_path.read_bytes()
+    assert cli("check", store=store_path).returncode == 0
+
+
+@pytest.mark.parametrize("last", ["base import", "clone create"])
+def test_a_damaged_catalog_over_a_stale_mirror_loses_nothing(tmp_path: Path, store_path: Path, last: str) -> None:
+    """The mirror lacks the last write; catalog.json, which has it, is damaged. Nothing may be built on the
+    mirror or removed on its strength: writes are refused until the repair, which moves aside (never
+    deletes) what only the damaged catalog named, and keeps the chunks of a version map it moved."""
+    from nbdclone.store.cache import digest
+    from nbdclone.store.chunks import CHUNK, VersionMap
+
+    st = _stale_mirror(tmp_path, store_path, last)
+    cat = st.catalog()
+    lost = st.map_path(cat.bases["deb"], "2") if last == "base import" else st.clone_dir(cat.clones["b"])
+    assert lost.exists()
+    flip(st.catalog_path)
+    before = snapshot(store_path)
+    for args in (
+        ["clone", "create", "c", "--base", "deb"],
+        ["base", "gc"],
+        ["clone", "rm", "a"],
+        ["base", "rm", "deb"],
+    ):
+        proc = cli(*args, store=store_path, check=False)
+        assert proc.returncode != 0 and "nothing is changed until 'nbdclone check --repair'" in proc.stderr
+        assert proc.stderr.count("\n") <= 2, proc.stderr  # the log's line (mirror read), then the refusal
+    assert snapshot(store_path) == before, "a refused command changed the store"
+    assert "a" in cli("clone", "list", store=store_path).stdout  # reads go on, from the mirror
+
+    report = json.loads(cli("check", "--repair", "--json", store=store_path, check=False).stdout)
+    assert not report["clean"], "a quarantine is the operator's to look at"
+    [folder] = st.quarantined()
+    held = folder / lost.relative_to(store_path)
+    assert held.exists() and not lost.exists(), f"{lost} was not moved to the quarantine"
+    assert (folder / "catalog.json").exists(), "the damaged catalog was not kept"
+    assert any(str(folder) in f["repaired"] for f in report["findings"] if f["path"] == str(lost))
+    if last == "clone create":  # its overlay, with what its client wrote
+        [data] = held.glob("*/blocks")
+        assert data.read_bytes()[8192 : 8192 + len(WRITTEN)] == WRITTEN
+
+    cli("base", "gc", store=store_path)  # works again; frees nothing a quarantined map names
+    if last == "base import":
+        vmap = VersionMap.load(held, digests=True)
+        with open(st.chunks.pack, "rb") as pack:
+            for _, slot, key in vmap.stored():
+                pack.seek(slot * CHUNK)
+                assert digest(pack.read(CHUNK)) == key, f"chunk {slot} of the quarantined version was freed"
+        assert list(vmap.stored()), "version 2 stores no chunk: the test shows nothing"
+    assert cli("check", store=store_path, check=False).returncode == 1  # until the operator purges
+    cli("check", "--purge", store=store_path)
+    assert not st.quarantined() and cli("check", store=store_path).returncode == 0
