@@ -6,7 +6,9 @@
                                           ZERO       b"z"                               ZEROED
     b"m/format" -> b"4"    b"m/written" -> bytes written (8)    b"m/durable" -> last durable generation (8)
     b"m/open" -> b"1" while a server has it open, b"0" after a clean close
-    b"m/trust" -> the first generation after the last unclean stop (8), until a scrub (see _rocks.read)
+    b"m/trust" -> (left by nbdclone before marks) every entry below this generation may name stale bytes
+    b"m/marks" -> b"1": the writer marks the regions it rewrites in place (a writer before marks did not)
+    b"r" + region (8 bytes) -> b"": a mark, synced before a block of the region is rewritten in place (_rocks)
     b"m/journal" -> the id of the overlay's journal in /dev/shm (16), where entries wait for a flush (_journal)
 
 One WriteBatch per request is atomic; the WAL is written (not synced) at every write, so a kill -9 of the
@@ -46,6 +48,10 @@ META_DURABLE = b"m/durable"
 #: bytes but lost the WAL record naming them (a rewrite in place): their prints are trusted once read again.
 META_TRUST = b"m/trust"
 META_OPEN = b"m/open"
+#: Present once a writer that marks its rewrites in place has opened the overlay (see REGION).
+META_MARKS = b"m/marks"
+#: Marks: a region of the disk where a block may hold rewritten bytes its entry does not name yet.
+REGION = b"r"
 #: The overlay's journal's id (16 random bytes): entries of acknowledged writes wait there until a flush
 #: (_journal); a journal is replayed only into the map that names it.
 META_JOURNAL = b"m/journal"
@@ -66,6 +72,10 @@ def shared_resources() -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
 
 def key(block: int) -> bytes:
     return INDEX + block.to_bytes(8, "big")
+
+
+def mark_key(region: int) -> bytes:
+    return REGION + region.to_bytes(8, "big")
 
 
 def _options(create: bool) -> rocksdict.Options:
@@ -160,16 +170,17 @@ class BlockMap:
         self._db = self._open(create)
         self.broken = False  # a write failed: RocksDB refuses writes until reopened (rocksdict has no Resume)
 
-    def _open(self, create: bool) -> rocksdict.Rdict:
+    def _open(self, create: bool, *, readonly: bool | None = None) -> rocksdict.Rdict:
         # The column family's options are passed too: without them rocksdict reopens an existing database
         # with the ones its OPTIONS file records, and a block cache of its own instead of the shared one.
-        opts = _options(create and not self.readonly)
-        if not self.readonly:
+        readonly = self.readonly if readonly is None else readonly
+        opts = _options(create and not readonly)
+        if not readonly:
             _unwritten_config(self.path)
         elif (logs := _readonly_logs()) is not None:
             # A reader writes nothing to the store (it may be full): RocksDB's info log goes to memory.
             opts.set_db_log_dir(str(logs))
-        access = rocksdict.AccessType.read_only() if self.readonly else rocksdict.AccessType.read_write()
+        access = rocksdict.AccessType.read_only() if readonly else rocksdict.AccessType.read_write()
         try:
             return rocksdict.Rdict(str(self.path), opts, column_families={"default": opts}, access_type=access)
         except Exception as exc:
@@ -178,12 +189,19 @@ class BlockMap:
             raise StorageError(errno_of(exc), what=f"opening overlay {self.path}", detail=str(exc)) from exc
 
     def reopen(self) -> None:
-        """After a failed write: close and open again (RocksDB recovers from its WAL)."""
+        """After a failed write: close and open again (RocksDB recovers from its WAL). If the writable open
+        fails too (a full disk: RocksDB makes new files at open), the map is opened read-only so that reads
+        of written blocks go on (E4: a closed handle failed every read), and stays `broken`: the next write
+        tries again."""
         try:
             self._db.close()
         except Exception:  # noqa: S110 - the handle is being replaced; its close error adds nothing
             pass
-        self._db = self._open(False)
+        try:
+            self._db = self._open(False)
+        except StorageError:
+            self._db = self._open(False, readonly=True)  # (if this fails too, the map is unreadable: raised)
+            raise
         self.broken = False
 
     def _failed(self, exc: Exception, doing: str) -> StorageError:
@@ -221,14 +239,22 @@ class BlockMap:
             raise self._unreadable(exc) from exc
         return found
 
-    def entries(self) -> Iterator[tuple[int, bytes]]:
-        """(block, value) of every map entry, in block order. RocksDB checks each block's checksum as it
-        reads it: damage raises Damaged, naming the overlay."""
+    def entries(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(block, value) of every map entry (of blocks start .. stop - 1), in block order. RocksDB checks
+        each block's checksum as it reads it: damage raises Damaged, naming the overlay."""
+        return self._numbered(INDEX, start, stop)
+
+    def marks(self) -> list[int]:
+        """The regions marked (REGION), in order."""
+        return [region for region, _ in self._numbered(REGION, 0, None)]
+
+    def _numbered(self, prefix: bytes, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
         it = self._db.iter()
-        it.seek(INDEX)
+        it.seek(prefix + start.to_bytes(8, "big"))
+        end = None if stop is None else prefix + stop.to_bytes(8, "big")
         while it.valid():
             k = it.key()
-            if not k.startswith(INDEX):
+            if not k.startswith(prefix) or (end is not None and k >= end):
                 break
             yield int.from_bytes(k[1:], "big"), it.value()
             it.next()

@@ -1,24 +1,31 @@
 """The RocksDB overlay: a block map (`_blockmap`) beside a data file (`_datafile`), kept by the invariants
-in `overlay` (I1-I6). The write paths, each with the order in which its parts reach the disk:
+in `overlay` (I1-I7). The write paths, each with the order in which its parts reach the disk:
 
     path              when                                  order (-> : happens before; ack: the reply)
-    rewrite           the block is DATA, durably            pwritev -> ack; its print is held in memory and
+    rewrite           the block is DATA, durably            (first in its region: WAL: mark, synced: I7)
+                                                              -> pwritev -> ack; its print is held in memory and
                                                               reaches the WAL (tentative(DATA, gen, print))
                                                               in one batch at the next flush's start
-    first write       a block becomes DATA                  pwritev -> WAL: tentative(prev, gen, print) -> ack
+    first write       a block becomes DATA                  (over bytes a durable DATA entry may still name:
+                                                              WAL: mark, synced, first in its region: I7)
+                                                              -> pwritev -> WAL: tentative(prev, gen, print)
+                                                              -> ack
     tentative rewrite the block became DATA since the       WAL: tentative(prev, gen, old print, new print)
                       last flush                              -> pwritev -> ack
     zero / trim       a block becomes ZEROED / BASE         WAL: z / delete -> ack; bytes kept (I4)
     flush, FUA        always (nothing to do if unchanged)   lock{gen += 1} -> fdatasync(data)
                                                               -> WAL: durable = gen -> WAL sync -> ack
-                                                              -> lock{punch blocks that stopped being DATA}
-    open              after a clean close                   WAL: open (unsynced: ordered before any entry)
+                                                              -> lock{punch blocks that stopped being DATA;
+                                                              WAL: unmark durable regions idle 30 s}
+    open              after a clean close                   WAL: open, marks (unsynced: before any entry)
     recovery          opened after any unclean stop         tentative entries after `durable` whose block
                                                               does not hold a fingerprinted content go back
                                                               to their previous state (I3) -> fdatasync(data)
                                                               -> WAL: fixes, durable (synced)
                                                               -> punch every block that is not DATA
-    close             the last connection ends              flush -> WAL: closed (synced)
+                                                              -> scrub the marked regions (I7): fdatasync
+                                                              -> WAL: their prints, no marks (synced)
+    close             the last connection ends              flush -> WAL: closed, no marks (synced)
 
 Every DATA block's entry fingerprints what the block holds (a rewrite in place, from the next flush on;
 until then its print is in memory), so a read checks each block it serves against its entry (a multi-get:
@@ -37,12 +44,13 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from nbdclone.errors import Damaged, StorageError
 from nbdclone.store import _blockmap as bm
-from nbdclone.store import _journal
+from nbdclone.store import _durable, _journal
 from nbdclone.store._datafile import NAME as DATA_FILE
 from nbdclone.store._datafile import DataFile
 from nbdclone.store._fs import fsync_dir, runs
@@ -59,6 +67,14 @@ log = logging.getLogger(__name__)
 LEGACY_MARK = "EMPTY"  # nbdclone 0.1 kept some overlays' maps in the data file's extents (unreliable: I1)
 _OPEN, _CLOSED = b"1", b"0"
 PENDING_PRINTS = 16384  # prints of in-place rewrites held in memory (about 1.5 MiB) before a batch to the map
+#: Marks (I7 in docs/overlay.md): a block rewritten in place may reach the disk before its print reaches
+#: the map. Before the first such rewrite in a region (4096 blocks: 16 MiB), a synced map write marks the
+#: region; an open after an unclean stop scrubs the marked regions only (each block's print taken from what
+#: it holds: old or new bytes), and a block anywhere else that does not hold what its entry names is damage.
+#: A mark goes once every rewrite of its region is durable and none came for MARK_IDLE seconds (a region
+#: rewritten between every two flushes is not marked again at each).
+REGION_SHIFT = 12
+MARK_IDLE = 30.0
 
 
 class RocksOverlay:
@@ -97,6 +113,8 @@ class RocksOverlay:
         self._pending: dict[int, bytes] = {}  # block -> print of bytes rewritten in place, not yet in the map
         self._punching: set[int] = set()  # ... whose entries the running (or last failed) flush makes durable
         self._heads = (self._gen, _heads(self._gen))  # what first writes' entries start with, this generation
+        self._marks: dict[int, int] = {}  # region marked (durably) -> generation of its last rewrite in place
+        self._idle: dict[int, tuple[int, float]] = {}  # region -> (that generation, when first seen durable)
         # A flush took a generation and has not yet let its blocks leave `_tentative` (it runs, or failed).
         self._unpruned = False
 
@@ -107,8 +125,11 @@ class RocksOverlay:
         self._map = bm.BlockMap(self.path, create=create, readonly=self._readonly)
         self._data: DataFile | None = None
         self._journal: _journal.Journal | None = None
+        self._sidecar: _durable.Record | None = None
         try:
             self._data = DataFile(self.path / DATA_FILE, BLOCK_SIZE, readonly=self._readonly)
+            if not self._readonly:
+                self._sidecar = _durable.Record(self.path)
             self._journal = self._open_journal(create)
             return self._open_map(create)
         except BaseException:
@@ -116,6 +137,8 @@ class RocksOverlay:
                 self._data.close()
             if self._journal is not None:
                 self._journal.close()
+            if self._sidecar is not None:
+                self._sidecar.close()
             self._map.close()
             raise
 
@@ -149,13 +172,13 @@ class RocksOverlay:
     def _retry_writable(self) -> None:
         """Opened read-only on a full disk: try to open for writing again (space may be back). Caller holds
         `lock`; nothing was written meanwhile, so the map it finds is the one the clone reads."""
-        old_map, old_data, old_journal = self._map, self._data, self._journal
+        old_map, old_data, old_journal, old_sidecar = self._map, self._data, self._journal, self._sidecar
         self._readonly = False
         try:
             self._start(False)
         except StorageError:
             self._readonly = True
-            self._map, self._data, self._journal = old_map, old_data, old_journal
+            self._map, self._data, self._journal, self._sidecar = old_map, old_data, old_journal, old_sidecar
             raise
         old_map.close()
         if old_data is not None:
@@ -171,8 +194,22 @@ class RocksOverlay:
         old_format = self.format = self._check_format(create)
         self._written = int.from_bytes(m.get(bm.META_WRITTEN) or b"", "big")
         durable = int.from_bytes(m.get(bm.META_DURABLE) or b"", "big")
-        self._trust = int.from_bytes(m.get(bm.META_TRUST) or b"", "big")
+        recorded = _durable.read(self.path)
+        if recorded is not None and recorded > durable:
+            raise Damaged(
+                path=self.path,
+                detail=f"its block map's write-ahead log lost records it had synced (the map says generation "
+                f"{durable} is durable; {_durable.NAME} says {recorded} was)",
+            )
         unclean = m.get(bm.META_OPEN) == _OPEN
+        # The regions whose blocks may hold rewritten bytes their entries do not name (I7): those marked at
+        # an unclean stop; every region (None) after a writer from before marks.
+        window: set[int] | None = set()
+        if m.get(bm.META_TRUST) is not None or (unclean and m.get(bm.META_MARKS) is None):
+            window = None
+        elif unclean:
+            window = set(m.marks())
+        self._window = window
         journaled = self._journal.entries() if self._journal is not None else []
         if journaled and not self._readonly:
             # A writer stopped with entries only its journal held: into the map first (synced: the journal
@@ -193,16 +230,14 @@ class RocksOverlay:
         if last >= data.size_blocks():  # the file was cut short under the map: its blocks are gone
             raise Damaged(path=data.path, detail=f"it ends before block {last}, which its map says holds data")
         self._gen = max(rec.last_generation, durable) + 1
-        if unclean:
-            # A power cut may have kept a rewrite's bytes and lost the WAL record naming them: every entry
-            # from before this open is trusted only once its block has been read (or scrubbed) again.
-            self._trust = self._gen
         if self._readonly:
-            return rec.states
-        if not unclean:
-            m.write([(bm.META_OPEN, _OPEN)])  # unsynced: in the WAL before any entry of this session
+            return rec.states  # (reads serve the window's blocks as they are: see _mismatch)
+        if not unclean:  # unsynced: in the WAL before any entry (and mark) of this session
+            m.write([(bm.META_OPEN, _OPEN), (bm.META_MARKS, b"1")])
         else:
             self._recover(rec)
+        if window is None or window:
+            self._scrub(window)
         if old_format != bm.FORMAT:
             self._print_all()
             self.format = bm.FORMAT
@@ -220,11 +255,7 @@ class RocksOverlay:
         # What is kept must stay kept: data before the map (I3), then free what the map no longer holds (I4).
         data.sync()
         m.write(
-            [
-                *rec.fixes,
-                (bm.META_DURABLE, (self._gen - 1).to_bytes(8, "big")),
-                (bm.META_TRUST, self._trust.to_bytes(8, "big")),
-            ],
+            [*rec.fixes, (bm.META_DURABLE, (self._gen - 1).to_bytes(8, "big")), (bm.META_MARKS, b"1")],
             sync=True,
         )
         data_blocks = [block for block, state in rec.states if state == DATA]
@@ -235,6 +266,46 @@ class RocksOverlay:
             lo = start + count
         if data.size_blocks() > lo:
             data.punch_range(lo, data.size_blocks() - lo)
+
+    def _scrub(self, window: set[int] | None) -> None:
+        """Close the window an unclean stop left (I7): each DATA block of a marked region (`window`; None:
+        every block, after a writer from before marks) whose bytes are none its entry names gets the print of
+        what it holds, old or new bytes of a write that was not flushed, both acceptable; then the marks go.
+        Blocks elsewhere are not read here: a mismatch there is damage, seen when they are read."""
+        m, data = self._map, self._data
+        assert data is not None
+        started = time.monotonic()
+        spans = (
+            [(0, None)] if window is None else [(r << REGION_SHIFT, (r + 1) << REGION_SHIFT) for r in sorted(window)]
+        )
+        fixes: list[tuple[bytes, bytes | None]] = []
+        seen = 0
+        for start, stop in spans:
+            for block, value in m.entries(start, stop):
+                prints = prints_of(value)
+                if prints is None:
+                    continue
+                seen += 1
+                mark = fingerprint(data.read_block(block))
+                if mark not in prints:
+                    fixes.append((bm.key(block), tentative(DATA, 0, mark)))
+        data.sync()  # the bytes the new prints name are on disk before the map says so (generation 0)
+        unmarks = [(bm.mark_key(r), None) for r in sorted(window or ())]
+        m.write([*fixes, *unmarks, (bm.META_TRUST, None)], sync=True)
+        self._window = set()
+        log.warning(
+            "overlay %s: scrubbed %d written block(s) in %s rewritten before its unclean stop (%.2f s); %d now "
+            "name the bytes they hold (old or new)",
+            self.path,
+            seen,
+            "every region" if window is None else f"{len(window)} region(s) of 16 MiB",
+            time.monotonic() - started,
+            len(fixes),
+        )
+
+    def _in_window(self, block: int) -> bool:
+        window = self._window
+        return window is None or (block >> REGION_SHIFT) in window
 
     def _check_format(self, create: bool) -> bytes | None:
         """The format the overlay is in (None: new, or format 2); refuses formats it cannot read."""
@@ -321,20 +392,18 @@ class RocksOverlay:
 
     def _mismatch(self, block: int, value: bytes | None, mark: bytes) -> None:
         """A block's bytes are not what its entry (`value`; None: this process's own last write) names.
-        Damage, unless the entry is from before an unclean stop (a rewrite's bytes may have reached the disk
-        without the record naming them): then the bytes are the block's (old or new, as after any crash), and
-        its entry is made to say so (at the next flush, as a rewrite's print is)."""
-        if value is not None and decode(value).generation < self._trust:
+        Damage, unless the overlay is open read-only after an unclean stop and the block is in a region
+        marked then (I7): a rewrite's bytes may have reached the disk without the record naming them, so
+        they are served as they are (old or new, as after any crash) until a writable open scrubs them."""
+        if value is not None and self._in_window(block):
             if not self._reprinted:
                 log.warning(
-                    "overlay %s: blocks rewritten around its last unclean stop get new prints as they are read "
-                    "(first: block %d); 'nbdclone check --repair' does them all",
+                    "overlay %s: blocks rewritten around its last unclean stop are served as they are until its "
+                    "next writable open scrubs them (first: block %d)",
                     self.path,
                     block,
                 )
             self._reprinted += 1
-            if not self._readonly:
-                self._pending[block] = mark
             return
         assert self._data is not None
         log.error("%s: block %d does not hold what its map fingerprints; not served", self._data.path, block)
@@ -355,6 +424,8 @@ class RocksOverlay:
             block = offset >> _SHIFT
             buf = bufs[0]
             if moves:  # a first write: bytes, then the entry that names them (I2, I3)
+                if (self._to_punch or self._punching) and (block in self._to_punch or block in self._punching):
+                    self._note_rewrite(block)  # over bytes a durable DATA entry may still name (I7)
                 data.write(bufs, offset, BLOCK_SIZE)
                 mark = fingerprint(buf)
                 gen, heads = self._heads
@@ -473,6 +544,10 @@ class RocksOverlay:
             if again:
                 self._rewrite_tentative(again)
             durable = [p for p in pieces if p[0] not in changed and p[0] not in tentative_blocks]
+        if firsts and (self._to_punch or self._punching):
+            for block, _ in firsts:  # over bytes a durable DATA entry may still name (I7)
+                if block in self._to_punch or block in self._punching:
+                    self._note_rewrite(block)
         if durable:
             self._write_in_place(writes, durable)  # their prints once the bytes are written
         else:
@@ -527,6 +602,7 @@ class RocksOverlay:
             for block, value, mark in zip(blocks, values, marks, strict=True):
                 if int.from_bytes(value[2:_HEAD], "big") < gen:
                     self._pending[block] = mark
+                    self._note_rewrite(block)
 
     def _rewrite_tentative(self, blocks: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Blocks that are DATA since a generation not yet durable get new bytes: their entries name both the
@@ -541,8 +617,10 @@ class RocksOverlay:
             if self._unpruned and int.from_bytes(value[2:_HEAD], "big") < gen:
                 # A flush has taken the journal since the block became DATA: when it ends, the block leaves
                 # `_tentative`, and the map does not have this entry yet. Its print is in memory until the
-                # next flush, as a rewrite in place's is (reads check `_pending` first).
+                # next flush, as a rewrite in place's is (reads check `_pending` first), and its region is
+                # marked as one's is (I7).
                 self._pending[block] = mark
+                self._note_rewrite(block)
             return
         marks = [fingerprint(buf) for _, buf in blocks]
         olds = [tentative_blocks[b] for b, _ in blocks]
@@ -553,14 +631,18 @@ class RocksOverlay:
             for (block, _), value, mark in zip(blocks, values, marks, strict=True):
                 if int.from_bytes(value[2:_HEAD], "big") < gen:  # as above
                     self._pending[block] = mark
+                    self._note_rewrite(block)
 
     def _write_in_place(
         self, writes: Sequence[_Write], durable: Sequence[tuple[int, bytes | bytearray | memoryview]]
     ) -> None:
         """Do `writes`, which cover `durable` blocks (DATA durably); their new prints are noted only once the
-        bytes are written. A failed write (a full copy-on-write file system fails even overwrites) may have
-        written some blocks: their prints are taken from what the file holds."""
+        bytes are written, and their regions are marked before (I7). A failed write (a full copy-on-write file
+        system fails even overwrites) may have written some blocks: their prints are taken from what the file
+        holds."""
         assert self._data is not None
+        for block, _ in durable:
+            self._note_rewrite(block)
         try:
             for piece in writes:
                 self._data.write(*piece)
@@ -582,6 +664,34 @@ class RocksOverlay:
             pending[block] = fingerprint(buf)
         if len(pending) >= PENDING_PRINTS:
             self._spill()  # unsynced: the next flush's WAL sync makes them durable
+
+    def _note_rewrite(self, block: int) -> None:
+        """`block` is about to get bytes that a durable entry naming other bytes may outlive (a rewrite in
+        place, whose print only memory holds; a first write over a block whose leaving DATA is not durable
+        yet): its region is marked (a synced map write, the first time) before the bytes are written (I7)."""
+        region = block >> REGION_SHIFT
+        if region not in self._marks:
+            self._map.write([(bm.mark_key(region), b"")], sync=True)
+        self._marks[region] = self._gen
+
+    def _unmark_idle(self, durable: int) -> None:
+        """Drop the marks of regions whose last rewrite is durable (generation <= `durable`: its bytes were
+        synced, its print is in the synced map) and came MARK_IDLE seconds or more before. Unsynced: a mark
+        whose removal a crash loses only widens the next scrub. Caller holds `lock`."""
+        now = time.monotonic()
+        idle, gone = self._idle, []
+        for region, gen in self._marks.items():
+            if gen > durable:
+                continue
+            seen = idle.get(region)
+            if seen is None or seen[0] != gen:
+                idle[region] = (gen, now)
+            elif now - seen[1] >= MARK_IDLE:
+                gone.append(region)
+        if gone:
+            self._map.write([(bm.mark_key(r), None) for r in gone])
+            for region in gone:
+                del self._marks[region], idle[region]
 
     def _pending_entries(self) -> list[tuple[bytes, bytes | None]]:
         gen = self._gen
@@ -642,25 +752,27 @@ class RocksOverlay:
             except BaseException:
                 self._dirty = True  # the next flush must not take this for synced
                 raise
+            if self._sidecar is not None:  # (after the WAL sync: it never names what the WAL had not synced)
+                self._sidecar.write(generation)
             with self.lock:  # I4: their entries are durable now; blocks written since left the set
                 self._data.punch(sorted(self._punching))
                 self._punching.clear()
+                if self._marks:
+                    self._unmark_idle(generation)
                 if self._tentative:  # what became DATA before this generation is durable now
                     self._tentative = {
                         b: v for b, v in self._tentative.items() if int.from_bytes(v[2:_HEAD], "big") > generation
                     }
                 self._unpruned = False
 
-    def verify_data(self, *, scrub: bool = False) -> list[int] | None:
+    def verify_data(self) -> list[int] | None:
         """The DATA blocks whose bytes are none of the ones their entry fingerprints (damage), or None if the
         overlay is of an older format whose prints are not kept current (opened read-only, not upgraded).
-        Entries from before an unclean stop are trusted as their blocks read (see `_mismatch`); `scrub`
-        (writable) fixes them all and, if nothing is damaged, trusts every entry again. For `nbdclone check`,
-        on an overlay nobody else has open."""
+        Opened read-only after an unclean stop, blocks of the regions its next writable open scrubs (I7) are
+        not counted. For `nbdclone check`, on an overlay nobody else has open."""
         if self.format != bm.FORMAT or self._data is None:
             return None
         bad = []
-        fixes: list[tuple[bytes, bytes | None]] = []
         if not self._readonly:
             with self.lock:
                 self._spill()  # the map holds every entry and print
@@ -676,18 +788,9 @@ class RocksOverlay:
             newer = self._pending.get(block)
             if mark in prints if newer is None else mark == newer:
                 continue
-            if newer is not None:
-                bad.append(block)
+            if newer is None and self._in_window(block):
                 continue
-            if decode(value).generation < self._trust:
-                fixes.append((bm.key(block), tentative(DATA, 0, mark)))
-            else:
-                bad.append(block)
-        if scrub and not self._readonly:
-            self._data.sync()
-            self._map.write([*fixes, *([] if bad else [(bm.META_TRUST, None)])], sync=True)
-            if not bad:
-                self._trust = 0
+            bad.append(block)
         return bad
 
     def bytes_written(self) -> int:
@@ -698,11 +801,20 @@ class RocksOverlay:
         try:
             if not self._readonly and not self._full:
                 self.flush()
-                self._map.write(
-                    [(bm.META_OPEN, _CLOSED), (bm.META_WRITTEN, self._written.to_bytes(8, "big"))], sync=True
+                self._map.write(  # every rewrite is durable now: no mark is needed (I7)
+                    [
+                        (bm.META_OPEN, _CLOSED),
+                        (bm.META_WRITTEN, self._written.to_bytes(8, "big")),
+                        *[(bm.mark_key(r), None) for r in self._marks],
+                    ],
+                    sync=True,
                 )
                 closed = True
+                if self._sidecar is not None:
+                    self._sidecar.write(self._gen - 1, sync=True)
         finally:
+            if self._sidecar is not None:
+                self._sidecar.close()
             if self._data is not None:
                 self._data.close()
             if self._journal is not None:  # kept unless the map holds all it held, durably

@@ -285,13 +285,14 @@ def _only_origin(directory: Path) -> Any:
 
 def _overlay_problem(path: Path, repair: bool) -> tuple[str, str] | None:
     """(file, problem) if the overlay does not open or read whole; RocksDB checks its own checksums. With
-    `repair`, blocks written around an unclean stop get their prints refreshed (a scrub)."""
+    `repair` it is opened for writing: after an unclean stop, that open scrubs the regions marked then (I7 in
+    docs/overlay.md); a block anywhere else that does not hold what its entry names is named, never adopted."""
     try:
         overlay = RocksOverlay(path, readonly=not repair)
     except errors.NbdcloneError as exc:
         return str(exc.fields.get("path") or path), str(exc.fields.get("detail") or exc)
     try:
-        bad = overlay.verify_data(scrub=repair)  # one pass over every block the map holds
+        bad = overlay.verify_data()  # one pass over every block the map holds
         if bad:
             shown = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             return str(path / DATA_FILE), f"{len(bad)} block(s) do not hold what the map fingerprints: {shown}"

@@ -25,8 +25,12 @@ I4  Entry before free. A block that stops being DATA (zero, trim, all-zero write
     and only if it did not become DATA again meanwhile. So no crash can leave a DATA entry over freed bytes.
 I5  One lock per overlay. `lock` serialises every change (callers hold it around `update`); `flush` takes it
     only to start a generation and to punch, so writes go on while it syncs; flushes run one at a time.
-I6  The map fingerprints every block it holds: a rewrite in place names its new bytes' print before writing
-    them, and `read` checks every block it serves (bytes that changed under the map are EIO, never data).
+I6  The map fingerprints every block it holds: a rewrite in place names its new bytes' print (in memory
+    until the next flush writes it), and `read` checks every block it serves (bytes that changed under the
+    map are EIO, never data).
+I7  Only marked regions may hold bytes their entries do not name: a region is marked (synced) before a block
+    in it gets bytes a durable entry naming others may outlive; the first writable open after an unclean
+    stop scrubs the marked regions, and a mismatch anywhere else is damage, never adopted.
 
 Thread-safety contract: `update` is called with `lock` held, and so is `read` (a read checks bytes against
 the map, which must not be half way through a write). `flush` and `bytes_written` may be called from any

@@ -468,11 +468,13 @@ def _kill_at(monkeypatch: pytest.MonkeyPatch, at: int) -> list[str]:
     for cls, name in _STEPS:
         real = getattr(cls, name)
 
-        def step(self: object, *args: object, _real: Callable[..., object] = real, _name: str = name) -> object:
+        def step(
+            self: object, *args: object, _real: Callable[..., object] = real, _name: str = name, **kw: object
+        ) -> object:
             seen.append(f"{type(self).__name__}.{_name}")
             if len(seen) - 1 == at:
                 raise Killed
-            return _real(self, *args)
+            return _real(self, *args, **kw)
 
         monkeypatch.setattr(cls, name, step)
     return seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from nbdclone.errors import Damaged, StorageError
-from nbdclone.store import _blockmap
+from nbdclone.store import _blockmap, _rocks
 from nbdclone.store._datafile import NAME as DATA_FILE
-from nbdclone.store._rocks import LEGACY_MARK, RocksOverlay, create_overlay, overlay_in_use
+from nbdclone.store._rocks import LEGACY_MARK, REGION_SHIFT, RocksOverlay, create_overlay, overlay_in_use
 from nbdclone.store.overlay import BASE, BLOCK_SIZE, DATA, ZEROED, MemoryOverlay, Move, Overlay
 from tests.filesystems import KINDS, fresh_dir, mounted
 
@@ -321,6 +322,124 @@ with ov.lock:
         self.opened.append(again)
         assert read(again, 0, 2 * BLOCK_SIZE) == block(2) + block(1)  # acknowledged; old bytes, not acked
         assert again.verify_data() == []
+
+    def test_after_an_unclean_stop_only_marked_regions_take_the_bytes_they_hold(self) -> None:
+        """I7: a kill -9 after a rewrite in place of block B (region 3). Block A (region 0) was only ever
+        written once, flushed: a byte flipped in it is damage whatever the stop, read-only (an export) or
+        after the writable open's scrub, and no repair adopts it: its entry keeps the print of the bytes
+        written, so putting the byte back heals it. B reads its acknowledged bytes."""
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        a, b = 5, (3 << REGION_SHIFT) + 7
+        update(ov, [block(1)], a * BLOCK_SIZE, [(a, BASE, DATA)])
+        update(ov, [block(2)], b * BLOCK_SIZE, [(b, BASE, DATA)])
+        ov.close()
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store._rocks import RocksOverlay
+ov = RocksOverlay(Path({str(ov.path)!r}))
+with ov.lock:
+    ov.update([b"\\x03" * {BLOCK_SIZE}], {b * BLOCK_SIZE}, [], written=1)
+assert ov._map.marks() == [3], ov._map.marks()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        with open(ov.path / DATA_FILE, "r+b") as f:
+            f.seek(a * BLOCK_SIZE + 100)
+            f.write(b"\xff")
+        for readonly in (True, False):
+            again = RocksOverlay(ov.path, readonly=readonly)
+            try:
+                assert read(again, b * BLOCK_SIZE, BLOCK_SIZE) == b"\x03" * BLOCK_SIZE
+                with pytest.raises(Damaged):
+                    read(again, a * BLOCK_SIZE, BLOCK_SIZE)
+                assert again.verify_data() == [a]
+                assert again._map.marks() == ([3] if readonly else [])  # the writable open's scrub closed it
+            finally:
+                again.close()
+        with open(ov.path / DATA_FILE, "r+b") as f:  # the byte put back: the print was never moved
+            f.seek(a * BLOCK_SIZE + 100)
+            f.write(block(1)[:1])
+        again = RocksOverlay(ov.path)
+        self.opened.append(again)
+        assert again.verify_data() == [] and read(again, a * BLOCK_SIZE, BLOCK_SIZE) == block(1)
+
+    @pytest.mark.parametrize("cut", [0.2, 0.5, 0.8, 0.99])
+    def test_a_write_ahead_log_that_lost_synced_records_fails_the_open(self, cut: float) -> None:
+        """E3: a writer killed right after its second flush; its WAL then cut short (as a bad disk or a file
+        system repair would): RocksDB takes the cut for a torn tail, but the overlay's durable record says
+        the lost records were synced, so every open fails, naming the overlay, instead of serving the blocks
+        of the lost flush as the base."""
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        ov.close()
+        code = f"""
+import os, signal
+from pathlib import Path
+from nbdclone.store._rocks import RocksOverlay
+from nbdclone.store.overlay import BASE, DATA
+ov = RocksOverlay(Path({str(ov.path)!r}))
+for n in range(2):
+    moves = [(n * 4 + b, BASE, DATA) for b in range(4)]
+    with ov.lock:
+        ov.update([bytes([n + 1]) * {4 * BLOCK_SIZE}], n * {4 * BLOCK_SIZE}, moves, written=1)
+    ov.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+        assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+        wal = max(ov.path.glob("*.log"))
+        os.truncate(wal, int(wal.stat().st_size * cut))
+        for readonly in (True, False):
+            with pytest.raises(Damaged, match="lost records it had synced") as info:
+                RocksOverlay(ov.path, readonly=readonly)
+            assert str(ov.path) in str(info.value)
+
+    def test_a_map_that_cannot_reopen_for_writing_still_reads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """E4: after a failed write RocksDB must be reopened; on a full disk that open fails too. The clone's
+        written blocks must still read (a closed handle failed them all), writes get the error, and once
+        the disk has room the next write reopens it and lands."""
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1)], 0, [(0, BASE, DATA)])
+        ov.flush()
+        real = _blockmap.BlockMap._open
+
+        def full(m: _blockmap.BlockMap, create: bool, *, readonly: bool | None = None) -> object:
+            if not (m.readonly if readonly is None else readonly):
+                raise StorageError(errno.ENOSPC, what="opening", detail="No space left on device")
+            return real(m, create, readonly=readonly)
+
+        monkeypatch.setattr(_blockmap.BlockMap, "_open", full)
+        ov._map.broken = True  # as a write that failed leaves it
+        with pytest.raises(StorageError) as info:
+            update(ov, [block(2)], BLOCK_SIZE, [(1, BASE, DATA)])
+        assert info.value.errno == errno.ENOSPC
+        assert read(ov, 0, BLOCK_SIZE) == block(1)
+        monkeypatch.undo()
+        update(ov, [block(2)], BLOCK_SIZE, [(1, BASE, DATA)])
+        ov.flush()
+        assert read(self.reopen(ov), 0, 2 * BLOCK_SIZE) == block(1) + block(2)
+
+    def test_a_mark_goes_once_its_region_is_durable_and_idle(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        ov = self.make()
+        assert isinstance(ov, RocksOverlay)
+        update(ov, [block(1)], 0, [(0, BASE, DATA)])
+        ov.flush()
+        update(ov, [block(2)], 0, [])  # in place: region 0 is marked, durably, before the bytes are written
+        assert ov._map.marks() == [0]
+        ov.flush()
+        ov.flush()
+        assert ov._map.marks() == [0]  # rewritten MARK_IDLE seconds ago or less: kept
+        monkeypatch.setattr(_rocks, "MARK_IDLE", 0.0)
+        update(ov, [block(3)], BLOCK_SIZE, [(1, BASE, DATA)])
+        ov.flush()  # (a flush that has work runs the sweep)
+        assert ov._map.marks() == []
+        update(ov, [block(4)], 0, [])
+        assert ov._map.marks() == [0]
+        ov = self.reopen(ov)  # a clean close leaves none
+        assert isinstance(ov, RocksOverlay)
+        assert ov._map.marks() == [] and read(ov, 0, BLOCK_SIZE) == block(4)
 
     def test_an_overlay_of_format_3_is_fingerprinted_at_its_first_writable_open(self) -> None:
         ov = self.make()
