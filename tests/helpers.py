@@ -193,16 +193,25 @@ def run_killed(args: list[str], store: Path, delay: float) -> int:
     return proc.returncode
 
 
+def _running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie waiting for its parent to reap it has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def wait_gone(pids: list[int], timeout: float = 15, *, kill: bool = True) -> None:
     """Wait until each process has ended; past `timeout`, kill it (or fail, if not `kill`)."""
     for pid in pids:
         deadline = time.monotonic() + timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if Path(f"/proc/{pid}").exists():
-            assert kill, f"process {pid} did not end"
+        if _running(pid):
+            assert kill, f"process {pid} did not end: {Path(f'/proc/{pid}/stat').read_text()!r}"
             os.kill(pid, signal.SIGKILL)
-            while Path(f"/proc/{pid}").exists():
+            while _running(pid):
                 time.sleep(0.02)
 
 

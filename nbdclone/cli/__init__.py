@@ -11,6 +11,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from nbdclone import errors
 from nbdclone.cli import bases, clones, fleet, serving, space
@@ -39,6 +40,10 @@ def main() -> None:
     except typer.Abort:
         err.print("[red]aborted[/red]")
         sys.exit(130)
+    except OSError as exc:  # the system refused (a full disk, a permission): one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", soft_wrap=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

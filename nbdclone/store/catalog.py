@@ -14,6 +14,7 @@ record could name (check.py, the quarantine).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -309,6 +310,7 @@ class CatalogStore(Layout):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             if not shared:
+                self.keep_reserve()
                 try:
                     self.refresh_mirror()
                 except OSError as exc:  # a full disk: the command goes on, the next one tries again
@@ -325,8 +327,14 @@ class CatalogStore(Layout):
         current = self.writable_catalog()
         generation = max(catalog.generation, current.generation) + 1
         text = seal_json(replace(catalog, generation=generation).to_json())
-        write_atomic(self.catalog_path, text, self.tmp)
-        write_atomic(self.mirror_path, text, self.tmp)
+        for path in (self.catalog_path, self.mirror_path):
+            try:
+                write_atomic(path, text, self.tmp)
+            except OSError as exc:  # a full disk: the reserve makes room for the commands that free space
+                if exc.errno != errno.ENOSPC or not self.give_up_reserve():
+                    raise
+                log.warning("no space left in %s: the reserve made room to write %s", self.path, path.name)
+                write_atomic(path, text, self.tmp)
 
     def get_base(self, name: str) -> BaseRecord:
         if not is_own_base(name):  # a clone's own base is reached through its record only

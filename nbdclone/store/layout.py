@@ -20,6 +20,8 @@
       chunks/remote           a fleet host's slots staged but not fetched yet (see remote.py)
       fleet.json              a fleet host's settings (fleet/config.py)
       tmp/                    work in progress (see Layout.scratch)
+      reserve                 2 MiB held for the catalog writes that free space on a full disk (clone rm,
+                              base rm, gc): given up when one needs it, made again when space allows
       quarantine/STAMP/...    what a repair moved aside instead of removing (a record it could not read
                               may name it), at its path under the store; `check --purge` empties it
       run/, serve.json        the running server's files and sockets; where clones listen (runtime.py)
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 CRASH_AT_ENV = "NBDCLONE_TEST_CRASH_AT"
 STATE = "state.json"  # in a clone's folder: its live overlay (see clones.py)
 FLEET_FILE = "fleet.json"  # a fleet host's settings (fleet/config.py)
+RESERVE = 2 << 20  # bytes STORE/reserve holds: room for a catalog write (and its mirror) on a full disk
 ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
 
 
@@ -150,6 +153,35 @@ class Layout:
     @property
     def mirror_path(self) -> Path:
         return self.path / "catalog.mirror.json"
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path / "reserve"
+
+    def keep_reserve(self) -> None:
+        """Make the reserve if it is missing and the file system has room (a failure leaves none)."""
+        if self.reserve_path.exists() or not self.path.is_dir():
+            return
+        tmp = self.path / f".reserve.{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.reserve_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def give_up_reserve(self) -> bool:
+        """Free the reserve for a write that found no space; True if there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     @property
     def quarantine_dir(self) -> Path:
@@ -268,15 +300,20 @@ def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = Fa
     tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
     if crash_hooks:
         crash_point("write")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if crash_hooks:
+                crash_point("fsync")
+            os.fsync(f.fileno())
         if crash_hooks:
-            crash_point("fsync")
-        os.fsync(f.fileno())
-    if crash_hooks:
-        crash_point("rename")
-    os.rename(tmp, path)
+            crash_point("rename")
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # (a full disk: what it holds goes back)
+        raise
     if crash_hooks:
         crash_point("fsync-dir")
     fsync_dir(path.parent)
