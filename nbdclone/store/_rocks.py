@@ -75,6 +75,10 @@ PENDING_PRINTS = 16384  # prints of in-place rewrites held in memory (about 1.5 
 #: rewritten between every two flushes is not marked again at each).
 REGION_SHIFT = 12
 MARK_IDLE = 30.0
+#: Seconds between tries to open the map for writing again after a failure (a full disk): each try is a
+#: RocksDB open, whose info log is rotated and written (some 25 KB), which on a full disk eats the space the
+#: writes wait for. Between tries, writes fail at once with the last try's error.
+REOPEN_EVERY = 2.0
 
 
 class RocksOverlay:
@@ -92,6 +96,8 @@ class RocksOverlay:
                 detail="keeps its map in the format of nbdclone 0.1; export it with that version, then reset",
             )
         self._full = False  # opened read-only for want of space: writes get ENOSPC until a reopen succeeds
+        self._next_reopen = 0.0  # (monotonic) when the map may next be opened for writing again
+        self._reopen_failed: StorageError | None = None  # what the last try gave
         self.format: bytes | None = None
         self._reprinted = 0  # blocks whose print was refreshed after an unclean stop (see _mismatch)
         # Opened read-only over a journal its writer left: the DATA entries only the journal holds (reads).
@@ -170,15 +176,18 @@ class RocksOverlay:
             log.warning("overlay %s: no journal (%s); map entries are written straight to the map", self.path, exc)
 
     def _retry_writable(self) -> None:
-        """Opened read-only on a full disk: try to open for writing again (space may be back). Caller holds
-        `lock`; nothing was written meanwhile, so the map it finds is the one the clone reads."""
+        """Opened read-only on a full disk: try to open for writing again (space may be back; at most every
+        REOPEN_EVERY seconds). Caller holds `lock`; nothing was written meanwhile, so the map it finds is the
+        one the clone reads."""
+        self._may_reopen()
         old_map, old_data, old_journal, old_sidecar = self._map, self._data, self._journal, self._sidecar
         self._readonly = False
         try:
             self._start(False)
-        except StorageError:
+        except StorageError as exc:
             self._readonly = True
             self._map, self._data, self._journal, self._sidecar = old_map, old_data, old_journal, old_sidecar
+            self._reopen_failed = exc
             raise
         old_map.close()
         if old_data is not None:
@@ -186,6 +195,7 @@ class RocksOverlay:
         if old_journal is not None:
             old_journal.close()
         self._full = False
+        self._reopen_failed = None
         log.info("overlay %s is writable again", self.path)
 
     def _open_map(self, create: bool) -> list[Change]:
@@ -718,9 +728,27 @@ class RocksOverlay:
         if not self._flush_lock.acquire(blocking=False):
             raise StorageError(errno.EAGAIN, what=f"overlay {self.path}", detail="recovering from a failed write")
         try:
-            self._map.reopen()
+            self._reopen()
         finally:
             self._flush_lock.release()
+
+    def _reopen(self) -> None:
+        """Reopen the broken map (at most every REOPEN_EVERY seconds). Caller holds `lock` and the flush lock."""
+        self._may_reopen()
+        try:
+            self._map.reopen()
+        except StorageError as exc:
+            self._reopen_failed = exc
+            raise
+        self._reopen_failed = None
+
+    def _may_reopen(self) -> None:
+        """Refuse (with the last try's error) a reopen sooner than REOPEN_EVERY seconds after a failed one."""
+        now = time.monotonic()
+        failed = self._reopen_failed
+        if failed is not None and now < self._next_reopen:
+            raise StorageError(failed.errno, what=f"overlay {self.path}", detail=str(failed))
+        self._next_reopen = now + REOPEN_EVERY
 
     def flush(self) -> None:
         if self._readonly:
@@ -732,7 +760,7 @@ class RocksOverlay:
                     if not self._map.broken:
                         return  # nothing since the last flush: a boot flushes often, twice in a row at times
                 if self._map.broken:
-                    self._map.reopen()
+                    self._reopen()
                 # In the generation being flushed, in one batch: what the journal holds and the prints of
                 # rewrites (I6): the map's WAL has them all before the journal starts again.
                 self._spill()

@@ -85,8 +85,11 @@ def test_a_full_disk_gives_enospc_and_loses_nothing(tmp_path: Path, kind: str, s
         assert _workers(server) == pids, "a worker died on the full disk"
         assert server.proc is not None and server.proc.poll() is None
 
-        ballast.unlink()  # space returns: writes resume
-        assert _write_or_enospc(b, models["b"], rnd.randbytes(MiB), 8 * MiB), "writes did not resume"
+        ballast.unlink()  # space returns: writes resume (a clone that failed tries again every 2 s)
+        deadline = time.monotonic() + 10
+        while not _write_or_enospc(b, models["b"], rnd.randbytes(MiB), 8 * MiB):
+            assert time.monotonic() < deadline, "writes did not resume"
+            time.sleep(0.25)
         assert _write_or_enospc(c, models["c"], rnd.randbytes(MiB), 3 * MiB)
         for h in (b, c, filler):
             h.shutdown()
