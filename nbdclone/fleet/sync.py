@@ -199,7 +199,10 @@ def _drop_retiring(store: Store, view: dict[str, BaseView]) -> list[str]:
         for vid in sorted(b.retiring & set(record.versions if record else ())):
             if (base, vid) in users or vid == store.current_version(record):  # type: ignore[arg-type]
                 continue
-            store.remove_version(f"{base}@{vid}")
+            try:
+                store.remove_version(f"{base}@{vid}")
+            except errors.VersionNotFound:  # the server's sync and `base rm`'s both drop it: one wins
+                continue
             dropped.append(f"{base}@{vid}")
     return dropped
 
