@@ -65,7 +65,10 @@ def mounted(kind: str, work: Path, size: int = IMAGE_SIZE) -> Iterator[Path]:
         yield mnt
     finally:
         for cmd in reversed(cleanups):
-            subprocess.run(cmd, check=False, capture_output=True)
+            if subprocess.run(cmd, check=False, capture_output=True).returncode != 0:
+                # Still busy (a handle a failed test left open): detach it now, so no mount outlives the
+                # session (47 had piled up under /tmp/pytest-of-root, each holding a loop device).
+                subprocess.run([*cmd[:1], "-l", *cmd[1:]], check=False, capture_output=True)
         with contextlib.suppress(OSError):
             mnt.rmdir()
         for image in work.glob(f"{kind}-*.img"):
