@@ -79,14 +79,29 @@ MARK_IDLE = 30.0
 #: RocksDB open, whose info log is rotated and written (some 25 KB), which on a full disk eats the space the
 #: writes wait for. Between tries, writes fail at once with the last try's error.
 REOPEN_EVERY = 2.0
+#: A scrub in the background (a server's open after an unclean stop) reads at most this many bytes a second,
+#: SCRUB_BATCH blocks at a time under the overlay's lock.
+SCRUB_RATE = 64 << 20
+SCRUB_BATCH = 64
 
 
 class RocksOverlay:
     """An overlay in one directory. One handle per clone per process, shared by all of its connections."""
 
-    def __init__(self, path: Path, *, create: bool = False, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        scrub: str = "now",
+        lock: threading.Lock | None = None,
+    ) -> None:
+        """`scrub`: after an unclean stop, close the window of marked regions (I7) before the open returns
+        ("now"), or while the clone serves ("background": a server's open, which must not wait for it).
+        `lock`: the one to use as `lock` (a LateOverlay's, whose callers already hold it)."""
         self.path = path
-        self.lock = threading.Lock()  # I5: every change; flush takes it only to start and to punch
+        self.lock = lock or threading.Lock()  # I5: every change; flush takes it only to start and to punch
         self._flush_lock = threading.Lock()  # flushes one at a time: `durable` only ever grows
         self._readonly = readonly
         if (path / LEGACY_MARK).exists():
@@ -123,6 +138,10 @@ class RocksOverlay:
         self._idle: dict[int, tuple[int, float]] = {}  # region -> (that generation, when first seen durable)
         # A flush took a generation and has not yet let its blocks leave `_tentative` (it runs, or failed).
         self._unpruned = False
+        self._scrubber: threading.Thread | None = None
+        self._stop_scrub = threading.Event()
+        self.scrubbed = threading.Event()  # set once no window is left to scrub (I7)
+        self._close_window(scrub)
 
     # -- open and recovery ---------------------------------------------------------------------------
 
@@ -197,6 +216,7 @@ class RocksOverlay:
         self._full = False
         self._reopen_failed = None
         log.info("overlay %s is writable again", self.path)
+        self._close_window("background")
 
     def _open_map(self, create: bool) -> list[Change]:
         m, data = self._map, self._data
@@ -214,11 +234,9 @@ class RocksOverlay:
         unclean = m.get(bm.META_OPEN) == _OPEN
         # The regions whose blocks may hold rewritten bytes their entries do not name (I7): those marked at
         # an unclean stop; every region (None) after a writer from before marks.
-        window: set[int] | None = set()
-        if m.get(bm.META_TRUST) is not None or (unclean and m.get(bm.META_MARKS) is None):
-            window = None
-        elif unclean:
-            window = set(m.marks())
+        window: set[int] | None = None
+        if m.get(bm.META_TRUST) is None and (not unclean or m.get(bm.META_MARKS) is not None):
+            window = set(m.marks())  # left by an unclean stop, or by a close before a background scrub ended
         self._window = window
         journaled = self._journal.entries() if self._journal is not None else []
         if journaled and not self._readonly:
@@ -246,8 +264,6 @@ class RocksOverlay:
             m.write([(bm.META_OPEN, _OPEN), (bm.META_MARKS, b"1")])
         else:
             self._recover(rec)
-        if window is None or window:
-            self._scrub(window)
         if old_format != bm.FORMAT:
             self._print_all()
             self.format = bm.FORMAT
@@ -277,40 +293,105 @@ class RocksOverlay:
         if data.size_blocks() > lo:
             data.punch_range(lo, data.size_blocks() - lo)
 
+    def _close_window(self, scrub: str) -> None:
+        """Scrub the window an unclean stop left, if any (I7): before returning ("now"), or while the clone
+        serves ("background": a server's open, or a reopen inside a request, which must not wait for it)."""
+        if self._readonly or self._window == set():
+            self.scrubbed.set()
+        elif scrub == "background":
+            self._scrubber = threading.Thread(
+                target=self._scrub_in_background, args=(self._window,), name="nbdclone-scrub", daemon=True
+            )
+            self._scrubber.start()
+        else:
+            self._scrub(self._window)
+            self.scrubbed.set()
+
+    def _misprinted(self, entries: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        """(block, print of what it holds) of each DATA block of `entries` whose bytes are none of those its
+        entry names. Reads each of them."""
+        data = self._data
+        assert data is not None
+        for block, value in entries:
+            prints = prints_of(value)
+            if prints is not None and (mark := fingerprint(data.read_block(block))) not in prints:
+                yield block, mark
+
+    def _window_spans(self, window: set[int] | None) -> list[tuple[int, int | None]]:
+        """The block ranges of the marked regions `window` (None: every block)."""
+        if window is None:
+            return [(0, None)]
+        return [(r << REGION_SHIFT, (r + 1) << REGION_SHIFT) for r in sorted(window)]
+
     def _scrub(self, window: set[int] | None) -> None:
-        """Close the window an unclean stop left (I7): each DATA block of a marked region (`window`; None:
-        every block, after a writer from before marks) whose bytes are none its entry names gets the print of
-        what it holds, old or new bytes of a write that was not flushed, both acceptable; then the marks go.
-        Blocks elsewhere are not read here: a mismatch there is damage, seen when they are read."""
+        """Close the window an unclean stop left (I7), before the open returns: each DATA block of a marked
+        region (`window`; None: every block, after a writer from before marks) whose bytes are none its entry
+        names gets the print of what it holds, old or new bytes of a write that was not flushed, both
+        acceptable; then the marks go. Blocks elsewhere are not read here: a mismatch there is damage, seen
+        when they are read."""
         m, data = self._map, self._data
         assert data is not None
         started = time.monotonic()
-        spans = (
-            [(0, None)] if window is None else [(r << REGION_SHIFT, (r + 1) << REGION_SHIFT) for r in sorted(window)]
-        )
-        fixes: list[tuple[bytes, bytes | None]] = []
-        seen = 0
-        for start, stop in spans:
-            for block, value in m.entries(start, stop):
-                prints = prints_of(value)
-                if prints is None:
-                    continue
-                seen += 1
-                mark = fingerprint(data.read_block(block))
-                if mark not in prints:
-                    fixes.append((bm.key(block), tentative(DATA, 0, mark)))
+        fixes = [
+            (bm.key(block), tentative(DATA, 0, mark))
+            for start, stop in self._window_spans(window)
+            for block, mark in self._misprinted(m.entries(start, stop))
+        ]
         data.sync()  # the bytes the new prints name are on disk before the map says so (generation 0)
         unmarks = [(bm.mark_key(r), None) for r in sorted(window or ())]
         m.write([*fixes, *unmarks, (bm.META_TRUST, None)], sync=True)
         self._window = set()
+        self._scrub_done(window, started, len(fixes), "")
+
+    def _scrub_in_background(self, window: set[int] | None) -> None:
+        """`_scrub`, while the clone serves: SCRUB_BATCH blocks at a time under `lock`, at most SCRUB_RATE
+        bytes a second. A block the session has written, zeroed or trimmed is skipped (its entry is the
+        session's), and each block's entry is read again under the lock; a block read before the scrub came
+        to it took its print then (_mismatch). New prints reach the map as a rewrite's do (`_pending`, at the
+        next flush); the marks go once that flush has made them durable (but those of regions the session
+        rewrote: they go when those rewrites are durable). Stopped by `close`, or failed: the marks stay,
+        and the next open scrubs again."""
+        started = time.monotonic()
+        fixed = done = 0
+        try:
+            for start, stop in self._window_spans(window):
+                with self.lock:
+                    blocks = [b for b, _ in self._map.entries(start, stop)]
+                for at in range(0, len(blocks), SCRUB_BATCH):
+                    if self._stop_scrub.is_set():
+                        return
+                    with self.lock:
+                        skip = (self._pending, self._tentative, self._to_punch, self._punching)
+                        batch = [b for b in blocks[at : at + SCRUB_BATCH] if not any(b in s for s in skip)]
+                        values = self._map.get_many([bm.key(b) for b in batch])
+                        entries = [(b, v) for b, v in zip(batch, values, strict=True) if v is not None]
+                        for block, mark in self._misprinted(entries):
+                            self._pending[block] = mark
+                            fixed += 1
+                    done += SCRUB_BATCH * BLOCK_SIZE
+                    if self._stop_scrub.wait(max(0.0, done / SCRUB_RATE - (time.monotonic() - started))):
+                        return
+            with self.lock:  # every block of the window now names what it holds: a mismatch is damage
+                self._window = set()
+            self.flush()  # the new prints are durable before the marks go
+            with self.lock:
+                unmarks = [(bm.mark_key(r), None) for r in sorted(window or ()) if r not in self._marks]
+                self._map.write([*unmarks, (bm.META_TRUST, None)], sync=True)
+        except Exception:
+            log.exception("overlay %s: the scrub stopped; the next open scrubs again", self.path)
+            return
+        self.scrubbed.set()
+        self._scrub_done(window, started, fixed, ", in the background")
+
+    def _scrub_done(self, window: set[int] | None, started: float, fixed: int, how: str) -> None:
         log.warning(
-            "overlay %s: scrubbed %d written block(s) in %s rewritten before its unclean stop (%.2f s); %d now "
-            "name the bytes they hold (old or new)",
+            "overlay %s: scrubbed %s rewritten before its unclean stop%s (%.2f s); %d block(s) now name the "
+            "bytes they hold (old or new)",
             self.path,
-            seen,
             "every region" if window is None else f"{len(window)} region(s) of 16 MiB",
+            how,
             time.monotonic() - started,
-            len(fixes),
+            fixed,
         )
 
     def _in_window(self, block: int) -> bool:
@@ -408,12 +489,14 @@ class RocksOverlay:
         if value is not None and self._in_window(block):
             if not self._reprinted:
                 log.warning(
-                    "overlay %s: blocks rewritten around its last unclean stop are served as they are until its "
-                    "next writable open scrubs them (first: block %d)",
+                    "overlay %s: blocks rewritten around its last unclean stop are served as they are until the "
+                    "scrub has passed them (first: block %d)",
                     self.path,
                     block,
                 )
             self._reprinted += 1
+            if not self._readonly:  # (a scrub running in the background: the block's print is taken now)
+                self._pending[block] = mark
             return
         assert self._data is not None
         log.error("%s: block %d does not hold what its map fingerprints; not served", self._data.path, block)
@@ -689,9 +772,9 @@ class RocksOverlay:
         synced, its print is in the synced map) and came MARK_IDLE seconds or more before. Unsynced: a mark
         whose removal a crash loses only widens the next scrub. Caller holds `lock`."""
         now = time.monotonic()
-        idle, gone = self._idle, []
+        idle, gone, window = self._idle, [], self._window
         for region, gen in self._marks.items():
-            if gen > durable:
+            if gen > durable or window is None or region in window:  # (a window's marks go with its scrub)
                 continue
             seen = idle.get(region)
             if seen is None or seen[0] != gen:
@@ -800,7 +883,6 @@ class RocksOverlay:
         not counted. For `nbdclone check`, on an overlay nobody else has open."""
         if self.format != bm.FORMAT or self._data is None:
             return None
-        bad = []
         if not self._readonly:
             with self.lock:
                 self._spill()  # the map holds every entry and print
@@ -808,32 +890,26 @@ class RocksOverlay:
         else:  # what a writer's journal holds overlays the map
             journaled = self._journal.entries() if self._journal is not None else []
             entries = _merged(self._map.entries(), journaled) if journaled else self._map.entries()
-        for block, value in entries:
-            prints = prints_of(value)
-            if prints is None:
-                continue
-            mark = fingerprint(self._data.read_block(block))
-            newer = self._pending.get(block)
-            if mark in prints if newer is None else mark == newer:
-                continue
-            if newer is None and self._in_window(block):
-                continue
-            bad.append(block)
-        return bad
+        # (`_pending` is empty: spilled above, or read-only)
+        return [block for block, _ in self._misprinted(entries) if not self._in_window(block)]
 
     def bytes_written(self) -> int:
         return self._written
 
     def close(self) -> None:
         closed = False
+        self._stop_scrub.set()
+        if self._scrubber is not None:
+            self._scrubber.join()
+        window = self._window
         try:
             if not self._readonly and not self._full:
                 self.flush()
-                self._map.write(  # every rewrite is durable now: no mark is needed (I7)
+                self._map.write(  # every rewrite is durable now: no mark is needed but a window's (I7)
                     [
                         (bm.META_OPEN, _CLOSED),
                         (bm.META_WRITTEN, self._written.to_bytes(8, "big")),
-                        *[(bm.mark_key(r), None) for r in self._marks],
+                        *[(bm.mark_key(r), None) for r in self._marks if window is not None and r not in window],
                     ],
                     sync=True,
                 )
@@ -868,6 +944,51 @@ def _merged(
         else:
             out[block] = value
     return sorted(out.items())
+
+
+class LateOverlay:
+    """The overlay of a clone whose own could not be started for want of space (a new clone, or one moving
+    to a new version, on a full disk). Nothing is written yet, so every block reads from the base; a write
+    first tries to start the overlay (`start(lock)`, at most every REOPEN_EVERY seconds) and gets ENOSPC
+    until that finds room; from then on the started overlay serves, under the same lock."""
+
+    def __init__(self, start: Callable[[threading.Lock], RocksOverlay], path: str) -> None:
+        self.lock = threading.Lock()
+        self._start = start
+        self._path = path
+        self._started: RocksOverlay | None = None
+        self._next = 0.0
+
+    def scan(self) -> Iterator[Change]:
+        return iter(())
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        assert self._started is not None, "no block is DATA before the overlay starts"
+        self._started.read(buf, offset)
+
+    def update(
+        self, bufs: Sequence[bytes | bytearray | memoryview], offset: int, moves: Sequence[Move], *, written: int
+    ) -> None:
+        started = self._started
+        if started is None:
+            now = time.monotonic()
+            if now < self._next:
+                raise StorageError(errno.ENOSPC, what=self._path, detail="no space left to start its overlay")
+            self._next = now + REOPEN_EVERY
+            started = self._started = self._start(self.lock)  # (an OSError, ENOSPC or other, goes to the client)
+            log.info("%s: its overlay started", self._path)
+        started.update(bufs, offset, moves, written=written)
+
+    def flush(self) -> None:
+        if self._started is not None:
+            self._started.flush()
+
+    def bytes_written(self) -> int:
+        return 0 if self._started is None else self._started.bytes_written()
+
+    def close(self) -> None:
+        if self._started is not None:
+            self._started.close()
 
 
 def create_overlay(path: Path) -> None:

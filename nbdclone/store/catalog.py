@@ -14,8 +14,8 @@ record could name (check.py, the quarantine).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -328,13 +328,7 @@ class CatalogStore(Layout):
         generation = max(catalog.generation, current.generation) + 1
         text = seal_json(replace(catalog, generation=generation).to_json())
         for path in (self.catalog_path, self.mirror_path):
-            try:
-                write_atomic(path, text, self.tmp)
-            except OSError as exc:  # a full disk: the reserve makes room for the commands that free space
-                if exc.errno != errno.ENOSPC or not self.give_up_reserve():
-                    raise
-                log.warning("no space left in %s: the reserve made room to write %s", self.path, path.name)
-                write_atomic(path, text, self.tmp)
+            self.with_room(path.name, functools.partial(write_atomic, path, text, self.tmp))
 
     def get_base(self, name: str) -> BaseRecord:
         if not is_own_base(name):  # a clone's own base is reached through its record only

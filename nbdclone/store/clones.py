@@ -95,8 +95,12 @@ class Clones(CatalogStore):
             dropped = [d for d in directory.iterdir() if d.is_dir() and not overlay_in_use(d)]
         base_id = self.get_base(record.base).id if record.base is not None and version is not None else None
         state = CloneState(version, uuid.uuid4().hex[:12], base_id)
-        create_overlay(directory / state.overlay)
-        write_atomic(directory / state.overlay / ORIGIN, seal_json(asdict(state)), directory / state.overlay)
+        try:
+            create_overlay(directory / state.overlay)
+            write_atomic(directory / state.overlay / ORIGIN, seal_json(asdict(state)), directory / state.overlay)
+        except BaseException:  # (a full disk: nothing names it yet, so nothing is left behind)
+            shutil.rmtree(directory / state.overlay, ignore_errors=True)
+            raise
         write_atomic(self.state_path(record), seal_json(asdict(state)), directory)
         for path in dropped:
             shutil.rmtree(path, ignore_errors=True)

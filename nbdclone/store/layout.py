@@ -36,16 +36,18 @@ from the network can only ever be looked up. A file that is replaced is replaced
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from nbdclone.runtime import RunDir
 from nbdclone.store import _journal
@@ -53,6 +55,9 @@ from nbdclone.store._fs import fsync_dir
 
 if TYPE_CHECKING:
     from nbdclone.store.catalog import BaseRecord, CloneRecord, CloneState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Test hook: kill this process (as kill -9 would) just before the named step of a pointer flip (write,
 #: fsync, rename, fsync-dir, done) or of a clone's change of base (lineage-commit, lineage-switch).
@@ -158,15 +163,16 @@ class Layout:
     def reserve_path(self) -> Path:
         return self.path / "reserve"
 
-    def keep_reserve(self) -> None:
-        """Make the reserve if it is missing and the file system has room (a failure leaves none)."""
+    def keep_reserve(self, size: int = RESERVE) -> None:
+        """Make the reserve (`size` bytes) if it is missing and the file system has room (a failure leaves
+        none)."""
         if self.reserve_path.exists() or not self.path.is_dir():
             return
         tmp = self.path / f".reserve.{uuid.uuid4().hex}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, RESERVE)
+                os.posix_fallocate(fd, 0, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -182,6 +188,20 @@ class Layout:
         except FileNotFoundError:
             return False
         return True
+
+    def with_room(self, what: str, write: Callable[[], T]) -> T:
+        """`write()`; if the file system is full (ENOSPC), give up the reserve and try once more. For what
+        a full disk must not stop: the catalog writes of commands that free space, a server's sockets."""
+        try:
+            return write()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not self.give_up_reserve():
+                raise
+        log.warning("no space left in %s: the reserve made room for %s", self.path, what)
+        done = write()
+        room = os.statvfs(self.path)
+        self.keep_reserve(min(RESERVE, room.f_bavail * room.f_frsize // 2))  # what is left of it, for the next
+        return done
 
     @property
     def quarantine_dir(self) -> Path:

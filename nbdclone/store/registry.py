@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 from nbdclone import errors
 from nbdclone.store import Store
-from nbdclone.store._rocks import RocksOverlay
+from nbdclone.store._rocks import LateOverlay, RocksOverlay
 from nbdclone.store.base import Base, ZeroBase
 from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import CloneRecord, validate_name
 from nbdclone.store.chunks import ChunkedBase, TraceRecorder, load_trace
 from nbdclone.store.clone import Clone
+from nbdclone.store.overlay import Overlay
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Registry:
             # The version is opened (its map read and checked) before any overlay is dropped for it.
             key, base = self._get_base(record, version)
             try:
+                overlay: Overlay
                 if moving:
                     if state is not None:
                         log.info(
@@ -119,19 +121,45 @@ class Registry:
                             state.version,
                             version,
                         )
-                    state = self.store.start_overlay(record, version)
-                assert state is not None
-                if follows:
-                    self._hold(record)
+                    overlay = self._start_overlay(record, version, follows)
+                else:
+                    assert state is not None
+                    overlay = RocksOverlay(self.store.overlay_path(record, state), scrub="background")
+                    if follows:
+                        self._hold(record)
                 if key is not None and self._traces.get(key) and self._reader is not None:
                     self._prefetch(key, f"{record.base}@{version}")
-                overlay = RocksOverlay(self.store.overlay_path(record, state))
                 clone = Clone(base, overlay, base.size)
             except BaseException:
                 self._put_base(key)
                 raise
         log.info("opened clone %s (version %s)", name, version)
         return _Open(clone, key, version, 0, record)
+
+    def _start_overlay(self, record: CloneRecord, version: str | None, follows: bool) -> Overlay:
+        """A new empty overlay for the clone on `version` (its old one dropped), held if it `follows` its
+        base. On a full disk the clone is served with nothing written (LateOverlay): reads from the version,
+        ENOSPC to writes until one finds room to start it; it is held only then (a reconnect after a crash
+        before then finds it where it was, and moves it as this open did). Caller holds the store's shared
+        lock."""
+
+        def start(lock: threading.Lock | None = None) -> RocksOverlay:
+            state = self.store.start_overlay(record, version)
+            if follows:
+                self._hold(record)
+            return RocksOverlay(self.store.overlay_path(record, state), lock=lock)
+
+        def start_late(lock: threading.Lock) -> RocksOverlay:
+            with self.store.lock(shared=True):
+                return start(lock)
+
+        try:
+            return start()
+        except (OSError, errors.StorageError) as exc:  # (RocksDB's is a StorageError)
+            if exc.errno != errno.ENOSPC:
+                raise
+        log.warning("clone %s: no space left to start its overlay; served unwritten, writes get ENOSPC", record.name)
+        return LateOverlay(start_late, f"clone {record.name}")
 
     def _hold(self, record: CloneRecord) -> None:
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -334,7 +335,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
         sockets.make_private(cfg.store, cfg.access)
         await _reap_orphans(run_dir, cfg.grace)
         systemd = sockets.inherited()
-        listeners = systemd if systemd is not None else sockets.bind(cfg.where, cfg.access)
+        # (a Unix socket is a new inode: on a full XFS or btrfs the reserve makes room for them)
+        bind = functools.partial(sockets.bind, cfg.where, cfg.access)
+        listeners = systemd if systemd is not None else store.with_room("the server's sockets", bind)
         try:
             write_atomic(run_dir.settings, json.dumps(cfg.where.to_json()), store.tmp)
         except OSError as exc:  # a full disk: serve anyway

@@ -1,7 +1,8 @@
 """A full disk is an error, not an outage: the store on a small file system is filled through one clone while
 other clones read and write; the writer gets ENOSPC, every clone keeps reading exactly what was acknowledged,
-no process dies, writes resume when space returns, the server starts again on a full disk, and a clone can be
-removed there to make room."""
+no process dies, writes resume when space returns, the server starts again on a full disk (its sockets in the
+store), a clone never connected before reads its base there and its writes get ENOSPC, and a clone can be
+removed there to make room, after which that clone's writes go through."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def _write_or_enospc(h: nbd.NBD, model: bytearray, data: bytes, off: int) -> boo
     return True
 
 
+def _use_up_inodes(folder: Path) -> None:
+    """Create empty files until the file system has room for no more (XFS: no free inode left in its chunks)."""
+    folder.mkdir()
+    for i in range(10_000):
+        try:
+            (folder / str(i)).touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return
+    raise AssertionError("10,000 new files fitted on the full disk")
+
+
 def _workers(server: Server) -> list[int]:
     return [w["pid"] for w in server.info()["workers"]]
 
@@ -65,6 +78,7 @@ def test_a_full_disk_gives_enospc_and_loses_nothing(tmp_path: Path, kind: str, s
         cli("base", "import", "deb", str(tmp_path / "base.raw"), store=store)
         cli("clone", "create", "b", "c", "--base", "deb", store=store)
         cli("clone", "create", "filler", "--size", f"{2 * size // MiB}M", store=store)
+        cli("clone", "create", "late", "--base", "deb", store=store)  # first connected on the full disk
         ballast = fs.path / "ballast"
         ballast.write_bytes(rnd.randbytes(24 * MiB))  # freed later, to give space back
         server = Server(store, tmp_path / "nbd.sock", args=("--workers", "2")).start()
@@ -98,11 +112,18 @@ def test_a_full_disk_gives_enospc_and_loses_nothing(tmp_path: Path, kind: str, s
         assert _fill(filler, models["filler"], rnd) == errno.ENOSPC
         filler.shutdown()
         server.stop()
-        server = Server(store, tmp_path / "nbd.sock", args=("--workers", "2")).start()  # on a full disk
+        if kind == "xfs":  # (which makes inodes from free space; ext4 sets them aside at mkfs, btrfs keeps
+            _use_up_inodes(fs.path / "inodes")  # metadata apart: 50,000 new files fit on a full one)
+        # On a full disk, its sockets new files in the store (XFS needs room for their inodes).
+        server = Server(store, store / "run" / "nbdclone.sock", args=("--workers", "2")).start()
         for name in models:
             h = server.connect(name)
             assert pread_all(h, len(models[name])) == models[name], f"{name} after a restart on a full disk"
             h.shutdown()
+        late = server.connect("late")  # its overlay cannot be started: it reads its base, writes get ENOSPC
+        models["late"] = bytearray(base)
+        assert pread_all(late, SIZE) == base
+        assert not _write_or_enospc(late, models["late"], rnd.randbytes(MiB), 0)
 
         # The commands that free space work on the full disk (E6: a catalog write needs a new file, which
         # XFS and btrfs refuse once full; the store's reserve makes room for it).
@@ -114,6 +135,11 @@ def test_a_full_disk_gives_enospc_and_loses_nothing(tmp_path: Path, kind: str, s
         while os.statvfs(store).f_bfree <= free:
             assert time.monotonic() < deadline, "clone rm freed nothing"
             time.sleep(0.2)
+        deadline = time.monotonic() + 10  # the late clone's overlay starts (tried again every 2 s)
+        while not _write_or_enospc(late, models["late"], rnd.randbytes(MiB), 0):
+            assert time.monotonic() < deadline, "the late clone's writes did not resume"
+            time.sleep(0.25)
+        late.shutdown()
         for name in models:
             h = server.connect(name)
             assert pread_all(h, len(models[name])) == models[name], f"{name} after clone rm on a full disk"

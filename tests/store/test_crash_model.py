@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, note, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nbdclone.store import _blockmap, _datafile, _journal
+from nbdclone.store import _blockmap, _datafile, _journal, _rocks
 from nbdclone.store._rocks import RocksOverlay, create_overlay
 from nbdclone.store.base import BaseImage
 from nbdclone.store.clone import Clone
@@ -138,6 +138,9 @@ def die(overlay: object) -> None:
     handles must still be closed to open the overlay again in this process, and rocksdict's close writes the
     memtable to a new SST: the database's files are put back as they were at the moment of death.)"""
     assert isinstance(overlay, RocksOverlay) and overlay._data is not None
+    overlay._stop_scrub.set()  # (a scrub in the background dies with it: here at the end of a batch)
+    if overlay._scrubber is not None:
+        overlay._scrubber.join()
     files = {}
     for p in overlay.path.iterdir():
         if p.name != _datafile.NAME and not p.name.startswith("LOG"):  # (RocksDB's info log rotates)
@@ -170,6 +173,7 @@ class CrashMachine(RuleBasedStateMachine):
         self.path.parent.mkdir()
         create_overlay(self.path)
         self.faults = FaultLayer(self.mp, self.path)
+        self.mp.setattr(_rocks, "SCRUB_BATCH", 8)  # (a scrub in the background: 12 batches, amid requests)
         self.current = [self.base_bytes[b * BS : (b + 1) * BS] for b in range(NBLOCKS)]
         self.history: list[list[tuple[int, bytes]]] = [[(0, c)] for c in self.current]  # (ack seq, content)
         self.floor_seq = 0  # the start of the last completed flush
@@ -177,7 +181,8 @@ class CrashMachine(RuleBasedStateMachine):
         self._open()
 
     def _open(self) -> None:
-        overlay = RocksOverlay(self.path)
+        # Half the opens scrub an unclean stop's window in the background, while the connections run (I7).
+        overlay = RocksOverlay(self.path, scrub=self.rnd.choice(["now", "background"]))
         self.clone = Clone(self.base, overlay, SIZE)
         self.faults.opened(overlay)
 

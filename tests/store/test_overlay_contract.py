@@ -323,11 +323,9 @@ with ov.lock:
         assert read(again, 0, 2 * BLOCK_SIZE) == block(2) + block(1)  # acknowledged; old bytes, not acked
         assert again.verify_data() == []
 
-    def test_after_an_unclean_stop_only_marked_regions_take_the_bytes_they_hold(self) -> None:
-        """I7: a kill -9 after a rewrite in place of block B (region 3). Block A (region 0) was only ever
-        written once, flushed: a byte flipped in it is damage whatever the stop, read-only (an export) or
-        after the writable open's scrub, and no repair adopts it: its entry keeps the print of the bytes
-        written, so putting the byte back heals it. B reads its acknowledged bytes."""
+    def _killed_after_a_rewrite(self) -> tuple[RocksOverlay, int, int]:
+        """An overlay whose writer wrote block A (region 0) and B (region 3), flushed, rewrote B in place and
+        was killed (kill -9 of a real process); then a byte of A flipped. Returns (overlay, A, B)."""
         ov = self.make()
         assert isinstance(ov, RocksOverlay)
         a, b = 5, (3 << REGION_SHIFT) + 7
@@ -348,6 +346,14 @@ os.kill(os.getpid(), signal.SIGKILL)
         with open(ov.path / DATA_FILE, "r+b") as f:
             f.seek(a * BLOCK_SIZE + 100)
             f.write(b"\xff")
+        return ov, a, b
+
+    def test_after_an_unclean_stop_only_marked_regions_take_the_bytes_they_hold(self) -> None:
+        """I7: a kill -9 after a rewrite in place of block B (region 3). Block A (region 0) was only ever
+        written once, flushed: a byte flipped in it is damage whatever the stop, read-only (an export) or
+        after the writable open's scrub, and no repair adopts it: its entry keeps the print of the bytes
+        written, so putting the byte back heals it. B reads its acknowledged bytes."""
+        ov, a, b = self._killed_after_a_rewrite()
         for readonly in (True, False):
             again = RocksOverlay(ov.path, readonly=readonly)
             try:
@@ -364,6 +370,47 @@ os.kill(os.getpid(), signal.SIGKILL)
         again = RocksOverlay(ov.path)
         self.opened.append(again)
         assert again.verify_data() == [] and read(again, a * BLOCK_SIZE, BLOCK_SIZE) == block(1)
+
+    def test_a_scrub_in_the_background_closes_the_window_while_the_clone_serves(self) -> None:
+        """A server's open does not wait for the scrub; A stays damage throughout; the scrub ends by itself
+        and takes the print of B (never read meanwhile: no read took it), which then reads its acknowledged
+        bytes; its marks are gone and B's print durable."""
+        ov, a, b = self._killed_after_a_rewrite()
+        again = RocksOverlay(ov.path, scrub="background")
+        self.opened.append(again)
+        with again.lock, pytest.raises(Damaged):
+            read(again, a * BLOCK_SIZE, BLOCK_SIZE)
+        assert again.scrubbed.wait(30), "the scrub did not end"
+        assert again._map.marks() == []
+        with again.lock:
+            assert read(again, b * BLOCK_SIZE, BLOCK_SIZE) == b"\x03" * BLOCK_SIZE
+        again.close()
+        again = RocksOverlay(ov.path, readonly=True)  # a clean open: no window, the print is in the map
+        self.opened.append(again)
+        assert again.verify_data() == [a] and read(again, b * BLOCK_SIZE, BLOCK_SIZE) == b"\x03" * BLOCK_SIZE
+
+    def test_a_close_before_the_scrub_ends_keeps_the_window(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Stopped half way (the clone's last client left), the scrub leaves its marks, even of a region the
+        session rewrote: the next open scrubs again, and every block reads old or new."""
+        ov, a, b = self._killed_after_a_rewrite()
+        monkeypatch.setattr(_rocks, "SCRUB_RATE", 1)  # one batch, then a wait close cuts short
+        again = RocksOverlay(ov.path, scrub="background")
+        self.opened.append(again)
+        update(again, [block(4)], (b + 1) * BLOCK_SIZE, [(b + 1, BASE, DATA)])
+        again.flush()
+        update(again, [block(5)], (b + 1) * BLOCK_SIZE, [])  # in place, in the window's region
+        again.close()
+        assert not again.scrubbed.is_set()
+        m = _blockmap.BlockMap(ov.path, create=False, readonly=True)
+        try:
+            assert m.marks() == [3]
+        finally:
+            m.close()
+        monkeypatch.undo()
+        again = RocksOverlay(ov.path)  # scrubs now
+        self.opened.append(again)
+        assert again._map.marks() == [] and again.verify_data() == [a]
+        assert read(again, b * BLOCK_SIZE, 2 * BLOCK_SIZE) == b"\x03" * BLOCK_SIZE + block(5)
 
     @pytest.mark.parametrize("cut", [0.2, 0.5, 0.8, 0.99])
     def test_a_write_ahead_log_that_lost_synced_records_fails_the_open(self, cut: float) -> None:
