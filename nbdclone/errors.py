@@ -28,6 +28,11 @@ class InvalidArgument(NbdcloneError, ValueError):
     errno = _errno.EINVAL
 
 
+class NotAStore(NbdcloneError):
+    errno = _errno.ENOTDIR
+    template = "{path} is not an nbdclone store ({why}): give a store, or a new or empty folder to make one in"
+
+
 class BaseNotFound(NbdcloneError, FileNotFoundError):
     errno = _errno.ENOENT
     template = "no base named {name!r} in store {store}"
@@ -46,6 +51,11 @@ class SnapshotNotFound(NbdcloneError, FileNotFoundError):
 class SnapshotExists(NbdcloneError, FileExistsError):
     errno = _errno.EEXIST
     template = "clone {clone!r} already has a snapshot named {name!r}"
+
+
+class NotAllowed(NbdcloneError):
+    errno = _errno.EACCES
+    template = "refused a connection from {address}: not in --allow"
 
 
 class NotOwned(NbdcloneError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -148,8 +149,13 @@ class Server:
         return h
 
     def stop(self) -> int:
+        """SIGTERM, and wait; past 30 s kill it and its workers (orphaned workers would serve on, waiting
+        for a server to adopt them)."""
         assert self.proc is not None
+        workers: list[int] = []
         if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                workers = [w["pid"] for w in self.info()["workers"] if w["pid"]]
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -158,6 +164,7 @@ class Server:
                 self.proc.wait()
         rest = self.proc.stdout.read() if self.proc.stdout else ""
         self.log.append(rest)
+        wait_gone(workers)
         return self.proc.returncode
 
 

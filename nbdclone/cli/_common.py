@@ -16,7 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemai
 
 import nbdclone
 from nbdclone import errors
-from nbdclone.store.layout import default_store
+from nbdclone.store.layout import check_place, default_store
 
 app = typer.Typer(
     help="Serve copy-on-write clones of read-only base images over NBD.",
@@ -32,9 +32,21 @@ app.add_typer(clone_app, name="clone")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+
+def _checked_store(path: Path) -> Path:
+    check_place(path.absolute())  # before the command touches anything
+    return path
+
+
 StoreOpt = Annotated[
     Path,
-    typer.Option("--store", envvar="NBDCLONE_STORE", help="Store directory.", show_default=str(default_store())),
+    typer.Option(
+        "--store",
+        envvar="NBDCLONE_STORE",
+        help="Store directory.",
+        show_default=str(default_store()),
+        callback=_checked_store,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 BaseFilter = Annotated[str | None, typer.Option("--base", help="Only this base (and its clones).")]

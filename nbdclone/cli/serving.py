@@ -40,8 +40,9 @@ WorkersOpt = Annotated[
 
 
 def _host_port(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT (a PORT alone, or :PORT, is on 127.0.0.1)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 < int(port) < 65536 or (not sep and option != "--metrics"):
         raise errors.InvalidArgument(detail=f"invalid {option} {text!r}: use HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
 
@@ -115,7 +116,10 @@ def serve(
     tls_psk: Annotated[Path | None, typer.Option(help="Pre-shared keys file (psktool format).")] = None,
     allow: Annotated[
         list[str] | None,
-        typer.Option(help="Only these clients (addresses, networks like 10.0.0.0/8, uid:N, gid:N); repeatable."),
+        typer.Option(
+            help="Only these clients: addresses or networks (10.0.0.0/8, fd00::/8) with --listen, uid:N or gid:N "
+            "on Unix sockets; repeatable."
+        ),
     ] = None,
     max_connections: Annotated[int, typer.Option(help="Cap on open connections per worker (0: none).", min=0)] = 0,
     max_client_connections: Annotated[
@@ -129,7 +133,9 @@ def serve(
         bool, typer.Option("--exclusive", help="One client per clone at a time (two VMs writing one disk corrupt it).")
     ] = False,
     read_only: Annotated[bool, typer.Option("--read-only", help="Serve every clone read-only.")] = False,
-    metrics: Annotated[str | None, typer.Option(help="Serve Prometheus metrics on HOST:PORT (/metrics).")] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Serve Prometheus metrics on [HOST:]PORT (/metrics; HOST: 127.0.0.1).")
+    ] = None,
     grace: Annotated[
         float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
     ] = 10.0,
@@ -157,7 +163,7 @@ def serve(
         tls.value,
         tls_certificates,
         tls_psk,
-        tuple(allow or ()),
+        server.allow_rules(allow or [], listen is not None),
         max_connections,
         max_client_connections,
         handshake_timeout,

@@ -224,7 +224,7 @@ class CatalogStore(Layout):
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(path)
-        self.chunks = ChunkStore(self.chunks_dir, self.clock_path)
+        self.chunks = ChunkStore(self.chunks_dir, self.clock_path, self.make)
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
         # Why the last catalog() read the mirror (catalog.json is damaged or missing); None if it did not.
         self.damaged_catalog: errors.Damaged | None = None
@@ -305,7 +305,7 @@ class CatalogStore(Layout):
     def lock(self, *, shared: bool = False, repair: bool = False) -> Iterator[None]:
         """The store's lock: exclusive for changes. Taken exclusively, it first brings a mirror a stop left
         behind up to date, and refuses while catalog.json is damaged (writable_catalog), unless `repair`."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)

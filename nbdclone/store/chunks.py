@@ -210,14 +210,17 @@ class ChunkStore:
     """The pack file and the lock that serialises writers (imports and gc). Readers take no lock: a slot
     is never rewritten while a committed version references it."""
 
-    def __init__(self, root: Path, clock: Path | None = None) -> None:
+    def __init__(self, root: Path, clock: Path | None = None, make_store: Callable[[], None] | None = None) -> None:
         self.root = root
+        self._make_store = make_store  # (the store's folder is made, or refused, before chunks/ is made in it)
         self.pack = root / "pack"
         self.clock = clock  # the running server's cache clock: slots given new chunks lose their VERIFIED bit
         self.remote = RemoteSlots(root)  # a fleet host's slots staged but not fetched yet (remote.py)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[None]:
+        if self._make_store is not None:
+            self._make_store()
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

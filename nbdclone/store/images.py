@@ -32,7 +32,7 @@ from nbdclone.store.cache import PackReader
 from nbdclone.store.catalog import BaseRecord, validate_name
 from nbdclone.store.chunks import CHUNK, ZERO_SLOT, ChunkedBase, load_trace
 from nbdclone.store.clone import EXTENT_DATA, Clone
-from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspect
+from nbdclone.store.inspect import CONVERT_MEMORY, convert_source, inspected
 from nbdclone.store.overlay import MemoryOverlay, Overlay
 
 Progress = Callable[[int, int], None]
@@ -56,13 +56,15 @@ def import_base(
     """Add `source` as a new version of base `name` (creating the base). Returns the base and version id.
     The image is inspected first (`inspect`): a qcow2 reads no file the operator did not name."""
     validate_name("base", name)
-    source_image = inspect(source, allow_backing)
-    label = f"{source.absolute()} ({source_image.format})"
-    if source_image.format == "qcow2":
-        qemu_nbd = ["qemu-nbd", "--read-only", *convert_source(source_image)]
-        return _import_nbd_from(store, name, label, _helper(qemu_nbd), progress, size=source_image.size, vid=vid)
     with contextlib.ExitStack() as stack:
-        image = BaseImage(source_image.path)
+        source_image = stack.enter_context(inspected(source, allow_backing))  # opened once, read through that
+        label = f"{source.absolute()} ({source_image.format})"
+        if source_image.format == "qcow2":
+            qemu_nbd = _helper(["qemu-nbd", "--read-only", *convert_source(source_image)])
+            return _import_nbd_from(
+                store, name, label, qemu_nbd, progress, size=source_image.size, vid=vid, check=source_image.unchanged
+            )
+        image = BaseImage(source_image.pinned)
         stack.callback(image.close)
         if image.size != source_image.size:
             raise errors.NotADiskImage(path=source, reason=f"it changed while being imported ({image.size} bytes)")
@@ -74,6 +76,7 @@ def import_base(
                 lambda i: progress(min((i + 1) * CHUNK, image.size), image.size),
             )
             progress(image.size, image.size)
+            source_image.unchanged()  # (the version is not committed if it is)
             return store.add_version(name, vmap, label, new_chunks, vid=vid)
     raise AssertionError("unreachable")
 
@@ -116,9 +119,11 @@ def _import_nbd_from(
     *,
     size: int | None = None,
     vid: str | None = None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[BaseRecord, str]:
     """Import what an NBD server exports: at a URI, or served by a command started with socket activation
-    (stopped when the connection closes). `size`: what the export must measure, if known."""
+    (stopped when the connection closes). `size`: what the export must measure, if known; `check`: called
+    once every byte is read, before the version is committed (it raises to refuse it)."""
     import nbd  # libnbd's bindings (Debian python3-libnbd)
 
     validate_name("base", name)
@@ -140,6 +145,8 @@ def _import_nbd_from(
                 _nbd_chunks(h, got, progress), got, store.all_version_maps(digests=True)
             )
             progress(got, got)
+            if check is not None:
+                check()
             return store.add_version(name, vmap, label, new_chunks, vid=vid)
     except nbd.Error as exc:
         raise errors.StorageError(errno.EIO, what=f"reading {label}", detail=exc.string) from None

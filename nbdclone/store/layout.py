@@ -1,6 +1,8 @@
 """Where everything of a store is on disk: every path is made here, and nowhere else.
 
     STORE/
+      nbdclone-store          says the folder is a store: made with it, in a new or empty folder only
+                              (check_place); no command touches a folder that holds anything else
       catalog.json            names -> records; replaced atomically (tmp, fsync, rename, fsync dir)
       catalog.mirror.json     the same, written right after it: read if catalog.json is damaged
       lock                    flock: exclusive for catalog changes, shared while a server opens a clone
@@ -49,6 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from nbdclone import errors
 from nbdclone.runtime import RunDir
 from nbdclone.store import _journal
 from nbdclone.store._fs import fsync_dir
@@ -68,6 +71,23 @@ RESERVE = 2 << 20  # bytes STORE/reserve holds: room for a catalog write (and it
 ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
 
 
+#: Files whose presence makes a folder a store: its mark, or (a store made before the mark) its catalog.
+STORE_MARKS = ("nbdclone-store", "catalog.json", "catalog.mirror.json")
+
+
+def check_place(path: Path) -> None:
+    """Refuse (NotAStore) a path that holds something other than a store: one that is not a folder, or a
+    folder with entries but no mark of a store. A missing or empty folder is fine (a store is made there)."""
+    try:
+        with os.scandir(path) as entries:
+            if any(True for _ in entries) and not any((path / mark).exists() for mark in STORE_MARKS):
+                raise errors.NotAStore(path=path, why="the folder holds other files")
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise errors.NotAStore(path=path, why="not a folder") from None
+
+
 def default_store() -> Path:
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data) / "nbdclone"
@@ -78,6 +98,17 @@ class Layout:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path).absolute()
+
+    def make(self) -> None:
+        """Make the store's folder and its mark, unless it is a store already; refuses (NotAStore) a folder
+        that holds anything else, before touching it."""
+        mark = self.path / STORE_MARKS[0]
+        if mark.exists():
+            return
+        check_place(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # (a full disk: the catalog marks the store as well)
+            mark.write_text("an nbdclone store: see 'nbdclone --help'\n")
 
     @property
     def bases_dir(self) -> Path:
@@ -239,6 +270,7 @@ class Layout:
         return gone
 
     def _init_dirs(self) -> None:
+        self.make()
         for sub in ("bases", "clones", "chunks", "tmp", "run"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 

@@ -10,6 +10,8 @@ counts from zero, which Prometheus reads as a counter reset).
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -155,4 +157,12 @@ def serve_metrics(where: tuple[str, int], store: Store, run: RunDir) -> MetricsS
     except OSError as exc:
         raise errors.InvalidArgument(detail=f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     log.info("metrics on http://%s:%d/metrics", host, port)
+    with contextlib.suppress(ValueError):
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning(
+                "metrics on %s:%d: anyone who can reach it reads every clone's name and traffic (no TLS nor "
+                "password here: keep it on 127.0.0.1 and let Prometheus reach it through a TLS proxy)",
+                host,
+                port,
+            )
     return MetricsServer(server, thread)

@@ -8,6 +8,7 @@
        SIGTERM/SIGINT            every worker is asked to stop (process.Drain: in-flight requests finish,
                                  clones are flushed and closed, connections drop unanswered), then the
                                  sockets close; a worker still there after `grace` seconds is killed
+       its own death             the workers serve on; the next serve adopts them (adopt.py)
 
 The listening sockets belong to the supervisor (sockets.py), so no worker restart or reload refuses a
 connection: it waits in the backlog. One Python process cannot use more than about one core (the GIL),
@@ -49,7 +50,7 @@ from nbdclone.store import Store
 from nbdclone.store.cache import Evictor
 from nbdclone.store.catalog import Catalog, slot_of
 from nbdclone.store.layout import write_atomic
-from nbdclone.supervisor import sockets
+from nbdclone.supervisor import adopt, sockets
 from nbdclone.supervisor.sockets import Access
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Security:
     tls: str = "off"  # off | on | require
     tls_certificates: Path | None = None
     tls_psk: Path | None = None
-    allow: tuple[str, ...] = ()  # nbdkit ip filter entries; everything else is denied
+    allow: tuple[str, ...] = ()  # checked rules (allow_rules): addresses and networks, or uid:N / gid:N
     max_connections: int = 0  # per worker; 0: no cap
     max_client_connections: int = 0  # per client (IP address, or uid on a Unix socket) per worker; 0: no cap
     handshake_timeout: float = 10.0  # seconds a connection may take to open a clone; 0: no limit
@@ -81,9 +82,10 @@ class Security:
             if self.tls_certificates is not None:
                 opts.append(f"--tls-certificates={self.tls_certificates.absolute()}")
         filters, params = ["--filter=blocksize-policy"], ["blocksize-error-policy=error"]
-        if self.allow:
+        peers = [rule for rule in self.allow if rule.startswith(("uid:", "gid:"))]
+        if peers:  # (Unix sockets; addresses are the plugin's: nbdkit 1.32's ip filter parses none of them)
             filters.append("--filter=ip")
-            params += [f"allow={','.join(self.allow)}", "deny=all"]
+            params += [f"allow={','.join(peers)}", "deny=all"]
         if self.max_connections:
             filters.append("--filter=limit")
             params.append(f"limit={self.max_connections}")
@@ -164,6 +166,8 @@ def nbdkit_command(cfg: ServeConfig, worker: int, pidfile: Path, nlisteners: int
         plugin.append(f"per-client={cfg.security.max_client_connections}")
     if cfg.security.readonly:
         plugin.append("readonly=true")
+    if networks := [rule for rule in cfg.security.allow if not rule.startswith(("uid:", "gid:"))]:
+        plugin.append(f"allow={','.join(networks)}")
     if cfg.pin and cfg.workers > 1:
         cpus = sorted(os.sched_getaffinity(0))
         plugin.append(f"cpu={cpus[worker % len(cpus)]}")
@@ -192,8 +196,8 @@ os.execv(sys.argv[split + 1], sys.argv[split + 1:])
 class Worker:
     index: int
     pidfile: Path
-    proc: asyncio.subprocess.Process | None = None
-    control: int | None = None  # write end of its control pipe
+    proc: asyncio.subprocess.Process | adopt.Adopted | None = None
+    control: int | None = None  # write end of its control pipe (an adopted worker's: its control socket)
     started: float = 0.0
     backoff: float = 0.1
 
@@ -202,13 +206,21 @@ def run(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. `announce(address)` is called once, when ready."""
     if not 1 <= cfg.workers <= SLOTS:
         raise errors.InvalidArgument(detail=f"--workers {cfg.workers}: use 1 to {SLOTS}")
-    _raise_open_file_limit()
+    _raise_open_file_limit(cfg.workers)
     return uvloop.run(serve(cfg, announce))
 
 
-def _raise_open_file_limit() -> None:
+#: Descriptors an open clone holds in a worker (its RocksDB files, data file and journal, a connection):
+#: what the open-file limit is divided by to say how many clones can be open at once.
+FDS_PER_CLONE = 16
+#: Fewer clones than this open at once per server at its open-file limit: a warning at start.
+WARN_BELOW = 1000
+
+
+def _raise_open_file_limit(workers: int) -> None:
     """Each open clone holds a RocksDB database and a data file (a dozen descriptors): under the usual soft
-    limit of 1,024, hundreds of clones opened at once ran out. The workers inherit the hard limit."""
+    limit of 1,024, hundreds of clones opened at once ran out. The workers inherit the hard limit; a hard
+    limit too low for WARN_BELOW clones is called out (clients past it are refused at their handshake)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -216,8 +228,18 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError) as exc:
             log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
-            return
-        log.info("open-file limit raised from %d to %d", soft, want)
+        else:
+            log.info("open-file limit raised from %d to %d", soft, want)
+            soft = want
+    clones = max(0, soft - 64) // FDS_PER_CLONE * workers
+    if clones < WARN_BELOW:
+        log.warning(
+            "the open-file limit is %d: about %d clones can be open at once (%d descriptors each); raise the "
+            "hard limit (LimitNOFILE= in the unit, ulimit -Hn) to serve more",
+            soft,
+            clones,
+            FDS_PER_CLONE,
+        )
 
 
 class Supervisor:
@@ -304,6 +326,22 @@ class Supervisor:
         sockets.notify("READY=1")
         log.info("reloaded")
 
+    def adopt(self, orphans: list[adopt.Orphan]) -> None:
+        """Take the workers of a server that died as this one's (adopt.py): they serve on, untouched."""
+        for o in orphans:
+            w = self.workers[o.index]
+            w.proc = adopt.Adopted(o.pid)
+            assert o.control is not None
+            w.control = o.control.detach()
+            o.control = None
+            try:
+                w.pidfile.write_text(f"{o.pid}\n")
+            except OSError as exc:  # (a full disk: this server knows it anyway)
+                log.error("cannot record adopted worker %d: %s", o.pid, exc)
+            w.started = time.monotonic()
+            adopt.release(o, keep=self.listeners)  # (the listeners are this server's now, or systemd's copies)
+            log.info("adopted worker %d (pid %d) of a server that died: its clients saw nothing", w.index, o.pid)
+
     @staticmethod
     def _close_control(w: Worker) -> None:
         if w.control is not None:
@@ -330,14 +368,19 @@ class Supervisor:
 
 async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
     store = Store(cfg.store)
+    store.make()  # (refuses a folder that is not a store before anything in it changes)
     run_dir = RunDir(cfg.store)
     with _server_lock(run_dir, store):
         sockets.make_private(cfg.store, cfg.access)
-        await _reap_orphans(run_dir, cfg.grace)
+        orphans = await adopt.find_orphans(run_dir)  # workers of a server that died: taken over if they fit
+        adopted = adopt.fitting_listeners(orphans, cfg.where, [cfg.slots(k) for k in range(cfg.workers)])
+        if adopted is None:
+            await adopt.stop_orphans(orphans, cfg.grace)
+            orphans = []
         systemd = sockets.inherited()
         # (a Unix socket is a new inode: on a full XFS or btrfs the reserve makes room for them)
         bind = functools.partial(sockets.bind, cfg.where, cfg.access)
-        listeners = systemd if systemd is not None else store.with_room("the server's sockets", bind)
+        listeners = systemd or adopted or store.with_room("the server's sockets", bind)
         try:
             write_atomic(run_dir.settings, json.dumps(cfg.where.to_json()), store.tmp)
         except OSError as exc:  # a full disk: serve anyway
@@ -346,6 +389,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
         if gone := store.collect_journals():
             log.info("removed %d journal(s) of overlays that no longer exist", gone)
         sup = Supervisor(cfg, listeners)
+        sup.adopt(orphans)
         stop = asyncio.Event()
         reload = asyncio.Event()
         restore = _install_signal_handlers(stop, reload)
@@ -364,7 +408,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
                 if fetching.done():
                     fetching.result()  # it could not listen: say why
             for w in sup.workers:
-                if not await sup.start(w):
+                if w.proc is None and not await sup.start(w):
                     return 1
             sup.write_info()
             if cfg.metrics is not None:
@@ -438,20 +482,43 @@ def _server_lock(run_dir: RunDir, store: Store) -> Any:
         os.close(fd)
 
 
+def allow_rules(rules: list[str], tcp: bool) -> tuple[str, ...]:
+    """--allow's rules, checked and written the one way the workers read them: addresses and networks
+    (IPv4, IPv6) for TCP, uid:N and gid:N for Unix sockets. A bad rule is refused in one line."""
+    checked = []
+    for rule in rules:
+        kind, _, number = rule.partition(":")
+        if kind in ("uid", "gid") and number.isdigit():
+            if tcp:
+                raise errors.InvalidArgument(detail=f"--allow {rule}: uid: and gid: rules are for Unix sockets")
+            checked.append(f"{kind}:{int(number)}")
+            continue
+        try:
+            network = ipaddress.ip_network(rule, strict=False)
+        except ValueError:
+            raise errors.InvalidArgument(
+                detail=f"--allow {rule!r}: give an address or a network (10.0.0.0/8, fd00::/8), or uid:N or gid:N"
+            ) from None
+        if not tcp:
+            raise errors.InvalidArgument(detail=f"--allow {rule}: addresses are for TCP (--listen); use uid:N or gid:N")
+        checked.append(str(network))
+    return tuple(checked)
+
+
 def _warn_if_exposed(cfg: ServeConfig) -> None:
     address = cfg.where
     if address.listen is None or cfg.security.tls == "require" or cfg.security.allow:
         return
     host = address.listen[0]
+    local = False
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_loopback:
-            return
+        local = ipaddress.ip_address(host).is_loopback
     log.warning(
-        "listening on %s:%d-%d without --tls=require or --allow: anyone who can reach these ports can read "
-        "and write every clone of %s",
+        "listening on %s:%d-%d without --tls=require or --allow: %s can read and write every clone of %s",
         host,
         address.listen[1],
         address.listen[1] + SLOTS - 1,
+        "every local user (Unix sockets keep clones to their owner)" if local else "anyone who can reach these ports",
         cfg.store,
     )
 
@@ -490,27 +557,3 @@ def _install_signal_handlers(stop: asyncio.Event, reload: asyncio.Event) -> Call
             signal.signal(sig, handler)
 
     return restore
-
-
-async def _reap_orphans(run_dir: RunDir, grace: float) -> None:
-    """Workers of a server that was killed: their control pipe ended, so they are stopping (and may still
-    hold their overlays). Wait for them, then kill what is left."""
-    for supervisor, pidfile in run_dir.pidfiles():
-        if supervisor == os.getpid() or Path(f"/proc/{supervisor}").exists():
-            continue
-        try:
-            pid = int(pidfile.read_text().strip())
-            alive = b"nbdkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            alive = False
-        if alive:
-            log.info("waiting for worker %d of the server (pid %d) that stopped without cleaning up", pid, supervisor)
-            deadline = time.monotonic() + grace
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if Path(f"/proc/{pid}").exists():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)  # acknowledged writes survive this (overlay I2)
-                while Path(f"/proc/{pid}").exists():
-                    await asyncio.sleep(0.05)
-        pidfile.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from nbdclone.worker.plugin import (  # noqa: F401
     list_exports,
     open,
     pread,
+    preconnect,
     pwrite,
     thread_model,
     trim,

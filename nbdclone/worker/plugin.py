@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import nbdkit
 
-from nbdclone.errors import CloneNotFound, Fenced, NbdcloneError, NotOwned, StorageError
+from nbdclone.errors import CloneNotFound, Fenced, NbdcloneError, NotAllowed, NotOwned, StorageError
 from nbdclone.fleet.lease import NEVER, Fence, in_fleet
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
@@ -40,6 +41,8 @@ from nbdclone.worker.process import (
     Pins,
     gil_ensure,
     gil_release,
+    keep_serving_when_orphaned,
+    peer_address,
     publish_stats,
     watch_connections,
 )
@@ -62,6 +65,7 @@ class Settings:
     log_level: str = "info"
     handshake_timeout: float = 0.0  # seconds; 0: none
     per_client: int = 0  # connections per client (IP address, or uid on a Unix socket); 0: no cap
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # TCP clients allowed; (): any
 
 
 @dataclass(slots=True)
@@ -183,6 +187,7 @@ _KEYS = (
     "log-level",
     "handshake-timeout",
     "per-client",
+    "allow",
 )
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -204,9 +209,10 @@ def config_complete() -> None:
         listeners = int(_config.get("listeners", "0"))
         handshake = float(_config.get("handshake-timeout", "0"))
         per_client = int(_config.get("per-client", "0"))
+        allow = tuple(ipaddress.ip_network(n) for n in _config["allow"].split(",")) if "allow" in _config else ()
     except ValueError:
         raise ValueError(
-            "nbdclone: worker, workers, cpu, control, listeners and handshake-timeout are numbers"
+            "nbdclone: worker, workers, cpu, control, listeners and handshake-timeout are numbers, allow networks"
         ) from None
     if not 0 <= worker < workers:
         raise ValueError(f"nbdclone: worker={worker} is not in 0..{workers - 1}")
@@ -230,6 +236,7 @@ def config_complete() -> None:
         level,
         handshake,
         per_client,
+        allow,
     )
     os.umask(0o077)  # nbdkit sets its own; what this worker writes in the store is private
     logging.basicConfig(
@@ -243,6 +250,7 @@ def after_fork() -> None:
     # Threads start here, after nbdkit may have forked (FACTS).
     assert _settings is not None
     if _settings.control is not None:
+        keep_serving_when_orphaned()
         _drain.watch(_settings.control, range(3, 3 + _settings.listeners), _close_all_for_stop)
     watch_connections(_settings.handshake_timeout, _settings.per_client, lambda: dict(_connections))
     if in_fleet(_settings.store):
@@ -312,6 +320,17 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 
 @_errors
+def preconnect(readonly: bool) -> None:
+    """--allow with --listen: a client whose address is not allowed is dropped before its handshake (it
+    learns nothing, not even the names of the clones)."""
+    assert _settings is not None
+    if not _settings.allow:
+        return
+    address = peer_address()
+    if address is None or not any(address in network for network in _settings.allow):
+        raise NotAllowed(address=address or "an unknown address")  # (logged as this one line)
+
+
 def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit finds the callback by this name
     assert _settings is not None
     if _drain.draining:

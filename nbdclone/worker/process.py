@@ -1,7 +1,12 @@
 """What a worker process does around nbdkit's callbacks: CPU pins, the per-connection thread state, per-clone
 counters and their publishing, and the stop the supervisor asks for.
 
-The stop (drain). The supervisor writes "stop" on the control pipe, or dies (the pipe ends). Then: the worker
+The supervisor's death (the control pipe ends) is not a stop: the worker serves on, and waits on a control
+socket (`control_address`, in the abstract namespace, only its own user or root admitted) for a new
+supervisor to adopt it: it hands over its listening sockets (SCM_RIGHTS) and from then on takes the word
+"stop" there. An adopter that dies in turn leaves it waiting for the next.
+
+The stop (drain). The supervisor writes "stop" on the control pipe (or socket). Then: the worker
 stops taking connections from the shared listening sockets (their descriptors in this process now name a
 socket nobody can reach; the real ones stay open in the supervisor, and connections wait in their backlog
 for the next worker); every new request and every new connection waits forever; the requests in flight
@@ -13,9 +18,12 @@ client does not hold the stop up, and nothing is answered with an error.
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
 import ctypes
+import functools
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from nbdclone.runtime import RunDir
 from nbdclone.store.layout import write_atomic
@@ -183,6 +192,22 @@ class Pins:
                 log.warning("cannot set the CPUs of connection thread %d to %s: %s", tid, sorted(mask), exc)
 
 
+def keep_serving_when_orphaned() -> None:
+    """Clear the parent-death signal this process was started with (measured: the workers got SIGTERM from
+    the kernel the moment a supervisor was killed, so every client saw its connection reset): a worker
+    outlives its supervisor and waits to be adopted (Drain)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0) != 0:
+        log.warning("cannot clear the parent-death signal: errno %d", ctypes.get_errno())
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def control_address(worker_pid: int) -> str:
+    """Where a worker whose supervisor died waits to be adopted (the abstract socket namespace: no file)."""
+    return f"\0nbdclone-worker-{worker_pid}"
+
+
 class Drain:
     """The stop the supervisor asks for (see the module's docstring). Requests mark themselves in `inflight`
     (keyed by their thread) before they look at `draining`; the drain sets `draining` before it waits for
@@ -198,15 +223,47 @@ class Drain:
         threading.Event().wait()
 
     def watch(self, control_fd: int, listeners: Iterable[int], close_all: Callable[[], None]) -> None:
-        """Start the thread that waits for the supervisor's word (or its death) and then stops the worker."""
+        """Start the thread that waits for the supervisor's word and then stops the worker; if the supervisor
+        dies instead, the worker serves on and waits to be adopted (see the module's docstring)."""
         fds = list(listeners)
 
         def run() -> None:
             with open(control_fd, "rb", buffering=0) as pipe:
                 word = pipe.readline().strip()
-            self.stop(fds, close_all, "asked to stop" if word == b"stop" else "its supervisor is gone")
+            if word != b"stop":
+                try:
+                    self._await_adopters(fds)
+                except OSError:
+                    log.exception("cannot wait to be adopted: stopping, as the supervisor is gone")
+            self.stop(fds, close_all, "asked to stop")
 
         threading.Thread(target=run, name="nbdclone-control", daemon=True).start()
+
+    @staticmethod
+    def _await_adopters(listeners: list[int]) -> None:
+        """Serve on without a supervisor until one adopts this worker and tells it to stop (returns then)."""
+        log.warning("its supervisor is gone: serving on until a new `nbdclone serve` adopts this worker")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(control_address(os.getpid()))
+            server.listen(4)
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                    if uid not in (0, os.getuid()):
+                        continue  # (another user's process: it learns nothing)
+                    try:
+                        conn.sendmsg(
+                            [b"%d\n" % len(listeners)],
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", listeners))],
+                        )
+                        log.info("adopted by a new supervisor")
+                        word = conn.makefile("rb").readline().strip()
+                    except OSError:
+                        continue
+                    if word == b"stop":
+                        return
+                    log.warning("its new supervisor is gone too: serving on until another adopts this worker")
 
     def stop(self, listeners: list[int], close_all: Callable[[], None], why: str) -> None:
         started = time.monotonic()
@@ -238,94 +295,145 @@ class Drain:
 
 def watch_connections(timeout: float, per_client: int, opened: Callable[[], dict[int, str]]) -> None:
     """Log each client's address once its clone is open; drop connections that have not opened a clone
-    within `timeout` seconds (0: never), writes that stall half-sent for as long or that are larger than
-    the advertised maximum, and a client's connections beyond `per_client` (0: no cap; a client is an IP
-    address, or a uid on a Unix socket). Each silent connection costs a thread and a descriptor, and nbdkit
-    reads a write's whole payload into memory before anything sees the request (measured: four writes of
-    60 MiB, sent but for their last page and left there, held 242 MiB of the worker's memory for ever).
+    within `timeout` seconds of being first seen (0: never; however the client trickles its handshake or
+    leaves the server's replies unread), writes that stall half-sent for as long or that are larger than
+    the advertised maximum, replies the client leaves unread for as long, and a client's connections beyond
+    `per_client` (0: no cap; a client is an IP address, or a uid on a Unix socket). Each silent connection
+    costs a thread and a descriptor, and nbdkit reads a write's whole payload into memory before anything
+    sees the request (measured: four writes of 60 MiB, sent but for their last page and left there, held
+    242 MiB of the worker's memory for ever).
 
     nbdkit 1.32 has no timeouts, cannot drop one client from a plugin, and does not tell a Python plugin its
-    client's address; but each connection is a thread of its own, and a thread blocked reading a socket is
-    visible in /proc/self/task/TID/syscall: read (0) or recvfrom (45), the descriptor, the buffer, the
-    count. A request header is 28 bytes: a larger read is a write's payload. A dropped connection's socket
-    is shut down: nbdkit reads the end of the stream and closes it. A connection with a clone open and
-    nothing in flight is never dropped, however idle (a VM may be), nor for the per-client cap (the
-    newest connections without a clone go first). TLS connections read in records whose size says nothing
-    of the request: for them the payload rules do not apply."""
+    client's address; but each connection is a thread of its own, and a thread blocked on a socket is
+    visible in /proc/self/task/TID/syscall: read (0), recvfrom (45), write (1) or sendto (44), the
+    descriptor, the buffer, the count. A request header is 28 bytes: a larger read is a write's payload. A
+    dropped connection's socket is shut down: nbdkit reads the end of the stream and closes it. A
+    connection with a clone open and nothing in flight is never dropped, however idle (a VM may be), nor
+    for the per-client cap (the newest connections without a clone go first). TLS connections read in
+    records whose size says nothing of the request: for them the payload rules do not apply. A pass that
+    fails (out of descriptors: EMFILE) is logged and the next one runs: the watcher never stops."""
 
     def run() -> None:
-        first_seen: dict[tuple[int, int, str, int], float] = {}
-        born: dict[str, float] = {}  # connection (its socket) -> when first seen
-        peers: dict[str, tuple[str, str]] = {}  # connection -> (client, how to log it)
-        named: set[tuple[int, str]] = set()
+        seen = _Seen()
+        failing = False
         while True:
             time.sleep(min(1.0, timeout / 4) if timeout else 1.0)
-            now, live, clones = time.monotonic(), set(), opened()
-            readers = list(_socket_readers())
-            for _, fd, target, _ in readers:
-                born.setdefault(target, now)
-                if target not in peers:
-                    peers[target] = _peer(fd)
-            for tid, fd, target, count in readers:
-                name = clones.get(tid)
-                if name is not None and (tid, target) not in named:
-                    named.add((tid, target))
-                    log.info("clone %s: client %s connected", name, peers[target][1])
-                if name is not None and count <= REQUEST_HEADER:
-                    continue  # waiting for its next request
-                if name is not None and count > MAX_REQUEST:
-                    _shut(fd, target, f"clone {name}: a write of more than {MAX_REQUEST >> 20} MiB")
-                    continue
-                key = (tid, fd, target, count)
-                live.add(key)
-                if timeout and now - first_seen.setdefault(key, now) > timeout:
-                    what = f"clone {name}: a write stalled half-sent" if name else "no clone opened"
-                    _shut(fd, target, f"{what} for {timeout:g} s")
-            if per_client:
-                _cap_clients(readers, clones, peers, born, per_client)
-            current = {target for _, _, target, _ in readers}
-            first_seen = {k: v for k, v in first_seen.items() if k in live}
-            born = {t: v for t, v in born.items() if t in current}
-            peers = {t: v for t, v in peers.items() if t in current}
-            named = {key for key in named if key[0] in clones}
+            try:
+                _watch_pass(seen, timeout, per_client, opened())
+                failing = False
+            except Exception:
+                if not failing:  # (once per run of failing passes)
+                    log.exception("the connection watcher's pass failed; it goes on")
+                failing = True
 
     threading.Thread(target=run, name="nbdclone-connections", daemon=True).start()
 
 
+_Wait = tuple[int, int, str, int, bool]  # a thread blocked on a socket: (tid, fd, 'socket:[inode]', count, reading)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the connection watcher remembers between passes."""
+
+    first_seen: dict[tuple[int, int, str, int, bool], float] = field(default_factory=dict)  # a stall -> since
+    born: dict[str, float] = field(default_factory=dict)  # connection (its socket) -> when first seen
+    peers: dict[str, tuple[str, str]] = field(default_factory=dict)  # connection -> (client, how to log it)
+    named: set[tuple[int, str]] = field(default_factory=set)
+
+
+def _watch_pass(seen: _Seen, timeout: float, per_client: int, clones: dict[int, str]) -> None:
+    now, live = time.monotonic(), set()
+    waits = list(_socket_waits())
+    for _, fd, target, _, _ in waits:
+        seen.born.setdefault(target, now)
+        if seen.peers.get(target, ("?", ""))[0] == "?":  # (not known yet, or out of descriptors last time)
+            seen.peers[target] = _peer(fd)
+    for tid, fd, target, count, reading in waits:
+        name = clones.get(tid)
+        if name is not None and (tid, target) not in seen.named:
+            seen.named.add((tid, target))
+            log.info("clone %s: client %s connected", name, seen.peers[target][1])
+        if name is None:  # a handshake: one deadline for all of it, whatever the client sends or reads
+            if timeout and now - seen.born[target] > timeout:
+                _shut(fd, target, f"no clone opened within {timeout:g} s")
+            continue
+        if reading and count <= REQUEST_HEADER:
+            continue  # waiting for its next request
+        if reading and count > MAX_REQUEST:
+            _shut(fd, target, f"clone {name}: a write of more than {MAX_REQUEST >> 20} MiB")
+            continue
+        key = (tid, fd, target, count, reading)
+        live.add(key)
+        if timeout and now - seen.first_seen.setdefault(key, now) > timeout:
+            what = "a write stalled half-sent" if reading else "a reply left unread"
+            _shut(fd, target, f"clone {name}: {what} for {timeout:g} s")
+    if per_client:
+        _cap_clients(waits, clones, seen.peers, seen.born, per_client)
+    current = {target for _, _, target, _, _ in waits}
+    seen.first_seen = {k: v for k, v in seen.first_seen.items() if k in live}
+    seen.born = {t: v for t, v in seen.born.items() if t in current}
+    seen.peers = {t: v for t, v in seen.peers.items() if t in current}
+    seen.named = {key for key in seen.named if key[0] in clones}
+
+
 def _cap_clients(
-    readers: list[tuple[int, int, str, int]],
-    clones: dict[int, str],
-    peers: dict[str, tuple[str, str]],
-    born: dict[str, float],
-    cap: int,
+    waits: list[_Wait], clones: dict[int, str], peers: dict[str, tuple[str, str]], born: dict[str, float], cap: int
 ) -> None:
-    """Drop each client's newest connections without a clone open, down to `cap` connections."""
-    by_client: dict[str, list[tuple[int, int, str, int]]] = {}
-    for reader in readers:
-        by_client.setdefault(peers[reader[2]][0], []).append(reader)
+    """Drop each client's newest connections down to `cap`: those without a clone open first, then those
+    with one (every connection counts: one local user must not hold the worker's threads from another)."""
+    by_client: dict[str, list[_Wait]] = {}
+    for wait in waits:
+        by_client.setdefault(peers[wait[2]][0], []).append(wait)
     for client, mine in by_client.items():
         excess = len({r[2] for r in mine}) - cap
         if excess <= 0 or client == "?":
             continue
-        waiting = sorted((r for r in mine if r[0] not in clones), key=lambda r: born[r[2]], reverse=True)
-        for _, fd, target, _ in waiting[:excess]:
+        newest = sorted(mine, key=lambda r: (r[0] not in clones, born[r[2]]), reverse=True)
+        for _, fd, target, _, _ in newest[:excess]:
             _shut(fd, target, f"client {peers[target][1]} has more than {cap} connections")
 
 
-def _socket_readers() -> Iterator[tuple[int, int, str, int]]:
-    """(thread id, descriptor, 'socket:[inode]', bytes asked) of each thread blocked reading a socket."""
+def _socket_waits() -> Iterator[_Wait]:
+    """(thread id, descriptor, 'socket:[inode]', bytes asked, reading) of each thread blocked reading or
+    writing a socket."""
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/syscall") as f:
                 fields = f.read().split()
-            if fields[0] not in ("0", "45"):
+            if fields[0] not in _SOCKET_CALLS:
                 continue
             fd, count = int(fields[1], 16), int(fields[3], 16)
             target = os.readlink(f"/proc/self/fd/{fd}")
         except (OSError, IndexError, ValueError):
             continue
         if target.startswith("socket:"):
-            yield int(task), fd, target, count
+            yield int(task), fd, target, count, _SOCKET_CALLS[fields[0]]
+
+
+_SOCKET_CALLS = {"0": True, "45": True, "1": False, "44": False}  # x86-64 syscall number -> reading
+
+
+@functools.cache
+def _nbdkit_peer_name() -> Any:
+    call = ctypes.CDLL(None).nbdkit_peer_name  # nbdkit's own API, as a C plugin would call it
+    call.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    return call
+
+
+def peer_address() -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of the client of the connection this thread serves (nbdkit_peer_name: the Python
+    plugin API of nbdkit 1.32 has no call for it); None on a Unix socket, or if nbdkit cannot tell."""
+    buf, size = ctypes.create_string_buffer(128), ctypes.c_uint32(128)
+    if _nbdkit_peer_name()(buf, ctypes.byref(size)) != 0:
+        return None
+    family = struct.unpack_from("=H", buf.raw)[0]
+    if family == socket.AF_INET:
+        return ipaddress.IPv4Address(buf.raw[4:8])
+    if family == socket.AF_INET6:
+        address = ipaddress.IPv6Address(buf.raw[8:24])
+        return address.ipv4_mapped or address  # (a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d)
+    return None
 
 
 def _peer(fd: int) -> tuple[str, str]:
@@ -345,7 +453,15 @@ def _peer(fd: int) -> tuple[str, str]:
 def _shut(fd: int, target: str, why: str) -> None:
     try:
         copy = os.dup(fd)
-    except OSError:
+    except OSError:  # out of descriptors (EMFILE): shut it through its own, checked just before
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                s = socket.socket(fileno=fd)
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                finally:
+                    s.detach()
+                log.warning("dropped a connection: %s", why)
         return
     try:
         if os.readlink(f"/proc/self/fd/{copy}") != target:  # the descriptor was reused meanwhile

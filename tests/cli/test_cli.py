@@ -215,8 +215,10 @@ def test_serve_passes_the_listen_address(tmp_path: Path, listen: str, expected: 
 def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     psk = tmp_path / "keys.psk"
     psk.write_text("alice:00112233445566778899aabbccddeeff\n")
-    args = ["serve", "--store", str(tmp_path), "--tls", "require", "--tls-psk", str(psk), "--allow", "10.0.0.0/8"]
-    args += ["--allow", "uid:0", "--max-connections", "64", "--exclusive", "--read-only", "--socket-group", "0"]
+    (tmp_path / "store").mkdir()
+    args = ["serve", "--store", str(tmp_path / "store"), "--tls", "require", "--tls-psk", str(psk)]
+    args += ["--allow", "gid:7", "--allow", "uid:0"]
+    args += ["--max-connections", "64", "--exclusive", "--read-only", "--socket-group", "0"]
     args += ["--max-client-connections", "8", "--handshake-timeout", "3"]
     args += ["--metrics", "127.0.0.1:9100", "--log-level", "debug", "--workers", "3", "--grace", "4"]
     with mock.patch.object(supervisor_server, "run", return_value=0) as run:
@@ -224,7 +226,7 @@ def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     cfg = run.call_args.args[0]
     sec = cfg.security
-    assert (sec.tls, sec.tls_psk, sec.allow) == ("require", psk, ("10.0.0.0/8", "uid:0"))
+    assert (sec.tls, sec.tls_psk, sec.allow) == ("require", psk, ("gid:7", "uid:0"))
     assert (sec.max_connections, sec.exclusive, sec.readonly) == (64, True, True)
     assert (sec.max_client_connections, sec.handshake_timeout) == (8, 3.0)
     assert (cfg.access.mode, cfg.access.group) == (0o660, "0")
@@ -232,7 +234,32 @@ def test_serve_passes_security_and_access_options(tmp_path: Path) -> None:
     opts, filters, params = sec.nbdkit_args()
     assert opts == ["--tls=require", f"--tls-psk={psk}"]
     assert filters == ["--filter=blocksize-policy", "--filter=ip", "--filter=limit"]
-    assert params == ["blocksize-error-policy=error", "allow=10.0.0.0/8,uid:0", "deny=all", "limit=64"]
+    assert params == ["blocksize-error-policy=error", "allow=gid:7,uid:0", "deny=all", "limit=64"]
+
+
+@pytest.mark.parametrize(
+    ("where", "rules", "message"),
+    [
+        ("--listen", ["10.0.0.1/8", "fd00::1", "127.0.0.2"], None),
+        ("--listen", ["uid:0"], "uid: and gid: rules are for Unix sockets"),
+        ("--socket", ["10.0.0.0/8"], "addresses are for TCP"),
+        ("--listen", ["localhost"], "give an address or a network"),
+        ("--listen", ["10.0.0.0/33"], "give an address or a network"),
+    ],
+)
+def test_serve_checks_the_allow_rules(tmp_path: Path, where: str, rules: list[str], message: str | None) -> None:
+    (tmp_path / "store").mkdir()
+    args = ["serve", "--store", str(tmp_path / "store"), where, "127.0.0.1:10809" if where == "--listen" else "s"]
+    for rule in rules:
+        args += ["--allow", rule]
+    with mock.patch.object(supervisor_server, "run", return_value=0) as run:
+        result = CliRunner().invoke(cli_module.app, args)
+    if message is None:
+        assert result.exit_code == 0, result.output
+        assert run.call_args.args[0].security.allow == ("10.0.0.0/8", "fd00::1/128", "127.0.0.2/32")
+    else:
+        assert result.exit_code != 0 and not run.called
+        assert message in str(result.exception), result.exception
 
 
 def test_version_and_a_store_given_before_the_command(tmp_path: Path, store: Path) -> None:
@@ -273,3 +300,77 @@ def test_shell_completion_completes_commands() -> None:
         env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": cword, "_NBDCLONE_COMPLETE": "complete_bash"}
         done = subprocess.run([NBDCLONE], capture_output=True, text=True, env=env, check=True)
         assert done.stdout.split() == [want], done.stdout
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every entry under `root`: its mode and, for a file, its bytes."""
+    tree = {".": (root.stat().st_mode, None)}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        tree[str(path.relative_to(root))] = (st.st_mode, path.read_bytes() if path.is_file() else None)
+    return tree
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--socket", "SOCKET"],
+        ["clone", "list"],
+        ["check", "--repair"],
+        ["base", "gc"],
+        ["clone", "create", "c", "--size", "1M"],
+        ["base", "import", "deb", "IMAGE"],
+        ["clone", "rm", "c"],
+    ],
+)
+def test_a_folder_that_is_not_a_store_is_refused_and_left_as_it_was(tmp_path: Path, args: list[str]) -> None:
+    """A mistyped --store (/srv, a home folder) is refused in one line before anything in it changes: no
+    mode, entry or byte (serve used to make every entry private and add the store's folders among them)."""
+    folder = tmp_path / "srv"
+    (folder / "shared").mkdir(parents=True)
+    os.chmod(folder / "shared", 0o1777)
+    (folder / "shared" / "notes").write_text("keep\n")
+    script = folder / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    os.chmod(script, 0o755)
+    (folder / "index.html").write_text("<p>hi</p>\n")
+    os.chmod(folder / "index.html", 0o644)
+    make_image(tmp_path / "base.raw", 1 << 20, [(0, 1 << 20)])
+    before = _tree(folder)
+    where = {"SOCKET": str(tmp_path / "s.sock"), "IMAGE": str(tmp_path / "base.raw")}
+    proc = cli(*[where.get(a, a) for a in args], store=folder, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "is not an nbdclone store" in proc.stderr, proc.stderr
+    assert _tree(folder) == before
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_store_is_made_in_an_empty_folder_and_recognised_after(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cli("clone", "create", "c", "--size", "1M", store=empty)
+    assert (empty / "nbdclone-store").exists()
+    assert "c" in cli("clone", "list", store=empty).stdout
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_metrics_off_loopback_are_called_out(
+    tmp_path: Path, free_port: int, host: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint names every clone: served beyond loopback, the log says who can read it."""
+    from nbdclone.runtime import RunDir
+    from nbdclone.store import Store
+    from nbdclone.supervisor.metrics import serve_metrics
+
+    server = serve_metrics((host, free_port), Store(tmp_path), RunDir(tmp_path))
+    server.shutdown()
+    assert any("anyone who can reach it reads every clone's name" in r.message for r in caplog.records) == warned
+
+
+def test_metrics_take_a_port_alone_on_loopback(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    args = ["serve", "--store", str(tmp_path / "store"), "--metrics", "9100"]
+    with mock.patch.object(supervisor_server, "run", return_value=0) as run:
+        result = CliRunner().invoke(cli_module.app, args)
+    assert result.exit_code == 0, result.output
+    assert run.call_args.args[0].metrics == ("127.0.0.1", 9100)

@@ -9,12 +9,17 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from nbdclone.store import Store
+from nbdclone import errors
+from nbdclone.store import Store, images
+from nbdclone.store import inspect as inspect_module
 from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, run_killed, snapshot, wait_gone
 
 MiB = 1 << 20
@@ -103,6 +108,94 @@ def test_a_named_backing_file_is_read(tmp_path: Path, store: Path) -> None:
         h.shutdown()
     finally:
         server.stop()
+
+
+# Links one of the images (argv[2:]) at argv[1] by rename, again and again, every 0-4 ms.
+_SWAPPER = """
+import os, random, sys, time
+path, sources, rnd = sys.argv[1], sys.argv[2:], random.Random(2)
+while True:
+    os.link(rnd.choice(sources), path + ".next")
+    os.rename(path + ".next", path)  # (a no-op if both name one file: then the spare name goes)
+    if os.path.lexists(path + ".next"):
+        os.unlink(path + ".next")
+    time.sleep(rnd.random() * 0.004)
+"""
+
+
+def test_an_image_swapped_during_its_import_never_brings_in_another_file(
+    tmp_path: Path, store: Path, secret: Path
+) -> None:
+    """The image's path is swapped, over and over while 100 imports run, between a clean qcow2 and ones that
+    would read a host file (an external data file, a backing file): each import is of the clean image or
+    refused in one line, and no byte of the host file reaches the store (the image is opened once: the
+    checked descriptor is the one converted, its chain named at conversion)."""
+    clean = tmp_path / "clean.qcow2"
+    raw = tmp_path / "clean.raw"
+    make_image(raw, 64 * 1024, [(0, 64 * 1024)], seed=5)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(clean))
+    evil = [tmp_path / "data.qcow2", tmp_path / "backing.qcow2"]
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(evil[0]), "64K")
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(evil[1]), "64K")
+    path = tmp_path / "image.qcow2"
+    os.link(clean, path)
+    swapper = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(path), str(clean), *map(str, evil)])
+    st, done, refused = Store(store), 0, 0
+    try:
+        for _ in range(100):
+            try:
+                images.import_base(st, "swapped", path)
+                done += 1
+            except (errors.NotADiskImage, errors.InvalidArgument, errors.StorageError):
+                refused += 1
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert SECRET not in (store / "chunks" / "pack").read_bytes()
+    assert done + refused == 100 and done > 0 and refused > 0, (done, refused)
+
+
+@pytest.mark.parametrize("step", ["info", "check", "convert"])
+@pytest.mark.parametrize("evil", ["data file", "backing file"])
+def test_an_image_swapped_right_after_each_check_is_not_read(
+    tmp_path: Path, store: Path, secret: Path, monkeypatch: pytest.MonkeyPatch, step: str, evil: str
+) -> None:
+    """The swap at its worst moment: right after qemu-img info, after qemu-img check, after the conversion's
+    arguments are made. The clean image is imported; nothing of the host file is."""
+    raw, clean, bad, path = (tmp_path / n for n in ("clean.raw", "clean.qcow2", "bad.qcow2", "image.qcow2"))
+    content = make_image(raw, 64 * 1024, [(0, 64 * 1024)], seed=5)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(clean))
+    if evil == "data file":
+        qemu_img("create", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(bad), "64K")
+    else:
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(bad), "64K")
+    os.link(clean, path)
+    swapped = []
+
+    def after(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = fn(*args, **kwargs)
+            if not swapped:
+                os.link(bad, tmp_path / "next")
+                os.rename(tmp_path / "next", path)
+                swapped.append(True)
+            return result
+
+        return wrapper
+
+    target = {
+        "info": (inspect_module, "_info"),
+        "check": (inspect_module, "_check"),
+        "convert": (images, "convert_source"),
+    }
+    monkeypatch.setattr(*target[step], after(getattr(*target[step])))
+    images.import_base(Store(store), "swapped", path)
+    assert swapped
+    assert SECRET not in (store / "chunks" / "pack").read_bytes()
+    cli("clone", "create", "c", "--base", "swapped", store=store)
+    got = bytearray(64 * 1024)
+    images.open_clone_readonly(Store(store), "c").pread_into(memoryview(got), 0)
+    assert got == content
 
 
 def _records(store: Path) -> tuple[dict[str, str], object]:

@@ -514,6 +514,30 @@ def test_serve_raises_the_open_file_limit_for_its_workers(tmp_path: Path, store_
         proc.communicate(timeout=30)
 
 
+def test_serve_warns_when_the_hard_open_file_limit_is_low(tmp_path: Path, store_path: Path) -> None:
+    """Under a hard limit of 1,024 a few dozen clones can be open per worker: the operator is told at start,
+    with the number, not by clients refused later."""
+    cli("clone", "create", "a", "--size", "1M", store=store_path)
+    proc = subprocess.Popen(
+        [NBDCLONE, "serve", "--store", str(store_path), "--socket", str(tmp_path / "s.sock"), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
+    )
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("nbdclone: serving"):
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert any("the open-file limit is 1024: about 120 clones can be open at once" in line for line in lines), lines
+
+
 def test_a_bad_export_name_logs_one_line_not_a_traceback(tmp_path: Path, store_path: Path) -> None:
     cli("clone", "create", "a", "--size", "1M", store=store_path)
     server = Server(store_path, tmp_path / "nbd.sock").start()

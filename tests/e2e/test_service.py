@@ -3,6 +3,7 @@ metrics, and the files it ships for systemd."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,16 +33,31 @@ def base(tmp_path: Path, store_path: Path) -> bytes:
     return data
 
 
-class Writer(threading.Thread):
-    """qemu-io (reconnect-delay=30) writing and reading back patterns, one after another, until stopped."""
+class _Client(threading.Thread):
+    """A client writing and reading back, round after round, until halted: `done` counts the rounds."""
 
-    def __init__(self, sock: str, export: str) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.qemu = QemuIo(sock, export)
-        self.model: dict[int, int] = {}  # offset -> pattern written there
         self.done = 0
         self.failures: list[str] = []
         self.halt = threading.Event()
+
+    def wait_progress(self, n: int = 20, timeout: float = 60) -> None:
+        """Wait until `n` more write-and-read rounds have succeeded."""
+        target, deadline = self.done + n, time.monotonic() + timeout
+        while self.done < target:
+            assert not self.failures, self.failures
+            assert time.monotonic() < deadline, "the client made no progress"
+            time.sleep(0.01)
+
+
+class Writer(_Client):
+    """qemu-io (reconnect-delay=30) writing and reading back patterns, one after another, until stopped."""
+
+    def __init__(self, sock: str, export: str) -> None:
+        super().__init__()
+        self.qemu = QemuIo(sock, export)
+        self.model: dict[int, int] = {}  # offset -> pattern written there
 
     def run(self) -> None:
         i = 0
@@ -54,14 +70,6 @@ class Writer(threading.Thread):
             self.model[off] = pattern
             self.done += 1
             i += 1
-
-    def wait_progress(self, n: int = 20, timeout: float = 60) -> None:
-        """Wait until `n` more write-and-read rounds have succeeded."""
-        target, deadline = self.done + n, time.monotonic() + timeout
-        while self.done < target:
-            assert not self.failures, self.failures
-            assert time.monotonic() < deadline, "qemu-io made no progress"
-            time.sleep(0.01)
 
     def finish(self) -> None:
         self.halt.set()
@@ -105,6 +113,76 @@ def test_qemu_rides_through_a_worker_kill_a_sigterm_restart_and_a_reload(
         writer.finish()
         assert server.stop() == 0
     assert "killing it" not in "".join(server.log)
+
+
+class NbdWriter(_Client):
+    """A libnbd client with no reconnect: writes 4 KiB blocks and reads each back, until stopped. Any error
+    is one a guest without QEMU's reconnect-delay would have seen."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.model: dict[int, bytes] = {}
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.is_set():
+            off, data = (i % 256) * 4096, (i.to_bytes(4, "big") * 1024)
+            try:
+                self.h.pwrite(data, off)
+                if self.h.pread(4096, off) != data:
+                    self.failures.append(f"block {off // 4096} read back wrong")
+            except nbd.Error as exc:
+                self.failures.append(str(exc))
+                return
+            self.model[off] = data
+            self.done += 1
+            i += 1
+
+
+def test_a_supervisor_killed_and_started_again_is_not_seen_by_clients(
+    tmp_path: Path, store_path: Path, base: bytes
+) -> None:
+    """kill -9 of `nbdclone serve`, then `serve` again, ten times, under a client with no reconnect: its
+    workers serve on and the new supervisor adopts them (adopt.py): not one request fails, every write is
+    there, the workers are the same processes throughout, and none is left after the last stop. A server
+    started with another number of workers stops the orphans first: never two generations at once."""
+    cli("clone", "create", "vm", "--base", "deb", store=store_path)
+    sock = tmp_path / "nbd.sock"
+    server = Server(store_path, sock, ("--workers", "2")).start()
+    workers = sorted(w["pid"] for w in server.info()["workers"])
+    client = NbdWriter(cli("uri", "vm", store=store_path).stdout.strip())
+    client.start()
+    try:
+        for _ in range(10):
+            client.wait_progress()
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            client.wait_progress()  # no supervisor: the workers serve on
+            server = Server(store_path, sock, ("--workers", "2")).start()
+            assert sorted(w["pid"] for w in server.info()["workers"]) == workers
+        client.wait_progress()
+        client.halt.set()
+        client.join(30)
+        assert not client.failures, client.failures
+        for off, data in client.model.items():
+            assert client.h.pread(4096, off) == data
+        client.h.shutdown()
+        assert "adopted worker" in "".join(server.log)
+        server.proc.kill()  # and once more, to a server of another shape: the orphans are stopped first
+        server.proc.wait()
+        server = Server(store_path, sock, ("--workers", "3")).start()
+        wait_gone(workers, timeout=1, kill=False)  # gone before the new server was ready
+        h = server.connect("vm")
+        assert h.pread(4096, 0) == client.model[0]
+        h.shutdown()
+        workers = [w["pid"] for w in server.info()["workers"]]
+    finally:
+        client.halt.set()
+        assert server.stop() == 0
+    wait_gone(workers, kill=False)
 
 
 @pytest.mark.parametrize("event", ["worker-kill", "reload"])
@@ -285,13 +363,15 @@ def test_tls_require_with_a_psk_refuses_plain_and_wrong_key_clients(
         assert server.stop() == 0
 
 
-def test_a_public_listen_without_tls_or_allow_list_is_called_out(
-    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+@pytest.mark.parametrize(("host", "who"), [("0.0.0.0", "anyone who can reach"), ("127.0.0.1", "every local user")])
+def test_a_listen_without_tls_or_allow_list_is_called_out(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int, host: str, who: str
 ) -> None:
-    server = Server(store_path, tmp_path / "unused.sock", ("--listen", f"0.0.0.0:{free_port}")).start()
+    """Even on loopback: every local user can reach a TCP port (a Unix socket keeps clones to its owner)."""
+    server = Server(store_path, tmp_path / "unused.sock", ("--listen", f"{host}:{free_port}")).start()
     try:
         deadline = time.monotonic() + 10
-        while "without --tls=require or --allow" not in "".join(server.log):
+        while f"without --tls=require or --allow: {who}" not in "".join(server.log):
             assert time.monotonic() < deadline, "".join(server.log)
             server.log.append(server.proc.stdout.readline() if server.proc and server.proc.stdout else "")
     finally:
@@ -309,6 +389,48 @@ def test_the_allow_list_refuses_other_clients(tmp_path: Path, store_path: Path, 
         assert _as_nobody("nbdinfo", "--size", uri).returncode != 0  # may reach the socket, not on the list
     finally:
         assert server.stop() == 0
+
+
+def _from(source: str, uri: str) -> bytes | str:
+    """Read the first 512 bytes of `uri` (nbd://127.0.0.1:PORT/NAME) over a TCP connection from `source`;
+    the error if the server refuses."""
+    host_port, _, name = uri.removeprefix("nbd://").partition("/")
+    host, _, port = host_port.rpartition(":")
+    s = socket.socket()
+    s.bind((source, 0))
+    s.connect((host, int(port)))
+    h = nbd.NBD()
+    h.set_export_name(name)
+    try:
+        h.connect_socket(s.detach())
+        data = bytes(h.pread(512, 0))
+    except nbd.Error as exc:
+        return str(exc)
+    h.shutdown()
+    return data
+
+
+def test_the_allow_list_takes_addresses_and_networks_on_tcp(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    """nbdkit 1.32's ip filter parses no address: the workers check them before the handshake. A client
+    not allowed learns nothing (not even the clones' names); a bad rule is refused at start in one line."""
+    cli("clone", "create", "acl", "--base", "deb", store=store_path)
+    for rule, err in (("127.0.0.2.5", "give an address or a network"), ("uid:0", "are for Unix sockets")):
+        bad = cli("serve", "--listen", f"127.0.0.1:{free_port}", "--allow", rule, store=store_path, check=False)
+        assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and err in bad.stderr, bad.stderr
+    args = ("--listen", f"127.0.0.1:{free_port}", "--allow", "127.0.0.2", "--allow", "10.0.0.0/8")
+    server = Server(store_path, tmp_path / "unused.sock", args).start()
+    try:
+        uri = cli("uri", "acl", store=store_path).stdout.strip()
+        assert _from("127.0.0.2", uri) == base[:512]
+        refused = _from("127.0.0.3", uri)
+        assert isinstance(refused, str), "a client not on the list read the clone"
+        listing = subprocess.run(["nbdinfo", "--list", uri], capture_output=True, text=True)
+        assert listing.returncode != 0 and "acl" not in listing.stdout  # (from 127.0.0.1: not allowed)
+    finally:
+        assert server.stop() == 0
+    assert "refused a connection from 127.0.0.3: not in --allow" in "".join(server.log)
 
 
 def test_exclusive_serves_one_client_per_clone_and_read_only_refuses_writes(
@@ -419,15 +541,45 @@ def test_silent_connections_are_dropped_after_the_handshake_timeout_and_idle_cli
             while s.recv(4096):  # until the server drops it
                 pass
         assert time.monotonic() - started < 10
+        # Tricklers: a byte of the handshake every 0.2 s keeps the server reading, never for long: the
+        # deadline is for the whole handshake (they used to stay for as long as they liked).
+        hello = struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, 400) + b"q" * 400
+        tricklers = _greeted(uri, 10)
+        started, dropped = time.monotonic(), set()
+        for i in range(len(hello)):
+            for k, s in enumerate(tricklers):
+                if k not in dropped:
+                    try:
+                        s.send(hello[i : i + 1])
+                    except OSError:  # (EPIPE, ECONNRESET: the server shut it)
+                        dropped.add(k)
+                    else:
+                        dropped.update([k] if _closed_by_server(s) else [])
+            if len(dropped) == len(tricklers):
+                break
+            time.sleep(0.2)
+        assert len(dropped) == len(tricklers), f"{len(tricklers) - len(dropped)} trickling handshakes kept"
+        assert time.monotonic() - started < 8
         assert idle.pread(4096, 0) == base[:4096]  # idle for as long, and still served
         idle.shutdown()
-        for s in silent:
+        for s in [*silent, *tricklers]:
             s.close()
     finally:
         assert server.stop() == 0
     log = "".join(server.log)
     assert f"clone quiet: client pid {os.getpid()} uid 0 connected" in log, log
     assert "Traceback" not in log
+
+
+def _greeted(uri: str, n: int) -> list[socket.socket]:
+    """`n` connections to the Unix socket of `uri` that read the server's greeting and say nothing yet."""
+    conns = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(uri.partition("socket=")[2])
+        assert s.recv(18)[:8] == b"NBDMAGIC"
+        conns.append(s)
+    return conns
 
 
 def _closed_by_server(s: socket.socket) -> bool:
@@ -451,12 +603,7 @@ def test_one_client_cannot_hold_more_than_its_share_of_connections(
     try:
         uri = cli("uri", "share", store=store_path).stdout.strip()
         mine = server.connect("share")  # a clone open: never dropped for the cap
-        silent = []
-        for _ in range(10):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(uri.partition("socket=")[2])
-            assert s.recv(18)[:8] == b"NBDMAGIC"
-            silent.append(s)
+        silent = _greeted(uri, 10)
         deadline = time.monotonic() + 15
         while sum(not _closed_by_server(s) for s in silent) > 2:
             assert time.monotonic() < deadline, "the cap was not applied"
@@ -464,12 +611,29 @@ def test_one_client_cannot_hold_more_than_its_share_of_connections(
         time.sleep(2.5)  # and no more than the excess goes
         assert sum(not _closed_by_server(s) for s in silent) == 2
         assert mine.pread(4096, 0) == base[:4096]
-        mine.shutdown()
         for s in silent:
             s.close()
+        # Connections with a clone open count too: the newest beyond the cap go, the oldest stays.
+        more = [server.connect("share") for _ in range(4)]
+        deadline = time.monotonic() + 15
+        while sum(_served(h) for h in more) > 2:
+            assert time.monotonic() < deadline, "connections with a clone open were not counted"
+            time.sleep(0.2)
+        assert mine.pread(4096, 0) == base[:4096]
+        for h in [mine, *more]:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
     finally:
         assert server.stop() == 0
     assert "has more than 3 connections" in "".join(server.log)
+
+
+def _served(h: nbd.NBD) -> bool:
+    try:
+        h.pread(512, 0)
+    except nbd.Error:
+        return False
+    return True
 
 
 def _raw_client(path: str, name: bytes) -> socket.socket:
@@ -508,6 +672,17 @@ def test_half_sent_writes_cannot_pin_the_workers_memory(tmp_path: Path, store_pa
             huge.append(s)
         stalled = _raw_client(path, b"pin")  # within it, but left half-sent: dropped after the timeout
         stalled.sendall(_write_header(9, 0, 4 * MiB) + b"\x02" * MiB)
+        unread = []  # reads of 8 MiB whose replies the client never reads: dropped after the timeout
+        for _ in range(4):
+            s = _raw_client(path, b"pin")
+            s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, k, 0, 8 * MiB) for k in range(4)))
+            unread.append(s)
+        time.sleep(6)  # (the replies go unread meanwhile)
+        for s in unread:  # what the server sent before it dropped the connection, then its end
+            s.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(1 << 20):
+                    pass
         started = time.monotonic()
         for s in [*huge, stalled]:
             s.settimeout(30)
@@ -526,6 +701,7 @@ def test_half_sent_writes_cannot_pin_the_workers_memory(tmp_path: Path, store_pa
         assert server.stop() == 0
     log = "".join(server.log)
     assert "a write of more than 8 MiB" in log and "a write stalled half-sent" in log, log
+    assert "a reply left unread" in log, log
 
 
 def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
