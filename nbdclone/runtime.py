@@ -18,8 +18,11 @@ slot % workers), so a clone's address depends neither on the worker count nor on
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +42,23 @@ class Address:
     store: Path
     socket: Path | None = None  # slot 0's socket; slot K's is SOCKET.K
     listen: tuple[str, int] | None = None  # slot 0's host and port; slot K's port is PORT+K
+    tls: bool = False  # clients connect with TLS (the URIs say nbds)
 
     def socket_path(self, slot: int) -> Path:
         sock = (self.socket or (self.store / "run" / SOCKET_NAME)).absolute()
         return sock.with_name(f"{sock.name}.{slot}") if slot else sock
 
     def uri(self, slot: int, name: str) -> str:
+        """What a client connects to: nbds under TLS; a listener on every address (0.0.0.0, ::) is named
+        by this host's name, which a client elsewhere can reach."""
+        scheme = "nbds" if self.tls else "nbd"
         if self.listen is not None:
             host, port = self.listen
-            return f"nbd://{_uri_host(host)}:{port + slot}/{name}"
-        return f"nbd+unix:///{name}?socket={self.socket_path(slot)}"
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(host).is_unspecified:  # (0.0.0.0, ::)
+                    host = socket.getfqdn()
+            return f"{scheme}://{_uri_host(host)}:{port + slot}/{name}"
+        return f"{scheme}+unix:///{name}?socket={self.socket_path(slot)}"
 
     def check(self) -> None:
         if self.listen is not None:
@@ -62,13 +72,14 @@ class Address:
 
     def to_json(self) -> dict[str, Any]:
         listen = list(self.listen) if self.listen else None
-        return {"socket": str(self.socket) if self.socket else None, "listen": listen}
+        return {"socket": str(self.socket) if self.socket else None, "listen": listen, "tls": self.tls}
 
     @classmethod
     def from_json(cls, store: Path, data: Mapping[str, Any]) -> Address:
         listen = data.get("listen")
         sock = data.get("socket")
-        return cls(store, Path(sock) if sock else None, (str(listen[0]), int(listen[1])) if listen else None)
+        listened = (str(listen[0]), int(listen[1])) if listen else None
+        return cls(store, Path(sock) if sock else None, listened, bool(data.get("tls", False)))
 
 
 def _uri_host(host: str) -> str:

@@ -29,8 +29,17 @@ clone_app = typer.Typer(help="Create, inspect, reset, upgrade, export and remove
 app.add_typer(base_app, name="base")
 app.add_typer(clone_app, name="clone")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+def _console(stderr: bool) -> Console:
+    """Rich's console for standard output or error: as wide as the terminal, or, piped (a log, a timer's
+    mail), as wide as what it prints: rich would cut tables at 80 columns, and a cut path names no file."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() else 1 << 16
+    return Console(stderr=stderr, highlight=False, width=wide)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 def _checked_store(path: Path) -> Path:

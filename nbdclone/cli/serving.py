@@ -170,8 +170,10 @@ def serve(
         exclusive,
         read_only,
     )
+    base_cfg = _serve_config(store, socket, listen, workers, threads)
     cfg = replace(
-        _serve_config(store, socket, listen, workers, threads),
+        base_cfg,
+        address=replace(base_cfg.where, tls=tls != Tls.off),  # (its URIs say nbds)
         pin=pin,
         cache_size=parse_size(cache_size),
         access=access,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nbdclone import errors
-from nbdclone.store.layout import FLEET_FILE, write_atomic
+from nbdclone.store.layout import FLEET_FILE, Layout, write_atomic
 
 #: Seconds one etcd request or one RADOS operation may take before it fails (an engine down is an error,
 #: not a hang). Tests shorten it (NBDCLONE_FLEET_TIMEOUT).
@@ -61,6 +61,6 @@ def save(store: Path, config: FleetConfig) -> FleetConfig:
     config = FleetConfig(
         config.etcd, str(Path(config.ceph_conf).absolute()), config.pool, config.name, host, config.pack_bound
     )
-    store.mkdir(parents=True, exist_ok=True)
+    Layout(store).make()  # (a store, or a new or empty folder to make one in: refused otherwise)
     write_atomic(store / FLEET_FILE, json.dumps(asdict(config)), store / "tmp")
     return config

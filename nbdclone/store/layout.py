@@ -71,8 +71,9 @@ RESERVE = 2 << 20  # bytes STORE/reserve holds: room for a catalog write (and it
 ORIGIN = "origin.json"  # in an overlay: the state it was started with (check --repair rebuilds state.json)
 
 
-#: Files whose presence makes a folder a store: its mark, or (a store made before the mark) its catalog.
-STORE_MARKS = ("nbdclone-store", "catalog.json", "catalog.mirror.json")
+#: Files whose presence makes a folder a store: its mark, or (a store made before the mark) its catalog or
+#: a fleet host's settings.
+STORE_MARKS = ("nbdclone-store", "catalog.json", "catalog.mirror.json", "fleet.json")
 
 
 def check_place(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from unittest import mock
@@ -374,3 +375,13 @@ def test_metrics_take_a_port_alone_on_loopback(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli_module.app, args)
     assert result.exit_code == 0, result.output
     assert run.call_args.args[0].metrics == ("127.0.0.1", 9100)
+
+
+def test_piped_tables_are_never_cut(tmp_path: Path) -> None:
+    """A timer's log of `clone list` or `check` must keep whole names and paths (rich cut them at 80)."""
+    name = "a-very-long-clone-name-for-the-operators-logs-to-show-in-full-ab"
+    store = tmp_path / "store"
+    cli("clone", "create", name, "--size", "1M", store=store)
+    listed = cli("clone", "list", store=store).stdout  # (captured: not a terminal)
+    row = next(line for line in listed.splitlines() if name in line)
+    assert "…" not in row and re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", row), row

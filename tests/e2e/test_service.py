@@ -349,8 +349,10 @@ def test_tls_require_with_a_psk_refuses_plain_and_wrong_key_clients(
     args = ("--listen", f"127.0.0.1:{free_port}", "--tls", "require", "--tls-psk", str(keys))
     server = Server(store_path, tmp_path / "unused.sock", args).start()
     try:
-        plain = cli("uri", "tls", store=store_path).stdout.strip()
-        secure = plain.replace("nbd://", "nbds://alice@", 1)  # libnbd takes the PSK user from the URI
+        uri = cli("uri", "tls", store=store_path).stdout.strip()
+        assert uri.startswith("nbds://127.0.0.1:"), uri  # what a client must use
+        secure = uri.replace("nbds://", "nbds://alice@", 1)  # libnbd takes the PSK user from the URI
+        plain = uri.replace("nbds://", "nbd://", 1)
         ok = subprocess.run(["nbdinfo", "--size", f"{secure}?tls-psk-file={keys}"], capture_output=True, text=True)
         assert ok.returncode == 0 and int(ok.stdout) == SIZE, ok.stderr
         no_tls = subprocess.run(["nbdinfo", "--size", plain], capture_output=True, text=True)
@@ -367,8 +369,12 @@ def test_tls_require_with_a_psk_refuses_plain_and_wrong_key_clients(
 def test_a_listen_without_tls_or_allow_list_is_called_out(
     tmp_path: Path, store_path: Path, base: bytes, free_port: int, host: str, who: str
 ) -> None:
-    """Even on loopback: every local user can reach a TCP port (a Unix socket keeps clones to its owner)."""
+    """Even on loopback: every local user can reach a TCP port (a Unix socket keeps clones to its owner).
+    `uri` names a host a client can reach, never 0.0.0.0."""
+    cli("clone", "create", "pub", "--base", "deb", store=store_path)
     server = Server(store_path, tmp_path / "unused.sock", ("--listen", f"{host}:{free_port}")).start()
+    uri = cli("uri", "pub", store=store_path).stdout.strip()
+    assert uri.startswith(f"nbd://{host if host != '0.0.0.0' else socket.getfqdn()}:") and uri.endswith("/pub"), uri
     try:
         deadline = time.monotonic() + 10
         while f"without --tls=require or --allow: {who}" not in "".join(server.log):
