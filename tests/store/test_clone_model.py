@@ -318,5 +318,5 @@ def test_zero_blocks_finds_exactly_the_all_zero_blocks(blocks: list[bytes]) -> N
 
 TestClone = CloneMachine.TestCase
 TestClone.settings = settings(
-    max_examples=120, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
