@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from nbdclone.errors import Damaged, StorageError
 from nbdclone.store import _blockmap as bm
@@ -75,9 +76,8 @@ PENDING_PRINTS = 16384  # prints of in-place rewrites held in memory (about 1.5 
 #: rewritten between every two flushes is not marked again at each).
 REGION_SHIFT = 12
 MARK_IDLE = 30.0
-#: Seconds between tries to open the map for writing again after a failure (a full disk): each try is a
-#: RocksDB open, whose info log is rotated and written (some 25 KB), which on a full disk eats the space the
-#: writes wait for. Between tries, writes fail at once with the last try's error.
+T = TypeVar("T")
+#: Seconds between tries of what failed for want of space (see _Tries).
 REOPEN_EVERY = 2.0
 #: A scrub in the background (a server's open after an unclean stop) reads at most this many bytes a second,
 #: SCRUB_BATCH blocks at a time under the overlay's lock.
@@ -111,8 +111,7 @@ class RocksOverlay:
                 detail="keeps its map in the format of nbdclone 0.1; export it with that version, then reset",
             )
         self._full = False  # opened read-only for want of space: writes get ENOSPC until a reopen succeeds
-        self._next_reopen = 0.0  # (monotonic) when the map may next be opened for writing again
-        self._reopen_failed: StorageError | None = None  # what the last try gave
+        self._reopens = _Tries(f"overlay {path}")  # opening the map for writing again, after a failure
         self.format: bytes | None = None
         self._reprinted = 0  # blocks whose print was refreshed after an unclean stop (see _mismatch)
         # Opened read-only over a journal its writer left: the DATA entries only the journal holds (reads).
@@ -198,15 +197,13 @@ class RocksOverlay:
         """Opened read-only on a full disk: try to open for writing again (space may be back; at most every
         REOPEN_EVERY seconds). Caller holds `lock`; nothing was written meanwhile, so the map it finds is the
         one the clone reads."""
-        self._may_reopen()
         old_map, old_data, old_journal, old_sidecar = self._map, self._data, self._journal, self._sidecar
         self._readonly = False
         try:
-            self._start(False)
-        except StorageError as exc:
+            self._reopens.attempt(lambda: self._start(False))
+        except StorageError:
             self._readonly = True
             self._map, self._data, self._journal, self._sidecar = old_map, old_data, old_journal, old_sidecar
-            self._reopen_failed = exc
             raise
         old_map.close()
         if old_data is not None:
@@ -214,7 +211,6 @@ class RocksOverlay:
         if old_journal is not None:
             old_journal.close()
         self._full = False
-        self._reopen_failed = None
         log.info("overlay %s is writable again", self.path)
         self._close_window("background")
 
@@ -811,27 +807,9 @@ class RocksOverlay:
         if not self._flush_lock.acquire(blocking=False):
             raise StorageError(errno.EAGAIN, what=f"overlay {self.path}", detail="recovering from a failed write")
         try:
-            self._reopen()
+            self._reopens.attempt(self._map.reopen)
         finally:
             self._flush_lock.release()
-
-    def _reopen(self) -> None:
-        """Reopen the broken map (at most every REOPEN_EVERY seconds). Caller holds `lock` and the flush lock."""
-        self._may_reopen()
-        try:
-            self._map.reopen()
-        except StorageError as exc:
-            self._reopen_failed = exc
-            raise
-        self._reopen_failed = None
-
-    def _may_reopen(self) -> None:
-        """Refuse (with the last try's error) a reopen sooner than REOPEN_EVERY seconds after a failed one."""
-        now = time.monotonic()
-        failed = self._reopen_failed
-        if failed is not None and now < self._next_reopen:
-            raise StorageError(failed.errno, what=f"overlay {self.path}", detail=str(failed))
-        self._next_reopen = now + REOPEN_EVERY
 
     def flush(self) -> None:
         if self._readonly:
@@ -843,7 +821,7 @@ class RocksOverlay:
                     if not self._map.broken:
                         return  # nothing since the last flush: a boot flushes often, twice in a row at times
                 if self._map.broken:
-                    self._reopen()
+                    self._reopens.attempt(self._map.reopen)
                 # In the generation being flushed, in one batch: what the journal holds and the prints of
                 # rewrites (I6): the map's WAL has them all before the journal starts again.
                 self._spill()
@@ -946,6 +924,31 @@ def _merged(
     return sorted(out.items())
 
 
+class _Tries:
+    """Something that failed for want of space (a writable open of the map, an overlay's start), tried again
+    at most every REOPEN_EVERY seconds: each try writes (RocksDB's info log, some 25 KB), which on a full
+    disk ate the space the writes waited for. Between tries, `attempt` fails at once with the last error."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self.next = 0.0  # (monotonic) when the next try may run
+        self._failed: BaseException | None = None
+
+    def attempt(self, fn: Callable[[], T]) -> T:
+        now = time.monotonic()
+        failed = self._failed
+        if failed is not None and now < self.next:
+            raise StorageError(getattr(failed, "errno", None) or errno.EIO, what=self._what, detail=str(failed))
+        self.next = now + REOPEN_EVERY
+        try:
+            done = fn()
+        except (OSError, StorageError) as exc:
+            self._failed = exc
+            raise
+        self._failed = None
+        return done
+
+
 class LateOverlay:
     """The overlay of a clone whose own could not be started for want of space (a new clone, or one moving
     to a new version, on a full disk). Nothing is written yet, so every block reads from the base; a write
@@ -957,7 +960,7 @@ class LateOverlay:
         self._start = start
         self._path = path
         self._started: RocksOverlay | None = None
-        self._next = 0.0
+        self._starts = _Tries(path)
 
     def scan(self) -> Iterator[Change]:
         return iter(())
@@ -971,11 +974,8 @@ class LateOverlay:
     ) -> None:
         started = self._started
         if started is None:
-            now = time.monotonic()
-            if now < self._next:
-                raise StorageError(errno.ENOSPC, what=self._path, detail="no space left to start its overlay")
-            self._next = now + REOPEN_EVERY
-            started = self._started = self._start(self.lock)  # (an OSError, ENOSPC or other, goes to the client)
+            # (an error, ENOSPC or other, goes to the client)
+            started = self._started = self._starts.attempt(lambda: self._start(self.lock))
             log.info("%s: its overlay started", self._path)
         started.update(bufs, offset, moves, written=written)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from nbdclone import errors
@@ -34,7 +35,7 @@ class ServerRecord(Layout):
                 info: dict[str, Any] = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if _pid_alive(int(info.get("pid", 0))):
+            if pid_alive(int(info.get("pid", 0))):
                 return info
         raise errors.ServerNotRunning(store=self.path)
 
@@ -45,13 +46,12 @@ class ServerRecord(Layout):
                     path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie, killed and not yet reaped by its parent, does not)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdclone.runtime import Address, RunDir
+from nbdclone.store.running import pid_alive
 from nbdclone.worker.process import control_address
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,11 @@ async def find_orphans(run_dir: RunDir) -> list[Orphan]:
     """The live workers of supervisors that died, each connected to (or found unable to be)."""
     found = []
     for supervisor, pidfile in run_dir.pidfiles():
-        if supervisor == os.getpid() or _alive(supervisor):
+        if supervisor == os.getpid() or pid_alive(supervisor):
             continue
         try:
             pid = int(pidfile.read_text().strip())
-            alive = _alive(pid) and b"nbdkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            alive = pid_alive(pid) and b"nbdkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
             index = int(pidfile.stem.split("-")[2])
         except (OSError, ValueError, IndexError):
             alive = False
@@ -85,15 +86,6 @@ async def find_orphans(run_dir: RunDir) -> list[Orphan]:
         control, listeners = await _connect(pid)
         found.append(Orphan(index, pid, pidfile, control, listeners))
     return found
-
-
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie, killed and not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 async def _connect(pid: int) -> tuple[socket.socket | None, list[socket.socket]]:
@@ -106,7 +98,7 @@ async def _connect(pid: int) -> tuple[socket.socket | None, list[socket.socket]]
             return conn, [socket.socket(fileno=fd) for fd in fds]
         except OSError:
             conn.close()
-            if time.monotonic() > deadline or not _alive(pid):
+            if time.monotonic() > deadline or not pid_alive(pid):
                 return None, []
             await asyncio.sleep(0.05)
 
@@ -148,12 +140,12 @@ async def stop_orphans(orphans: list[Orphan], grace: float) -> None:
         else:
             log.info("waiting for worker %d (pid %d) of a server that stopped without cleaning up", o.index, o.pid)
         deadline = time.monotonic() + grace
-        while _alive(o.pid) and time.monotonic() < deadline:
+        while pid_alive(o.pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if _alive(o.pid):
+        if pid_alive(o.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(o.pid, signal.SIGKILL)  # acknowledged writes survive this (overlay I2)
-            while _alive(o.pid):
+            while pid_alive(o.pid):
                 await asyncio.sleep(0.05)
         release(o)
 
