@@ -9,6 +9,8 @@ import pytest
 from nbdclone.store import _journal
 from tests.helpers import Server, free_ports
 
+_SHM_BEFORE = pytest.StashKey[set[Path]]()
+
 
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
@@ -24,15 +26,19 @@ def server(tmp_path: Path, store_path: Path) -> Iterator[Server]:
     srv.stop()
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _shared_memory_left_clean() -> Iterator[None]:
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SHM_BEFORE] = set(Path("/dev/shm").glob("nbdclone-*"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stores made by tests keep their cache access bytes, read-only RocksDB logs and overlays' journals in
-    /dev/shm: remove what this session added there."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("nbdclone-*"))
-    yield
+    /dev/shm: remove what this session added there. Only the controlling process does, once its workers
+    are done (a worker doing it would take what the other worker's tests still use)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    before = session.config.stash.get(_SHM_BEFORE, set())
     _journal.collect(Path("/"))  # overlays' journals left by killed writers whose test folders are gone
-    for path in set(shm.glob("nbdclone-*")) - before:
+    for path in set(Path("/dev/shm").glob("nbdclone-*")) - before:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,8 +84,8 @@ class LoopFs:
     def __init__(self, kind: str, work: Path, size: int = IMAGE_SIZE) -> None:
         mkfs, self.options = KINDS[kind]
         self.image = work / f"{kind}-{uuid.uuid4().hex[:6]}.img"
-        self.path = work / f"mnt-{kind}-{uuid.uuid4().hex[:6]}"
-        self.path.mkdir(parents=True)
+        # Mounted in /tmp itself: a store's socket paths under it must stay within 107 bytes.
+        self.path = Path(tempfile.mkdtemp(prefix=f"nbc-{kind}-", dir="/tmp"))
         with open(self.image, "wb") as f:
             f.truncate(size)
         run(*mkfs, str(self.image))

@@ -169,12 +169,15 @@ class Server:
 
 
 def free_ports(n: int = 16) -> int:
-    """The first of `n` consecutive free TCP ports on 127.0.0.1 (a server's slots)."""
+    """The first of `n` consecutive free TCP ports on 127.0.0.1 (a server's slots). Each pytest-xdist
+    worker draws from its own range, above the fleet engines' fixed ports (23791, 16789)."""
     import random
     import socket
 
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    low = 30000 + (worker % 4) * 7500
     for _ in range(200):
-        first = random.randrange(20000, 60000 - n)
+        first = random.randrange(low, low + 7500 - n)
         held = []
         try:
             for port in range(first, first + n):
