@@ -20,9 +20,12 @@ import errno
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from math import ceil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from nbdclone import errors
 from nbdclone.store import Store
@@ -84,9 +87,93 @@ def import_base(
 NBD_URI = re.compile(r"nbds?(\+unix|\+vsock)?://")
 _NBD_HOLE, _NBD_ZERO = 1, 2  # base:allocation flags
 _STATUS_STEP = 1 << 30
+MIN_IMAGE = 512  # a disk has at least one sector
 
 
 HTTP_URL = re.compile(r"https?://", re.IGNORECASE)
+
+#: Seconds a network source (an NBD server, or nbdkit's curl plugin reading a web server) may take to
+#: connect and greet, and to answer any one request (NBDCLONE_IMPORT_TIMEOUT overrides it).
+IMPORT_TIMEOUT = 60.0
+
+
+def import_timeout() -> float:
+    return float(os.environ.get("NBDCLONE_IMPORT_TIMEOUT", IMPORT_TIMEOUT))
+
+
+def libnbd() -> Any:
+    """libnbd's Python bindings: a system package (Debian python3-libnbd), not on PyPI, so a virtualenv
+    made without --system-site-packages does not see them; say so in one line."""
+    try:
+        import nbd
+    except ImportError:
+        raise errors.NbdcloneError(
+            detail="this needs libnbd's Python bindings: apt install python3-libnbd, and make the virtualenv "
+            "with --system-site-packages"
+        ) from None
+    return nbd
+
+
+class _Deadlined:
+    """A libnbd handle driven through its asynchronous calls, each waited for at most `timeout` seconds:
+    the synchronous calls wait for ever on a server that never greets, stalls or trickles."""
+
+    def __init__(self, label: str, timeout: float) -> None:
+        self.nbd = libnbd()
+        self.label, self.timeout = label, timeout
+        self.h = self.nbd.NBD()
+        self.h.add_meta_context("base:allocation")
+
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        end = time.monotonic() + self.timeout
+        while not done():
+            if self.h.aio_is_dead() or self.h.aio_is_closed():
+                raise errors.InvalidArgument(detail=f"cannot read {self.label}: the server hung up while {what}")
+            left = end - time.monotonic()
+            if left <= 0:
+                raise errors.InvalidArgument(
+                    detail=f"cannot read {self.label}: no answer in {self.timeout:g} s while {what}"
+                )
+            self.h.poll(max(1, int(left * 1000)))
+
+    def connect(self, source: str | list[str]) -> int:
+        """Connect (a URI, or a command started with socket activation) and return the export's size."""
+        if isinstance(source, str):
+            self.h.aio_connect_uri(source)
+        else:
+            self.h.aio_connect_systemd_socket_activation(source)
+        self._wait(self.h.aio_is_ready, "connecting")
+        return int(self.h.get_size())
+
+    def can_meta_context(self, name: str) -> bool:
+        return bool(self.h.can_meta_context(name))
+
+    def pread_ahead(self, reads: Iterable[tuple[int, int, int]], depth: int = 4) -> Iterator[tuple[int, bytes]]:
+        """(key, data) for each (key, offset, length) of `reads`, in order, with up to `depth` reads in flight
+        (the next ones travel while we store one); each waited for at most the timeout."""
+        window: deque[tuple[int, int, Any, int]] = deque()
+        for key, offset, n in reads:
+            buf = self.nbd.Buffer(n)
+            window.append((key, offset, buf, self.h.aio_pread(buf, offset)))
+            if len(window) >= depth:
+                yield self._read(*window.popleft())
+        while window:
+            yield self._read(*window.popleft())
+
+    def _read(self, key: int, offset: int, buf: Any, cookie: int) -> tuple[int, bytes]:
+        self._wait(lambda: self.h.aio_command_completed(cookie), f"reading at {offset}")
+        return key, buf.to_bytearray()
+
+    def block_status(self, n: int, offset: int, callback: Callable[..., int]) -> None:
+        cookie = self.h.aio_block_status(n, offset, callback)
+        self._wait(lambda: self.h.aio_command_completed(cookie), f"asking for extents at {offset}")
+
+    def close(self) -> None:
+        """Hang up without waiting for the server (a subprocess it started is stopped by libnbd)."""
+        with contextlib.suppress(self.nbd.Error):
+            if self.h.aio_is_ready():
+                self.h.aio_disconnect(0)
+        del self.h
 
 
 def import_nbd(
@@ -106,8 +193,13 @@ def import_url(
     if not HTTP_URL.match(url):
         raise errors.InvalidArgument(detail=f"{url!r} is not an http:// or https:// URL")
     _check_url(url)
-    nbdkit = ["nbdkit", "--exit-with-parent", "--readonly", "curl", f"url={url}"]
-    return _import_nbd_from(store, name, url, nbdkit, progress, vid=vid)
+    # nbdkit in the foreground (a fork would shed _helper's parent-death SIGKILL) and without
+    # --exit-with-parent (it would turn that SIGKILL into a SIGTERM, on which nbdkit waits for the request in
+    # flight, hung on a stalled server). curl's timeout bounds that request when we hang up; it is a little
+    # longer than ours, so that ours names the cause (and --log=null: not nbdkit's lines too).
+    timeout = f"timeout={ceil(import_timeout()) + 2}"
+    curl = ["nbdkit", "--foreground", "--log=null", "--readonly", "curl", f"url={url}", timeout]
+    return _import_nbd_from(store, name, url, _helper(curl, bounded=False), progress, vid=vid)
 
 
 def _import_nbd_from(
@@ -124,22 +216,19 @@ def _import_nbd_from(
     """Import what an NBD server exports: at a URI, or served by a command started with socket activation
     (stopped when the connection closes). `size`: what the export must measure, if known; `check`: called
     once every byte is read, before the version is committed (it raises to refuse it)."""
-    import nbd  # libnbd's bindings (Debian python3-libnbd)
-
     validate_name("base", name)
-    h = nbd.NBD()
-    h.add_meta_context("base:allocation")
+    h = _Deadlined(label, import_timeout())
+    nbd = h.nbd
     try:
-        if isinstance(source, str):
-            h.connect_uri(source)
-        else:
-            h.connect_systemd_socket_activation(source)
-        got = h.get_size()
-    except nbd.Error as exc:
-        raise errors.InvalidArgument(detail=f"cannot read {label}: {exc.string}") from None
-    try:
+        try:
+            got = h.connect(source)
+        except nbd.Error as exc:
+            raise errors.InvalidArgument(detail=f"cannot read {label}: {exc.string}") from None
         if size is not None and got != size:
             raise errors.InvalidArgument(detail=f"{label} changed while being imported ({got} bytes)")
+        if got < MIN_IMAGE:
+            raise errors.InvalidArgument(detail=f"{label} claims {got} bytes: not a disk (less than {MIN_IMAGE})")
+        store.check_file_size(got)  # 8 EiB, or more than a clone of it could ever hold
         with store.chunks.writer():
             vmap, new_chunks = store.chunks.import_chunks(
                 _nbd_chunks(h, got, progress), got, store.all_version_maps(digests=True)
@@ -151,8 +240,7 @@ def _import_nbd_from(
     except nbd.Error as exc:
         raise errors.StorageError(errno.EIO, what=f"reading {label}", detail=exc.string) from None
     finally:
-        with contextlib.suppress(nbd.Error):
-            h.shutdown()
+        h.close()
 
 
 def _check_url(url: str) -> None:
@@ -183,21 +271,25 @@ def _helper(cmd: list[str], *, bounded: bool = True) -> list[str]:
     return ["setpriv", "--pdeathsig", "KILL", *bound, *cmd]
 
 
-def _nbd_chunks(h: object, size: int, progress: Progress) -> Iterator[tuple[int, bytes | None]]:
+def _nbd_chunks(h: _Deadlined, size: int, progress: Progress) -> Iterator[tuple[int, bytes | None]]:
     """The chunks of the export that hold data, in order, read once each."""
-    done = 0  # chunks below this one were yielded
-    for start, end in _nbd_data_ranges(h, size):
-        for i in range(max(done, start // CHUNK), -(-end // CHUNK)):
-            at = i * CHUNK
-            yield i, h.pread(min(CHUNK, size - at), at)  # type: ignore[attr-defined]
-            done = i + 1
-            progress(min(done * CHUNK, size), size)
+
+    def wanted() -> Iterator[tuple[int, int, int]]:
+        done = 0  # chunks below this one were asked for
+        for start, end in _nbd_data_ranges(h, size):
+            for i in range(max(done, start // CHUNK), -(-end // CHUNK)):
+                yield i, i * CHUNK, min(CHUNK, size - i * CHUNK)
+                done = i + 1
+
+    for i, data in h.pread_ahead(wanted()):
+        yield i, data
+        progress(min((i + 1) * CHUNK, size), size)
 
 
-def _nbd_data_ranges(h: object, size: int) -> Iterator[tuple[int, int]]:
+def _nbd_data_ranges(h: _Deadlined, size: int) -> Iterator[tuple[int, int]]:
     """(start, end) of the ranges the server does not report as holes or zeros (all of it, if it reports
     nothing)."""
-    if not h.can_meta_context("base:allocation"):  # type: ignore[attr-defined]
+    if not h.can_meta_context("base:allocation"):
         yield 0, size
         return
     offset = 0
@@ -209,7 +301,7 @@ def _nbd_data_ranges(h: object, size: int) -> Iterator[tuple[int, int]]:
                 extents.extend(entries)
             return 0
 
-        h.block_status(min(_STATUS_STEP, size - offset), offset, status)  # type: ignore[attr-defined]
+        h.block_status(min(_STATUS_STEP, size - offset), offset, status)
         if not extents:
             raise errors.StorageError(errno.EIO, what="reading extents", detail="the server reported none")
         for k in range(0, len(extents), 2):
@@ -316,7 +408,7 @@ def _write_raw(clone: Clone, dest: Path, progress: Progress) -> None:
 
 def _write_qcow2(clone: Clone, dest: Path, fds: tuple[int, ...], progress: Progress) -> None:
     """An empty qcow2 of the clone's size at `dest`, then its data written through qemu-nbd serving it."""
-    import nbd  # libnbd's bindings (Debian python3-libnbd)
+    nbd = libnbd()
 
     create = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", str(dest), str(clone.size)],
