@@ -9,12 +9,14 @@ import os
 import re
 import signal
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from nbdclone import errors
 from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, human, out, parse_size, print_json
@@ -91,7 +93,47 @@ def _mode(text: str) -> int:
     return mode
 
 
-@app.command()
+#: Where `serve` reads its options when no --config is given (only if the file exists).
+DEFAULT_CONFIG = Path("/etc/nbdclone/serve.toml")
+
+
+def _config_path(args: list[str]) -> Path | None:
+    """The --config FILE among a command's arguments (before any "--"), else DEFAULT_CONFIG if present."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.removeprefix("--config="))
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+class ConfigFileCommand(TyperCommand):
+    """A command whose options may also come from a TOML file of `option = value` lines (names as on the
+    command line, without the dashes; a repeatable option takes a list). Flags and environment variables
+    win over the file, the file over the defaults (it becomes click's default_map); a name the command
+    does not have, or a file that is not TOML, is refused in one line before anything runs."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        path = _config_path(args)
+        if path is not None:
+            try:
+                values = tomllib.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise errors.InvalidArgument(detail=f"config file {path}: {exc}") from None
+            names = {p.name for p in self.params} - {"config"}
+            known = {}
+            for key, value in values.items():
+                name = key.replace("-", "_")
+                if name not in names:
+                    raise errors.InvalidArgument(detail=f"config file {path}: {self.name} has no option {key!r}")
+                known[name] = value
+            ctx.default_map = {**known, **(ctx.default_map or {})}
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=ConfigFileCommand)
 def serve(
     store: StoreOpt = DEFAULT_STORE,
     socket: SocketOpt = None,
@@ -140,6 +182,13 @@ def serve(
         float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
     ] = 10.0,
     log_level: Annotated[LogLevel, typer.Option(help="Least severe messages logged.")] = LogLevel.info,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help='A TOML file of options (workers = 4, socket-group = "kvm", allow = [...]); flags win.',
+            show_default=f"{DEFAULT_CONFIG} if it exists",
+        ),
+    ] = None,
 ) -> None:
     """Serve every clone of the store over NBD until SIGTERM or Ctrl-C; SIGHUP reloads the workers.
 
@@ -287,30 +336,72 @@ def _p50(op: dict[str, Any]) -> str:
     return "-"
 
 
+#: What `systemd-units` writes: template -> where, under --dest (units) or --etc (the rest). The templates
+#: name @NBDCLONE@ (this installation's), @STORE@, @USER@ and @GROUP@.
+_SYSTEMD_FILES = {
+    "nbdclone.service": "dest",
+    "nbdclone.socket": "dest",
+    "nbdclone.sysusers": "sysusers.d/nbdclone.conf",
+    "nbdclone.tmpfiles": "tmpfiles.d/nbdclone.conf",
+}
+
+
+def _public_folder(path: Path) -> None:
+    """Make `path` readable by all (the service's user reads its config) if it does not exist; our umask
+    would make it private."""
+    if not path.exists():
+        _public_folder(path.parent)
+        path.mkdir()
+        path.chmod(0o755)
+
+
 @app.command("systemd-units")
 def systemd_units(
-    dest: Annotated[Path, typer.Option(help="Folder to write nbdclone.service and nbdclone.socket to.")],
+    dest: Annotated[Path, typer.Option(help="Folder for nbdclone.service and nbdclone.socket.")] = Path(
+        "/etc/systemd/system"
+    ),
+    etc: Annotated[Path, typer.Option(help="Where sysusers.d/, tmpfiles.d/ and nbdclone/serve.toml go.")] = Path(
+        "/etc"
+    ),
     store: StoreOpt = Path("/var/lib/nbdclone"),
     group: Annotated[str, typer.Option(help="The group QEMU runs as (Debian: libvirt-qemu).")] = "libvirt-qemu",
+    user: Annotated[str, typer.Option(help="The user the service runs as (made by systemd-sysusers).")] = "nbdclone",
 ) -> None:
-    """Write a systemd service (Type=notify) and socket unit for serving STORE, for this installation."""
+    """Write a hardened systemd service (Type=notify, its own user, no capability) and its socket unit for
+    serving STORE with this installation's nbdclone, the sysusers.d and tmpfiles.d files that make its
+    user and store, and an empty /etc/nbdclone/serve.toml for its options."""
     from importlib.resources import files
 
     Address(store.absolute()).check()
-    units = files("nbdclone") / "data" / "systemd"
-    exe = Path(sys.argv[0]).absolute()
-    for name in ("nbdclone.service", "nbdclone.socket"):
-        text = (units / name).read_text()
-        text = text.replace("/usr/local/bin/nbdclone", str(exe)).replace("/var/lib/nbdclone", str(store.absolute()))
-        text = text.replace("libvirt-qemu", group)
-        target = dest / name
+    templates = files("nbdclone") / "data" / "systemd"
+    exe, path = str(Path(sys.argv[0]).absolute()), str(store.absolute())
+    values = {"NBDCLONE": exe, "STORE": path, "GROUP": group, "USER": user}
+    targets = {name: dest / name if where == "dest" else etc / where for name, where in _SYSTEMD_FILES.items()}
+    config = etc / "nbdclone" / "serve.toml"
+    for target in targets.values():
         if target.exists():
             raise errors.InvalidArgument(detail=f"{target} exists; remove it first")
-        dest.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        text = (templates / name).read_text()
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", value)
+        _public_folder(target.parent)
         target.write_text(text)
         target.chmod(0o644)
         out.print(f"wrote {target}")
-    out.print("then: systemctl daemon-reload && systemctl enable --now nbdclone.socket nbdclone.service")
+    if not config.exists():
+        _public_folder(config.parent)
+        config.write_text(
+            "# Options of 'nbdclone serve' (names as its flags, without the dashes); flags win.\n"
+            '# workers = 2\n# cache-size = "2G"\n# exclusive = true\n# metrics = "127.0.0.1:9100"\n'
+        )
+        config.chmod(0o644)
+        out.print(f"wrote {config}")
+    out.print(
+        "then: systemd-sysusers && systemd-tmpfiles --create && systemctl daemon-reload && "
+        "systemctl enable --now nbdclone.socket nbdclone.service",
+        soft_wrap=True,
+    )
 
 
 @app.command()

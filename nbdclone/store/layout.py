@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -78,11 +79,16 @@ STORE_MARKS = ("nbdclone-store", "catalog.json", "catalog.mirror.json", "fleet.j
 
 def check_place(path: Path) -> None:
     """Refuse (NotAStore) a path that holds something other than a store: one that is not a folder, or a
-    folder with entries but no mark of a store. A missing or empty folder is fine (a store is made there)."""
+    folder with entries but no mark of a store. A missing or empty folder is fine (a store is made there),
+    and so is one holding only run/ with nothing but sockets in it (what systemd-tmpfiles and the socket
+    unit make before the service first starts)."""
     try:
         with os.scandir(path) as entries:
-            if any(True for _ in entries) and not any((path / mark).exists() for mark in STORE_MARKS):
-                raise errors.NotAStore(path=path, why="the folder holds other files")
+            others = [e for e in entries if not (e.name == "run" and e.is_dir(follow_symlinks=False))]
+        if any((path / mark).exists() for mark in STORE_MARKS):
+            return
+        if others or not all(stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode) for e in os.scandir(path / "run")):
+            raise errors.NotAStore(path=path, why="the folder holds other files")
     except FileNotFoundError:
         return
     except NotADirectoryError:

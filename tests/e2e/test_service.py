@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -674,7 +677,8 @@ def test_half_sent_writes_cannot_pin_the_workers_memory(tmp_path: Path, store_pa
         huge = []  # over the advertised maximum: dropped at once
         for i in range(4):
             s = _raw_client(path, b"pin")
-            s.sendall(_write_header(i, 0, 60 * MiB) + b"\x01" * (16 * MiB))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # (dropped before all was sent)
+                s.sendall(_write_header(i, 0, 60 * MiB) + b"\x01" * (16 * MiB))
             huge.append(s)
         stalled = _raw_client(path, b"pin")  # within it, but left half-sent: dropped after the timeout
         stalled.sendall(_write_header(9, 0, 4 * MiB) + b"\x02" * MiB)
@@ -780,13 +784,29 @@ def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
         assert server.stop() == 0
 
 
-def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+def _exposure(unit: Path) -> float:
+    """systemd-analyze security's overall exposure of `unit` (0 safe ... 10 unsafe)."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True, check=False
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    return float(found.group(1))
+
+
+def test_the_systemd_units_are_hardened_and_pass_systemd_analyze(tmp_path: Path) -> None:
     store = tmp_path / "srv"
-    cli("systemd-units", "--dest", str(tmp_path / "units"), "--group", "nogroup", store=store)
+    etc = tmp_path / "etc"
+    cli("systemd-units", "--dest", str(tmp_path / "units"), "--etc", str(etc), "--group", "nogroup", store=store)
     units = sorted((tmp_path / "units").iterdir())
     assert [u.name for u in units] == ["nbdclone.service", "nbdclone.socket"]
     service, sock = (u.read_text() for u in units)
     assert "Type=notify" in service and f"--store {store}" in service and NBDCLONE in service
+    assert (
+        "User=nbdclone" in service
+        and f"ReadWritePaths={store}" in service
+        and "@" not in service.replace("@system-service", "")
+    )
     assert sock.count("ListenStream=") == 16 and f"ListenStream={store}/run/nbdclone.sock.15" in sock
     proc = subprocess.run(
         ["systemd-analyze", "verify", *map(str, units)],
@@ -796,6 +816,50 @@ def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     problems = [line for line in proc.stderr.splitlines() if "nbdclone" in line]
     assert proc.returncode == 0 and not problems, proc.stderr
+    assert _exposure(units[0]) <= 3.0
+    assert stat.S_IMODE((etc / "nbdclone").stat().st_mode) == 0o755  # the service's user reads serve.toml
+    # The user and the store's folders come from systemd's own tools, not from code of ours.
+    for name in ("passwd", "group", "shadow", "gshadow"):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copy(f"/etc/{name}", etc / name)
+    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(etc / "sysusers.d" / "nbdclone.conf")], check=True)
+    user = next(line for line in (etc / "passwd").read_text().splitlines() if line.startswith("nbdclone:"))
+    assert user.endswith(":/usr/sbin/nologin") and f":{store}:" in user
+    assert any(line.startswith("nogroup:") and "nbdclone" in line for line in (etc / "group").read_text().splitlines())
+    assert "\nnbdclone:" not in Path("/etc/passwd").read_text()  # the host's users are untouched
+    # A second run refuses to overwrite; the operator's serve.toml is kept.
+    (etc / "nbdclone" / "serve.toml").write_text("workers = 3\n")
+    again = cli("systemd-units", "--dest", str(tmp_path / "units"), "--etc", str(etc), store=store, check=False)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "exists" in again.stderr
+    assert (etc / "nbdclone" / "serve.toml").read_text() == "workers = 3\n"
+
+
+def test_serve_reads_its_options_from_a_config_file_and_flags_win(tmp_path: Path, store_path: Path) -> None:
+    cli("clone", "create", "cfg", "--size", "1M", store=store_path)
+    config = tmp_path / "serve.toml"
+    config.write_text('workers = 3\nsocket-mode = "0600"\nallow = ["uid:0"]\n')
+    server = Server(store_path, tmp_path / "nbd.sock", ("--config", str(config), "--workers", "2")).start()
+    try:
+        info = json.loads((store_path / "run" / "server.json").read_text())
+        assert len(info["workers"]) == 2  # the flag won over the file's 3
+        assert stat.S_IMODE(os.stat(tmp_path / "nbd.sock").st_mode) == 0o600
+        h = server.connect("cfg")  # uid 0 is allowed
+        h.shutdown()
+    finally:
+        assert server.stop() == 0
+    server = Server(store_path, tmp_path / "nbd.sock", ("--config", str(config))).start()
+    try:
+        assert len(json.loads((store_path / "run" / "server.json").read_text())["workers"]) == 3
+    finally:
+        assert server.stop() == 0
+    for text, expect in [
+        ("wrokers = 3\n", "serve has no option 'wrokers'"),
+        ("workers = [\n", "config file"),
+        ('workers = "many"\n', "--workers"),
+    ]:
+        config.write_text(text)
+        proc = cli("serve", "--config", str(config), store=store_path, check=False)
+        assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and expect in proc.stderr, proc.stderr
 
 
 def test_the_supervisor_takes_its_sockets_from_systemd_and_notifies_readiness(
