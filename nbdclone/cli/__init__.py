@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from nbdclone import errors
 from nbdclone.cli import bases, clones, fleet, serving, space
-from nbdclone.cli._common import app, err, out
+from nbdclone.cli._common import app, done, err, out
 
 __all__ = ["app", "bases", "clones", "fleet", "main", "serving", "space"]
 
@@ -24,7 +24,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="nbdclone: %(message)s")
     os.umask(0o077)  # the store is private: every file and folder nbdclone makes is its owner's only
     try:
-        code = app(standalone_mode=False)
+        try:
+            code = app(standalone_mode=False)
+        finally:
+            done.flush()  # --json: what was done, even if the command failed part way
     except errors.NbdcloneError as exc:
         err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(1)

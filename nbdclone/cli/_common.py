@@ -57,7 +57,75 @@ StoreOpt = Annotated[
         callback=_checked_store,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Report:
+    """What a command did, one event at a time: a line for a person, or under --json one record per event,
+    all in one document printed at the end ({"format": 1, "results": [...]}), also when the command fails
+    part way (what was done is printed; the error goes to standard error)."""
+
+    def __init__(self) -> None:
+        self.as_json = False
+        self.printed = False  # a command printed its own document (print_json)
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, text: str, **record: Any) -> None:
+        if self.as_json:
+            self.records.append(record)
+        else:
+            out.print(text, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A line for a person only (a hint, a summary): on standard error under --json."""
+        (err if self.as_json else out).print(text, soft_wrap=True)
+
+    def flush(self) -> None:
+        if self.as_json and not self.printed:
+            print_json(self.records, items="results")
+
+
+done = Report()
+
+
+def _json_mode(value: bool) -> bool:
+    done.as_json = done.as_json or value
+    return value
+
+
+def _completion_catalog(ctx: typer.Context) -> Any:
+    """The catalog of the store a command line names (--store, NBDCLONE_STORE, or the default), read
+    without touching anything; None if there is none."""
+    from nbdclone.store.catalog import load_catalog
+    from nbdclone.store.layout import Layout
+
+    given = ctx.params.get("store") or os.environ.get("NBDCLONE_STORE") or default_store()
+    try:
+        return load_catalog(Layout(Path(given)).catalog_path)
+    except (OSError, errors.NbdcloneError):
+        return None
+
+
+def complete_clone(ctx: typer.Context, incomplete: str) -> list[str]:
+    cat = _completion_catalog(ctx)
+    return sorted(n for n in (cat.clones if cat else ()) if n.startswith(incomplete))
+
+
+def complete_base(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Base names, or NAME@VERSION once an @ is typed."""
+    cat = _completion_catalog(ctx)
+    if cat is None:
+        return []
+    names = [n for n, r in cat.bases.items() if not r.owner]  # not clones' own bases
+    if "@" in incomplete:
+        names = [f"{n}@{v}" for n in names for v in cat.bases[n].versions]
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+CloneArg = Annotated[str, typer.Argument(metavar="NAME", help="The clone.", autocompletion=complete_clone)]
+BaseArg = Annotated[str, typer.Argument(metavar="NAME", help="The base.", autocompletion=complete_base)]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (one document) instead of text.", callback=_json_mode)
+]
 BaseFilter = Annotated[str | None, typer.Option("--base", help="Only this base (and its clones).")]
 DEFAULT_STORE = default_store()
 
@@ -144,6 +212,7 @@ def print_json(data: dict[str, Any] | list[dict[str, Any]], items: str = "") -> 
     """Print one --json document: `data` (an object), or a list of rows under the key `items`."""
     doc = {"format": JSON_FORMAT, items: data} if isinstance(data, list) else {"format": JSON_FORMAT, **data}
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    done.printed = True
 
 
 def when(iso: str) -> str:

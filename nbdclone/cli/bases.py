@@ -12,10 +12,13 @@ from rich.table import Table
 from nbdclone import errors
 from nbdclone.cli._common import (
     DEFAULT_STORE,
+    BaseArg,
     BaseFilter,
     JsonOpt,
     StoreOpt,
     base_app,
+    complete_base,
+    done,
     human,
     out,
     print_json,
@@ -48,6 +51,7 @@ def base_import(
         ),
     ] = None,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add a raw or qcow2 image, a block device, an NBD export or a raw image on a web server as a new,
     immutable version of base NAME. Prints the version id last. Every source is streamed into the store
@@ -86,8 +90,8 @@ def base_import(
         "current" if current == vid else f"current is still {current}; flip with: nbdclone base promote {name} {vid}"
     )
     new = human(version.new_chunks * CHUNK)
-    out.print(f"imported {name}@{vid}: {human(version.size)} from {source}, {new} new data ({state})", soft_wrap=True)
-    out.print(vid)
+    text = f"imported {name}@{vid}: {human(version.size)} from {source}, {new} new data ({state})\n{vid}"
+    done(text, base=name, version=vid, size=version.size, new_chunks=version.new_chunks, current=current == vid)
 
 
 @base_app.command("list")
@@ -129,7 +133,7 @@ def _wait_warm(fleet: fleet_config.FleetConfig, name: str, vid: str, share: floa
     while True:
         warm, live = fleet_catalog.run(fleet, lambda c: c.warm_share(name, vid))
         if live and warm >= share * live:
-            out.print(f"{name}@{vid} is warm on {warm} of {live} live host(s)")
+            done.note(f"{name}@{vid} is warm on {warm} of {live} live host(s)")
             return
         if time.monotonic() > deadline:
             raise errors.NbdcloneError(
@@ -140,7 +144,7 @@ def _wait_warm(fleet: fleet_config.FleetConfig, name: str, vid: str, share: floa
 
 @base_app.command("promote")
 def base_promote(
-    name: str,
+    name: BaseArg,
     version: Annotated[str, typer.Argument(help="The version to make current (an older one: a rollback).")],
     wait_warm: Annotated[
         float | None,
@@ -153,6 +157,7 @@ def base_promote(
     ] = None,
     wait_timeout: Annotated[float, typer.Option(help="Seconds --wait-warm waits at most.")] = 600.0,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
     first connection (dropping its writes), once no client may come back to the version it is on (its
@@ -170,19 +175,21 @@ def base_promote(
         fleet_catalog.run(fleet, lambda c: c.promote(name, version))
     old = st.promote(name, version)
     now, wait = st.moves(name)
-    out.print(f"{name}: current version {old} -> {version}")
-    out.print(
+    text = (
+        f"{name}: current version {old} -> {version}\n"
         f"{len(now)} clone(s) move at their next connection; {len(wait)} wait until their clients are gone"
         + (f" ({', '.join(wait[:10])}{', ...' if len(wait) > 10 else ''})" if wait else "")
     )
+    done(text, base=name, old=old, current=version, moving=now, waiting=wait)
 
 
 @base_app.command("publish")
 def base_publish(
-    name: str,
+    name: BaseArg,
     clone: Annotated[str, typer.Option("--from", help="The clone whose contents become the new version.")],
     promote: Annotated[bool, typer.Option("--promote", help="Make the new version current too.")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make CLONE's contents (as a client reads them now) the next version of base NAME (a new base if NAME
     does not exist). Only the chunks the clone changed are read and stored. Refused while CLONE has clients."""
@@ -203,7 +210,8 @@ def base_publish(
 
             validate_name("base", name)
             vid, _ = fleet_sync.import_version(st, fleet, name, local_publish)
-    out.print(f"{name}: version {vid} from clone {clone} ({human(written[0] * CHUNK)} of new chunks stored)")
+    text = f"{name}: version {vid} from clone {clone} ({human(written[0] * CHUNK)} of new chunks stored)"
+    done(text, base=name, version=vid, clone=clone, new_chunks=written[0])
     if promote:
         if fleet is not None:
             from nbdclone.fleet import catalog as fleet_catalog
@@ -211,17 +219,23 @@ def base_publish(
             fleet_catalog.run(fleet, lambda c: c.promote(name, vid))
         old = st.promote(name, vid)
         now, wait = st.moves(name)
-        out.print(f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait")
-    out.print(vid)
+        text = f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait"
+        done(text, base=name, old=old, current=vid, moving=now, waiting=wait)
+    if not done.as_json:
+        out.print(vid)
 
 
 @base_app.command("rm")
 def base_rm(
-    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base, or one version of it.")],
+    ref: Annotated[
+        str,
+        typer.Argument(metavar="NAME[@VERSION]", help="A base, or one version of it.", autocompletion=complete_base),
+    ],
     wait: Annotated[
         float, typer.Option(help="Fleet: seconds to wait for every host to drop its copy.", min=0.0)
     ] = 30.0,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove a base (refused while a clone uses it), or one version (refused if current or in use). On a
     fleet host, a version of a fleet base is removed from the fleet: no host may flip to it or make new
@@ -238,16 +252,17 @@ def base_rm(
 
         holders = sync.retire(st, fleet, name, vid, wait)
         if holders:
-            out.print(f"{ref} is being removed from fleet {fleet.name}; host(s) {', '.join(holders)} still hold it")
-            out.print(
+            text = (
+                f"{ref} is being removed from fleet {fleet.name}; host(s) {', '.join(holders)} still hold it\n"
                 "it goes once their clones no longer use it ('nbdclone fleet status' shows it as retiring; "
                 "a host gone for good: 'nbdclone fleet forget HOST')"
             )
         else:
-            out.print(f"removed {ref} from fleet {fleet.name}; 'nbdclone fleet gc' frees its chunks")
+            text = f"removed {ref} from fleet {fleet.name}; 'nbdclone fleet gc' frees its chunks"
+        done(text, base=name, version=vid, fleet=fleet.name, holders=holders)
         return
     freed = st.remove_version(ref) if "@" in ref else st.remove_base(ref)
-    out.print(f"removed {ref}; freed {human(freed)}")
+    done(f"removed {ref}; freed {human(freed)}", base=name, version=vid, freed=freed)
 
 
 def _fleet_bases(fleet: fleet_config.FleetConfig) -> list[str]:
@@ -257,21 +272,28 @@ def _fleet_bases(fleet: fleet_config.FleetConfig) -> list[str]:
 
 
 @base_app.command("gc")
-def base_gc(store: StoreOpt = DEFAULT_STORE) -> None:
+def base_gc(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Remove every version that is not current and used by no clone, and free the chunks nothing uses."""
     removed, freed = Store(store).gc()
-    out.print(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}")
+    done(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}", removed=removed, freed=freed)
 
 
 @base_app.command("warm")
 def base_warm(
-    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="A base (its current version) or a version.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME[@VERSION]", help="A base (its current version) or a version.", autocompletion=complete_base
+        ),
+    ],
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Read a version's recorded boot trace into the shared read cache now, before a boot storm."""
     t = time.monotonic()
     which, nbytes = images.warm_version(Store(store), ref)
-    out.print(f"warmed {which}: {human(nbytes)} in {time.monotonic() - t:.2f} s")
+    took = time.monotonic() - t
+    done(f"warmed {which}: {human(nbytes)} in {took:.2f} s", version=which, bytes=nbytes, seconds=round(took, 3))
 
 
 def _fleet_current(fleet: fleet_config.FleetConfig, name: str) -> str:
@@ -292,7 +314,7 @@ def _trace_of(st: Store, ref: str) -> tuple[BaseRecord, str, Path]:
 
 @trace_app.command("show")
 def trace_show(
-    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")],
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", autocompletion=complete_base)],
     store: StoreOpt = DEFAULT_STORE,
     as_json: JsonOpt = False,
 ) -> None:
@@ -329,7 +351,11 @@ def trace_show(
 
 
 @trace_app.command("clear")
-def trace_clear(ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")], store: StoreOpt = DEFAULT_STORE) -> None:
+def trace_clear(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", autocompletion=complete_base)],
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
     """Forget a version's boot trace (here, and in the fleet): its next first boot records a new one."""
     st = Store(store)
     record, vid, path = _trace_of(st, ref)
@@ -339,12 +365,15 @@ def trace_clear(ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")], s
         from nbdclone.fleet import catalog as fleet_catalog
 
         fleet_catalog.run(fleet, lambda c: c.clear_trace(record.name, vid))
-    out.print(f"{record.name}@{vid}: boot trace cleared; the next first boot of a clone records one")
+    text = f"{record.name}@{vid}: boot trace cleared; the next first boot of a clone records one"
+    done(text, base=record.name, version=vid)
 
 
 @trace_app.command("record")
 def trace_record(
-    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")], store: StoreOpt = DEFAULT_STORE
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", autocompletion=complete_base)],
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Record a version's boot trace again: the next first connection of one of its clones (a server
     restart or every clone closed) records it, for 30 s. A client that reads most of the disk (a copy, a

@@ -13,9 +13,12 @@ from nbdclone import errors
 from nbdclone.cli._common import (
     DEFAULT_STORE,
     BaseFilter,
+    CloneArg,
     JsonOpt,
     StoreOpt,
     clone_app,
+    complete_clone,
+    done,
     err,
     human,
     out,
@@ -48,6 +51,7 @@ def clone_create(
     ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", help="Serve these clones read-only.")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create clones of BASE (or blank disks of SIZE, or copies of another clone). Many names make many
     clones in one step."""
@@ -75,14 +79,16 @@ def _create(st: Store, names: list[str], base: str | None, size: str | None, sou
             with progress_bar() as bar:
                 task = bar.add_task(f"copying {source}", total=None)
                 lineage.create_from(st, name, source, readonly=ro, progress=updater(bar, task))
-            out.print(f"created clone {name} from {source}")
+            done(f"created clone {name} from {source}", clone=name, source=source)
         return
     records = st.create_clones(names, base=base, size=parse_size(size) if size else None, readonly=ro)
-    for record in records[:20]:
+    for k, record in enumerate(records):
         what = f"of {base}" if record.base else f"(blank, {human(record.size)})"
-        out.print(f"created clone {record.name} {what}")
-    if len(records) > 20:
-        out.print(f"... and {len(records) - 20} more")
+        if k < 20 or done.as_json:
+            blank = {} if record.base else {"size": record.size}
+            done(f"created clone {record.name} {what}", clone=record.name, base=base, **blank)
+    if len(records) > 20 and not done.as_json:
+        done.note(f"... and {len(records) - 20} more")
 
 
 def _stage_from_fleet(st: Store, ref: str) -> None:
@@ -159,7 +165,7 @@ def clone_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: 
 
 
 @clone_app.command("info")
-def clone_info(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+def clone_info(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Show a clone: its base version, bytes written and blocks held in its overlay."""
     st = Store(store)
     clone = images.open_clone_readonly(st, name)
@@ -184,11 +190,14 @@ def clone_info(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = Fa
     out.print(table)
 
 
-NamesArg = Annotated[list[str] | None, typer.Argument(metavar="NAME...", help="Clone names.")]
+NamesArg = Annotated[
+    list[str] | None, typer.Argument(metavar="NAME...", help="Clone names.", autocompletion=complete_clone)
+]
 
 
-def _each(names: list[str], store: Store, action: Any, done: str) -> None:
-    """Do `action(name)` for each clone, all checked to exist first; report each; exit 1 if any failed."""
+def _each(names: list[str], store: Store, action: Any, text: str) -> None:
+    """Do `action(name)` for each clone, all checked to exist first; report each (`text` formatted with
+    the clone's name and the fields the action returns, if any); exit 1 if any failed."""
     if not names:
         raise errors.InvalidArgument(detail="name at least one clone")
     if len(set(names)) != len(names):
@@ -199,17 +208,20 @@ def _each(names: list[str], store: Store, action: Any, done: str) -> None:
     for name in names:
         try:
             result = action(name)
+            fields = result if isinstance(result, dict) else {}  # (what the core returns otherwise: not shown)
         except errors.NbdcloneError as exc:
             err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            if done.as_json:
+                done.records.append({"clone": name, "error": str(exc)})
             failed += 1
             continue
-        out.print(done.format(name=name, result=result), soft_wrap=True)
+        done(text.format(name=name, **fields), clone=name, **fields)
     if failed:
         raise typer.Exit(1)
 
 
 @clone_app.command("reset")
-def clone_reset(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE) -> None:
+def clone_reset(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Drop every write of the clones: each reads as its base version again. Refused for a connected one."""
     st = Store(store)
     _each(names or [], st, st.reset_clone, "reset clone {name}: its writes are gone")
@@ -223,6 +235,7 @@ def clone_upgrade(
         bool, typer.Option("--all-pending", help="Every clone whose base's current version it is not on.")
     ] = False,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Move clones to another version of their base now. Their writes are dropped."""
     st = Store(store)
@@ -231,25 +244,25 @@ def clone_upgrade(
             raise errors.InvalidArgument(detail="--all-pending takes no names and no --to")
         names = [n for base in st.catalog().public_bases() for group in st.moves(base) for n in group]
         if not names:
-            out.print("no clone is waiting to move")
+            done.note("no clone is waiting to move")
             return
 
-    def upgrade(name: str) -> str:
+    def upgrade(name: str) -> dict[str, str | None]:
         old, new = st.upgrade_clone(name, to)
-        return f"{old} -> {new}"
+        return {"old": old, "new": new}
 
-    _each(names or [], st, upgrade, "clone {name}: version {result}; its writes were dropped")
+    _each(names or [], st, upgrade, "clone {name}: version {old} -> {new}; its writes were dropped")
 
 
 @clone_app.command("rename")
-def clone_rename(old: str, new: str, store: StoreOpt = DEFAULT_STORE) -> None:
+def clone_rename(old: CloneArg, new: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Rename a clone (its NBD export name too); its writes and its socket stay. Refused while connected."""
     Store(store).rename_clone(old, new)
-    out.print(f"renamed clone {old} to {new}")
+    done(f"renamed clone {old} to {new}", clone=new, old=old)
 
 
 @clone_app.command("rm")
-def clone_rm(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE) -> None:
+def clone_rm(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Remove clones and their writes. Refused for a connected one."""
     st = Store(store)
     fleet = fleet_config.load(Path(store).absolute())
@@ -272,10 +285,11 @@ class ExportFormat(enum.StrEnum):
 
 @clone_app.command("export")
 def clone_export(
-    name: str,
+    name: CloneArg,
     dest: Annotated[Path, typer.Argument(help="The file to create.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Format of DEST.")] = ExportFormat.raw,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the clone's disk, as its clients see it, to a new sparse raw or qcow2 file."""
     st = Store(store)
@@ -283,20 +297,22 @@ def clone_export(
     with progress_bar() as bar:
         task = bar.add_task(f"exporting {name}", total=None)
         images.export_clone(st, name, dest, fmt_lit, lambda d, t: bar.update(task, completed=d, total=t))
-    out.print(f"exported clone {name} to {dest} ({fmt_lit})")
+    done(f"exported clone {name} to {dest} ({fmt_lit})", clone=name, file=str(dest), format=fmt_lit)
 
 
 @clone_app.command("snapshot")
 def clone_snapshot(
     args: Annotated[list[str], typer.Argument(metavar="NAME SNAP | rm NAME SNAP", help="The clone and the snapshot.")],
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Take snapshot SNAP of clone NAME (its contents now, shared by content with everything else; refused
     while it has clients), or with 'rm', remove one."""
     st = Store(store)
     if len(args) == 3 and args[0] == "rm":
         freed = lineage.remove_snapshot(st, args[1], args[2])
-        out.print(f"removed snapshot {args[2]} of clone {args[1]} ({human(freed)} freed)")
+        text = f"removed snapshot {args[2]} of clone {args[1]} ({human(freed)} freed)"
+        done(text, clone=args[1], snapshot=args[2], removed=True, freed=freed)
         return
     if len(args) != 2:
         raise errors.InvalidArgument(detail="use: clone snapshot NAME SNAP, or clone snapshot rm NAME SNAP")
@@ -304,11 +320,12 @@ def clone_snapshot(
     with progress_bar() as bar:
         task = bar.add_task(f"snapshot {snap} of {name}", total=None)
         _, written = lineage.snapshot(st, name, snap, updater(bar, task))
-    out.print(f"clone {name}: snapshot {snap} taken ({human(written * CHUNK)} of new chunks stored)")
+    text = f"clone {name}: snapshot {snap} taken ({human(written * CHUNK)} of new chunks stored)"
+    done(text, clone=name, snapshot=snap, new_chunks=written)
 
 
 @clone_app.command("snapshots")
-def clone_snapshots(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+def clone_snapshots(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """List clone NAME's snapshots, oldest first, and the one its writes started from."""
     rows: list[dict[str, Any]] = [
         {"name": snap, "version": v.id, "size": v.size, "created": v.created, "new_chunks": v.new_chunks, "on": on}
@@ -324,33 +341,35 @@ def clone_snapshots(name: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt
 
 
 @clone_app.command("rollback")
-def clone_rollback(name: str, snap: str, store: StoreOpt = DEFAULT_STORE) -> None:
+def clone_rollback(name: CloneArg, snap: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Make clone NAME read as its snapshot SNAP again; its writes since are dropped. Refused while connected."""
     lineage.rollback(Store(store), name, snap)
-    out.print(f"clone {name}: rolled back to snapshot {snap}")
+    done(f"clone {name}: rolled back to snapshot {snap}", clone=name, snapshot=snap)
 
 
 @clone_app.command("flatten")
-def clone_flatten(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE) -> None:
+def clone_flatten(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Make clones independent of their base's version (which can then be removed): each one's contents
     become a version of its own, sharing every chunk by content. A clone stops following its base."""
     st = Store(store)
 
-    def flatten(name: str) -> str:
+    def flatten(name: str) -> dict[str, Any]:
         vid = lineage.flatten(st, name)
-        return "it reads no base version already" if vid is None else "it no longer uses its base version"
+        said = "it reads no base version already" if vid is None else "it no longer uses its base version"
+        return {"version": vid, "result": said}
 
     _each(names or [], st, flatten, "flattened clone {name}: {result}")
 
 
 @clone_app.command("resize")
 def clone_resize(
-    name: str,
+    name: CloneArg,
     size: Annotated[str, typer.Argument(help="The new size, like 20G.")],
     shrink: Annotated[
         bool, typer.Option("--shrink", help="Allow a smaller size: the bytes past it are dropped.")
     ] = False,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Give clone NAME a new size; the new bytes read as zeros. A clone of a base gets a version of its own
     (as flatten does). Refused while connected."""
@@ -358,12 +377,13 @@ def clone_resize(
     with progress_bar() as bar:
         task = bar.add_task(f"resizing {name}", total=None)
         old = lineage.resize(Store(store), name, new, shrink=shrink, progress=updater(bar, task))
-    out.print(f"clone {name}: {human(old)} -> {human(new)}" if old != new else f"clone {name} is {human(new)} already")
+    text = f"clone {name}: {human(old)} -> {human(new)}" if old != new else f"clone {name} is {human(new)} already"
+    done(text, clone=name, old_size=old, size=new)
 
 
 @clone_app.command("move")
 def clone_move(
-    name: str,
+    name: CloneArg,
     to: Annotated[str, typer.Option("--to", help="The fleet host to give it to.")],
     force: Annotated[
         bool,
@@ -379,6 +399,7 @@ def clone_move(
         ),
     ] = 0.0,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Give a clone to another host of the fleet: its changes go through Ceph, its owner and epoch change
     in one etcd transaction, and the new host's server takes it up. Refused while it has clients here
@@ -389,4 +410,4 @@ def clone_move(
     if fleet is None:
         raise errors.InvalidArgument(detail=f"store {store} is in no fleet: there is no host to move a clone to")
     epoch = move.move(Store(store), fleet, name, to, force=force, drain=drain)
-    out.print(f"clone {name} is host {to}'s now (epoch {epoch})")
+    done(f"clone {name} is host {to}'s now (epoch {epoch})", clone=name, host=to, epoch=epoch)

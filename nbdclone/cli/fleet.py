@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, human, out, parse_size, print_json
+from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, done, human, out, parse_size, print_json
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store
 
@@ -39,6 +39,7 @@ def fleet_join(
         ),
     ] = None,
     store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make this store a host of a fleet: its bases then come from, and go to, the fleet's etcd and Ceph.
     Both are checked before anything is written."""
@@ -58,7 +59,8 @@ def fleet_join(
         with fleet_clones.claimed(config, st.path, names):
             pass
     config = fleet_config.save(Path(store).absolute(), config)
-    out.print(f"store {store} is host {config.host} of fleet {config.name} (etcd {config.etcd}, pool {pool})")
+    text = f"store {store} is host {config.host} of fleet {config.name} (etcd {config.etcd}, pool {pool})"
+    done(text, store=str(store), host=config.host, fleet=config.name, etcd=config.etcd, pool=pool)
 
 
 @fleet_app.command("sync")
@@ -145,22 +147,24 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
 
 @fleet_app.command("forget")
 def fleet_forget(
-    host: Annotated[str, typer.Argument(help="A host gone for good.")], store: StoreOpt = DEFAULT_STORE
+    host: Annotated[str, typer.Argument(help="A host gone for good.")],
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
 ) -> None:
     """Forget a host that is gone for good: the versions it held may leave the fleet. Refused while it
     holds a lease or owns a clone (take those over first with 'clone move NAME --to HOST --force')."""
     from nbdclone.fleet import catalog as fleet_catalog
 
     held = fleet_catalog.run(_config(Path(store)), lambda c: c.forget_host(host))
-    out.print(f"forgot host {host} (it held {held} version(s))")
+    done(f"forgot host {host} (it held {held} version(s))", host=host, versions=held)
 
 
 @fleet_app.command("gc")
-def fleet_gc(store: StoreOpt = DEFAULT_STORE) -> None:
+def fleet_gc(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Delete the fleet's chunks that no version and no clone's last move names. Refused while an import
     or a move runs anywhere in the fleet (imports and moves wait for a gc), so no chunk an import has
     found already stored is ever taken from it."""
     from nbdclone.fleet.gc import gc
 
     deleted, kept = gc(_config(Path(store)))
-    out.print(f"fleet gc: {deleted} chunk(s) deleted, {kept} kept")
+    done(f"fleet gc: {deleted} chunk(s) deleted, {kept} kept", deleted=deleted, kept=kept)

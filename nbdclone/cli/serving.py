@@ -19,7 +19,18 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, human, out, parse_size, print_json
+from nbdclone.cli._common import (
+    DEFAULT_STORE,
+    CloneArg,
+    JsonOpt,
+    StoreOpt,
+    app,
+    done,
+    human,
+    out,
+    parse_size,
+    print_json,
+)
 from nbdclone.runtime import SLOTS, Address, RunDir
 from nbdclone.store import Store, images
 from nbdclone.store.cache import resident_bytes
@@ -257,10 +268,11 @@ def _log_to_journal(level: str) -> None:
 
 @app.command()
 def uri(
-    name: str,
+    name: CloneArg,
     store: StoreOpt = DEFAULT_STORE,
     socket: SocketOpt = None,
     listen: ListenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the NBD URI of clone NAME: the same with or without a server running, whatever its workers.
 
@@ -268,15 +280,17 @@ def uri(
     st = Store(store)
     st.get_clone(name)
     address = _address(store, socket, listen) or server.address_of(st)
-    out.print(address.uri(slot_of(st.catalog(), name), name), soft_wrap=True)
+    found = address.uri(slot_of(st.catalog(), name), name)
+    done(found, clone=name, uri=found)
 
 
 @app.command()
-def reload(store: StoreOpt = DEFAULT_STORE) -> None:
+def reload(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Restart the running server's workers one at a time (to load a new nbdclone): clients reconnect."""
     info = Store(store).server_info()
     os.kill(int(info["pid"]), signal.SIGHUP)
-    out.print(f"asked the server (pid {info['pid']}) to restart its {len(info['workers'])} worker(s)")
+    text = f"asked the server (pid {info['pid']}) to restart its {len(info['workers'])} worker(s)"
+    done(text, pid=int(info["pid"]), workers=len(info["workers"]))
 
 
 @app.command()
@@ -366,6 +380,7 @@ def systemd_units(
     store: StoreOpt = Path("/var/lib/nbdclone"),
     group: Annotated[str, typer.Option(help="The group QEMU runs as (Debian: libvirt-qemu).")] = "libvirt-qemu",
     user: Annotated[str, typer.Option(help="The user the service runs as (made by systemd-sysusers).")] = "nbdclone",
+    as_json: JsonOpt = False,
 ) -> None:
     """Write a hardened systemd service (Type=notify, its own user, no capability) and its socket unit for
     serving STORE with this installation's nbdclone, the sysusers.d and tmpfiles.d files that make its
@@ -388,7 +403,7 @@ def systemd_units(
         _public_folder(target.parent)
         target.write_text(text)
         target.chmod(0o644)
-        out.print(f"wrote {target}")
+        done(f"wrote {target}", file=str(target))
     if not config.exists():
         _public_folder(config.parent)
         config.write_text(
@@ -396,12 +411,44 @@ def systemd_units(
             '# workers = 2\n# cache-size = "2G"\n# exclusive = true\n# metrics = "127.0.0.1:9100"\n'
         )
         config.chmod(0o644)
-        out.print(f"wrote {config}")
-    out.print(
+        done(f"wrote {config}", file=str(config))
+    done.note(
         "then: systemd-sysusers && systemd-tmpfiles --create && systemctl daemon-reload && "
-        "systemctl enable --now nbdclone.socket nbdclone.service",
-        soft_wrap=True,
+        "systemctl enable --now nbdclone.socket nbdclone.service"
     )
+
+
+@app.command("man-pages")
+def man_pages(
+    dest: Annotated[Path, typer.Option(help="Folder to write the pages to (a man1 folder).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a man page for nbdclone and each of its commands (nbdclone-clone-create.1, ...), built from
+    this installation's own help, to DEST (for example /usr/local/share/man/man1)."""
+    from click_man.man import ManPage
+
+    import nbdclone
+
+    def write(command: Any, ctx: Any) -> None:
+        page = ManPage(ctx.command_path)
+        page.version = nbdclone.__version__
+        page.short_help = command.get_short_help_str(limit=60)
+        page.description = command.help or ""
+        page.synopsis = " ".join(command.collect_usage_pieces(ctx))
+        page.options = [p.get_help_record(ctx) for p in command.params if p.param_type_name == "option"]
+        page.options = [o for o in page.options if o is not None]
+        subcommands = getattr(command, "commands", {})
+        page.commands = [(name, sub.get_short_help_str(limit=60)) for name, sub in subcommands.items()]
+        target = dest / f"{ctx.command_path.replace(' ', '-')}.1"
+        target.write_text(str(page))
+        target.chmod(0o644)
+        done(f"wrote {target}", file=str(target))
+        for name, sub in subcommands.items():
+            write(sub, sub.make_context(name, [], parent=ctx, resilient_parsing=True))
+
+    root = typer.main.get_command(app)
+    _public_folder(dest)
+    write(root, root.make_context("nbdclone", [], resilient_parsing=True))
 
 
 @app.command()

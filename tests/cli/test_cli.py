@@ -385,3 +385,100 @@ def test_piped_tables_are_never_cut(tmp_path: Path) -> None:
     listed = cli("clone", "list", store=store).stdout  # (captured: not a terminal)
     row = next(line for line in listed.splitlines() if name in line)
     assert "…" not in row and re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", row), row
+
+
+def _commands() -> list[tuple[str, object]]:
+    import typer.main
+
+    found: list[tuple[str, object]] = []
+
+    def walk(command: object, path: str) -> None:
+        subs = getattr(command, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, f"{path} {name}".strip())
+        else:
+            found.append((path, command))
+
+    walk(typer.main.get_command(cli_module.app), "")
+    return found
+
+
+def test_every_command_that_reports_takes_json() -> None:
+    """Only the two that run until stopped (serve, demo) print no document."""
+    lacking = [path for path, c in _commands() if not any(p.name == "as_json" for p in c.params)]  # type: ignore[attr-defined]
+    assert sorted(lacking) == ["demo", "serve"]
+
+
+def _doc(*args: str, store: Path, check: bool = True) -> dict[str, object]:
+    proc = cli(*args, "--json", store=store, check=check)
+    doc = json.loads(proc.stdout)  # one document, nothing else on standard output
+    assert doc["format"] == 1, args
+    return doc  # type: ignore[no-any-return]
+
+
+def test_what_commands_did_comes_as_one_json_document(tmp_path: Path, store: Path) -> None:
+    image = tmp_path / "v2.raw"
+    make_image(image, 4 * MiB, [(0, 2 * MiB)], seed=5)
+    assert _doc("base", "import", "deb", str(image), store=store)["results"] == [
+        {"base": "deb", "version": "2", "size": 4 * MiB, "new_chunks": 32, "current": False}
+    ]
+    assert _doc("clone", "create", "b", "c", "--base", "deb@2", store=store)["results"] == [
+        {"clone": "b", "base": "deb@2"},
+        {"clone": "c", "base": "deb@2"},
+    ]
+    assert _doc("clone", "snapshot", "b", "s1", store=store)["results"] == [
+        {"clone": "b", "snapshot": "s1", "new_chunks": 0}
+    ]
+    assert _doc("clone", "rollback", "b", "s1", store=store)["results"] == [{"clone": "b", "snapshot": "s1"}]
+    assert _doc("clone", "resize", "c", "8M", store=store)["results"] == [
+        {"clone": "c", "old_size": 4 * MiB, "size": 8 * MiB}
+    ]
+    promoted = _doc("base", "promote", "deb", "2", store=store)["results"]
+    assert [(r["base"], r["old"], r["current"]) for r in promoted] == [("deb", "1", "2")]  # type: ignore[index, union-attr]
+    (uri,) = _doc("uri", "a", store=store)["results"]  # type: ignore[misc]
+    assert uri["clone"] == "a" and uri["uri"].startswith("nbd+unix:///a?socket=")
+    # Part of a command failing: what was done is in the document, the error on standard error, exit 1.
+    cli("clone", "create", "d", "--base", "deb@2", store=store)
+    proc = cli("clone", "upgrade", "d", "a", "--to", "1", "--json", store=store, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "follows deb" in proc.stderr, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    assert results[0] == {"clone": "d", "old": "2", "new": "1"} and results[1]["clone"] == "a"
+    assert "follows deb" in results[1]["error"]
+    assert _doc("clone", "rm", "b", "c", store=store)["results"] == [{"clone": "b"}, {"clone": "c"}]
+    gc = _doc("base", "gc", store=store)["results"]
+    assert gc[0]["freed"] >= 0 and isinstance(gc[0]["removed"], list)  # type: ignore[index]
+    assert _doc("clone", "list", store=store)["clones"]  # the table commands keep their own documents
+
+
+def test_clone_and_base_names_complete(tmp_path: Path, store: Path) -> None:
+    cli("clone", "create", "web-1", "web-2", "--base", "deb", store=store)
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        env.update(_NBDCLONE_COMPLETE="complete_bash", NBDCLONE_STORE=str(store))
+        return subprocess.run([NBDCLONE], capture_output=True, text=True, env=env, check=True).stdout.split()
+
+    assert complete("nbdclone clone info we") == ["web-1", "web-2"]
+    assert complete("nbdclone clone rm a") == ["a"]
+    assert complete("nbdclone base promote d") == ["deb"]
+    assert complete("nbdclone base rm deb@") == ["deb@1"]
+    assert complete(f"nbdclone clone info --store {tmp_path / 'nowhere'} we") == []
+    assert not (tmp_path / "nowhere").exists()  # completing touches nothing
+
+
+def test_man_pages_are_built_from_the_cli_and_render_cleanly(tmp_path: Path) -> None:
+    subprocess.run([NBDCLONE, "man-pages", "--dest", str(tmp_path / "man1")], check=True, capture_output=True)
+    pages = {p.name for p in (tmp_path / "man1").iterdir()}
+    expected = {"nbdclone.1", "nbdclone-base.1", "nbdclone-clone.1", "nbdclone-fleet.1", "nbdclone-base-trace.1"}
+    expected |= {"nbdclone-" + path.replace(" ", "-") + ".1" for path, _ in _commands()}
+    assert pages == expected
+    for name in ("nbdclone.1", "nbdclone-serve.1", "nbdclone-clone-create.1"):
+        page = tmp_path / "man1" / name
+        render = subprocess.run(
+            ["groff", "-man", "-Tutf8", "-ww", str(page)], capture_output=True, text=True, check=False
+        )
+        assert render.returncode == 0 and not render.stderr, render.stderr
+    serve = (tmp_path / "man1" / "nbdclone-serve.1").read_text()
+    assert all(f"\\-\\-{o}" in serve for o in ("socket\\-group", "config", "handshake\\-timeout")), serve[:2000]
+    assert "clone" in (tmp_path / "man1" / "nbdclone.1").read_text()
