@@ -95,6 +95,16 @@ class LogLevel(enum.StrEnum):
     error = "error"
 
 
+def _token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.InvalidArgument(detail=f"--metrics-token-file {path}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise errors.InvalidArgument(detail=f"--metrics-token-file {path}: needs one token, with no spaces")
+    return token
+
+
 def _mode(text: str) -> int:
     if not re.fullmatch(r"0?[0-7]{3}", text):
         raise errors.InvalidArgument(detail=f"invalid --socket-mode {text!r}: use an octal mode like 0660")
@@ -189,6 +199,12 @@ def serve(
     metrics: Annotated[
         str | None, typer.Option(help="Serve Prometheus metrics on [HOST:]PORT (/metrics; HOST: 127.0.0.1).")
     ] = None,
+    metrics_names: Annotated[
+        bool, typer.Option(help="Label metrics with clone names (--no-metrics-names: sums over all clones).")
+    ] = True,
+    metrics_token_file: Annotated[
+        Path | None, typer.Option(help="A file holding a token every scrape must send (Authorization: Bearer).")
+    ] = None,
     grace: Annotated[
         float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
     ] = 10.0,
@@ -239,6 +255,8 @@ def serve(
         access=access,
         security=security,
         metrics=_host_port(metrics, "--metrics") if metrics else None,
+        metrics_names=metrics_names,
+        metrics_token=_token(metrics_token_file) if metrics_token_file else None,
         grace=grace,
         log_level=log_level.value,
     )

@@ -6,21 +6,31 @@ about a microsecond per request, 5-10% of a 4 KiB read) and write them to run/st
 second (process.publish_stats). This collector reads those files at each scrape, and only those of workers
 alive now: a worker's file goes when it stops, so nothing stale is served after a restart (its successor
 counts from zero, which Prometheus reads as a counter reset).
+
+A scrape is served from the last rendering while it is younger than REFRESH seconds: what a scrape costs
+the supervisor does not grow with how often it is scraped, and a scrape that finds a fresh rendering costs
+the same at 10 or 10,000 clones. `names=False` leaves clone names out (the series are summed over clones);
+a token makes every scrape carry `Authorization: Bearer TOKEN` (Prometheus: `authorization:
+credentials_file:`), compared in constant time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -64,34 +74,42 @@ def clone_totals(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
     return totals
 
 
+#: Seconds a rendered scrape is served again (workers publish their counters every second).
+REFRESH = 5.0
+
+
+def _summed(totals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The per-clone totals summed over clones, under one nameless entry (for names=False)."""
+    return {"": clone_totals([{"clones": {"": ops}} for ops in totals.values()])[""]} if totals else {}
+
+
 class StoreCollector(Collector):
-    def __init__(self, store: Store, run: RunDir) -> None:
-        self.store, self.run = store, run
+    def __init__(self, store: Store, run: RunDir, *, names: bool = True) -> None:
+        self.store, self.run, self.names = store, run, names
 
     def collect(self) -> Iterator[Metric]:
         try:
             info, records = worker_records(self.store, self.run)
         except errors.ServerNotRunning:
             return
-        requests = CounterMetricFamily("nbdclone_requests", "NBD requests served", labels=["clone", "op"])
-        nbytes = CounterMetricFamily("nbdclone_request_bytes", "Bytes requested", labels=["clone", "op"])
-        failed = CounterMetricFamily(
-            "nbdclone_request_errors", "Requests answered with an error", labels=["clone", "op"]
-        )
-        latency = HistogramMetricFamily(
-            "nbdclone_request_duration_seconds", "Time to serve a request", labels=["clone", "op"]
-        )
-        for name, ops in sorted(clone_totals(records).items()):
+        labels = ["clone", "op"] if self.names else ["op"]
+        requests = CounterMetricFamily("nbdclone_requests", "NBD requests served", labels=labels)
+        nbytes = CounterMetricFamily("nbdclone_request_bytes", "Bytes requested", labels=labels)
+        failed = CounterMetricFamily("nbdclone_request_errors", "Requests answered with an error", labels=labels)
+        latency = HistogramMetricFamily("nbdclone_request_duration_seconds", "Time to serve a request", labels=labels)
+        totals = clone_totals(records)
+        for name, ops in sorted((totals if self.names else _summed(totals)).items()):
             for op, s in ops.items():
-                requests.add_metric([name, op], s["requests"])
-                nbytes.add_metric([name, op], s["bytes"])
-                failed.add_metric([name, op], s["errors"])
+                series = [name, op] if self.names else [op]
+                requests.add_metric(series, s["requests"])
+                nbytes.add_metric(series, s["bytes"])
+                failed.add_metric(series, s["errors"])
                 if "buckets" in s:
                     cumulative, acc = [], 0
                     for bound, n in zip([*LATENCY_BUCKETS, None], s["buckets"], strict=True):
                         acc += n
                         cumulative.append(("+Inf" if bound is None else repr(bound / 1e9), acc))
-                    latency.add_metric([name, op], cumulative, s["seconds"])
+                    latency.add_metric(series, cumulative, s["seconds"])
         yield from (requests, nbytes, failed, latency)
         gauges: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "connections": GaugeMetricFamily("nbdclone_connections", "Open NBD connections", labels=["worker"]),
@@ -123,12 +141,19 @@ class StoreCollector(Collector):
 
     def _space(self) -> Iterator[Metric]:
         """What the store takes on disk: each clone's overlay, and the chunk pack every base shares."""
-        overlays = GaugeMetricFamily("nbdclone_overlay_disk_bytes", "Disk taken by a clone's writes", labels=["clone"])
+        labels = ["clone"] if self.names else []
+        overlays = GaugeMetricFamily("nbdclone_overlay_disk_bytes", "Disk taken by clones' writes", labels=labels)
+        total = 0.0
         for name, record in sorted(self.store.catalog().clones.items()):
             try:
-                overlays.add_metric([name], float(self.store.overlay_bytes(record)))
+                taken = float(self.store.overlay_bytes(record))
             except (errors.NbdcloneError, OSError):  # damaged or going away: `nbdclone check` says which
                 continue
+            total += taken
+            if self.names:
+                overlays.add_metric([name], taken)
+        if not self.names:
+            overlays.add_metric([], total)
         yield overlays
         pack = GaugeMetricFamily("nbdclone_pack_disk_bytes", "Disk taken by the chunks of every base version")
         try:
@@ -136,6 +161,49 @@ class StoreCollector(Collector):
         except OSError:
             pack.add_metric([], 0.0)
         yield pack
+
+
+class _Rendered:
+    """The exposition text, rendered again only once it is REFRESH seconds old (one rendering at a time)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.lock = threading.Lock()
+        self.body, self.at = b"", float("-inf")
+
+    def get(self) -> bytes:
+        with self.lock:
+            if time.monotonic() - self.at >= REFRESH:
+                self.body, self.at = generate_latest(self.registry), time.monotonic()
+            return self.body
+
+
+def _app(rendered: _Rendered, token: str | None) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: /metrics\n"]
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if token is not None and not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"a bearer token is needed\n"]
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+        return [rendered.get()]
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a client that never reads holds its own thread only
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class MetricsServer:
@@ -148,21 +216,28 @@ class MetricsServer:
         self.thread.join(5)
 
 
-def serve_metrics(where: tuple[str, int], store: Store, run: RunDir) -> MetricsServer:
+def serve_metrics(
+    where: tuple[str, int], store: Store, run: RunDir, *, names: bool = True, token: str | None = None
+) -> MetricsServer:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store, run))
+    registry.register(StoreCollector(store, run, names=names))
     host, port = where
+    family = _Server6 if ":" in host else _Server
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, _app(_Rendered(registry), token), family, _Quiet)
     except OSError as exc:
         raise errors.InvalidArgument(detail=f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     log.info("metrics on http://%s:%d/metrics", host, port)
     with contextlib.suppress(ValueError):
-        if not ipaddress.ip_address(host).is_loopback:
+        if not ipaddress.ip_address(host).is_loopback and token is None:
             log.warning(
-                "metrics on %s:%d: anyone who can reach it reads every clone's name and traffic (no TLS nor "
-                "password here: keep it on 127.0.0.1 and let Prometheus reach it through a TLS proxy)",
+                "metrics on %s:%d: anyone who can reach it reads every clone's %straffic (no TLS here: keep it "
+                "on 127.0.0.1 behind a TLS proxy, or give --metrics-token-file%s)",
                 host,
                 port,
+                "name and " if names else "",
+                "" if not names else " and --no-metrics-names",
             )
     return MetricsServer(server, thread)

@@ -105,6 +105,8 @@ class ServeConfig:
     access: Access = field(default_factory=Access)
     security: Security = field(default_factory=Security)
     metrics: tuple[str, int] | None = None
+    metrics_names: bool = True  # clone names as labels (else series summed over clones)
+    metrics_token: str | None = None  # a bearer token every scrape must carry
     log_level: str = "info"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -414,7 +416,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
             if cfg.metrics is not None:
                 from nbdclone.supervisor.metrics import serve_metrics
 
-                metrics = serve_metrics(cfg.metrics, store, run_dir)
+                metrics = serve_metrics(
+                    cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token
+                )
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
                 from nbdclone.fleet.follow import follow, leased

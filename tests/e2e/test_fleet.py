@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 SIZE = 24 * MiB
 
-# One worker runs the whole module: its engines start once.
-pytestmark = pytest.mark.xdist_group("fleet-engines")
-
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:

@@ -24,8 +24,6 @@ import pytest
 
 from tests.helpers import ROOT, make_image
 
-# One worker builds the wheel once for the module.
-pytestmark = pytest.mark.xdist_group("install")
 MiB = 1 << 20
 
 

@@ -15,12 +15,14 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import nbd
 import pytest
 
+from nbdclone.supervisor.metrics import REFRESH
 from tests.e2e.test_reconnect import QemuIo
 from tests.helpers import NBDCLONE, Server, cli, make_image, wait_gone
 
@@ -777,9 +779,59 @@ def test_the_metrics_endpoint_counts_what_fio_did_per_clone(
         dead = server.nbdkit_pid("m1")
         os.kill(dead, signal.SIGKILL)
         server.wait_restarted("m1", dead)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        restarted = time.monotonic()
+        while True:  # (a scrape is rendered at most every REFRESH seconds)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            if "nbdclone_worker_restarts_total 1.0" in text or time.monotonic() - restarted > REFRESH + 5:
+                break
+            time.sleep(0.3)
         assert 'nbdclone_requests_total{clone="m1"' not in text
         assert "nbdclone_worker_restarts_total 1.0" in text
+    finally:
+        assert server.stop() == 0
+
+
+def _scrape(port: int, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_metrics_can_leave_names_out_require_a_token_and_render_at_most_every_refresh(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    cli("clone", "create", "secret-name", "other", "--base", "deb", store=store_path)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    port = free_port + 16
+    args = ("--metrics", f"127.0.0.1:{port}", "--no-metrics-names", "--metrics-token-file", str(tmp_path / "token"))
+    server = Server(store_path, tmp_path / "nbd.sock", args).start()
+    try:
+        assert _scrape(port) == (401, "") and _scrape(port, "wrong")[0] == 401
+        for name in ("secret-name", "other"):
+            h = server.connect(name)
+            h.pwrite(b"\x01" * 4096, 0)
+            h.shutdown()
+        deadline = time.monotonic() + REFRESH + 10
+        while "nbdclone_requests_total{op=\"write\"} 2.0" not in (text := _scrape(port, "s3cret-token")[1]):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+        assert "secret-name" not in text and "other" not in text and 'clone="' not in text
+        assert "nbdclone_overlay_disk_bytes " in text  # one sum for the store
+        # Rendered at most once per REFRESH: a write now shows in a later scrape, not in the next one.
+        h = server.connect("other")
+        h.pwrite(b"\x02" * 4096, 4096)
+        h.shutdown()
+        first = _scrape(port, "s3cret-token")[1]
+        assert "nbdclone_requests_total{op=\"write\"} 2.0" in first  # (the cached rendering)
+        deadline = time.monotonic() + REFRESH + 10
+        while "nbdclone_requests_total{op=\"write\"} 3.0" not in _scrape(port, "s3cret-token")[1]:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
     finally:
         assert server.stop() == 0
 
