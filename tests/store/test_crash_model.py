@@ -133,6 +133,15 @@ class FaultLayer:
                     f.truncate(keep)
 
 
+def _picture(path: Path) -> dict[str, bytes]:
+    files = {}
+    for p in path.iterdir():
+        if p.name != _datafile.NAME and not p.name.startswith("LOG"):  # (RocksDB's info log rotates)
+            with contextlib.suppress(FileNotFoundError):
+                files[p.name] = p.read_bytes()
+    return files
+
+
 def die(overlay: object) -> None:
     """The process ends without closing anything: its memory is gone, its files stay as written. (The
     handles must still be closed to open the overlay again in this process, and rocksdict's close writes the
@@ -141,11 +150,12 @@ def die(overlay: object) -> None:
     overlay._stop_scrub.set()  # (a scrub in the background dies with it: here at the end of a batch)
     if overlay._scrubber is not None:
         overlay._scrubber.join()
-    files = {}
-    for p in overlay.path.iterdir():
-        if p.name != _datafile.NAME and not p.name.startswith("LOG"):  # (RocksDB's info log rotates)
-            with contextlib.suppress(FileNotFoundError):
-                files[p.name] = p.read_bytes()
+    # A death freezes every file at one instant; RocksDB's own threads (a flush, a compaction) may still be
+    # writing while we read them one by one (a MANIFEST read after a compaction names an SST listed before
+    # it was made, or one deleted since). Read until two pictures in a row agree.
+    files = _picture(overlay.path)
+    while (again := _picture(overlay.path)) != files:
+        files = again
     overlay._data.close()
     if overlay._journal is not None:
         overlay._journal.close()  # the file in /dev/shm stays, as it does when a process dies
