@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Server:
     args: tuple[str, ...] = ()
     proc: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
+    _drain: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
@@ -114,6 +116,10 @@ class Server:
                 break
         else:
             raise AssertionError("server exited before it was ready:\n" + "".join(self.log))
+        # Read the log from now on too: a full pipe would block the server (and its workers) at their next
+        # line, as it did after ~800 connections of a memory probe.
+        self._drain = threading.Thread(target=self.log.extend, args=(self.proc.stdout,), daemon=True)
+        self._drain.start()
         return self
 
     def _where(self) -> list[str]:
@@ -162,8 +168,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        rest = self.proc.stdout.read() if self.proc.stdout else ""
-        self.log.append(rest)
+        if self._drain is not None:
+            self._drain.join(30)
         wait_gone(workers)
         return self.proc.returncode
 

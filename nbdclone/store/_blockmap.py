@@ -98,6 +98,9 @@ def _options(create: bool) -> rocksdict.Options:
     # In-place updates need memtable writes from one writer at a time, which the overlay's lock gives.
     opts.set_allow_concurrent_memtable_write(False)
     opts.set_inplace_update_support(True)
+    # Each memtable carries that many reader/updater lock stripes; RocksDB's default (10,000) took 530 of
+    # the 730 KiB an open overlay's database cost (measured: 100 databases, RssAnon). 256 stripes: 200 KiB.
+    opts.set_inplace_update_locks(256)
     # A damaged record in the middle of the WAL fails the open (the default, point-in-time recovery, stops
     # at it and silently drops every later record, synced ones too); a torn tail after a power cut is the
     # normal end of a log and is tolerated.

@@ -148,13 +148,28 @@ class Counters:
 def publish_stats(run: RunDir, worker: int, stats: Callable[[], dict[str, object]], counters: Counters) -> None:
     """Every second, write this worker's counters where `nbdclone stats` and the metrics endpoint read them."""
     path = run.worker_stats(worker)
+    was_open = 0
     while True:
+        now = stats()
         try:
-            record = {"worker": worker, "pid": os.getpid(), **stats(), "clones": counters.snapshot()}
+            record = {"worker": worker, "pid": os.getpid(), **now, "clones": counters.snapshot()}
             write_atomic(path, json.dumps(record), path.parent)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
+        is_open = int(now.get("open_clones", 0))  # type: ignore[call-overload]
+        if is_open < was_open:
+            give_back_memory()
+        was_open = is_open
         time.sleep(1.0)
+
+
+def give_back_memory() -> None:
+    """Hand the heap's free pages back to the system. glibc keeps what closed clones freed (RocksDB's
+    memtables and tables, our maps): after 100 clones opened at once and closed, a worker kept 76 of the
+    84 MiB they took. Called from the stats thread, within a second of clones closing, never on a request;
+    ctypes lets the GIL go meanwhile."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class Pins:

