@@ -16,7 +16,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from typer.core import TyperCommand
 
 from nbdclone import errors
 from nbdclone.cli._common import (
@@ -118,43 +117,27 @@ def _mode(text: str) -> int:
 DEFAULT_CONFIG = Path("/etc/nbdclone/serve.toml")
 
 
-def _config_path(args: list[str]) -> Path | None:
-    """The --config FILE among a command's arguments (before any "--"), else DEFAULT_CONFIG if present."""
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if arg == "--config" and i + 1 < len(args):
-            return Path(args[i + 1])
-        if arg.startswith("--config="):
-            return Path(arg.removeprefix("--config="))
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-class ConfigFileCommand(TyperCommand):
-    """A command whose options may also come from a TOML file of `option = value` lines (names as on the
-    command line, without the dashes; a repeatable option takes a list). Flags and environment variables
-    win over the file, the file over the defaults (it becomes click's default_map); a name the command
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """--config FILE (else DEFAULT_CONFIG if present), taken first (eager): its `option = value` lines (names
+    as on the command line, without the dashes; a list for a repeatable option) become click's default_map,
+    so flags and environment variables win over the file and the file over the defaults. A name the command
     does not have, or a file that is not TOML, is refused in one line before anything runs."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        path = _config_path(args)
-        if path is not None:
-            try:
-                values = tomllib.loads(path.read_text())
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise errors.InvalidArgument(detail=f"config file {path}: {exc}") from None
-            names = {p.name for p in self.params} - {"config"}
-            known = {}
-            for key, value in values.items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise errors.InvalidArgument(detail=f"config file {path}: {self.name} has no option {key!r}")
-                known[name] = value
-            ctx.default_map = {**known, **(ctx.default_map or {})}
-        return super().parse_args(ctx, args)
+    path = value if value is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if path is None:
+        return value
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise errors.InvalidArgument(detail=f"config file {path}: {exc}") from None
+    names = {p.name for p in ctx.command.params} - {"config"}
+    for key in values:
+        if key.replace("-", "_") not in names:
+            raise errors.InvalidArgument(detail=f"config file {path}: {ctx.info_name} has no option {key!r}")
+    ctx.default_map = {**{k.replace("-", "_"): v for k, v in values.items()}, **(ctx.default_map or {})}
+    return value
 
 
-@app.command(cls=ConfigFileCommand)
+@app.command()
 def serve(
     store: StoreOpt = DEFAULT_STORE,
     socket: SocketOpt = None,
@@ -214,6 +197,8 @@ def serve(
         typer.Option(
             help='A TOML file of options (workers = 4, socket-group = "kvm", allow = [...]); flags win.',
             show_default=f"{DEFAULT_CONFIG} if it exists",
+            is_eager=True,
+            callback=_load_config,
         ),
     ] = None,
 ) -> None:

@@ -84,15 +84,23 @@ def check_place(path: Path) -> None:
     unit make before the service first starts)."""
     try:
         with os.scandir(path) as entries:
-            others = [e for e in entries if not (e.name == "run" and e.is_dir(follow_symlinks=False))]
-        if any((path / mark).exists() for mark in STORE_MARKS):
-            return
-        if others or not all(stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode) for e in os.scandir(path / "run")):
-            raise errors.NotAStore(path=path, why="the folder holds other files")
+            found = {e.name: e for e in entries}
     except FileNotFoundError:
         return
     except NotADirectoryError:
         raise errors.NotAStore(path=path, why="not a folder") from None
+    if any((path / mark).exists() for mark in STORE_MARKS):
+        return
+    run = found.pop("run", None)
+    if found or (run is not None and not _sockets_only(run)):
+        raise errors.NotAStore(path=path, why="the folder holds other files")
+
+
+def _sockets_only(entry: os.DirEntry[str]) -> bool:
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    with os.scandir(entry.path) as inside:
+        return all(stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode) for e in inside)
 
 
 def default_store() -> Path:

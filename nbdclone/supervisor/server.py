@@ -416,9 +416,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
             if cfg.metrics is not None:
                 from nbdclone.supervisor.metrics import serve_metrics
 
-                metrics = serve_metrics(
-                    cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token
-                )
+                metrics = serve_metrics(cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token)
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
                 from nbdclone.fleet.follow import follow, leased

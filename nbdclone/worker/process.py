@@ -40,6 +40,9 @@ from nbdclone.store.layout import write_atomic
 
 log = logging.getLogger("nbdclone")
 
+#: The symbols of this process: glibc's (prctl, malloc_trim) and, in a worker, nbdkit's own API.
+_process = ctypes.CDLL(None, use_errno=True)
+
 # nbdkit enters Python with PyGILState_Ensure and leaves with PyGILState_Release around every callback. On
 # one of its own threads that holds no Python thread state, each call creates one and deletes it again
 # (an allocation, a fresh frame stack mapped and unmapped: a page fault per request; 4 KiB random writes
@@ -168,8 +171,8 @@ def give_back_memory() -> None:
     memtables and tables, our maps): after 100 clones opened at once and closed, a worker kept 76 of the
     84 MiB they took. Called from the stats thread, within a second of clones closing, never on a request;
     ctypes lets the GIL go meanwhile."""
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).malloc_trim(0)
+    with contextlib.suppress(AttributeError):
+        _process.malloc_trim(0)
 
 
 class Pins:
@@ -211,7 +214,7 @@ def keep_serving_when_orphaned() -> None:
     """Clear the parent-death signal this process was started with (measured: the workers got SIGTERM from
     the kernel the moment a supervisor was killed, so every client saw its connection reset): a worker
     outlives its supervisor and waits to be adopted (Drain)."""
-    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0) != 0:
+    if _process.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0) != 0:
         log.warning("cannot clear the parent-death signal: errno %d", ctypes.get_errno())
 
 
@@ -431,7 +434,7 @@ _SOCKET_CALLS = {"0": True, "45": True, "1": False, "44": False}  # x86-64 sysca
 
 @functools.cache
 def _nbdkit_peer_name() -> Any:
-    call = ctypes.CDLL(None).nbdkit_peer_name  # nbdkit's own API, as a C plugin would call it
+    call = _process.nbdkit_peer_name  # nbdkit's own API, as a C plugin would call it
     call.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     return call
 
