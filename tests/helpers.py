@@ -53,6 +53,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def large_files(folder: Path, size: int) -> list[tuple[str, int]]:
+    """The regular files directly in `folder` of `size` bytes or more, apparent or allocated, as (path, bytes).
+    Only files are stat'ed: the shared temp folder also holds other tests' mount points, and a file system
+    a test shut down answers EIO."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):  # the type readdir gave: no stat
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if max(st.st_size, st.st_blocks * 512) >= size:
+                found.append((entry.path, st.st_size))
+    return found
+
+
 def snapshot(store: Path) -> dict[str, str]:
     """Every file under the store with its checksum: to show a failed command changed nothing. Left out: the
     locks and what a running server keeps changing by itself (run/: counters, cache access bits; boot traces)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, cli, make_image, pread_all, snapshot, wait_closed
+from tests.helpers import Server, cli, large_files, make_image, pread_all, snapshot, wait_closed
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -151,8 +152,6 @@ def test_rename_keeps_the_writes_and_the_socket_and_is_refused_while_connected(
 def test_import_from_an_nbd_uri_streams_and_skips_holes(tmp_path: Path, store_path: Path) -> None:
     """Another NBD server's export (nbdkit's file plugin on a sparse image) imported by URI: the bytes are
     the export's, holes are not stored, and no file of the image's size appears anywhere meanwhile."""
-    import tempfile
-
     size = 96 * MiB
     data = make_image(tmp_path / "src.raw", size, [(0, 3 * MiB), (50 * MiB + 4096, 70_000)])
     sock = tmp_path / "src.sock"
@@ -164,15 +163,13 @@ def test_import_from_an_nbd_uri_streams_and_skips_holes(tmp_path: Path, store_pa
         while not sock.exists():
             assert src.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
             time.sleep(0.02)
-        temp_before = set(Path(tempfile.gettempdir()).iterdir())
+        temp_before = large_files(Path(tempfile.gettempdir()), MiB)
         out = cli("base", "import", "net", f"nbd+unix:///?socket={sock}", store=store_path).stdout
         assert out.splitlines()[-1] == "1", out
     finally:
         src.terminate()
         src.wait(30)
-    big = [
-        p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if p.is_file() and p.stat().st_size >= MiB
-    ]
+    big = set(large_files(Path(tempfile.gettempdir()), MiB)) - set(temp_before)
     assert not big, big
     assert not [p for p in (store_path / "tmp").iterdir()]
     stored = _pack_bytes(store_path)

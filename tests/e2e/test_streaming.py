@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_closed
+from tests.helpers import NBDCLONE, Server, cli, large_files, make_image, pread_all, wait_closed
 
 MiB = 1 << 20
 SIZE = 96 * MiB
@@ -32,34 +32,14 @@ def _watched(args: list[str], store: Path, size: int) -> tuple[subprocess.Comple
     samples, seen = 0, []
     while proc.poll() is None:
         for folder in folders:
-            with os.scandir(folder) if folder.is_dir() else _nothing() as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if entry.is_file(follow_symlinks=False) and max(st.st_size, st.st_blocks * 512) >= size // 4:
-                        seen.append((entry.path, st.st_size))
+            seen += large_files(folder, size // 4)
         samples += 1
         time.sleep(0.005)
     out, err = proc.communicate()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, err
-    big = [s for s in seen if s[1] >= size // 4 and not s[0].endswith(".sock")]
-    assert not big, f"temporary files of the image's size: {big}"
+    assert not seen, f"temporary files of the image's size: {seen}"
     return result, samples
-
-
-class _Nothing:
-    def __enter__(self) -> list[os.DirEntry[str]]:
-        return []
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _nothing() -> _Nothing:
-    return _Nothing()
 
 
 def _read_clone(store: Path, tmp: Path, base: str, size: int) -> bytes:
