@@ -48,17 +48,24 @@ class Address:
         sock = (self.socket or (self.store / "run" / SOCKET_NAME)).absolute()
         return sock.with_name(f"{sock.name}.{slot}") if slot else sock
 
+    def endpoint(self, slot: int) -> Path | tuple[str, int]:
+        """Where a client connects for `slot`: a socket path, or a host and port. A listener on every
+        address (0.0.0.0, ::) is named by this host's name, which a client elsewhere can reach."""
+        if self.listen is None:
+            return self.socket_path(slot)
+        host, port = self.listen
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_unspecified:
+                host = socket.getfqdn()
+        return host, port + slot
+
     def uri(self, slot: int, name: str) -> str:
-        """What a client connects to: nbds under TLS; a listener on every address (0.0.0.0, ::) is named
-        by this host's name, which a client elsewhere can reach."""
+        """What a client connects to (nbds under TLS)."""
         scheme = "nbds" if self.tls else "nbd"
-        if self.listen is not None:
-            host, port = self.listen
-            with contextlib.suppress(ValueError):
-                if ipaddress.ip_address(host).is_unspecified:  # (0.0.0.0, ::)
-                    host = socket.getfqdn()
-            return f"{scheme}://{_uri_host(host)}:{port + slot}/{name}"
-        return f"{scheme}+unix:///{name}?socket={self.socket_path(slot)}"
+        where = self.endpoint(slot)
+        if isinstance(where, Path):
+            return f"{scheme}+unix:///{name}?socket={where}"
+        return f"{scheme}://{_uri_host(where[0])}:{where[1]}/{name}"
 
     def check(self) -> None:
         if self.listen is not None:

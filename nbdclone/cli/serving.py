@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from nbdclone import errors
+from nbdclone import errors, libvirt
 from nbdclone.cli._common import (
     DEFAULT_STORE,
     CloneArg,
@@ -25,6 +25,7 @@ from nbdclone.cli._common import (
     StoreOpt,
     app,
     done,
+    err,
     human,
     out,
     parse_size,
@@ -73,6 +74,13 @@ def _address(store: Path, socket: Path | None, listen: str | None) -> Address | 
     return address
 
 
+def _clone_address(store: Path, socket: Path | None, listen: str | None, name: str) -> tuple[Address, int]:
+    """Where clone `name` is served: the given address, else the running server's, else the last one's."""
+    st = Store(store)
+    st.get_clone(name)
+    return _address(store, socket, listen) or server.address_of(st), slot_of(st.catalog(), name)
+
+
 def _serve_config(
     store: Path, socket: Path | None, listen: str | None, workers: int | None = None, threads: int = 1
 ) -> server.ServeConfig:
@@ -85,6 +93,12 @@ class Tls(enum.StrEnum):
     off = "off"
     on = "on"
     require = "require"
+
+
+class DiskForm(enum.StrEnum):
+    auto = "auto"
+    disk = "disk"
+    qemu_commandline = "qemu-commandline"
 
 
 class LogLevel(enum.StrEnum):
@@ -280,11 +294,57 @@ def uri(
     """Print the NBD URI of clone NAME: the same with or without a server running, whatever its workers.
 
     Without --socket or --listen, the address is the running server's, or else the last server's."""
-    st = Store(store)
-    st.get_clone(name)
-    address = _address(store, socket, listen) or server.address_of(st)
-    found = address.uri(slot_of(st.catalog(), name), name)
+    address, slot = _clone_address(store, socket, listen, name)
+    found = address.uri(slot, name)
     done(found, clone=name, uri=found)
+
+
+@app.command()
+def domxml(
+    name: CloneArg,
+    store: StoreOpt = DEFAULT_STORE,
+    socket: SocketOpt = None,
+    listen: ListenOpt = None,
+    target: Annotated[str, typer.Option(help="The guest's device name (vda, vdb, ...).")] = "vda",
+    reconnect_delay: Annotated[
+        int, typer.Option(help="Seconds QEMU holds requests while the server is away; 0: none.", min=0)
+    ] = 30,
+    form: Annotated[
+        DiskForm,
+        typer.Option(
+            help="auto: libvirt's <disk>, with <reconnect> if this host's libvirt takes it; disk: with <reconnect> "
+            "(libvirt after 9.0); qemu-commandline: QEMU's own -blockdev with reconnect, for any libvirt (9.0)."
+        ),
+    ] = DiskForm.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print what a libvirt domain needs to attach clone NAME, in the form this host's libvirt takes.
+
+    Without --socket or --listen, the address is the running server's, or else the last server's."""
+    if not re.fullmatch(r"[a-z]{2,4}[a-z]", target):
+        raise errors.InvalidArgument(detail=f"invalid --target {target!r}: use a device name like vda")
+    address, slot = _clone_address(store, socket, listen, name)
+    if form == DiskForm.qemu_commandline:
+        if not reconnect_delay:
+            raise errors.InvalidArgument(detail="--form qemu-commandline is for a reconnect delay; it needs one")
+        xml = libvirt.commandline_element(address, slot, name, target=target, reconnect_delay=reconnect_delay)
+    else:
+        takes = libvirt.takes_reconnect_delay() if form == DiskForm.auto and reconnect_delay else True
+        if takes is False:
+            reconnect_delay = 0
+            err.print(
+                "note: this host's libvirt has no <reconnect> for NBD disks: a reload or a worker's crash reaches "
+                "the guest as an I/O error. --form qemu-commandline prints a disk with reconnect.",
+                soft_wrap=True,
+            )
+        elif takes is None:
+            err.print("note: no libvirt here; printed with <reconnect>, which libvirt 9.0 refuses", soft_wrap=True)
+        xml = libvirt.disk_element(address, slot, name, target=target, reconnect_delay=reconnect_delay or None)
+        form = DiskForm.disk
+    if as_json:
+        done("", clone=name, form=str(form), reconnect_delay=reconnect_delay, xml=xml)
+    else:
+        print(xml)
 
 
 @app.command()

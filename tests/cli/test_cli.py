@@ -64,6 +64,12 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["clone", "export", "a", "{tmp}/b.raw"], "already exists", id="export-over-a-file"),
         pytest.param(["clone", "export", "a", "{tmp}/x.img", "--format", "vmdk"], "--format", id="export-bad-format"),
         pytest.param(["uri", "nope"], "no clone named", id="uri-unknown-clone"),
+        pytest.param(["domxml", "nope"], "no clone named", id="domxml-unknown-clone"),
+        pytest.param(["domxml", "a", "--target", "v da"], "--target", id="domxml-bad-target"),
+        pytest.param(
+            ["domxml", "a", "--form", "qemu-commandline", "--reconnect-delay", "0"], "needs one", id="domxml-no-delay"
+        ),
+        pytest.param(["domxml", "a", "--form", "usb"], "--form", id="domxml-bad-form"),
         pytest.param(["stats"], "no nbdclone server is running", id="stats-without-server"),
         pytest.param(["serve", "--workers", "17"], "--workers", id="serve-too-many-workers"),
         pytest.param(["serve", "--socket-mode", "0777"], "--socket-mode", id="serve-bad-socket-mode"),
@@ -482,3 +488,33 @@ def test_man_pages_are_built_from_the_cli_and_render_cleanly(tmp_path: Path) -> 
     serve = (tmp_path / "man1" / "nbdclone-serve.1").read_text()
     assert all(f"\\-\\-{o}" in serve for o in ("socket\\-group", "config", "handshake\\-timeout")), serve[:2000]
     assert "clone" in (tmp_path / "man1" / "nbdclone.1").read_text()
+
+
+_RECONNECT = {  # the <reconnect> definition of libvirt's storagecommon.rng, before and after its NBD delay
+    False: '<define name="reconnect"><element name="reconnect"><attribute name="enabled"/></element></define>',
+    True: '<define name="reconnect"><element name="reconnect"><optional><attribute name="delay"/></optional>'
+    "</element></define>",
+}
+
+
+@pytest.mark.parametrize("takes", [False, True, None])
+def test_domxml_follows_the_installed_libvirt(tmp_path: Path, store: Path, takes: bool | None) -> None:
+    """`domxml` prints <reconnect> where the installed schema takes it; on a libvirt without it, a plain
+    <disk> and a note on standard error; with no libvirt, <reconnect> and a note. The qemu-commandline form
+    and TCP/TLS addresses are printed as QEMU and libvirt spell them."""
+    schema = tmp_path / "storagecommon.rng"
+    if takes is not None:
+        schema.write_text(f"<grammar>{_RECONNECT[takes]}</grammar>")
+    runner = CliRunner()
+    with mock.patch.object(cli_module.serving.libvirt, "SCHEMA", schema):
+        printed = runner.invoke(cli_module.app, ["domxml", "a", "--store", str(store)])
+        tcp = runner.invoke(cli_module.app, ["domxml", "a", "--store", str(store), "--listen", "10.0.0.5:10809"])
+        cmdline = runner.invoke(cli_module.app, ["domxml", "a", "--store", str(store), "--form", "qemu-commandline"])
+    assert printed.exit_code == 0, printed.output
+    assert ('<reconnect delay="30" />' in printed.stdout) == (takes is not False)
+    assert ("note:" in printed.stderr) == (takes is not True)
+    assert '<source protocol="nbd" name="a">' in printed.stdout and "nbdclone.sock" in printed.stdout
+    assert '<host name="10.0.0.5" port="10809" />' in tcp.stdout
+    blockdev = json.loads(re.findall(r"value='([^']*)'", cmdline.stdout)[0])
+    assert blockdev["export"] == "a" and blockdev["reconnect-delay"] == 30
+    assert blockdev["server"]["path"].startswith(str(store))

@@ -149,29 +149,36 @@ class NbdWriter(_Client):
 def test_a_supervisor_killed_and_started_again_is_not_seen_by_clients(
     tmp_path: Path, store_path: Path, base: bytes
 ) -> None:
-    """kill -9 of `nbdclone serve`, then `serve` again, ten times, under a client with no reconnect: its
-    workers serve on and the new supervisor adopts them (adopt.py): not one request fails, every write is
-    there, the workers are the same processes throughout, and none is left after the last stop. A server
-    started with another number of workers stops the orphans first: never two generations at once."""
-    cli("clone", "create", "vm", "--base", "deb", store=store_path)
+    """kill -9 of `nbdclone serve`, then `serve` again, ten times, under two clients of two clones, one with
+    no reconnect (libnbd) and qemu-io with reconnect-delay: the workers serve on and the new supervisor adopts them
+    (adopt.py): not one request fails, every write is there, the workers are the same processes throughout,
+    and none is left after the last stop. A server started with another number of workers stops the orphans
+    first: never two generations at once."""
+    cli("clone", "create", "vm", "vm2", "--base", "deb", store=store_path)
     sock = tmp_path / "nbd.sock"
     server = Server(store_path, sock, ("--workers", "2")).start()
     workers = sorted(w["pid"] for w in server.info()["workers"])
-    client = NbdWriter(cli("uri", "vm", store=store_path).stdout.strip())
+    uri, qemu_uri = (cli("uri", name, store=store_path).stdout.strip() for name in ("vm", "vm2"))
+    client, qemu = NbdWriter(uri), Writer(qemu_uri.partition("socket=")[2], "vm2")
     client.start()
+    qemu.start()
     try:
         for _ in range(10):
             client.wait_progress()
+            qemu.wait_progress(2)
             assert server.proc is not None
             server.proc.kill()
             server.proc.wait()
             client.wait_progress()  # no supervisor: the workers serve on
+            qemu.wait_progress(2)
             server = Server(store_path, sock, ("--workers", "2")).start()
             assert sorted(w["pid"] for w in server.info()["workers"]) == workers
         client.wait_progress()
         client.halt.set()
         client.join(30)
         assert not client.failures, client.failures
+        assert not qemu.failures, qemu.failures
+        qemu.finish()  # reads every pattern back
         for off, data in client.model.items():
             assert client.h.pread(4096, off) == data
         client.h.shutdown()
@@ -186,6 +193,9 @@ def test_a_supervisor_killed_and_started_again_is_not_seen_by_clients(
         workers = [w["pid"] for w in server.info()["workers"]]
     finally:
         client.halt.set()
+        qemu.halt.set()
+        qemu.join(60)
+        qemu.qemu.close()
         assert server.stop() == 0
     wait_gone(workers, kill=False)
 
