@@ -269,6 +269,14 @@ class FleetCatalog:
         await self._call("register", self._client.put(self._key("hosts", host), json.dumps(info).encode(), lease))
         return lease
 
+    async def resume(self, host: str, lease_id: int, ttl: int) -> Any | None:
+        """The lease `lease_id`, refreshed, if etcd still has it and `host`'s key is on it; else None."""
+        got = await self._call("resume", self._client.get(self._key("hosts", host)))
+        if got is None or int(got.lease) != lease_id:
+            return None
+        reply = await self._call("resume", self._client.refresh_lease(lease_id))
+        return aetcd.Lease(lease_id, ttl, self._client) if int(reply.TTL) > 0 else None
+
     async def refresh(self, lease: Any) -> bool:
         """Keep a lease alive; False if etcd no longer has it (it expired)."""
         reply = await self._call("refresh", lease.refresh())

@@ -2,7 +2,7 @@
 
     lease   the host's key in etcd lives under a lease of LEASE_TTL seconds, refreshed every LEASE_TTL/5;
             after each refresh, run/fleet-lease.json says until when this host may serve and which clones
-            it owns (lease.py: the workers' fence)
+            it owns (lease.py: the workers' fence). A new supervisor resumes the lease etcd still has.
     sync    an etcd watch on the fleet wakes a sync of this host's store (sync.py): at start, on every
             change, and every FOLLOW_EVERY seconds in case an event was lost
 
@@ -49,12 +49,34 @@ async def leased(run_dir: RunDir, config: FleetConfig) -> None:
         await asyncio.sleep(0.02)
 
 
+async def resume_lease(run_dir: RunDir, config: FleetConfig) -> Any | None:
+    """At start: the lease the last supervisor of this store held, if etcd still has it with this host's key
+    on it, so that the workers it left serve on without a gap; None if not (keep_lease registers a new one).
+    The file stays either way: its deadline is one etcd keeps whoever refreshes the lease (lease.py)."""
+    if (lease_id := lease_file.lease_id(run_dir.fleet_lease)) is None:
+        return None
+    try:
+        async with FleetCatalog(config) as catalog:
+            lease = await catalog.resume(config.host, lease_id, lease_file.LEASE_TTL)
+    except Exception as exc:  # etcd down: keep_lease retries with a new lease
+        log.warning("fleet %s: cannot resume lease %x (%s)", config.name, lease_id, exc)
+        return None
+    if lease is not None:
+        log.info("fleet %s: host %s resumed its lease %x", config.name, config.host, lease.id)
+    return lease
+
+
 async def keep_lease(
-    store: Store, config: FleetConfig, stop: asyncio.Event, wake: asyncio.Event, changed: asyncio.Event
+    store: Store,
+    config: FleetConfig,
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    changed: asyncio.Event,
+    lease: Any = None,
 ) -> None:
-    """Keep the lease; rewrite the lease file after each refresh, and at once when the fleet `changed`."""
+    """Keep the lease (`lease`, if resumed); rewrite the lease file after each refresh, and at once when the
+    fleet `changed`."""
     run_dir = RunDir(store.path)
-    lease: Any = None
     owned: dict[str, int] = {}
     while not stop.is_set():
         try:
@@ -67,7 +89,8 @@ async def keep_lease(
                         log.info("fleet %s: host %s holds a lease of %d s", config.name, config.host, lease.ttl)
                     clones = await catalog.clones()
                     now_owned = {n: int(r["epoch"]) for n, r in clones.items() if r["host"] == config.host}
-                    lease_file.write(run_dir, config.host, sent + lease_file.LEASE_TTL - lease_file.MARGIN, now_owned)
+                    valid_until = sent + lease_file.LEASE_TTL - lease_file.MARGIN
+                    lease_file.write(run_dir, config.host, valid_until, now_owned, lease.id)
                     if now_owned != owned:
                         owned = now_owned
                         wake.set()
@@ -81,7 +104,9 @@ async def keep_lease(
             await _sleep(stop, RETRY)
 
 
-async def follow(store: Store, config: FleetConfig, stop: asyncio.Event, fetcher: Fetcher | None = None) -> None:
+async def follow(
+    store: Store, config: FleetConfig, stop: asyncio.Event, fetcher: Fetcher | None = None, lease: Any = None
+) -> None:
     wake = asyncio.Event()
     wake.set()
     changed = asyncio.Event()
@@ -101,7 +126,8 @@ async def follow(store: Store, config: FleetConfig, stop: asyncio.Event, fetcher
                 log.warning("fleet %s: etcd watch lost (%s); retrying", config.name, exc)
                 await _sleep(stop, RETRY)
 
-    tasks = [asyncio.ensure_future(watch()), asyncio.ensure_future(keep_lease(store, config, stop, wake, changed))]
+    keeping = keep_lease(store, config, stop, wake, changed, lease)
+    tasks = [asyncio.ensure_future(watch()), asyncio.ensure_future(keeping)]
     try:
         while not stop.is_set():
             waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}

@@ -9,9 +9,17 @@
 
 Another host may take a clone over only once this host's lease key is gone from etcd, which is LEASE_TTL
 after the last refresh etcd saw, so after valid_until here. A host that is frozen (SIGSTOP), partitioned or
-whose supervisor died stops serving at valid_until: requests fail (ESHUTDOWN) and do not reach the overlay,
+whose supervisor died and was not started again stops serving at valid_until: requests fail (ESHUTDOWN) and
+do not reach the overlay,
 and a write that finishes after it is reported failed. When the lease is back, clones another host took
-meanwhile are revoked before the new deadline is published. What remains: a reply already past the last
+meanwhile are revoked before the new deadline is published.
+
+A new supervisor (after a crash: its workers were adopted) leaves the file in place: until valid_until,
+the lease it was written under is alive in etcd (only this host refreshes it, and a host's key is deleted
+by nobody while its lease lives), so no clone of this host can have been taken over. It resumes that lease
+if etcd still has it with the host's key on it, which to etcd is the same host refreshing its lease;
+otherwise it registers a new one. Either way the workers serve on without a gap, as under a supervisor
+that lived. What remains: a reply already past the last
 check when the process was frozen (microseconds of code) goes out when it resumes.
 """
 
@@ -34,9 +42,17 @@ FENCE_EVERY = 0.5
 NEVER = 1 << 62  # no fence (single-host mode)
 
 
-def write(run_dir: RunDir, host: str, valid_until: float, owned: dict[str, int]) -> None:
-    doc = {"host": host, "valid_until": valid_until, "owned": owned}
+def write(run_dir: RunDir, host: str, valid_until: float, owned: dict[str, int], lease_id: int) -> None:
+    doc = {"host": host, "valid_until": valid_until, "owned": owned, "lease": lease_id}
     write_atomic(run_dir.fleet_lease, json.dumps(doc), run_dir.path)
+
+
+def lease_id(path: Path) -> int | None:
+    """The etcd lease the last supervisor held, if the file names one."""
+    try:
+        return int(json.loads(path.read_text())["lease"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read(path: Path) -> tuple[float, dict[str, int]]:

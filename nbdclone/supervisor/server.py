@@ -419,10 +419,10 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
                 metrics = serve_metrics(cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token)
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
-                from nbdclone.fleet.follow import follow, leased
+                from nbdclone.fleet.follow import follow, leased, resume_lease
 
-                run_dir.fleet_lease.unlink(missing_ok=True)  # a past run's: its clones may have moved since
-                evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop, fetcher))
+                lease = await resume_lease(run_dir, fleet)
+                evictor = asyncio.gather(evictor, follow(Store(cfg.store), fleet, stop, fetcher, lease))
                 await leased(run_dir, fleet)  # "ready" means its clones can be opened
             announce(cfg.where)
             sockets.notify("READY=1")

@@ -767,3 +767,77 @@ def test_a_host_evicts_versions_it_no_longer_needs_under_its_bound(tmp_path: Pat
     assert os.stat(tmp_path / "h1" / "chunks" / "pack").st_blocks * 512 <= 6 * MiB
     cli("clone", "create", "again", "--base", "gold@2", store=tmp_path / "h1")  # the fleet kept it
     assert json.loads(cli("clone", "info", "again", "--json", store=tmp_path / "h1").stdout)["version"] == "2"
+
+
+def test_a_supervisor_killed_and_started_again_is_not_seen_in_a_fleet(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str]
+) -> None:
+    """kill -9 of a fleet host's `nbdclone serve` and `serve` again, five times, under a client writing and
+    reading back: the new supervisor resumes the host's lease, which etcd still has, so the adopted workers
+    are never fenced (no ESHUTDOWN) and every write is there. Once more with etcd down while the new
+    supervisor starts: the workers serve on under the lease file the old one left (as under a supervisor
+    that lived; an earlier design removed it and fenced every request until etcd was back)."""
+    hosts = _two_hosts_with_gold(tmp_path, fleet, seed=9)
+    store = hosts["h1"]
+    cli("clone", "create", "vm", "--base", "gold", store=store)
+    sock = tmp_path / "h1.sock"
+    server = Server(store, sock, ("--workers", "2")).start()
+    h = server.connect("vm")
+    model: dict[int, bytes] = {}
+    failures: list[str] = []
+    halt = threading.Event()
+    done = [0]
+
+    def write() -> None:
+        i = 0
+        while not halt.is_set():
+            off, data = (i % 512) * 4096, hashlib.sha256(b"%d" % i).digest() * 128
+            try:
+                h.pwrite(data, off)
+                assert h.pread(4096, off) == data
+                model[off] = data
+            except (nbd.Error, AssertionError) as exc:
+                failures.append(f"{i}: {exc}")
+            done[0] += 1
+            i += 1
+
+    def progress(n: int = 20) -> None:
+        target, deadline = done[0] + n, time.monotonic() + 30
+        while done[0] < target:
+            assert not failures, failures[:3]
+            assert time.monotonic() < deadline, "the client made no progress"
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        for _ in range(5):
+            progress()
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            progress()
+            server = Server(store, sock, ("--workers", "2")).start()
+            progress()
+        assert "resumed" in "".join(server.log)
+        engine = [str(ROOT / "scripts" / "fleet-engines")]
+        where = str(Path(engines["CEPH_CONF"]).parent)
+        server.proc.kill()
+        server.proc.wait()
+        subprocess.run([*engine, "stop", "etcd", where], check=True)
+        try:
+            server = Server(store, sock, ("--workers", "2")).start()
+            progress()
+        finally:
+            subprocess.run([*engine, "start", "etcd", where], check=True, capture_output=True)
+        progress()
+        halt.set()
+        writer.join(30)
+        assert not failures, failures[:3]
+        for off, data in model.items():
+            assert h.pread(4096, off) == data
+    finally:
+        halt.set()
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+        server.stop()
