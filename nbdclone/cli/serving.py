@@ -202,6 +202,10 @@ def serve(
     metrics_token_file: Annotated[
         Path | None, typer.Option(help="A file holding a token every scrape must send (Authorization: Bearer).")
     ] = None,
+    metrics_tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve metrics over HTTPS with this PEM certificate (chain).")
+    ] = None,
+    metrics_tls_key: Annotated[Path | None, typer.Option(help="The PEM private key of --metrics-tls-cert.")] = None,
     grace: Annotated[
         float, typer.Option(help="Seconds a worker may take to stop before it is killed.", min=0.1)
     ] = 10.0,
@@ -231,6 +235,12 @@ def serve(
     for path in (tls_psk, tls_certificates):
         if path is not None and not path.exists():
             raise errors.InvalidArgument(detail=f"{path} does not exist")
+    metrics_tls = None
+    if metrics_tls_cert is not None or metrics_tls_key is not None:
+        if metrics_tls_cert is None or metrics_tls_key is None or metrics is None:
+            raise errors.InvalidArgument(detail="--metrics-tls-cert and --metrics-tls-key go together, with --metrics")
+        metrics_view.tls_context(metrics_tls_cert, metrics_tls_key)  # a bad pair is refused now
+        metrics_tls = (metrics_tls_cert.absolute(), metrics_tls_key.absolute())
     mode = _mode(socket_mode) if socket_mode else (0o660 if socket_group else 0o600)
     access = Access(mode, socket_group)
     access.gid  # noqa: B018 - an unknown group is refused now, not after the sockets exist
@@ -256,6 +266,7 @@ def serve(
         metrics=_host_port(metrics, "--metrics") if metrics else None,
         metrics_names=metrics_names,
         metrics_token=_token(metrics_token_file) if metrics_token_file else None,
+        metrics_tls=metrics_tls,
         grace=grace,
         log_level=log_level.value,
     )

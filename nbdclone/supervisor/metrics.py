@@ -23,9 +23,11 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -194,6 +196,8 @@ def _app(rendered: _Rendered, token: str | None) -> Callable[..., Iterable[bytes
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 10  # seconds a scrape may stall (its TLS handshake, its request, reading the reply)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
@@ -216,8 +220,25 @@ class MetricsServer:
         self.thread.join(5)
 
 
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The endpoint's TLS: a certificate chain and its key in PEM (Prometheus: scheme https, tls_config)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.InvalidArgument(detail=f"--metrics-tls-cert {cert} / --metrics-tls-key {key}: {exc}") from None
+    return context
+
+
 def serve_metrics(
-    where: tuple[str, int], store: Store, run: RunDir, *, names: bool = True, token: str | None = None
+    where: tuple[str, int],
+    store: Store,
+    run: RunDir,
+    *,
+    names: bool = True,
+    token: str | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> MetricsServer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store, run, names=names))
@@ -227,17 +248,21 @@ def serve_metrics(
         server = make_server(host, port, _app(_Rendered(registry), token), family, _Quiet)
     except OSError as exc:
         raise errors.InvalidArgument(detail=f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    if tls is not None:  # the handshake happens in the request's thread: a stalling client holds only that
+        server.socket = tls_context(*tls).wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
     with contextlib.suppress(ValueError):
-        if not ipaddress.ip_address(host).is_loopback and token is None:
+        if not ipaddress.ip_address(host).is_loopback and (token is None or tls is None):
             log.warning(
-                "metrics on %s:%d: anyone who can reach it reads every clone's %straffic (no TLS here: keep it "
-                "on 127.0.0.1 behind a TLS proxy, or give --metrics-token-file%s)",
+                "metrics on %s:%d: anyone who can reach it %s (give --metrics-tls-cert/--metrics-tls-key and "
+                "--metrics-token-file%s)",
                 host,
                 port,
-                "name and " if names else "",
-                "" if not names else " and --no-metrics-names",
+                f"reads every clone's {'name and ' if names else ''}traffic"
+                if token is None
+                else "sees the token in the clear",
+                "" if not names else ", or --no-metrics-names",
             )
     return MetricsServer(server, thread)

@@ -107,6 +107,7 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None
     metrics_names: bool = True  # clone names as labels (else series summed over clones)
     metrics_token: str | None = None  # a bearer token every scrape must carry
+    metrics_tls: tuple[Path, Path] | None = None  # HTTPS: certificate and key (PEM)
     log_level: str = "info"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -416,7 +417,9 @@ async def serve(cfg: ServeConfig, announce: Callable[[Address], None]) -> int:
             if cfg.metrics is not None:
                 from nbdclone.supervisor.metrics import serve_metrics
 
-                metrics = serve_metrics(cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token)
+                metrics = serve_metrics(
+                    cfg.metrics, store, run_dir, names=cfg.metrics_names, token=cfg.metrics_token, tls=cfg.metrics_tls
+                )
             evictor: asyncio.Future[Any] = asyncio.ensure_future(_bound_cache(store, run_dir, cfg.cache_size, stop))
             if fleet is not None:  # this host follows its fleet's flips (its own store object: a thread's)
                 from nbdclone.fleet.follow import follow, leased, resume_lease

@@ -76,6 +76,14 @@ def store(tmp_path: Path) -> Path:
         pytest.param(["serve", "--socket-group", "no-such-group"], "no such group", id="serve-unknown-group"),
         pytest.param(["serve", "--tls-psk", "{tmp}/notes.txt"], "--tls", id="serve-psk-without-tls"),
         pytest.param(["serve", "--listen", "nonsense"], "HOST:PORT", id="serve-bad-listen"),
+        pytest.param(
+            ["serve", "--metrics", "9100", "--metrics-tls-cert", "{tmp}/notes.txt"], "go together", id="tls-cert-alone"
+        ),
+        pytest.param(
+            ["serve", "--metrics", "9100", "--metrics-tls-cert", "{tmp}/notes.txt", "--metrics-tls-key", "{tmp}/b.raw"],
+            "--metrics-tls-cert",
+            id="metrics-tls-not-pem",
+        ),
         pytest.param(["clone", "frobnicate"], "No such command", id="unknown-command"),
         pytest.param(["clone", "snapshot", "a"], "clone snapshot NAME SNAP", id="snapshot-no-name"),
         pytest.param(["clone", "snapshot", "a", "../s"], "invalid snapshot name", id="snapshot-bad-name"),

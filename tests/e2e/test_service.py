@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -843,6 +844,46 @@ def test_metrics_can_leave_names_out_require_a_token_and_render_at_most_every_re
             assert time.monotonic() < deadline
             time.sleep(0.3)
     finally:
+        assert server.stop() == 0
+
+
+def test_metrics_over_https_with_a_token_and_a_stalling_client(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    """--metrics-tls-cert/--metrics-tls-key: Prometheus' scheme https. A scrape that trusts the certificate
+    and sends the token reads the metrics; plain HTTP gets nothing; a client that connects and never starts
+    its handshake holds no one else up and is dropped."""
+    cli("clone", "create", "vm", "--base", "deb", store=store_path)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days",
+         "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+         str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "token").write_text("tls-token\n")
+    port = free_port + 17
+    args = ("--metrics", f"127.0.0.1:{port}", "--metrics-token-file", str(tmp_path / "token"))
+    tls = ("--metrics-tls-cert", str(cert), "--metrics-tls-key", str(key))
+    server = Server(store_path, tmp_path / "nbd.sock", (*args, *tls)).start()
+    staller = socket.create_connection(("127.0.0.1", port))  # never says a word
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        bearer = {"Authorization": "Bearer tls-token"}
+        request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics", headers=bearer)
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=10, context=trusted) as reply:
+            assert reply.status == 200 and "nbdclone_open_clones" in reply.read().decode()
+        assert time.monotonic() - started < 5  # the staller held no one up
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP: no answer it can read
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        with pytest.raises(urllib.error.URLError):  # an untrusted certificate is refused by the client
+            urllib.request.urlopen(request, timeout=10, context=ssl.create_default_context())
+        staller.settimeout(20)
+        assert staller.recv(1) == b""  # dropped after the handler's timeout
+        assert "metrics on https://127.0.0.1" in "".join(server.log)
+    finally:
+        staller.close()
         assert server.stop() == 0
 
 
