@@ -128,6 +128,16 @@ class StoreCollector(Collector):
                 family.add_metric([str(record["worker"])], float(record.get(key, 0)))
         yield from gauges.values()
         yield from cache.values()
+        refused = CounterMetricFamily(
+            "nbdclone_refused_requests",
+            "Requests nbdkit refused before the plugin saw them (read-only, out of range, too large, invalid)",
+            labels=["worker", "op", "reason"],
+        )
+        for record in records:
+            for key, n in sorted(record.get("refused", {}).items()):
+                op, _, reason = key.partition(":")
+                refused.add_metric([str(record["worker"]), op, reason], n)
+        yield refused
         restarts = CounterMetricFamily("nbdclone_worker_restarts", "Workers restarted after they died")
         restarts.add_metric([], info.get("restarts", 0))
         yield restarts

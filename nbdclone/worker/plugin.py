@@ -39,12 +39,14 @@ from nbdclone.worker.process import (
     Drain,
     OpStats,
     Pins,
+    Refusals,
     gil_ensure,
     gil_release,
     keep_serving_when_orphaned,
     peer_address,
     publish_stats,
     watch_connections,
+    watch_stderr,
 )
 
 API_VERSION = 2
@@ -90,6 +92,7 @@ _registry: Registry | None = None
 _first_open = threading.Lock()  # the lazily made globals below are made once
 _drain = Drain()
 _counters = Counters()
+_refusals = Refusals()  # requests nbdkit refused before the plugin saw them
 _connections: dict[int, str] = {}  # native id of each connection thread with a clone open -> the clone
 _handles: dict[int, Handle] = {}  # the same threads' handles (fleet mode revokes them)
 _fence: Fence = Fence(None)  # single-host mode: never fenced; fleet mode: the host's lease (fleet/lease.py)
@@ -299,9 +302,10 @@ def _reg() -> Registry:
             if _registry is None:
                 assert _settings is not None
                 registry = Registry(Store(_settings.store))
+                watch_stderr(_refusals)
                 threading.Thread(
                     target=publish_stats,
-                    args=(RunDir(_settings.store), _settings.worker, registry.stats, _counters),
+                    args=(RunDir(_settings.store), _settings.worker, registry.stats, _counters, _refusals),
                     name="nbdclone-stats",
                     daemon=True,
                 ).start()

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -148,14 +149,85 @@ class Counters:
         }
 
 
-def publish_stats(run: RunDir, worker: int, stats: Callable[[], dict[str, object]], counters: Counters) -> None:
+#: nbdkit's own refusals, as it logs them: requests it answers itself (EPERM, EINVAL, ENOSPC) before any
+#: plugin code runs, so that no counter of the plugin sees them.
+_REFUSAL = re.compile(rb"error: (?:invalid request: (?:NBD_CMD_(\w+): )?|client (\w+) request rejected: )(.*)")
+_OPS = {b"READ": "read", b"WRITE": "write", b"WRITE_ZEROES": "zero", b"TRIM": "trim", b"FLUSH": "flush",
+        b"BLOCK_STATUS": "extents", b"CACHE": "cache", b"pread": "read", b"pwrite": "write", b"zero": "zero",
+        b"trim": "trim", b"cache": "cache", b"extents": "extents", b"flush": "flush"}  # fmt: skip
+
+
+class Refusals:
+    """Counts of the requests nbdkit refused itself, by "op:reason", from the lines it writes to stderr."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def seen(self, line: bytes) -> None:
+        found = _REFUSAL.search(line)
+        if found is None:
+            return
+        cmd, client_op, text = found.groups()
+        op = _OPS.get(cmd or client_op or b"", "other")
+        reason = (
+            "read-only" if b"readonly" in text
+            else "out-of-range" if b"out of range" in text
+            else "too-large" if b"larger than maximum" in text
+            else "invalid"
+        )  # fmt: skip
+        with self.lock:
+            key = f"{op}:{reason}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+
+def watch_stderr(refusals: Refusals) -> None:
+    """Make this process's stderr a pipe that a thread reads: each chunk goes on to the real stderr at once
+    (the journal, the supervisor's log), and each refusal line of nbdkit's is counted. Should the thread
+    ever fail, stderr is given back before it ends, so that a full pipe can never block a writer."""
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        pending = b""
+        try:
+            while chunk := os.read(read_end, 65536):
+                with contextlib.suppress(OSError):
+                    os.write(real, chunk)  # (a short write to a pipe or the journal's socket: not on stderr)
+                *lines, pending = (pending + chunk).split(b"\n")
+                pending = pending[-4096:]
+                for line in lines:
+                    refusals.seen(line)
+        except Exception:
+            log.exception("stderr watcher failed; stderr goes straight out from now on")
+        finally:
+            os.dup2(real, 2)
+
+    threading.Thread(target=pump, name="nbdclone-stderr", daemon=True).start()
+
+
+def publish_stats(
+    run: RunDir, worker: int, stats: Callable[[], dict[str, object]], counters: Counters, refusals: Refusals
+) -> None:
     """Every second, write this worker's counters where `nbdclone stats` and the metrics endpoint read them."""
     path = run.worker_stats(worker)
     was_open = 0
     while True:
         now = stats()
         try:
-            record = {"worker": worker, "pid": os.getpid(), **now, "clones": counters.snapshot()}
+            record = {
+                "worker": worker,
+                "pid": os.getpid(),
+                **now,
+                "clones": counters.snapshot(),
+                "refused": refusals.snapshot(),
+            }
             write_atomic(path, json.dumps(record), path.parent)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)

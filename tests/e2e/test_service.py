@@ -847,6 +847,49 @@ def test_metrics_can_leave_names_out_require_a_token_and_render_at_most_every_re
         assert server.stop() == 0
 
 
+def test_requests_nbdkit_refuses_itself_are_counted_and_still_logged(
+    tmp_path: Path, store_path: Path, base: bytes, free_port: int
+) -> None:
+    """A write to a read-only clone (EPERM), a read past the end (EINVAL), a write and a zero past it
+    (ENOSPC): nbdkit answers them before any plugin code runs. The worker reads its own stderr, so each is
+    counted (nbdclone_refused_requests_total by worker, op and reason) and still reaches the log."""
+    cli("clone", "create", "ro", "--base", "deb", "--read-only", store=store_path)
+    cli("clone", "create", "rw", "--base", "deb", store=store_path)
+    port = free_port + 18
+    server = Server(store_path, tmp_path / "nbd.sock", ("--metrics", f"127.0.0.1:{port}", "--workers", "1")).start()
+    try:
+        handles = {}
+        for name in ("ro", "rw"):
+            handles[name] = h = nbd.NBD()
+            h.set_strict_mode(0)  # let libnbd send what a careless client would
+            h.connect_uri(server.uri(name))
+        refused = (
+            ("ro", lambda h: h.pwrite(b"x" * 4096, 0), "EPERM"),
+            ("ro", lambda h: h.pread(4096, SIZE), "EINVAL"),
+            ("rw", lambda h: h.pwrite(b"x" * 4096, SIZE), "ENOSPC"),
+            ("rw", lambda h: h.zero(4096, SIZE), "ENOSPC"),
+        )
+        for name, request, errno in refused:
+            with pytest.raises(nbd.Error) as failed:
+                request(handles[name])
+            assert failed.value.errno == errno
+        assert handles["rw"].pread(4096, 0) == base[:4096]  # the connections serve on
+        want = {("write", "read-only"): 1, ("read", "out-of-range"): 1, ("write", "out-of-range"): 1,
+                ("zero", "out-of-range"): 1}  # fmt: skip
+        pattern = re.compile(r'nbdclone_refused_requests_total\{op="(\w+)",reason="([\w-]+)",worker="0"\} (\S+)')
+        deadline = time.monotonic() + REFRESH + 10
+        while (seen := {(op, r): int(float(n)) for op, r, n in pattern.findall(_scrape(port)[1])}) != want:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.3)
+        log = "".join(server.log)
+        assert "NBD_CMD_WRITE: write request on readonly connection" in log
+        assert "NBD_CMD_WRITE_ZEROES: offset and count are out of range" in log
+        for h in handles.values():
+            h.shutdown()
+    finally:
+        assert server.stop() == 0
+
+
 def test_metrics_over_https_with_a_token_and_a_stalling_client(
     tmp_path: Path, store_path: Path, base: bytes, free_port: int
 ) -> None:
