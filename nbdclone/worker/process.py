@@ -195,19 +195,22 @@ def watch_stderr(refusals: Refusals) -> None:
     os.close(write_end)
 
     def pump() -> None:
-        pending = b""
+        pending, failed = b"", None
         try:
             while chunk := os.read(read_end, 65536):
-                with contextlib.suppress(OSError):
-                    os.write(real, chunk)  # (a short write to a pipe or the journal's socket: not on stderr)
+                with contextlib.suppress(OSError):  # stderr's reader gone (a supervisor that died): drop it
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(real, view) :]
                 *lines, pending = (pending + chunk).split(b"\n")
                 pending = pending[-4096:]
                 for line in lines:
                     refusals.seen(line)
-        except Exception:
-            log.exception("stderr watcher failed; stderr goes straight out from now on")
-        finally:
-            os.dup2(real, 2)
+        except Exception as exc:
+            failed = exc
+        os.dup2(real, 2)  # first: the pipe has no reader from now on
+        if failed is not None:
+            log.error("stderr watcher failed (%s); stderr goes straight out from now on", failed)
 
     threading.Thread(target=pump, name="nbdclone-stderr", daemon=True).start()
 

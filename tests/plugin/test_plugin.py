@@ -244,3 +244,27 @@ def test_first_connections_at_once_share_one_open_of_the_clone(store: Store, tmp
         h.shutdown()
         checked = subprocess.run([NBDCLONE, "check", "--store", str(store.path)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+_E = b"nbdkit: python.0: error: "
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [  # as nbdkit 1.32 and its blocksize-policy filter write them (seen on this machine)
+        (_E + b"invalid request: NBD_CMD_WRITE: write request on readonly connection", "write:read-only"),
+        (_E + b"invalid request: NBD_CMD_READ: offset and count are out of range: x", "read:out-of-range"),
+        (_E + b"invalid request: NBD_CMD_WRITE_ZEROES: offset and count are out of range: x", "zero:out-of-range"),
+        (_E + b"invalid request: NBD_CMD_TRIM: offset and count are out of range: x", "trim:out-of-range"),
+        (_E + b"client pwrite request rejected: count 16777216 is larger than maximum size 8388608", "write:too-large"),
+        (_E + b"invalid request: REQ_ONE flag needs BLOCK_STATUS request", "other:invalid"),
+        (b"2026-12-07 INFO nbdclone[worker 0]: opened clone ro (version 1)", None),
+        (_E + b"a plugin error that reached the plugin", None),
+    ],
+)
+def test_nbdkit_refusals_are_read_from_its_log_lines(line: bytes, key: str | None) -> None:
+    from nbdclone.worker.process import Refusals
+
+    refusals = Refusals()
+    refusals.seen(line)
+    assert refusals.snapshot() == ({key: 1} if key else {})
