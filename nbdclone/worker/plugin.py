@@ -40,6 +40,7 @@ from nbdclone.worker.process import (
     OpStats,
     Pins,
     Refusals,
+    flush_stderr,
     gil_ensure,
     gil_release,
     keep_serving_when_orphaned,
@@ -532,3 +533,4 @@ def cache(h: Handle, count: int, offset: int, flags: int) -> None:
 def cleanup() -> None:
     if _registry is not None:
         _registry.close_all()
+    flush_stderr()

@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -185,10 +186,22 @@ class Refusals:
             return dict(self.counts)
 
 
+class _Pump:
+    """The thread that reads this process's stderr (watch_stderr), and what it needs to stop."""
+
+    def __init__(self, real: int, thread: threading.Thread) -> None:
+        self.real, self.thread = real, thread
+
+
+_pump: _Pump | None = None
+
+
 def watch_stderr(refusals: Refusals) -> None:
     """Make this process's stderr a pipe that a thread reads: each chunk goes on to the real stderr at once
     (the journal, the supervisor's log), and each refusal line of nbdkit's is counted. Should the thread
-    ever fail, stderr is given back before it ends, so that a full pipe can never block a writer."""
+    ever fail, stderr is given back before it ends, so that a full pipe can never block a writer. Before
+    the process ends on purpose, flush_stderr() passes on what is still in the pipe."""
+    global _pump
     real = os.dup(2)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
@@ -212,7 +225,19 @@ def watch_stderr(refusals: Refusals) -> None:
         if failed is not None:
             log.error("stderr watcher failed (%s); stderr goes straight out from now on", failed)
 
-    threading.Thread(target=pump, name="nbdclone-stderr", daemon=True).start()
+    thread = threading.Thread(target=pump, name="nbdclone-stderr", daemon=True)
+    thread.start()
+    _pump = _Pump(real, thread)
+
+
+def flush_stderr() -> None:
+    """Give stderr back and wait (at most a second) until the pump has passed on what the pipe still held:
+    its write end closes with fd 2, so the pump reads to the end and stops. For a process about to end."""
+    if _pump is None:
+        return
+    sys.stderr.flush()
+    os.dup2(_pump.real, 2)
+    _pump.thread.join(1.0)
 
 
 def publish_stats(
@@ -369,9 +394,11 @@ class Drain:
             close_all()
         except Exception:
             log.exception("closing the clones")
+            flush_stderr()
             os._exit(1)
         log.info("stopped in %.0f ms; clients reconnect to the next worker", (time.monotonic() - started) * 1e3)
         logging.shutdown()
+        flush_stderr()
         os._exit(0)
 
     @staticmethod
