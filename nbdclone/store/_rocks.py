@@ -17,6 +17,9 @@ in `overlay` (I1-I7). The write paths, each with the order in which its parts re
                                                               -> WAL: durable = gen -> WAL sync -> ack
                                                               -> lock{punch blocks that stopped being DATA;
                                                               WAL: unmark durable regions idle 30 s}
+    flush of rewrites since the last flush, only rewrites  lock{WAL: their prints; gen += 1}
+      only            in place (16,384 prints at most       -> fdatasync(data) -> ack (no WAL sync: their
+                      since the last WAL sync)              regions are marked: I7)
     open              after a clean close                   WAL: open, marks (unsynced: before any entry)
     recovery          opened after any unclean stop         tentative entries after `durable` whose block
                                                               does not hold a fingerprinted content go back
@@ -68,6 +71,7 @@ log = logging.getLogger(__name__)
 LEGACY_MARK = "EMPTY"  # nbdclone 0.1 kept some overlays' maps in the data file's extents (unreliable: I1)
 _OPEN, _CLOSED = b"1", b"0"
 PENDING_PRINTS = 16384  # prints of in-place rewrites held in memory (about 1.5 MiB) before a batch to the map
+UNSYNCED_PRINTS = 16384  # prints of rewrites a flush may leave in the WAL unsynced (recovery reads their blocks)
 #: Marks (I7 in docs/overlay.md): a block rewritten in place may reach the disk before its print reaches
 #: the map. Before the first such rewrite in a region (4096 blocks: 16 MiB), a synced map write marks the
 #: region; an open after an unclean stop scrubs the marked regions only (each block's print taken from what
@@ -126,6 +130,8 @@ class RocksOverlay:
             self._readonly = self._full = True
             self._states = self._start(False)
         self._dirty = False  # anything updated since the last flush began
+        self._synced = self._gen - 1  # the newest generation the map holds durably (its WAL synced)
+        self._unsynced_prints = 0  # prints of rewrites flushed since then without a WAL sync
         # Blocks that became DATA in a generation not yet durable: block -> its entry (tentative(prev, gen,
         # acked print, newest print)), the newest one, which the journal or the map holds too.
         self._tentative: dict[int, bytes] = {}
@@ -587,6 +593,7 @@ class RocksOverlay:
         batch = j.entries() if j is not None else []
         if self._pending:
             batch += self._pending_entries()
+            self._unsynced_prints += len(self._pending)
         if batch:
             self._map.write(batch)
         self._pending = {}
@@ -763,19 +770,20 @@ class RocksOverlay:
             self._map.write([(bm.mark_key(region), b"")], sync=True)
         self._marks[region] = self._gen
 
-    def _unmark_idle(self, durable: int) -> None:
-        """Drop the marks of regions whose last rewrite is durable (generation <= `durable`: its bytes were
-        synced, its print is in the synced map) and came MARK_IDLE seconds or more before. Unsynced: a mark
-        whose removal a crash loses only widens the next scrub. Caller holds `lock`."""
+    def _unmark_idle(self, flushed: int) -> None:
+        """Drop the marks of regions whose last rewrite is durable (generation <= `_synced`: its bytes were
+        synced, its print is in the synced map) and idle: no rewrite since a flush MARK_IDLE seconds or more
+        before synced its bytes (generation <= `flushed`). Unsynced: a mark whose removal a crash loses only
+        widens the next scrub. Caller holds `lock`."""
         now = time.monotonic()
-        idle, gone, window = self._idle, [], self._window
+        idle, gone, window, synced = self._idle, [], self._window, self._synced
         for region, gen in self._marks.items():
-            if gen > durable or window is None or region in window:  # (a window's marks go with its scrub)
+            if gen > flushed or window is None or region in window:  # (a window's marks go with its scrub)
                 continue
             seen = idle.get(region)
             if seen is None or seen[0] != gen:
                 idle[region] = (gen, now)
-            elif now - seen[1] >= MARK_IDLE:
+            elif gen <= synced and now - seen[1] >= MARK_IDLE:
                 gone.append(region)
         if gone:
             self._map.write([(bm.mark_key(r), None) for r in gone])
@@ -822,9 +830,20 @@ class RocksOverlay:
                         return  # nothing since the last flush: a boot flushes often, twice in a row at times
                 if self._map.broken:
                     self._reopens.attempt(self._map.reopen)
+                # A generation whose only changes are rewrites in place of durable DATA blocks (and a
+                # scrub's prints) needs its bytes synced, not its prints: their regions are marked (synced
+                # before the first rewrite, I7), and after a power cut the scrub gives each block the print
+                # of what it holds. Such a flush skips the WAL sync (on ext4 a second journal commit), as
+                # the file plugin's flush is one fdatasync; `durable` stays at the last synced generation.
+                # An unclean stop's recovery reads each block whose entry is newer than `durable`: at most
+                # UNSYNCED_PRINTS of them (64 MiB) before a flush syncs the WAL again.
+                rewrites_only = not (journaled or self._tentative or self._to_punch or self._punching) and (
+                    self._unsynced_prints + len(self._pending) <= UNSYNCED_PRINTS
+                )
                 # In the generation being flushed, in one batch: what the journal holds and the prints of
                 # rewrites (I6): the map's WAL has them all before the journal starts again.
                 self._spill()
+                unsynced = self._unsynced_prints
                 self._dirty = False
                 generation, self._gen = self._gen, self._gen + 1
                 self._unpruned = True
@@ -834,16 +853,23 @@ class RocksOverlay:
             assert self._data is not None
             try:
                 self._data.sync()  # I3: every byte of generation <= `generation` is on disk...
-                self._map.write(  # ...before the map says so
-                    [(bm.META_DURABLE, generation.to_bytes(8, "big")), (bm.META_WRITTEN, written.to_bytes(8, "big"))],
-                    sync=True,
-                )
+                if not rewrites_only:
+                    self._map.write(  # ...before the map says so
+                        [
+                            (bm.META_DURABLE, generation.to_bytes(8, "big")),
+                            (bm.META_WRITTEN, written.to_bytes(8, "big")),
+                        ],
+                        sync=True,
+                    )
             except BaseException:
                 self._dirty = True  # the next flush must not take this for synced
                 raise
-            if self._sidecar is not None:  # (after the WAL sync: it never names what the WAL had not synced)
+            if self._sidecar is not None and not rewrites_only:  # (never names what the WAL had not synced)
                 self._sidecar.write(generation)
             with self.lock:  # I4: their entries are durable now; blocks written since left the set
+                if not rewrites_only:
+                    self._synced = generation
+                    self._unsynced_prints -= unsynced
                 self._data.punch(sorted(self._punching))
                 self._punching.clear()
                 if self._marks:
@@ -886,6 +912,8 @@ class RocksOverlay:
                 self._map.write(  # every rewrite is durable now: no mark is needed but a window's (I7)
                     [
                         (bm.META_OPEN, _CLOSED),
+                        # (every byte is synced: the last flush may have skipped the WAL sync for rewrites)
+                        (bm.META_DURABLE, (self._gen - 1).to_bytes(8, "big")),
                         (bm.META_WRITTEN, self._written.to_bytes(8, "big")),
                         *[(bm.mark_key(r), None) for r in self._marks if window is not None and r not in window],
                     ],
