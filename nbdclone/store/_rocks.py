@@ -737,8 +737,8 @@ class RocksOverlay:
         system fails even overwrites) may have written some blocks: their prints are taken from what the file
         holds."""
         assert self._data is not None
-        for block, _ in durable:
-            self._note_rewrite(block)
+        for region in {block >> REGION_SHIFT for block, _ in durable}:  # (a 1 MiB write: one region)
+            self._note_rewrite(region << REGION_SHIFT)
         try:
             for piece in writes:
                 self._data.write(*piece)
@@ -756,8 +756,10 @@ class RocksOverlay:
         the block holds old or new bytes under its old entry, and after the unclean stop entries from before
         it are trusted again as their blocks are read (`_mismatch`)."""
         pending = self._pending
-        for block, buf in blocks:
-            pending[block] = fingerprint(buf)
+        if len(blocks) == 1:
+            pending[blocks[0][0]] = fingerprint(blocks[0][1])
+        else:
+            pending.update([(block, fingerprint(buf)) for block, buf in blocks])
         if len(pending) >= PENDING_PRINTS:
             self._spill()  # unsynced: the next flush's WAL sync makes them durable
 
@@ -791,8 +793,8 @@ class RocksOverlay:
                 del self._marks[region], idle[region]
 
     def _pending_entries(self) -> list[tuple[bytes, bytes | None]]:
-        gen = self._gen
-        return [(bm.key(b), tentative(DATA, gen, mark)) for b, mark in self._pending.items()]
+        head = tentative_head(DATA, self._gen)  # (a comprehension: a spill does this for 16,384 blocks)
+        return [(_INDEX + b.to_bytes(8, "big"), head + mark) for b, mark in self._pending.items()]
 
     def _apply(self, moves: Sequence[Move], batch: list[tuple[bytes, bytes | None]] | None = None) -> None:
         """Map changes of blocks that leave DATA, or stay out of it, recorded together (with `batch`)."""
