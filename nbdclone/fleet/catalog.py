@@ -19,11 +19,24 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import aetcd
+from aetcd import rpc, rtypes
 
 from nbdclone import errors
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
 
 T = TypeVar("T")
+#: Keys per range request. A reply over gRPC's 4 MiB limit fails, and an unpaged read of every clone record
+#: did past about 24,000 of them: each host's lease refresh failed and the whole fleet stopped serving.
+PAGE = 1000
+#: gRPC shares a connection's reconnect backoff between channels to one address, growing to 120 s: a new
+#: client made to retry after etcd came back failed at once ("connection refused", the last error) until
+#: the shared backoff ran out (measured: leases renewed 4.6 s after etcd was healthy). Capped at 0.5 s,
+#: so a host serves again within about a second of etcd's return.
+CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 500,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +58,9 @@ class FleetCatalog:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         host, port = config.etcd_address()
-        self._client = aetcd.Client(host=host, port=port, timeout=TIMEOUT, connect_wait_timeout=TIMEOUT)
+        self._client = aetcd.Client(
+            host=host, port=port, timeout=TIMEOUT, connect_wait_timeout=TIMEOUT, options=CHANNEL_OPTIONS
+        )
 
     async def __aenter__(self) -> FleetCatalog:
         try:
@@ -66,7 +81,36 @@ class FleetCatalog:
         except errors.NbdcloneError:
             raise
         except Exception as exc:
-            raise errors.NbdcloneError(detail=f"etcd at {self.config.etcd} did not answer ({what}): {exc}") from None
+            raise self._failed(what, exc) from None
+
+    def _failed(self, what: str, exc: object) -> errors.NbdcloneError:
+        return errors.NbdcloneError(detail=f"etcd at {self.config.etcd} did not answer ({what}): {exc}")
+
+    async def _scan(self, what: str, prefix: bytes, *, keys_only: bool = False) -> list[rtypes.KeyValue]:
+        """Every key under `prefix`, in key order, read PAGE keys at a time at one revision (one consistent
+        view). A revision compacted between two pages starts the read again at the newest."""
+        end = aetcd.utils.prefix_range_end(prefix)
+        for _ in range(3):
+            start, revision = prefix, 0
+            out: list[rtypes.KeyValue] = []
+            try:
+                while True:
+                    request = rpc.RangeRequest(
+                        key=start, range_end=end, limit=PAGE, revision=revision, keys_only=keys_only
+                    )
+                    await self._client.connect()
+                    reply = await self._client.kvstub.Range(request, timeout=TIMEOUT, metadata=self._client.metadata)
+                    revision = revision or reply.header.revision
+                    out += map(rtypes.KeyValue, reply.kvs)
+                    if not reply.more or not reply.kvs:
+                        return out
+                    start = reply.kvs[-1].key + b"\0"
+            except rpc.AioRpcError as exc:
+                if exc.code() != rpc.StatusCode.OUT_OF_RANGE:  # (compacted)
+                    raise self._failed(what, exc.details()) from None
+            except Exception as exc:
+                raise self._failed(what, exc) from None
+        raise errors.NbdcloneError(detail=f"etcd at {self.config.etcd}: {what}: compacted under every read")
 
     async def reserve(self, base: str) -> str:
         """Take the next version number of `base` (one transaction; retried while another host takes one)."""
@@ -102,12 +146,12 @@ class FleetCatalog:
 
     async def versions(self, base: str) -> dict[str, FleetVersion]:
         prefix = self._key("bases", base, "versions", "")
-        found = await self._call("versions", self._client.get_prefix(prefix))
+        found = await self._scan("versions", prefix)
         return {kv.key[len(prefix) :].decode(): FleetVersion(**json.loads(kv.value)) for kv in found}
 
     async def bases(self) -> list[str]:
         prefix = self._key("bases", "")
-        found = await self._call("bases", self._client.get_prefix(prefix, keys_only=True))
+        found = await self._scan("bases", prefix, keys_only=True)
         return sorted({kv.key[len(prefix) :].decode().split("/")[0] for kv in found})
 
     async def current(self, base: str) -> tuple[str, int] | None:
@@ -183,7 +227,7 @@ class FleetCatalog:
         out: set[tuple[str, str]] = set()
         for base in bases if bases is not None else await self.bases():
             prefix = self._key("bases", base, "holds", "")
-            for kv in await self._call("holds", self._client.get_prefix(prefix, keys_only=True)):
+            for kv in await self._scan("holds", prefix, keys_only=True):
                 vid, _, who = kv.key[len(prefix) :].decode().partition("/")
                 if who == host:
                     out.add((base, vid))
@@ -191,12 +235,12 @@ class FleetCatalog:
 
     async def holders(self, base: str, vid: str) -> list[str]:
         prefix = self._holds_prefix(base, vid)
-        found = await self._call("holds", self._client.get_prefix(prefix, keys_only=True))
+        found = await self._scan("holds", prefix, keys_only=True)
         return sorted(kv.key[len(prefix) :].decode() for kv in found)
 
     async def retiring(self, base: str) -> set[str]:
         prefix = self._key("bases", base, "retiring", "")
-        found = await self._call("retiring", self._client.get_prefix(prefix, keys_only=True))
+        found = await self._scan("retiring", prefix, keys_only=True)
         return {kv.key[len(prefix) :].decode() for kv in found}
 
     async def retire(self, base: str, vid: str) -> None:
@@ -252,11 +296,11 @@ class FleetCatalog:
         held = 0
         for base in await self.bases():
             prefix = self._key("bases", base, "holds", "")
-            for kv in await self._call("holds", self._client.get_prefix(prefix, keys_only=True)):
+            for kv in await self._scan("holds", prefix, keys_only=True):
                 if kv.key.endswith(b"/" + host.encode()):
                     await self._call("forget host", self._client.delete(kv.key))
                     held += 1
-            for kv in await self._call("warm", self._client.get_prefix(self._key("warm", base, ""), keys_only=True)):
+            for kv in await self._scan("warm", self._key("warm", base, ""), keys_only=True):
                 if kv.key.endswith(b"/" + host.encode()):
                     await self._call("forget host", self._client.delete(kv.key))
         return held
@@ -287,9 +331,61 @@ class FleetCatalog:
         return None if got is None else dict(json.loads(got.value))
 
     async def clones(self) -> dict[str, dict[str, Any]]:
+        """Every clone record of the fleet (fleet-wide commands; a host reads its own: `owned`)."""
         prefix = self._key("clones", "")
-        found = await self._call("clones", self._client.get_prefix(prefix))
+        found = await self._scan("clones", prefix)
         return {kv.key[len(prefix) :].decode(): {**json.loads(kv.value), "rev": kv.mod_revision} for kv in found}
+
+    async def clone(self, name: str) -> dict[str, Any] | None:
+        """One clone's record (with its revision, "rev"), or None."""
+        got = await self._call("clone", self._client.get(self._key("clones", name)))
+        return None if got is None else {**json.loads(got.value), "rev": got.mod_revision}
+
+    # Each clone record's owner is indexed under owners/HOST/NAME (value: the record's epoch), written in
+    # the transaction that writes the record: a host reads its own clones, not the fleet's (a lease refresh
+    # and a sync cost the same with 100 clone records or 100,000).
+
+    def _owner_key(self, host: str, name: str) -> bytes:
+        return self._key("owners", host, name)
+
+    async def owned(self, host: str) -> dict[str, int]:
+        """The clones `host` owns -> their epochs."""
+        prefix = self._key("owners", host, "")
+        return {kv.key[len(prefix) :].decode(): int(kv.value) for kv in await self._scan("owned", prefix)}
+
+    async def index_owners(self, host: str) -> int:
+        """Make `host`'s part of the owner index agree with the clone records (a fleet written before the
+        index, or by hand): one full read, then a transaction per entry to add or drop, each comparing the
+        record it follows. Returns how many entries it changed."""
+        tx = self._client.transactions
+        records = {n: r for n, r in (await self.clones()).items() if r["host"] == host}
+        have = await self.owned(host)
+        changed = 0
+        for name, rec in records.items():
+            if have.get(name) != int(rec["epoch"]):
+                key = self._key("clones", name)
+                ok, _ = await self._call(
+                    "index owners",
+                    self._client.transaction(
+                        compare=[tx.mod(key) == rec["rev"]],
+                        success=[tx.put(self._owner_key(host, name), str(rec["epoch"]).encode())],
+                        failure=[],
+                    ),
+                )
+                changed += bool(ok)
+        for name in have.keys() - records.keys():
+            key = self._key("clones", name)
+            now = await self.clone(name)
+            compare = [tx.version(key) == 0] if now is None else [tx.mod(key) == now["rev"]]
+            if now is None or now["host"] != host:
+                ok, _ = await self._call(
+                    "index owners",
+                    self._client.transaction(
+                        compare=compare, success=[tx.delete(self._owner_key(host, name))], failure=[]
+                    ),
+                )
+                changed += bool(ok)
+        return changed
 
     async def claim_clone(self, name: str, host: str, store: str) -> None:
         """Record a new clone as `host`'s (epoch 1, its data in `store`); refused if the fleet has one of
@@ -300,7 +396,9 @@ class FleetCatalog:
         ok, responses = await self._call(
             "create clone",
             self._client.transaction(
-                compare=[tx.version(key) == 0], success=[tx.put(key, value)], failure=[tx.get(key)]
+                compare=[tx.version(key) == 0],
+                success=[tx.put(key, value), tx.put(self._owner_key(host, name), b"1")],
+                failure=[tx.get(key)],
             ),
         )
         if not ok:
@@ -318,7 +416,11 @@ class FleetCatalog:
             raise errors.NbdcloneError(detail=f"clone {name!r} is owned by host {json.loads(got.value)['host']}")
         await self._call(
             "remove clone",
-            self._client.transaction(compare=[tx.mod(key) == got.mod_revision], success=[tx.delete(key)], failure=[]),
+            self._client.transaction(
+                compare=[tx.mod(key) == got.mod_revision],
+                success=[tx.delete(key), tx.delete(self._owner_key(host, name))],
+                failure=[],
+            ),
         )
 
     async def move_clone(
@@ -334,9 +436,10 @@ class FleetCatalog:
         compare = [tx.mod(key) == seen["rev"]]
         if owner_gone:
             compare.append(tx.version(self._key("hosts", seen["host"])) == 0)
-        ok, _ = await self._call(
-            "move", self._client.transaction(compare=compare, success=[tx.put(key, value)], failure=[])
-        )
+        success = [tx.put(key, value), tx.put(self._owner_key(to, name), str(epoch).encode())]
+        if seen["host"] != to:
+            success.append(tx.delete(self._owner_key(seen["host"], name)))
+        ok, _ = await self._call("move", self._client.transaction(compare=compare, success=success, failure=[]))
         if not ok:
             raise errors.NbdcloneError(
                 detail=f"clone {name!r} changed owner or its owner is alive; nothing was moved"
@@ -350,7 +453,7 @@ class FleetCatalog:
     async def traces(self, base: str) -> dict[str, str]:
         """Version -> the object holding its boot trace, for the versions of `base` that have one."""
         prefix = self._key("bases", base, "traces", "")
-        found = await self._call("traces", self._client.get_prefix(prefix))
+        found = await self._scan("traces", prefix)
         return {kv.key[len(prefix) :].decode(): kv.value.decode() for kv in found}
 
     async def set_trace(self, base: str, vid: str, obj: str) -> bool:
@@ -371,9 +474,9 @@ class FleetCatalog:
 
     async def warm_share(self, base: str, vid: str) -> tuple[int, int]:
         """(live hosts that have version `vid` staged and its trace in their cache, live hosts)."""
-        hosts = await self._call("hosts", self._client.get_prefix(self._key("hosts", ""), keys_only=True))
+        hosts = await self._scan("hosts", self._key("hosts", ""), keys_only=True)
         live = {kv.key.rsplit(b"/", 1)[-1] for kv in hosts}
-        warm = await self._call("warm", self._client.get_prefix(self._key("warm", base, vid, ""), keys_only=True))
+        warm = await self._scan("warm", self._key("warm", base, vid, ""), keys_only=True)
         return len(live & {kv.key.rsplit(b"/", 1)[-1] for kv in warm}), len(live)
 
     # -- imports and gc exclude each other ------------------------------------------------------------
@@ -392,7 +495,7 @@ class FleetCatalog:
         return key, lease
 
     async def others(self, kind: str) -> int:
-        found = await self._call("look", self._client.get_prefix(self._key(kind, ""), keys_only=True))
+        found = await self._scan("look", self._key(kind, ""), keys_only=True)
         return len(list(found))
 
     async def withdraw(self, lease: Any) -> None:

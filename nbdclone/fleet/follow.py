@@ -30,6 +30,8 @@ from nbdclone.store import Store
 log = logging.getLogger(__name__)
 FOLLOW_EVERY = 30.0
 RETRY = 1.0
+LEASE_RETRY = 0.2  # seconds between attempts to refresh the lease while etcd does not answer
+LOG_EVERY = 10.0
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
@@ -78,6 +80,9 @@ async def keep_lease(
     fleet `changed`."""
     run_dir = RunDir(store.path)
     owned: dict[str, int] = {}
+    indexed = False  # this host's part of the owner index agrees with the records (once per start)
+    failing: float | None = None  # since when refreshes fail (logged once, then every LOG_EVERY seconds)
+    logged = 0.0
     while not stop.is_set():
         try:
             async with FleetCatalog(config) as catalog:
@@ -87,10 +92,16 @@ async def keep_lease(
                         info = {"store": str(store.path), "pid": os.getpid()}
                         lease = await catalog.register(config.host, info, lease_file.LEASE_TTL)
                         log.info("fleet %s: host %s holds a lease of %d s", config.name, config.host, lease.ttl)
-                    clones = await catalog.clones()
-                    now_owned = {n: int(r["epoch"]) for n, r in clones.items() if r["host"] == config.host}
+                    if not indexed:
+                        if fixed := await catalog.index_owners(config.host):
+                            log.info("fleet %s: %d owner index entries set", config.name, fixed)
+                        indexed = True
+                    now_owned = await catalog.owned(config.host)
                     valid_until = sent + lease_file.LEASE_TTL - lease_file.MARGIN
                     lease_file.write(run_dir, config.host, valid_until, now_owned, lease.id)
+                    if failing is not None:
+                        log.info("fleet %s: lease refreshed again after %.1f s", config.name, time.time() - failing)
+                        failing = None
                     if now_owned != owned:
                         owned = now_owned
                         wake.set()
@@ -100,8 +111,13 @@ async def keep_lease(
                         pass
                     changed.clear()
         except Exception as exc:  # etcd down or the connection cut: retried; the lease file ages meanwhile
-            log.warning("fleet %s: cannot refresh the lease (%s); retrying", config.name, exc)
-            await _sleep(stop, RETRY)
+            now = time.time()
+            if failing is None or now - logged >= LOG_EVERY:
+                since = "" if failing is None else f" for {now - failing:.0f} s"
+                log.warning("fleet %s: cannot refresh the lease%s (%s); retrying", config.name, since, exc)
+                logged = now
+            failing = failing or now
+            await _sleep(stop, LEASE_RETRY)
 
 
 async def follow(

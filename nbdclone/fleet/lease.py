@@ -9,10 +9,12 @@
 
 Another host may take a clone over only once this host's lease key is gone from etcd, which is LEASE_TTL
 after the last refresh etcd saw, so after valid_until here. A host that is frozen (SIGSTOP), partitioned or
-whose supervisor died and was not started again stops serving at valid_until: requests fail (ESHUTDOWN) and
-do not reach the overlay,
-and a write that finishes after it is reported failed. When the lease is back, clones another host took
-meanwhile are revoked before the new deadline is published.
+whose supervisor died and was not started again stops serving at valid_until: requests wait, unanswered,
+for HOLD seconds and then fail (ESHUTDOWN), and do not reach the overlay meanwhile; a write that finishes
+after it is reported failed. When the lease is back, clones another host took meanwhile (or took and gave
+back: a new epoch) are revoked before the new deadline is published, and the waiting requests of the
+others go on: an etcd outage up to LEASE_TTL - MARGIN - LEASE_TTL/5 costs no request anything, one up to
+HOLD longer costs a pause.
 
 A new supervisor (after a crash: its workers were adopted) leaves the file in place: until valid_until,
 the lease it was written under is alive in etcd (only this host refreshes it, and a host's key is deleted
@@ -39,6 +41,8 @@ from nbdclone.store.layout import write_atomic
 LEASE_TTL = int(os.environ.get("NBDCLONE_FLEET_LEASE_TTL", "15"))
 MARGIN = max(1, LEASE_TTL // 5)  # seconds this host stops before etcd can hand its clones to another
 FENCE_EVERY = 0.5
+#: Seconds a request that finds the lease lapsed waits for it to be renewed before it fails (plugin._held).
+HOLD = float(os.environ.get("NBDCLONE_FLEET_HOLD", str(LEASE_TTL)))
 NEVER = 1 << 62  # no fence (single-host mode)
 
 
@@ -83,7 +87,8 @@ class Fence:
         if self.path is None:
             return
         valid_until, owned = read(self.path)
-        lost = set(self.owned) - set(owned)
+        # Gone, or moved away and back (a new epoch): a connection opened before is not the clone's now.
+        lost = {name for name, epoch in self.owned.items() if owned.get(name) != epoch}
         left = valid_until - time.time()
         deadline = time.monotonic_ns() + int(left * 1e9) if left > 0 else 0
         apply(lost, deadline)

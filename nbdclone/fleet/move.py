@@ -160,10 +160,10 @@ def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool =
     owner's lease must be gone and its store readable from here (shared storage). Returns the new epoch."""
 
     async def look(c: FleetCatalog) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        clones = await c.clones()
-        if name not in clones:
+        record = await c.clone(name)
+        if record is None:
             raise errors.CloneNotFound(name=name, store=f"fleet {config.name}")
-        return clones[name], await c.host(to)
+        return record, await c.host(to)
 
     record, target = fleet_catalog.run(config, look)
     if target is None:

@@ -152,7 +152,10 @@ def sync(
             current = await c.current(base)
             versions, traces, retiring = await c.versions(base), await c.traces(base), await c.retiring(base)
             out[base] = BaseView(versions, current[0] if current else None, traces, retiring)
-        return out, await c.clones(), await c.held(config.host, list(out))
+        # This host's clones, and the records of those it has or should have: not the fleet's every record.
+        owned, local = await c.owned(config.host), store.catalog().clones.keys()
+        clones = {n: r for n in sorted(owned.keys() ^ local) if (r := await c.clone(n)) is not None}
+        return out, clones, await c.held(config.host, list(out))
 
     view, clones, held = fleet_catalog.run(config, read)
     report = SyncReport()

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import nbdkit
 
 from nbdclone.errors import CloneNotFound, Fenced, NbdcloneError, NotAllowed, NotOwned, StorageError
-from nbdclone.fleet.lease import NEVER, Fence, in_fleet
+from nbdclone.fleet.lease import HOLD, NEVER, Fence, in_fleet
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 from nbdclone.store.catalog import Catalog, is_valid_name, worker_of
@@ -138,10 +138,10 @@ def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
             started = _ns()
             try:
                 if started > h.fence_ns:
-                    raise Fenced(name=h.name)
+                    _held(h, me)
                 result = fn(h, *args)
-                if _ns() > h.fence_ns:  # done on a copy that is not the clone's now
-                    raise Fenced(name=h.name)
+                if _ns() > h.fence_ns:  # done while the lease lapsed: acknowledged only if it is back
+                    _held(h, me)
             except NbdcloneError as exc:
                 h.stats.ops[op].errors += 1
                 nbdkit.set_error(exc.errno)
@@ -159,6 +159,25 @@ def _request(op: str, *, sized: bool = True) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return wrap
+
+
+def _held(h: Handle, me: int) -> None:
+    """A request that came after its connection's lease deadline (fleet mode: etcd has not renewed this
+    host's lease in time) waits, unanswered, for the supervisor to renew it: an etcd outage longer than the
+    lease's margin costs the guest a pause, not an I/O error. It goes on once the lease is back with its
+    clone still this host's at the same epoch (no other host can have written it: lease.py); it fails
+    (ESHUTDOWN) at once if the clone went to another host, or after HOLD seconds without a lease; it is
+    parked if the worker stops meanwhile (its client reconnects to the next worker). A request that was
+    done as the lease lapsed waits the same way before its reply: it is acknowledged only once the lease
+    is back with its clone unmoved, when no other host can have written the clone in between."""
+    until = time.monotonic() + HOLD
+    while not h.revoked and time.monotonic() < until:
+        if _drain.draining:
+            _drain.park(me)
+        time.sleep(0.02)
+        if _ns() <= h.fence_ns:
+            return
+    raise Fenced(name=h.name)
 
 
 def _errors(fn: F) -> F:
@@ -457,7 +476,7 @@ def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     started = _ns()
     try:
         if started > h.fence_ns:
-            raise Fenced(name=h.name)
+            _held(h, me)
         h.clone.pread_into(buf, offset)
     except (NbdcloneError, OSError) as exc:
         h.reads.errors += 1
@@ -481,11 +500,11 @@ def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     started = _ns()
     try:
         if started > h.fence_ns:
-            raise Fenced(name=h.name)
+            _held(h, me)
         h.clone.pwrite(buf, offset, fua=bool(flags & _FUA))
         ended = _ns()
-        if ended > h.fence_ns:  # written to a copy that is not the clone's now
-            raise Fenced(name=h.name)
+        if ended > h.fence_ns:  # written while the lease lapsed: acknowledged only if it is back
+            _held(h, me)
     except (NbdcloneError, OSError) as exc:
         h.writes.errors += 1
         nbdkit.set_error(exc.errno or errno.EIO)

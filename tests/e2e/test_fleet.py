@@ -13,8 +13,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import nbd
 import pytest
@@ -29,6 +30,7 @@ from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_clo
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 SIZE = 24 * MiB
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +325,75 @@ def test_a_flip_race_has_one_winner(tmp_path: Path, fleet: FleetConfig) -> None:
     assert now == "2" and "to version 2" in message
 
 
+def _fill(fleet: FleetConfig, n: int, host: str) -> None:
+    """`n` clone records of `host`, as large as real ones, 100 per transaction (etcd allows 128)."""
+
+    async def fill(c: FleetCatalog) -> None:
+        tx = c._client.transactions
+        value = json.dumps({"host": host, "epoch": 1, "store": "/srv/nbdclone/" + "s" * 40, "id": "0" * 32})
+        for at in range(0, n, 100):
+            puts = [tx.put(c._key("clones", f"elsewhere-{i:06d}"), value.encode()) for i in range(at, min(n, at + 100))]
+            await c._client.transaction(compare=[], success=puts, failure=[])
+
+    asyncio.run(_with_catalog(fleet, fill))
+
+
+async def _with_catalog(fleet: FleetConfig, work: Callable[[FleetCatalog], Awaitable[T]]) -> T:
+    async with FleetCatalog(fleet) as c:
+        return await work(c)
+
+
+def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path, fleet: FleetConfig) -> None:
+    """40,000 clone records of other hosts (about 7 MB: more than gRPC's 4 MiB reply limit, which an
+    unpaged read of them hits): a host's lease refresh and sync read only its own clones, so it serves and
+    follows a flip; fleet-wide reads are paged; a host whose owner index entry is missing (a fleet written
+    before the index) rebuilds it when its server starts."""
+    _fill(fleet, 40_000, "elsewhere")
+    with pytest.raises(Exception, match=r"RESOURCE_EXHAUSTED|larger than max"):
+        asyncio.run(_with_catalog(fleet, lambda c: c._client.get_prefix(c._key("clones", ""))))
+    assert len(asyncio.run(_with_catalog(fleet, lambda c: c.clones()))) == 40_000
+
+    v1 = make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=11)
+    v2 = make_image(tmp_path / "v2.raw", 4 * MiB, [(0, MiB)], seed=12)
+    store = tmp_path / "h1"
+    _join(fleet, store, "h1")
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
+    server = Server(store, tmp_path / "h1.sock").start()
+    try:
+        cli("clone", "create", "mine", "--base", "gold", store=store)
+        assert asyncio.run(_with_catalog(fleet, lambda c: c.owned("h1"))) == {"mine": 1}
+        h = server.connect("mine")
+        assert pread_all(h, 4 * MiB) == v1
+        h.shutdown()
+        wait_closed(store, "mine")
+        cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=store)
+        cli("base", "promote", "gold", "2", store=store)
+        deadline = time.monotonic() + 30
+        while _current(store, "gold") != "2":
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.05)
+        h = server.connect("mine")
+        assert pread_all(h, 4 * MiB) == v2
+        h.shutdown()
+        wait_closed(store, "mine")
+    finally:
+        server.stop()
+    asyncio.run(_with_catalog(fleet, lambda c: c._client.delete(c._owner_key("h1", "mine"))))
+    server = Server(store, tmp_path / "h1.sock").start()
+    try:
+        deadline = time.monotonic() + 30
+        while asyncio.run(_with_catalog(fleet, lambda c: c.owned("h1"))) != {"mine": 1}:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.2)
+        assert any("1 owner index entries set" in line for line in server.log)
+        time.sleep(4)  # a lease refresh (every 3 s) after it: the lease file names the clone
+        h = server.connect("mine")
+        assert pread_all(h, 4 * MiB) == v2
+        h.shutdown()
+    finally:
+        server.stop()
+
+
 def test_fleet_commands_fail_clearly_without_a_fleet(tmp_path: Path, fleet: FleetConfig) -> None:
     bad = cli("fleet", "sync", store=tmp_path / "alone", check=False)
     assert bad.returncode == 1 and "is in no fleet" in bad.stderr and bad.stderr.count("\n") == 1
@@ -521,6 +592,70 @@ def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
             os.kill(pid, signal.SIGCONT)
         for srv in servers.values():
             srv.stop()
+
+
+def test_an_etcd_outage_longer_than_the_lease_costs_a_pause_not_an_error(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd stopped for twice the lease's TTL under a client that writes and reads back: the host's lease
+    lapses, so its requests wait unanswered (none is served without a lease), etcd expires the lease, and
+    once etcd is back the host takes a new one and the waiting requests go on. No request fails; the
+    client sees one long pause, which ends soon after etcd is back."""
+    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
+    monkeypatch.setenv("NBDCLONE_FLEET_HOLD", "60")
+    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    engine, where = [str(ROOT / "scripts" / "fleet-engines")], Path(engines["CEPH_CONF"]).parent
+    make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=21)
+    store = tmp_path / "h1"
+    _join(fleet, store, "h1")
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
+    srv = Server(store, tmp_path / "h1.sock").start()
+    stop, failures, done = threading.Event(), [], []
+
+    def load() -> None:
+        h = srv.connect("vm")
+        k = 0
+        while not stop.is_set():
+            data = (k % 251 + 1).to_bytes(1, "little") * 4096
+            try:
+                h.pwrite(data, (k % 512) * 4096)
+                if h.pread(4096, (k % 512) * 4096) != data:
+                    failures.append(f"read back wrong at {k}")
+            except nbd.Error as exc:
+                failures.append(str(exc))
+            done.append(time.monotonic())
+            k += 1
+        h.shutdown()
+
+    worker = threading.Thread(target=load)
+    try:
+        cli("clone", "create", "vm", "--base", "gold", store=store)
+        worker.start()
+        time.sleep(1)
+        subprocess.run([*engine, "stop", "etcd", str(where)], check=True)
+        stopped = time.monotonic()
+        try:
+            time.sleep(8)
+        finally:
+            subprocess.run([*engine, "start", "etcd", str(where)], check=True, capture_output=True)
+        back = time.monotonic()
+        deadline = back + 30
+        while not done or done[-1] < back + 0.5:
+            assert time.monotonic() < deadline and not failures, ("no progress after etcd came back", failures[:3])
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        worker.join(60)
+        srv.stop()
+    assert not failures, failures[:5]
+    during = [t for t in done if stopped < t < back]
+    after = next(t for t in done if t > back)
+    assert during and during[-1] < back - 2, "the lease lapsed and no request was held"
+    print(
+        f"etcd down {back - stopped:.1f} s: served for {during[-1] - stopped:.1f} s, then held; "
+        f"first reply {after - back:.2f} s after etcd was back"
+    )
+    assert after - back < 2  # (gRPC's shared reconnect backoff made it 4.6-5.7 s: catalog.CHANNEL_OPTIONS)
 
 
 def test_engines_down_under_load(
