@@ -87,8 +87,12 @@ class FleetCatalog:
         return errors.NbdcloneError(detail=f"etcd at {self.config.etcd} did not answer ({what}): {exc}")
 
     async def _scan(self, what: str, prefix: bytes, *, keys_only: bool = False) -> list[rtypes.KeyValue]:
-        """Every key under `prefix`, in key order, read PAGE keys at a time at one revision (one consistent
-        view). A revision compacted between two pages starts the read again at the newest."""
+        return (await self._scan_at(what, prefix, keys_only=keys_only))[1]
+
+    async def _scan_at(self, what: str, prefix: bytes, *, keys_only: bool = False) -> tuple[int, list[rtypes.KeyValue]]:
+        """(the revision, every key under `prefix` at it), in key order, read PAGE keys at a time at one
+        revision (one consistent view). A revision compacted between two pages starts the read again at the
+        newest."""
         end = aetcd.utils.prefix_range_end(prefix)
         for _ in range(3):
             start, revision = prefix, 0
@@ -103,7 +107,7 @@ class FleetCatalog:
                     revision = revision or reply.header.revision
                     out += map(rtypes.KeyValue, reply.kvs)
                     if not reply.more or not reply.kvs:
-                        return out
+                        return revision, out
                     start = reply.kvs[-1].key + b"\0"
             except rpc.AioRpcError as exc:
                 if exc.code() != rpc.StatusCode.OUT_OF_RANGE:  # (compacted)
@@ -501,10 +505,28 @@ class FleetCatalog:
     async def withdraw(self, lease: Any) -> None:
         await self._call("withdraw", lease.revoke())
 
-    async def watch(self, on_change: Callable[[], Any]) -> None:
-        """Call `on_change()` whenever anything of the fleet changes (forever)."""
-        async for _ in await self._client.watch_prefix(self.config.prefix):
-            on_change()
+    async def base_keys(self) -> tuple[int, dict[str, bytes]]:
+        """(the revision, every key under bases/ at it, without the prefix -> its value): a view's list."""
+        prefix = self._key("bases", "")
+        revision, found = await self._scan_at("bases", prefix)
+        return revision, {kv.key[len(prefix) :].decode(): kv.value for kv in found}
+
+    async def watch(self, start: int, on_event: Callable[[str | None, bytes | None, int], None]) -> None:
+        """Follow every change of the fleet from revision `start` (forever): `on_event(key under bases/
+        or None for another key, its new value or None if deleted, the event's revision)`. Raises
+        Compacted if etcd no longer has revision `start`."""
+        bases = self._key("bases", "")
+        try:
+            async for event in await self._client.watch_prefix(self.config.prefix, start_revision=start):
+                key, kv = event.kv.key, event.kv
+                name = key[len(bases) :].decode() if key.startswith(bases) else None
+                on_event(name, kv.value if event.kind == rtypes.EventKind.PUT else None, kv.mod_revision)
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise Compacted(detail=f"revision {start} (compacted below {exc.compacted_revision})") from None
+
+
+class Compacted(errors.NbdcloneError):
+    template = "etcd no longer has the changes a watch asked for: {detail}"
 
 
 def run(config: FleetConfig, work: Callable[[FleetCatalog], Awaitable[T]]) -> T:

@@ -3,8 +3,13 @@
     lease   the host's key in etcd lives under a lease of LEASE_TTL seconds, refreshed every LEASE_TTL/5;
             after each refresh, run/fleet-lease.json says until when this host may serve and which clones
             it owns (lease.py: the workers' fence). A new supervisor resumes the lease etcd still has.
-    sync    an etcd watch on the fleet wakes a sync of this host's store (sync.py): at start, on every
-            change, and every FOLLOW_EVERY seconds in case an event was lost
+    view    the fleet's bases, as etcd's standard pattern keeps a copy: one paged list of bases/ at a
+            revision R, then the watch of the fleet's prefix from R + 1, each event applied in order; a
+            lost watch resumes from the last revision applied (its events again: applying one twice
+            changes nothing), a compacted one lists again
+    sync    each event wakes a sync of this host's store (sync.py) from the view: at start, on every
+            change, and every FOLLOW_EVERY seconds; it reads from etcd only this host's clones, so a flip
+            costs a host the same with 10 clone records or 100,000
 
 etcd or Ceph down: the error is logged and retried; serving goes on while the lease holds (an etcd restart
 is far shorter than LEASE_TTL); flips and creates wait for etcd with a clear error.
@@ -16,11 +21,12 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nbdclone import errors
 from nbdclone.fleet import lease as lease_file
-from nbdclone.fleet.catalog import FleetCatalog
+from nbdclone.fleet.catalog import Compacted, FleetCatalog
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
 from nbdclone.fleet.fetch import Fetcher
 from nbdclone.fleet.sync import sync
@@ -120,6 +126,55 @@ async def keep_lease(
             await _sleep(stop, LEASE_RETRY)
 
 
+class View:
+    """The keys under the fleet's bases/ (without the prefix) as of `revision`, but other hosts' holds (a
+    sync needs this host's only: the view stays the size of the bases' records, whatever the number of
+    hosts); `listed` once a list has filled it. Kept by `follow` on its event loop; a sync gets a copy."""
+
+    def __init__(self, host: str) -> None:
+        self.mine = "/" + host
+        self.keys: dict[str, bytes] = {}
+        self.revision = 0  # where a resumed watch starts: the last revision applied (its events again
+        # change nothing), or the list's + 1
+        self.listed = False
+
+    def _others(self, key: str) -> bool:
+        return "/holds/" in key and not key.endswith(self.mine)
+
+    def load(self, revision: int, keys: dict[str, bytes]) -> None:
+        self.keys = {k: v for k, v in keys.items() if not self._others(k)}
+        self.revision, self.listed = revision + 1, True
+
+    def apply(self, key: str | None, value: bytes | None, revision: int) -> None:
+        if key is not None and not self._others(key):
+            if value is None:
+                self.keys.pop(key, None)
+            else:
+                self.keys[key] = value
+        self.revision = revision
+
+    async def keep(self, config: FleetConfig, stop: asyncio.Event, on_change: Callable[[], None]) -> None:
+        """List, then follow the watch, until `stop`; `on_change()` after the list and after each event."""
+        while not stop.is_set():
+            try:
+                async with FleetCatalog(config) as catalog:
+                    if not self.listed:
+                        self.load(*await catalog.base_keys())
+                    on_change()  # whatever changed while the watch was down
+
+                    def event(key: str | None, value: bytes | None, revision: int) -> None:
+                        self.apply(key, value, revision)
+                        on_change()
+
+                    await catalog.watch(self.revision, event)
+            except Compacted as exc:
+                log.warning("fleet %s: %s; listing the bases again", config.name, exc)
+                self.listed = False
+            except Exception as exc:  # etcd down or the watch cut: resumed where it stopped
+                log.warning("fleet %s: etcd watch lost (%s); retrying", config.name, exc)
+                await _sleep(stop, RETRY)
+
+
 async def follow(
     store: Store, config: FleetConfig, stop: asyncio.Event, fetcher: Fetcher | None = None, lease: Any = None
 ) -> None:
@@ -127,23 +182,14 @@ async def follow(
     wake.set()
     changed = asyncio.Event()
     warmed: set[str] = set()  # versions whose trace this server has read into the cache
+    view = View(config.host)
 
     def on_change() -> None:
         wake.set()
         changed.set()
 
-    async def watch() -> None:
-        while not stop.is_set():
-            try:
-                async with FleetCatalog(config) as catalog:
-                    on_change()  # whatever changed while the watch was down
-                    await catalog.watch(on_change)
-            except Exception as exc:  # etcd down or the watch cut: retried
-                log.warning("fleet %s: etcd watch lost (%s); retrying", config.name, exc)
-                await _sleep(stop, RETRY)
-
     keeping = keep_lease(store, config, stop, wake, changed, lease)
-    tasks = [asyncio.ensure_future(watch()), asyncio.ensure_future(keeping)]
+    tasks = [asyncio.ensure_future(view.keep(config, stop, on_change)), asyncio.ensure_future(keeping)]
     try:
         while not stop.is_set():
             waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}
@@ -154,7 +200,8 @@ async def follow(
                 break
             wake.clear()
             try:
-                report = await asyncio.to_thread(sync, store, config, warmed=warmed)
+                bases = dict(view.keys) if view.listed else None  # (a copy: the watch goes on meanwhile)
+                report = await asyncio.to_thread(sync, store, config, warmed=warmed, bases=bases)
             except errors.NbdcloneError as exc:
                 log.error("fleet %s: sync failed (%s); serving the last view", config.name, exc)
                 await _sleep(stop, RETRY)

@@ -21,6 +21,7 @@ bounded time); what a host has fetched, and every version's boot trace it staged
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -119,7 +120,7 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BaseView:
     """One fleet base as a sync reads it."""
 
@@ -127,6 +128,28 @@ class BaseView:
     current: str | None
     traces: dict[str, str]  # version -> its boot trace object
     retiring: set[str]  # versions being removed from the fleet
+
+
+def parse_bases(keys: dict[str, bytes], host: str) -> tuple[dict[str, BaseView], set[tuple[str, str]]]:
+    """The fleet's bases from the keys under bases/ (catalog.base_keys, or a follower's view of them), and
+    the (base, version) pairs `host` holds."""
+    out: dict[str, BaseView] = {}
+    held: set[tuple[str, str]] = set()
+    for key, value in keys.items():
+        name, _, rest = key.partition("/")
+        kind, _, tail = rest.partition("/")
+        b = out.setdefault(name, BaseView({}, None, {}, set()))
+        if kind == "current":
+            b.current = value.decode()
+        elif kind == "versions":
+            b.versions[tail] = FleetVersion(**json.loads(value))
+        elif kind == "traces":
+            b.traces[tail] = value.decode()
+        elif kind == "retiring":
+            b.retiring.add(tail)
+        elif kind == "holds" and tail.partition("/")[2] == host:
+            held.add((name, tail.partition("/")[0]))
+    return out, held
 
 
 def sync(
@@ -137,6 +160,7 @@ def sync(
     only: bool = False,
     new_clone: bool = False,
     warmed: set[str] | None = None,
+    bases: dict[str, bytes] | None = None,
 ) -> SyncReport:
     """Stage every fleet base's current version and the versions newer than it (so a flip finds every
     host ready), and the `also` versions (base -> ids; for a `new_clone`, not one being removed); share
@@ -146,16 +170,13 @@ def sync(
     stage just the `also` versions and do nothing else."""
 
     async def read(c: FleetCatalog) -> tuple[dict[str, BaseView], dict[str, Any], set[tuple[str, str]]]:
-        """The fleet's state, over one etcd connection."""
-        out = {}
-        for base in await c.bases():
-            current = await c.current(base)
-            versions, traces, retiring = await c.versions(base), await c.traces(base), await c.retiring(base)
-            out[base] = BaseView(versions, current[0] if current else None, traces, retiring)
+        """The fleet's state, over one etcd connection: the bases from `bases` (a follower's view: no
+        read) or one paged list of them."""
+        out, held = parse_bases(bases if bases is not None else (await c.base_keys())[1], config.host)
         # This host's clones, and the records of those it has or should have: not the fleet's every record.
         owned, local = await c.owned(config.host), store.catalog().clones.keys()
         clones = {n: r for n in sorted(owned.keys() ^ local) if (r := await c.clone(n)) is not None}
-        return out, clones, await c.held(config.host, list(out))
+        return out, clones, held
 
     view, clones, held = fleet_catalog.run(config, read)
     report = SyncReport()

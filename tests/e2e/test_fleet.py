@@ -23,6 +23,7 @@ import pytest
 from nbdclone import errors
 from nbdclone.fleet.catalog import FleetCatalog, FlipLost
 from nbdclone.fleet.config import FleetConfig
+from nbdclone.fleet.follow import View
 from nbdclone.store import Store
 from nbdclone.store.layout import CRASH_AT_ENV
 from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_closed
@@ -392,6 +393,59 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
         h.shutdown()
     finally:
         server.stop()
+
+
+def test_a_host_s_view_of_the_bases_follows_the_watch_and_lists_again_after_compaction(fleet: FleetConfig) -> None:
+    """A follower's view of bases/ (one paged list, then the watch) equals a fresh list after puts, deletes
+    and a flip; a watch resumed from a revision etcd compacted meanwhile lists again (and only then)."""
+
+    async def scenario() -> None:
+        view, loads = View("h1"), []
+        load = view.load
+        view.load = lambda revision, keys: (loads.append(revision), load(revision, keys))  # type: ignore[method-assign]
+
+        async def keeping() -> asyncio.Task[None]:
+            task = asyncio.ensure_future(view.keep(fleet, asyncio.Event(), lambda: None))
+            while not view.listed:
+                await asyncio.sleep(0.02)
+            return task
+
+        async def agrees(c: FleetCatalog) -> None:
+            deadline = time.monotonic() + 10
+            while view.keys != {k: v for k, v in (await c.base_keys())[1].items() if not k.endswith("/h2")}:
+                assert time.monotonic() < deadline, "the view did not catch up"
+                await asyncio.sleep(0.05)
+
+        async with FleetCatalog(fleet) as c:
+            tx = c._client.transactions
+            for at in range(0, 2500, 100):  # more than one page
+                puts = [
+                    tx.put(c._key("bases", f"b{i % 5}", "versions", str(i)), b"v%d" % i) for i in range(at, at + 100)
+                ]
+                await c._client.transaction(compare=[], success=puts, failure=[])
+            task = await keeping()
+            assert len(view.keys) == 2500 and len(loads) == 1
+            await c._client.put(c._key("bases", "b1", "current"), b"7")
+            await c._client.delete(c._key("bases", "b2", "versions", "2"))
+            await c._client.put(c._key("clones", "x"), b"{}")  # not a base key: wakes, is not kept
+            await c._client.put(c._key("bases", "b1", "holds", "7", "h1"), b"1")  # this host's hold: kept
+            await c._client.put(c._key("bases", "b1", "holds", "7", "h2"), b"1")  # another's: not kept
+            await agrees(c)
+            assert view.keys["b1/current"] == b"7" and "b2/versions/2" not in view.keys
+            assert "b1/holds/7/h1" in view.keys and "b1/holds/7/h2" not in view.keys
+            task.cancel()
+            stale = view.revision
+            await c._client.put(c._key("bases", "b1", "current"), b"9")
+            await c._client.delete(c._key("bases", "b3", "versions", "3"))
+            newest, _ = await c.base_keys()
+            await c._client.compact(newest)
+            task = await keeping()
+            await agrees(c)
+            assert len(loads) == 2 and loads[1] >= newest > stale  # listed again, at or after the compaction
+            assert view.keys["b1/current"] == b"9"
+            task.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_fleet_commands_fail_clearly_without_a_fleet(tmp_path: Path, fleet: FleetConfig) -> None:
