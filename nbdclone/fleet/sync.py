@@ -181,6 +181,8 @@ def sync(
     view, clones, held = fleet_catalog.run(config, read)
     report = SyncReport()
     warmed = set() if warmed is None else warmed
+    if not only:  # a flip to a version staged here already (newer ones are, ahead) waits on nothing in Ceph
+        _follow_pointers(store, view, report)
     with Objects(config) as objects:
         for base, b in sorted(view.items()):
             wanted = (also or {}).get(base, set())
@@ -197,12 +199,8 @@ def sync(
                 stage(store, objects, base, b.versions[vid], report)
                 if not only:
                     _share_trace(store, config, objects, base, vid, b.traces.get(vid), warmed, report)
-            if b.current is not None and not only and base in store.catalog().bases:
-                old = store.current_version(store.get_base(base))
-                if old != b.current:
-                    store.promote(base, b.current)
-                    report.moved.append((base, old, b.current))
         if not only:
+            _follow_pointers(store, view, report)  # (those whose version was staged just now)
             from nbdclone.fleet.move import reconcile
 
             report.clones = reconcile(store, config, objects, clones)
@@ -212,6 +210,18 @@ def sync(
             _tell_held(store, config, view, held)
         report.reads, report.read_bytes = objects.reads, objects.read_bytes
     return report
+
+
+def _follow_pointers(store: Store, view: dict[str, BaseView], report: SyncReport) -> None:
+    """Point each local base at the fleet's current version, where this store holds that version."""
+    for base, b in sorted(view.items()):
+        record = store.catalog().bases.get(base)
+        if b.current is None or record is None or b.current not in record.versions:
+            continue
+        old = store.current_version(record)
+        if old != b.current:
+            store.promote(base, b.current)
+            report.moved.append((base, old, b.current))
 
 
 def _drop_retiring(store: Store, view: dict[str, BaseView]) -> list[str]:

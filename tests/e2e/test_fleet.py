@@ -448,6 +448,35 @@ def test_a_host_s_view_of_the_bases_follows_the_watch_and_lists_again_after_comp
     asyncio.run(scenario())
 
 
+def test_a_flip_reaches_a_host_that_cannot_reach_ceph(
+    tmp_path: Path, fleet: FleetConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose Ceph cannot be reached still follows a flip to a version it staged ahead (a sync stages
+    the versions newer than the current one): its pointer moves before anything asks Ceph, and the sync
+    then fails in one line."""
+    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    for v in ("1", "2"):
+        make_image(tmp_path / f"v{v}.raw", 4 * MiB, [(0, MiB)], seed=30 + int(v))
+    hosts = {h: tmp_path / h for h in ("h1", "h2")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    for v in ("1", "2"):
+        cli("base", "import", "gold", str(tmp_path / f"v{v}.raw"), store=hosts["h1"])
+    cli("fleet", "sync", store=hosts["h2"])  # stages 1 (current) and 2 (newer, ahead of a flip)
+    assert _current(hosts["h2"], "gold") == "1"
+    conf = Path(fleet.ceph_conf).read_text()
+    dead = tmp_path / "dead-ceph.conf"  # a monitor nobody listens on: librados cannot connect
+    dead.write_text(
+        "\n".join("mon host = 127.0.0.1:9" if ln.startswith("mon host") else ln for ln in conf.splitlines())
+    )
+    settings = json.loads((hosts["h2"] / "fleet.json").read_text())
+    (hosts["h2"] / "fleet.json").write_text(json.dumps({**settings, "ceph_conf": str(dead)}))
+    cli("base", "promote", "gold", "2", store=hosts["h1"])
+    synced = cli("fleet", "sync", store=hosts["h2"], check=False)
+    assert synced.returncode == 1 and synced.stderr.count("\n") == 1 and "Ceph" in synced.stderr, synced.stderr
+    assert _current(hosts["h2"], "gold") == "2"
+
+
 def test_fleet_commands_fail_clearly_without_a_fleet(tmp_path: Path, fleet: FleetConfig) -> None:
     bad = cli("fleet", "sync", store=tmp_path / "alone", check=False)
     assert bad.returncode == 1 and "is in no fleet" in bad.stderr and bad.stderr.count("\n") == 1
