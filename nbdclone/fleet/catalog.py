@@ -226,17 +226,6 @@ class FleetCatalog:
         """`host` removed version `vid` from its store."""
         await self._call("let go", self._client.delete(self._holds_prefix(base, vid) + host.encode()))
 
-    async def held(self, host: str, bases: list[str] | None = None) -> set[tuple[str, str]]:
-        """The (base, version) pairs `host` says it holds (of `bases`, all by default)."""
-        out: set[tuple[str, str]] = set()
-        for base in bases if bases is not None else await self.bases():
-            prefix = self._key("bases", base, "holds", "")
-            for kv in await self._scan("holds", prefix, keys_only=True):
-                vid, _, who = kv.key[len(prefix) :].decode().partition("/")
-                if who == host:
-                    out.add((base, vid))
-        return out
-
     async def holders(self, base: str, vid: str) -> list[str]:
         prefix = self._holds_prefix(base, vid)
         found = await self._scan("holds", prefix, keys_only=True)

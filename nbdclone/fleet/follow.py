@@ -134,8 +134,9 @@ class View:
     def __init__(self, host: str) -> None:
         self.mine = "/" + host
         self.keys: dict[str, bytes] = {}
-        self.revision = 0  # where a resumed watch starts: the last revision applied (its events again
-        # change nothing), or the list's + 1
+        # Where a resumed watch starts: the last revision applied (its events again change nothing), or
+        # the list's + 1.
+        self.revision = 0
         self.listed = False
 
     def _others(self, key: str) -> bool:

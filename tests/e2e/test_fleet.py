@@ -13,15 +13,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import nbd
 import pytest
 
 from nbdclone import errors
-from nbdclone.fleet.catalog import FleetCatalog, FlipLost
+from nbdclone.fleet.catalog import FleetCatalog, FlipLost, run
 from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.follow import View
 from nbdclone.store import Store
@@ -31,7 +30,6 @@ from tests.helpers import NBDCLONE, Server, cli, make_image, pread_all, wait_clo
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 SIZE = 24 * MiB
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -336,12 +334,7 @@ def _fill(fleet: FleetConfig, n: int, host: str) -> None:
             puts = [tx.put(c._key("clones", f"elsewhere-{i:06d}"), value.encode()) for i in range(at, min(n, at + 100))]
             await c._client.transaction(compare=[], success=puts, failure=[])
 
-    asyncio.run(_with_catalog(fleet, fill))
-
-
-async def _with_catalog(fleet: FleetConfig, work: Callable[[FleetCatalog], Awaitable[T]]) -> T:
-    async with FleetCatalog(fleet) as c:
-        return await work(c)
+    run(fleet, fill)
 
 
 def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path, fleet: FleetConfig) -> None:
@@ -351,8 +344,8 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
     before the index) rebuilds it when its server starts."""
     _fill(fleet, 40_000, "elsewhere")
     with pytest.raises(Exception, match=r"RESOURCE_EXHAUSTED|larger than max"):
-        asyncio.run(_with_catalog(fleet, lambda c: c._client.get_prefix(c._key("clones", ""))))
-    assert len(asyncio.run(_with_catalog(fleet, lambda c: c.clones()))) == 40_000
+        run(fleet, lambda c: c._client.get_prefix(c._key("clones", "")))
+    assert len(run(fleet, lambda c: c.clones())) == 40_000
 
     v1 = make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=11)
     v2 = make_image(tmp_path / "v2.raw", 4 * MiB, [(0, MiB)], seed=12)
@@ -362,7 +355,7 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
     server = Server(store, tmp_path / "h1.sock").start()
     try:
         cli("clone", "create", "mine", "--base", "gold", store=store)
-        assert asyncio.run(_with_catalog(fleet, lambda c: c.owned("h1"))) == {"mine": 1}
+        assert run(fleet, lambda c: c.owned("h1")) == {"mine": 1}
         h = server.connect("mine")
         assert pread_all(h, 4 * MiB) == v1
         h.shutdown()
@@ -379,11 +372,11 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
         wait_closed(store, "mine")
     finally:
         server.stop()
-    asyncio.run(_with_catalog(fleet, lambda c: c._client.delete(c._owner_key("h1", "mine"))))
+    run(fleet, lambda c: c._client.delete(c._owner_key("h1", "mine")))
     server = Server(store, tmp_path / "h1.sock").start()
     try:
         deadline = time.monotonic() + 30
-        while asyncio.run(_with_catalog(fleet, lambda c: c.owned("h1"))) != {"mine": 1}:
+        while run(fleet, lambda c: c.owned("h1")) != {"mine": 1}:
             assert time.monotonic() < deadline, server.log
             time.sleep(0.2)
         assert any("1 owner index entries set" in line for line in server.log)
