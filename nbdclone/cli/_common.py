@@ -16,6 +16,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemai
 
 import nbdclone
 from nbdclone import errors
+from nbdclone.host import Host, open_host
+from nbdclone.store import Store
 from nbdclone.store.layout import check_place, default_store
 
 app = typer.Typer(
@@ -164,6 +166,16 @@ _show_progress: list[bool | None] = [None]  # --progress / --no-progress; None: 
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def host_of(path: Path | str) -> Host:
+    """The command's host (nbdclone/host.py): a single host, or a fleet host if the store joined one."""
+    return open_host(path, say=done.note)
+
+
+def open_store(path: Path | str) -> Store:
+    """The command's store, opened by its host (a fleet host's can fetch chunks with no server running)."""
+    return host_of(path).store
 
 
 def parse_size(text: str) -> int:

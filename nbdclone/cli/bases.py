@@ -19,16 +19,17 @@ from nbdclone.cli._common import (
     base_app,
     complete_base,
     done,
+    host_of,
     human,
+    open_store,
     out,
     print_json,
     progress_bar,
     record_dict,
     updater,
 )
-from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
-from nbdclone.store.catalog import BaseRecord, parse_base_ref, validate_name
+from nbdclone.store.catalog import BaseRecord, parse_base_ref
 from nbdclone.store.chunks import CHUNK
 
 
@@ -61,31 +62,25 @@ def base_import(
     later ones become current with 'nbdclone base promote'. The image is checked first: a damaged qcow2,
     or one that reads a file not named with --allow-backing, is refused.
     """
-    st = Store(store)
+    host = host_of(store)
+    st = host.store
     if allow_backing and (images.HTTP_URL.match(source) or images.NBD_URI.match(source)):
         raise errors.InvalidArgument(detail="--allow-backing is for qcow2 files, not URLs")
-    fleet = fleet_config.load(st.path)
     with progress_bar() as bar:
         task = bar.add_task(f"importing {name}", total=None)
         report = updater(bar, task)
 
-        def local_import(vid: str | None) -> tuple[BaseRecord, str]:
+        def local_import(vid: str | None) -> str:
             if images.HTTP_URL.match(source):
-                return images.import_url(st, name, source, report, vid=vid)
+                return images.import_url(st, name, source, report, vid=vid)[1]
             if images.NBD_URI.match(source):
-                return images.import_nbd(st, name, source, report, vid=vid)
-            return images.import_base(st, name, Path(source), report, allow_backing=allow_backing or (), vid=vid)
+                return images.import_nbd(st, name, source, report, vid=vid)[1]
+            path = Path(source)
+            return images.import_base(st, name, path, report, allow_backing=allow_backing or (), vid=vid)[1]
 
-        if fleet is None:
-            record, vid = local_import(None)
-        else:  # the fleet numbers the version; its chunks and map go to RADOS before etcd names it
-            from nbdclone.fleet import sync as fleet_sync
-
-            validate_name("base", name)
-            vid, _ = fleet_sync.import_version(st, fleet, name, local_import)
-            record = st.get_base(name)
-    version = record.versions[vid]
-    current = _fleet_current(fleet, name) if fleet is not None else st.current_version(record)
+        vid = host.import_version(name, local_import)
+    version = st.get_base(name).versions[vid]
+    current = host.current(name)
     state = (
         "current" if current == vid else f"current is still {current}; flip with: nbdclone base promote {name} {vid}"
     )
@@ -98,7 +93,7 @@ def base_import(
 def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
     """List every version of every base: size, space shared with other versions and held only by it,
     which version is current, and how many clones use it."""
-    st = Store(store)
+    st = open_store(store)
     if base is not None:
         st.get_base(base)
     rows = [record_dict(v) for v in st.version_stats() if not v.owner and (base is None or v.base == base)]
@@ -126,22 +121,6 @@ def base_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: B
         out.print(f"chunk store: {human(pack.stat().st_blocks * 512)} on disk")
 
 
-def _wait_warm(fleet: fleet_config.FleetConfig, name: str, vid: str, share: float, timeout: float) -> None:
-    from nbdclone.fleet import catalog as fleet_catalog
-
-    deadline = time.monotonic() + timeout
-    while True:
-        warm, live = fleet_catalog.run(fleet, lambda c: c.warm_share(name, vid))
-        if live and warm >= share * live:
-            done.note(f"{name}@{vid} is warm on {warm} of {live} live host(s)")
-            return
-        if time.monotonic() > deadline:
-            raise errors.NbdcloneError(
-                detail=f"{name}@{vid} is warm on {warm} of {live} live host(s) after {timeout:.0f} s; nothing flipped"
-            )
-        time.sleep(0.5)
-
-
 @base_app.command("promote")
 def base_promote(
     name: BaseArg,
@@ -162,19 +141,9 @@ def base_promote(
     """Make VERSION the current version of base NAME: every clone following NAME moves to it on its next
     first connection (dropping its writes), once no client may come back to the version it is on (its
     last connection closed while the server ran). One atomic rename, whatever the number of clones."""
-    st = Store(store)
-    fleet = fleet_config.load(st.path)
-    if fleet is not None:  # the fleet's pointer first (one etcd transaction), then this host's
-        from nbdclone.fleet import catalog as fleet_catalog
-        from nbdclone.fleet import sync as fleet_sync
-
-        validate_name("base", name)
-        fleet_sync.sync(st, fleet, also={name: {version}})
-        if wait_warm is not None:
-            _wait_warm(fleet, name, version, wait_warm, wait_timeout)
-        fleet_catalog.run(fleet, lambda c: c.promote(name, version))
-    old = st.promote(name, version)
-    now, wait = st.moves(name)
+    host = host_of(store)
+    old = host.promote(name, version, wait_warm=wait_warm, wait_timeout=wait_timeout)
+    now, wait = host.store.moves(name)
     text = (
         f"{name}: current version {old} -> {version}\n"
         f"{len(now)} clone(s) move at their next connection; {len(wait)} wait until their clients are gone"
@@ -193,8 +162,8 @@ def base_publish(
 ) -> None:
     """Make CLONE's contents (as a client reads them now) the next version of base NAME (a new base if NAME
     does not exist). Only the chunks the clone changed are read and stored. Refused while CLONE has clients."""
-    st = Store(store)
-    fleet = fleet_config.load(Path(store).absolute())
+    host = host_of(store)
+    st = host.store
     written = [0]
     with progress_bar() as bar:
         task = bar.add_task(f"publishing {clone}", total=None)
@@ -203,21 +172,11 @@ def base_publish(
             _, got, written[0] = lineage.publish_clone(st, name, clone, updater(bar, task), vid=vid)
             return got
 
-        if fleet is None:
-            vid = local_publish(None)
-        else:  # numbered by the fleet; its chunks and map go to RADOS before etcd names it
-            from nbdclone.fleet import sync as fleet_sync
-
-            validate_name("base", name)
-            vid, _ = fleet_sync.import_version(st, fleet, name, local_publish)
+        vid = host.import_version(name, local_publish)
     text = f"{name}: version {vid} from clone {clone} ({human(written[0] * CHUNK)} of new chunks stored)"
     done(text, base=name, version=vid, clone=clone, new_chunks=written[0])
     if promote:
-        if fleet is not None:
-            from nbdclone.fleet import catalog as fleet_catalog
-
-            fleet_catalog.run(fleet, lambda c: c.promote(name, vid))
-        old = st.promote(name, vid)
+        old = host.flip(name, vid)
         now, wait = st.moves(name)
         text = f"{name}: current version {old} -> {vid}; {len(now)} clone(s) move now, {len(wait)} wait"
         done(text, base=name, old=old, current=vid, moving=now, waiting=wait)
@@ -240,41 +199,27 @@ def base_rm(
     """Remove a base (refused while a clone uses it), or one version (refused if current or in use). On a
     fleet host, a version of a fleet base is removed from the fleet: no host may flip to it or make new
     clones of it, each host drops its copy once no clone there uses it, and then the fleet forgets it."""
-    st = Store(store)
-    fleet = fleet_config.load(st.path)
     name, vid = parse_base_ref(ref)
-    if fleet is not None and name in _fleet_bases(fleet):
-        if vid is None:
-            raise errors.InvalidArgument(
-                detail=f"base {name!r} is the fleet's: remove its old versions with base rm {name}@VERSION"
-            )
-        from nbdclone.fleet import sync
-
-        holders = sync.retire(st, fleet, name, vid, wait)
-        if holders:
-            text = (
-                f"{ref} is being removed from fleet {fleet.name}; host(s) {', '.join(holders)} still hold it\n"
-                "it goes once their clones no longer use it ('nbdclone fleet status' shows it as retiring; "
-                "a host gone for good: 'nbdclone fleet forget HOST')"
-            )
-        else:
-            text = f"removed {ref} from fleet {fleet.name}; 'nbdclone fleet gc' frees its chunks"
-        done(text, base=name, version=vid, fleet=fleet.name, holders=holders)
+    removed = host_of(store).remove_base(ref, wait)
+    if not removed.fleet:
+        done(f"removed {ref}; freed {human(removed.freed)}", base=name, version=vid, freed=removed.freed)
         return
-    freed = st.remove_version(ref) if "@" in ref else st.remove_base(ref)
-    done(f"removed {ref}; freed {human(freed)}", base=name, version=vid, freed=freed)
-
-
-def _fleet_bases(fleet: fleet_config.FleetConfig) -> list[str]:
-    from nbdclone.fleet import catalog as fleet_catalog
-
-    return fleet_catalog.run(fleet, lambda c: c.bases())
+    holders = list(removed.holders)
+    if holders:
+        text = (
+            f"{ref} is being removed from fleet {removed.fleet}; host(s) {', '.join(holders)} still hold it\n"
+            "it goes once their clones no longer use it ('nbdclone fleet status' shows it as retiring; "
+            "a host gone for good: 'nbdclone fleet forget HOST')"
+        )
+    else:
+        text = f"removed {ref} from fleet {removed.fleet}; 'nbdclone fleet gc' frees its chunks"
+    done(text, base=name, version=vid, fleet=removed.fleet, holders=holders)
 
 
 @base_app.command("gc")
 def base_gc(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Remove every version that is not current and used by no clone, and free the chunks nothing uses."""
-    removed, freed = Store(store).gc()
+    removed, freed = open_store(store).gc()
     done(f"removed {', '.join(removed) or 'no versions'}; freed {human(freed)}", removed=removed, freed=freed)
 
 
@@ -291,16 +236,9 @@ def base_warm(
 ) -> None:
     """Read a version's recorded boot trace into the shared read cache now, before a boot storm."""
     t = time.monotonic()
-    which, nbytes = images.warm_version(Store(store), ref)
+    which, nbytes = images.warm_version(open_store(store), ref)
     took = time.monotonic() - t
     done(f"warmed {which}: {human(nbytes)} in {took:.2f} s", version=which, bytes=nbytes, seconds=round(took, 3))
-
-
-def _fleet_current(fleet: fleet_config.FleetConfig, name: str) -> str:
-    from nbdclone.fleet import catalog as fleet_catalog
-
-    current = fleet_catalog.run(fleet, lambda c: c.current(name))
-    return current[0] if current is not None else "-"
 
 
 trace_app = typer.Typer(help="A version's boot trace: what its clones' first boot read, prefetched since.")
@@ -321,7 +259,7 @@ def trace_show(
     """Show a version's boot trace: how many chunks and bytes each boot prefetches, and where they are."""
     from nbdclone.store.chunks import load_trace
 
-    st = Store(store)
+    st = open_store(store)
     record, vid, path = _trace_of(st, ref)
     trace = load_trace(path)
     runs: list[tuple[int, int]] = []  # (offset, length) of each run of chunks read one after another
@@ -357,14 +295,9 @@ def trace_clear(
     as_json: JsonOpt = False,
 ) -> None:
     """Forget a version's boot trace (here, and in the fleet): its next first boot records a new one."""
-    st = Store(store)
-    record, vid, path = _trace_of(st, ref)
-    path.unlink(missing_ok=True)
-    fleet = fleet_config.load(Path(store).absolute())
-    if fleet is not None:
-        from nbdclone.fleet import catalog as fleet_catalog
-
-        fleet_catalog.run(fleet, lambda c: c.clear_trace(record.name, vid))
+    host = host_of(store)
+    record, vid = host.store.resolve(ref)
+    host.clear_trace(record.name, vid)
     text = f"{record.name}@{vid}: boot trace cleared; the next first boot of a clone records one"
     done(text, base=record.name, version=vid)
 

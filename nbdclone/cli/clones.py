@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,9 @@ from nbdclone.cli._common import (
     complete_clone,
     done,
     err,
+    host_of,
     human,
+    open_store,
     out,
     parse_size,
     print_json,
@@ -28,9 +31,8 @@ from nbdclone.cli._common import (
     record_dict,
     updater,
 )
-from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store, images, lineage
-from nbdclone.store.catalog import is_own_base, parse_base_ref, slot_of, validate_name
+from nbdclone.store.catalog import is_own_base, slot_of
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
 from nbdclone.supervisor import server
@@ -57,20 +59,8 @@ def clone_create(
     clones in one step."""
     if sum(x is not None for x in (base, size, source)) != 1:
         raise errors.InvalidArgument(detail="give exactly one of --base BASE, --size SIZE or --from CLONE[@SNAP]")
-    st = Store(store)
-    fleet = fleet_config.load(Path(store).absolute())
-    if fleet is None:
-        _create(st, names, base, size, source, read_only)
-        return
-    from nbdclone.fleet import clones as fleet_clones
-
-    if base is not None:
-        _stage_from_fleet(st, base)
-    for name in names:
-        validate_name("clone", name)
-    with fleet_clones.claimed(fleet, st.path, names):  # the names are this host's in the fleet first
-        _create(st, names, base, size, source, read_only)
-    fleet_clones.wait_served(st, names)
+    host = host_of(store)
+    host.create_clones(names, base, lambda: _create(host.store, names, base, size, source, read_only))
 
 
 def _create(st: Store, names: list[str], base: str | None, size: str | None, source: str | None, ro: bool) -> None:
@@ -89,23 +79,6 @@ def _create(st: Store, names: list[str], base: str | None, size: str | None, sou
             done(f"created clone {record.name} {what}", clone=record.name, base=base, **blank)
     if len(records) > 20 and not done.as_json:
         done.note(f"... and {len(records) - 20} more")
-
-
-def _stage_from_fleet(st: Store, ref: str) -> None:
-    """On a fleet host, bring the base version a new clone needs here first (nothing if it is here)."""
-    fleet = fleet_config.load(st.path)
-    if fleet is None:
-        return
-    name, vid = parse_base_ref(ref)
-    local = st.catalog().bases.get(name)
-    if local is not None and vid is None:
-        return
-    from nbdclone.fleet import sync
-
-    if vid:  # even if it is here: not a version the fleet is removing
-        sync.sync(st, fleet, also={name: {vid}}, only=True, new_clone=True)
-    else:
-        sync.sync(st, fleet)
 
 
 def _clone_row(st: Store, rec: Any) -> dict[str, Any]:
@@ -138,7 +111,7 @@ def _version_label(r: dict[str, Any]) -> str:
 def clone_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
     """List the clones: base version, whether a move is pending, overlay size, whether it is open; with
     --json also each clone's NBD URI."""
-    st = Store(store)
+    st = open_store(store)
     if base is not None:
         st.get_base(base)
     cat = st.catalog()
@@ -167,7 +140,7 @@ def clone_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: 
 @clone_app.command("info")
 def clone_info(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Show a clone: its base version, bytes written and blocks held in its overlay."""
-    st = Store(store)
+    st = open_store(store)
     clone = images.open_clone_readonly(st, name)
     try:
         usage = clone.usage()
@@ -195,15 +168,15 @@ NamesArg = Annotated[
 ]
 
 
-def _each(names: list[str], store: Store, action: Any, text: str) -> None:
-    """Do `action(name)` for each clone, all checked to exist first; report each (`text` formatted with
-    the clone's name and the fields the action returns, if any); exit 1 if any failed."""
+def _each(names: list[str], check: Callable[[str], object], action: Any, text: str) -> None:
+    """Do `action(name)` for each clone, all checked to exist first (`check`); report each (`text` formatted
+    with the clone's name and the fields the action returns, if any); exit 1 if any failed."""
     if not names:
         raise errors.InvalidArgument(detail="name at least one clone")
     if len(set(names)) != len(names):
         raise errors.InvalidArgument(detail="a clone name is given twice")
     for name in names:
-        store.get_clone(name)  # an unknown name fails the command before anything changes
+        check(name)  # an unknown name fails the command before anything changes
     failed = 0
     for name in names:
         try:
@@ -223,8 +196,8 @@ def _each(names: list[str], store: Store, action: Any, text: str) -> None:
 @clone_app.command("reset")
 def clone_reset(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Drop every write of the clones: each reads as its base version again. Refused for a connected one."""
-    st = Store(store)
-    _each(names or [], st, st.reset_clone, "reset clone {name}: its writes are gone")
+    st = open_store(store)
+    _each(names or [], st.get_clone, st.reset_clone, "reset clone {name}: its writes are gone")
 
 
 @clone_app.command("upgrade")
@@ -238,7 +211,7 @@ def clone_upgrade(
     as_json: JsonOpt = False,
 ) -> None:
     """Move clones to another version of their base now. Their writes are dropped."""
-    st = Store(store)
+    st = open_store(store)
     if all_pending:
         if names or to:
             raise errors.InvalidArgument(detail="--all-pending takes no names and no --to")
@@ -251,31 +224,21 @@ def clone_upgrade(
         old, new = st.upgrade_clone(name, to)
         return {"old": old, "new": new}
 
-    _each(names or [], st, upgrade, "clone {name}: version {old} -> {new}; its writes were dropped")
+    _each(names or [], st.get_clone, upgrade, "clone {name}: version {old} -> {new}; its writes were dropped")
 
 
 @clone_app.command("rename")
 def clone_rename(old: CloneArg, new: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Rename a clone (its NBD export name too); its writes and its socket stay. Refused while connected."""
-    Store(store).rename_clone(old, new)
+    open_store(store).rename_clone(old, new)
     done(f"renamed clone {old} to {new}", clone=new, old=old)
 
 
 @clone_app.command("rm")
 def clone_rm(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Remove clones and their writes. Refused for a connected one."""
-    st = Store(store)
-    fleet = fleet_config.load(Path(store).absolute())
-    if fleet is None:
-        _each(names or [], st, st.remove_clone, "removed clone {name}")
-        return
-    from nbdclone.fleet import clones as fleet_clones
-
-    def remove(name: str) -> None:
-        st.remove_clone(name)
-        fleet_clones.release(fleet, name)  # after: a crash between leaves a claim 'fleet sync' can drop
-
-    _each(names or [], st, remove, "removed clone {name}")
+    host = host_of(store)
+    _each(names or [], host.check_clone, host.remove_clone, "removed clone {name}")
 
 
 class ExportFormat(enum.StrEnum):
@@ -292,7 +255,7 @@ def clone_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the clone's disk, as its clients see it, to a new sparse raw or qcow2 file."""
-    st = Store(store)
+    st = open_store(store)
     fmt_lit: Literal["raw", "qcow2"] = "qcow2" if fmt is ExportFormat.qcow2 else "raw"
     with progress_bar() as bar:
         task = bar.add_task(f"exporting {name}", total=None)
@@ -308,7 +271,7 @@ def clone_snapshot(
 ) -> None:
     """Take snapshot SNAP of clone NAME (its contents now, shared by content with everything else; refused
     while it has clients), or with 'rm', remove one."""
-    st = Store(store)
+    st = open_store(store)
     if len(args) == 3 and args[0] == "rm":
         freed = lineage.remove_snapshot(st, args[1], args[2])
         text = f"removed snapshot {args[2]} of clone {args[1]} ({human(freed)} freed)"
@@ -329,7 +292,7 @@ def clone_snapshots(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: Js
     """List clone NAME's snapshots, oldest first, and the one its writes started from."""
     rows: list[dict[str, Any]] = [
         {"name": snap, "version": v.id, "size": v.size, "created": v.created, "new_chunks": v.new_chunks, "on": on}
-        for snap, v, on in lineage.snapshots(Store(store), name)
+        for snap, v, on in lineage.snapshots(open_store(store), name)
     ]
     if as_json:
         print_json(rows, items="snapshots")
@@ -343,7 +306,7 @@ def clone_snapshots(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: Js
 @clone_app.command("rollback")
 def clone_rollback(name: CloneArg, snap: str, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Make clone NAME read as its snapshot SNAP again; its writes since are dropped. Refused while connected."""
-    lineage.rollback(Store(store), name, snap)
+    lineage.rollback(open_store(store), name, snap)
     done(f"clone {name}: rolled back to snapshot {snap}", clone=name, snapshot=snap)
 
 
@@ -351,14 +314,14 @@ def clone_rollback(name: CloneArg, snap: str, store: StoreOpt = DEFAULT_STORE, a
 def clone_flatten(names: NamesArg = None, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Make clones independent of their base's version (which can then be removed): each one's contents
     become a version of its own, sharing every chunk by content. A clone stops following its base."""
-    st = Store(store)
+    st = open_store(store)
 
     def flatten(name: str) -> dict[str, Any]:
         vid = lineage.flatten(st, name)
         said = "it reads no base version already" if vid is None else "it no longer uses its base version"
         return {"version": vid, "result": said}
 
-    _each(names or [], st, flatten, "flattened clone {name}: {result}")
+    _each(names or [], st.get_clone, flatten, "flattened clone {name}: {result}")
 
 
 @clone_app.command("resize")
@@ -376,7 +339,7 @@ def clone_resize(
     new = parse_size(size)
     with progress_bar() as bar:
         task = bar.add_task(f"resizing {name}", total=None)
-        old = lineage.resize(Store(store), name, new, shrink=shrink, progress=updater(bar, task))
+        old = lineage.resize(open_store(store), name, new, shrink=shrink, progress=updater(bar, task))
     text = f"clone {name}: {human(old)} -> {human(new)}" if old != new else f"clone {name} is {human(new)} already"
     done(text, clone=name, old_size=old, size=new)
 
@@ -404,10 +367,5 @@ def clone_move(
     """Give a clone to another host of the fleet: its changes go through Ceph, its owner and epoch change
     in one etcd transaction, and the new host's server takes it up. Refused while it has clients here
     (with --drain, once they have had SECONDS to leave)."""
-    from nbdclone.fleet import move
-
-    fleet = fleet_config.load(Path(store).absolute())
-    if fleet is None:
-        raise errors.InvalidArgument(detail=f"store {store} is in no fleet: there is no host to move a clone to")
-    epoch = move.move(Store(store), fleet, name, to, force=force, drain=drain)
+    epoch = host_of(store).move_clone(name, to, force=force, drain=drain)
     done(f"clone {name} is host {to}'s now (epoch {epoch})", clone=name, host=to, epoch=epoch)

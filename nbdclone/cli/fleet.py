@@ -10,7 +10,18 @@ import typer
 from rich.table import Table
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, JsonOpt, StoreOpt, app, done, human, out, parse_size, print_json
+from nbdclone.cli._common import (
+    DEFAULT_STORE,
+    JsonOpt,
+    StoreOpt,
+    app,
+    done,
+    human,
+    open_store,
+    out,
+    parse_size,
+    print_json,
+)
 from nbdclone.fleet import config as fleet_config
 from nbdclone.store import Store
 
@@ -56,8 +67,7 @@ def fleet_join(
     if names:  # this host's clones become its own in the fleet (all, or none and no join)
         from nbdclone.fleet import clones as fleet_clones
 
-        with fleet_clones.claimed(config, st.path, names):
-            pass
+        fleet_clones.claim(config, st.path, names)
     config = fleet_config.save(Path(store).absolute(), config)
     text = f"store {store} is host {config.host} of fleet {config.name} (etcd {config.etcd}, pool {pool})"
     done(text, store=str(store), host=config.host, fleet=config.name, etcd=config.etcd, pool=pool)
@@ -79,7 +89,7 @@ def fleet_sync(
     fleet's. A running server does it on every change by itself."""
     from nbdclone.fleet import sync
 
-    st = Store(store)
+    st = open_store(store)
     report = sync.sync(st, _config(st.path))
     filled = sync.fetch_all(st) if all_chunks else 0
     if as_json:
@@ -112,7 +122,7 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
     """The fleet's bases and versions, which is current, and which this host holds."""
     from nbdclone.fleet import catalog as fleet_catalog
 
-    st = Store(store)
+    st = open_store(store)
     config = _config(st.path)
 
     async def read(c: Any) -> list[dict[str, Any]]:

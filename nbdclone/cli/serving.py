@@ -27,12 +27,13 @@ from nbdclone.cli._common import (
     done,
     err,
     human,
+    open_store,
     out,
     parse_size,
     print_json,
 )
 from nbdclone.runtime import SLOTS, Address, RunDir
-from nbdclone.store import Store, images
+from nbdclone.store import images
 from nbdclone.store.cache import resident_bytes
 from nbdclone.store.catalog import slot_of
 from nbdclone.supervisor import metrics as metrics_view
@@ -76,7 +77,7 @@ def _address(store: Path, socket: Path | None, listen: str | None) -> Address | 
 
 def _clone_address(store: Path, socket: Path | None, listen: str | None, name: str) -> tuple[Address, int]:
     """Where clone `name` is served: the given address, else the running server's, else the last one's."""
-    st = Store(store)
+    st = open_store(store)
     st.get_clone(name)
     return _address(store, socket, listen) or server.address_of(st), slot_of(st.catalog(), name)
 
@@ -273,7 +274,7 @@ def serve(
     _log_to_journal(log_level.value)
 
     def ready(address: Address) -> None:
-        n = len(Store(store).catalog().clones)
+        n = len(open_store(store).catalog().clones)
         if address.listen is None:
             where = f"sockets {address.socket_path(0)}[.1-.{SLOTS - 1}]"
         else:
@@ -361,7 +362,7 @@ def domxml(
 @app.command()
 def reload(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Restart the running server's workers one at a time (to load a new nbdclone): clients reconnect."""
-    info = Store(store).server_info()
+    info = open_store(store).server_info()
     os.kill(int(info["pid"]), signal.SIGHUP)
     text = f"asked the server (pid {info['pid']}) to restart its {len(info['workers'])} worker(s)"
     done(text, pid=int(info["pid"]), workers=len(info["workers"]))
@@ -370,7 +371,7 @@ def reload(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
 @app.command()
 def stats(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """The running server: its shared read cache, its workers, and per clone the requests it served."""
-    st = Store(store)
+    st = open_store(store)
     _, workers = metrics_view.worker_records(st, RunDir(st.path))
     try:
         cache = json.loads(RunDir(st.path).cache_stats.read_text())
@@ -534,7 +535,7 @@ def demo(
     """Import the built-in demo base, make two clones of it, and serve them."""
     from nbdclone.demo import build_demo_image
 
-    st = Store(store)
+    st = open_store(store)
     cfg = _serve_config(store, socket, listen)
     cat = st.catalog()
     if "demo" not in cat.bases:

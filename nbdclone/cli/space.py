@@ -8,15 +8,25 @@ import typer
 from rich.table import Table
 
 from nbdclone import errors
-from nbdclone.cli._common import DEFAULT_STORE, BaseFilter, JsonOpt, StoreOpt, app, human, out, print_json, record_dict
-from nbdclone.store import Store
+from nbdclone.cli._common import (
+    DEFAULT_STORE,
+    BaseFilter,
+    JsonOpt,
+    StoreOpt,
+    app,
+    human,
+    open_store,
+    out,
+    print_json,
+    record_dict,
+)
 
 
 @app.command()
 def du(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False, base: BaseFilter = None) -> None:
     """Space at a glance: per base version, what it holds, shares and alone holds; per clone, what its
     writes take; and the store's totals on disk."""
-    st = Store(store)
+    st = open_store(store)
     if base is not None:
         st.get_base(base)
     versions = [record_dict(v) for v in st.version_stats() if base is None or v.base == base]
@@ -69,7 +79,7 @@ def check(
     overlays, orphans and leftovers of killed commands. Exits 1 if anything is still wrong."""
     from nbdclone.store.check import check as check_store
 
-    report = check_store(Store(store), repair=repair, purge=purge)
+    report = check_store(open_store(store), repair=repair, purge=purge)
     if as_json:
         print_json(report.as_dict())
     else:

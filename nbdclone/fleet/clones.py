@@ -1,11 +1,10 @@
 """A fleet's clones: each one is owned by one host, recorded in etcd with an epoch (catalog.py); the
-owner's workers serve it only while its lease holds (lease.py)."""
+owner's workers serve it only while its lease holds (lease.py). The orders that create, remove and move
+clones are in host.py."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from nbdclone import errors
@@ -17,12 +16,10 @@ from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 
 
-@contextlib.contextmanager
-def claimed(config: FleetConfig, store_path: Path, names: list[str]) -> Iterator[None]:
-    """Claim `names` for this host in etcd (all or none), for the body to create them here; if it fails,
-    the claims are given back."""
+def claim(config: FleetConfig, store_path: Path, names: list[str]) -> None:
+    """Record `names` in etcd as this host's clones: all, or none (the ones taken are given back)."""
 
-    async def claim(c: FleetCatalog) -> None:
+    async def claim_all(c: FleetCatalog) -> None:
         done: list[str] = []
         try:
             for name in names:
@@ -33,21 +30,17 @@ def claimed(config: FleetConfig, store_path: Path, names: list[str]) -> Iterator
                 await c.release_clone(name, config.host)
             raise
 
-    fleet_catalog.run(config, claim)
-    try:
-        yield
-    except BaseException:
-        fleet_catalog.run(config, lambda c: _release_all(c, config.host, names))
-        raise
+    fleet_catalog.run(config, claim_all)
 
 
-async def _release_all(c: FleetCatalog, host: str, names: list[str]) -> None:
-    for name in names:
-        await c.release_clone(name, host)
+def release(config: FleetConfig, names: list[str]) -> None:
+    """Forget clones `names` of this host in etcd."""
 
+    async def release_all(c: FleetCatalog) -> None:
+        for name in names:
+            await c.release_clone(name, config.host)
 
-def release(config: FleetConfig, name: str) -> None:
-    fleet_catalog.run(config, lambda c: c.release_clone(name, config.host))
+    fleet_catalog.run(config, release_all)
 
 
 def wait_served(store: Store, names: list[str], timeout: float = 15) -> None:

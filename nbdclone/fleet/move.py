@@ -15,9 +15,10 @@
             it holds owned by another (a takeover while it was frozen) deletes its copy once no
             connection has it open
 
-A crash before the switch leaves the source the owner, with the clone as it was (the manifest is unused).
-A crash after it leaves the target the owner, and its sync adopts; the source's sync drops its copy. So
-there is exactly one owner at every step, and the owner always has, or can get, the data.
+The order (ship, switch, clean) is host.py's: a crash before the switch leaves the source the owner, with
+the clone as it was (the manifest is unused); a crash after it leaves the target the owner, and its sync
+adopts; the source's sync drops its copy. So there is exactly one owner at every step, and the owner
+always has, or can get, the data.
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from nbdclone import errors
-from nbdclone.fleet import catalog as fleet_catalog
-from nbdclone.fleet.catalog import FleetCatalog
 from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.objects import FleetMap, Objects
 from nbdclone.store import Store
@@ -45,7 +43,6 @@ from nbdclone.store.catalog import CloneRecord, is_own_base, now
 from nbdclone.store.chunks import CHUNK, ChunkedBase
 from nbdclone.store.clone import EXTENT_DATA
 from nbdclone.store.images import open_clone_readonly
-from nbdclone.store.layout import crash_point
 from nbdclone.store.lineage import BLOCKS_PER_CHUNK
 
 log = logging.getLogger(__name__)
@@ -154,54 +151,8 @@ def adopt(store: Store, config: FleetConfig, objects: Objects, name: str, manife
     return record
 
 
-def move(store: Store, config: FleetConfig, name: str, to: str, *, force: bool = False, drain: float = 0.0) -> int:
-    """Give clone `name` to host `to`. Without `force`, this host must own it and it must be closed here,
-    or close within `drain` seconds (no new client may open it meanwhile); with `force` (a takeover), its
-    owner's lease must be gone and its store readable from here (shared storage). Returns the new epoch."""
-
-    async def look(c: FleetCatalog) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        record = await c.clone(name)
-        if record is None:
-            raise errors.CloneNotFound(name=name, store=f"fleet {config.name}")
-        return record, await c.host(to)
-
-    record, target = fleet_catalog.run(config, look)
-    if target is None:
-        raise errors.InvalidArgument(
-            detail=f"host {to!r} holds no lease in fleet {config.name}: is its server running?"
-        )
-    epoch = int(record["epoch"]) + 1
-    from nbdclone.fleet.gc import excluding_gc
-
-    with Objects(config) as objects, contextlib.ExitStack() as held, excluding_gc(config):
-        if force:
-            if record["host"] == config.host and to == config.host:
-                raise errors.InvalidArgument(detail=f"clone {name!r} is this host's already")
-            manifest = ship(Store(record["store"]), objects, name, ship_name(name, record, epoch))
-        else:
-            if record["host"] != config.host:
-                raise errors.InvalidArgument(detail=f"clone {name!r} is host {record['host']}'s: move it there")
-            if drain > 0:
-                held.enter_context(_draining(store, name, to, drain))
-            # Held to the end: no first connection here from the ship until the clone is gone from here.
-            held.enter_context(store.lock())
-            local = store.get_clone(name)
-            if store.is_open(local):
-                raise errors.CloneInUse(name=name)
-            manifest = ship(store, objects, name, ship_name(name, record, epoch))
-        crash_point("move-switch")
-        extra = {"ship": manifest, "store": target.get("store", ""), "id": record.get("id", "")}
-        new_epoch = fleet_catalog.run(config, lambda c: c.move_clone(name, record, to, extra, owner_gone=force))
-        crash_point("move-clean")
-        if not force:
-            cat = store.catalog()
-            store.write_catalog(replace(cat, clones={n: r for n, r in cat.clones.items() if n != name}))
-            shutil.rmtree(store.clone_dir(local), ignore_errors=True)
-    return new_epoch
-
-
 @contextlib.contextmanager
-def _draining(store: Store, name: str, to: str, seconds: float) -> Iterator[None]:
+def draining(store: Store, name: str, to: str, seconds: float) -> Iterator[None]:
     """Refuse new clients of the clone (clones/ID/leaving, lapsing at the deadline if this process dies)
     and wait up to `seconds` for its clients to go. The marker goes with the clone, or when the move fails."""
     record = store.get_clone(name)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import importlib
 import itertools
 import os
 import struct
@@ -63,11 +64,21 @@ def chunk_name(key: bytes) -> str:
     return "chunk." + key.hex()
 
 
+def _load_rados() -> None:
+    """Import librados now if it was missing when this module was (installed since: a test engine's setup)."""
+    global rados
+    if rados is None:
+        importlib.invalidate_caches()
+        with contextlib.suppress(ImportError):
+            rados = importlib.import_module("rados")
+    if rados is None:
+        raise errors.NbdcloneError(detail="fleet mode needs librados for Python: apt install python3-rados")
+
+
 class Objects:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        if rados is None:
-            raise errors.NbdcloneError(detail="fleet mode needs librados for Python: apt install python3-rados")
+        _load_rados()
         try:
             limits = {k: str(TIMEOUT) for k in ("rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout")}
             self._cluster = rados.Rados(conffile=config.ceph_conf, conf=limits)

@@ -2,6 +2,7 @@
 
     publish   a version the host imported (under the number the fleet reserved for it) goes to RADOS:
               its chunks put-if-absent under their SHA-256, then its map object; then etcd names it
+              (host.py, "import")
     stage     a version the fleet names comes to the host: its map object is read and checked, and the
               local store commits it under the fleet's number at once, without its bytes: each chunk
               the host's pack holds (found by its local digest, confirmed by SHA-256) shares that slot,
@@ -24,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from nbdclone.fleet.config import FleetConfig
 from nbdclone.fleet.objects import FleetMap, Objects, sha256
 from nbdclone.store import Store
 from nbdclone.store.cache import PackReader, digest
-from nbdclone.store.catalog import BaseRecord, now
+from nbdclone.store.catalog import BaseRecord
 from nbdclone.store.chunks import CHUNK, ZERO_SLOT, VersionMap, load_trace, write_trace
 from nbdclone.store.images import warm_version
 
@@ -56,45 +55,6 @@ class SyncReport:
     fetched: int = 0  # chunks filled from the fleet's trace objects
     reads: int = 0  # RADOS objects read (maps, traces, trace objects) and their bytes
     read_bytes: int = 0
-
-
-def import_version(
-    store: Store, config: FleetConfig, name: str, local_import: Callable[[str], object]
-) -> tuple[str, bool]:
-    """Import a version of base `name` into the fleet: reserve its number in etcd, run `local_import(vid)`
-    (an import into this host's store under that number), publish it. Returns the version and whether it
-    became current (a new base's first version)."""
-    from nbdclone.fleet.gc import excluding_gc
-
-    with excluding_gc(config):  # its chunks are dedup hits a gc must not take away before the map is named
-        vid = fleet_catalog.run(config, lambda c: c.reserve(name))
-        local_import(vid)
-        return vid, publish(store, config, name, vid)
-
-
-def publish(store: Store, config: FleetConfig, name: str, vid: str) -> bool:
-    """Put a local version's chunks and map in RADOS, then name it in etcd. Returns whether it became the
-    base's current version. A chunk staged from the fleet (chunks/remote names its slot) is there already."""
-    record = store.get_base(name)
-    vmap = store.version_map(record, vid, digests=True)
-    remote = store.chunks.remote.load()
-    with Objects(config) as objects:
-        stored = list(vmap.stored())
-        local = [(i, slot, key) for i, slot, key in stored if slot not in remote]
-        fd = os.open(store.chunks.pack, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            digests = objects.put_chunks(os.pread(fd, CHUNK, slot * CHUNK) for _, slot, _ in local)
-            shas = {i: digest for (i, _, _), digest in zip(local, digests, strict=True)}
-        finally:
-            os.close(fd)
-        entries = [(i, shas[i] if slot not in remote else remote[slot], key) for i, slot, key in stored]
-        raw = FleetMap(vmap.size, tuple(entries)).encode()
-        map_object = f"map.{name}.{vid}.{sha256(raw).hex()[:16]}"
-        objects.put_if_absent(map_object, raw)
-    version = FleetVersion(vid, vmap.size, now(), record.versions[vid].source, map_object, sha256(raw).hex())
-    current = fleet_catalog.run(config, lambda c: c.add_version(name, version))
-    log.info("published %s@%s to fleet %s (%d chunks)", name, vid, config.name, len(entries))
-    return current
 
 
 def stage(store: Store, objects: Objects, name: str, version: FleetVersion, report: SyncReport) -> bool:
@@ -214,14 +174,24 @@ def sync(
 
 def _follow_pointers(store: Store, view: dict[str, BaseView], report: SyncReport) -> None:
     """Point each local base at the fleet's current version, where this store holds that version."""
-    for base, b in sorted(view.items()):
+    current = {base: b.current for base, b in view.items() if b.current is not None}
+    report.moved += follow_flips(store, current)[0]
+
+
+def follow_flips(store: Store, current: dict[str, str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Point each base of `current` (base -> the fleet's current version) at it, where this store holds it:
+    (the moves made as (base, old, new), the bases whose version is not here)."""
+    moved, missing = [], []
+    for base, vid in sorted(current.items()):
         record = store.catalog().bases.get(base)
-        if b.current is None or record is None or b.current not in record.versions:
+        if record is None or vid not in record.versions:
+            missing.append(base)
             continue
         old = store.current_version(record)
-        if old != b.current:
-            store.promote(base, b.current)
-            report.moved.append((base, old, b.current))
+        if old != vid:
+            store.promote(base, vid)
+            moved.append((base, old, vid))
+    return moved, missing
 
 
 def _drop_retiring(store: Store, view: dict[str, BaseView]) -> list[str]:
@@ -262,23 +232,6 @@ def _tell_held(store: Store, config: FleetConfig, view: dict[str, BaseView], hel
 
     if here != held:
         fleet_catalog.run(config, tell)
-
-
-def retire(store: Store, config: FleetConfig, base: str, vid: str, wait: float) -> list[str]:
-    """Remove version `vid` of `base` from the fleet: mark it retiring (refused if current), let each host
-    drop its copy (its server's sync does; this host's is dropped now), then forget it once no host holds
-    it. Returns the hosts still holding it after `wait` seconds (it goes once they let go)."""
-    fleet_catalog.run(config, lambda c: c.retire(base, vid))
-    sync(store, config)  # this host lets go now (its server may not run)
-    deadline = time.monotonic() + wait
-    while True:
-        if fleet_catalog.run(config, lambda c: c.forget(base, vid)):
-            log.info("fleet %s: removed %s@%s (fleet gc frees its chunks)", config.name, base, vid)
-            return []
-        holders = fleet_catalog.run(config, lambda c: c.holders(base, vid))
-        if time.monotonic() > deadline:
-            return holders
-        time.sleep(0.2)
 
 
 def fetch_all(store: Store, batch: int = 1024) -> int:

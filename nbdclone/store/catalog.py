@@ -31,7 +31,7 @@ from nbdclone.runtime import SLOTS
 from nbdclone.store._sealed import read_sealed, read_sealed_json, seal_json
 from nbdclone.store.chunks import ChunkStore, VersionMap
 from nbdclone.store.layout import FLEET_FILE, STATE, Layout, write_atomic
-from nbdclone.store.remote import Fetch, FetchClient
+from nbdclone.store.remote import Fetch, FetchClient, FetchHere
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,10 @@ class Catalog:
 class CatalogStore(Layout):
     """A store's catalog and the records it names. Readers take no lock; writers hold lock()."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, fetch_here: FetchHere | None = None) -> None:
         super().__init__(path)
         self.chunks = ChunkStore(self.chunks_dir, self.clock_path, self.make)
+        self.fetch_here = fetch_here  # a fleet host's way to fetch with no server running (remote.py)
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
         # Why the last catalog() read the mirror (catalog.json is damaged or missing); None if it did not.
         self.damaged_catalog: errors.Damaged | None = None
@@ -233,7 +234,7 @@ class CatalogStore(Layout):
         """How this store's readers fill chunks staged but not fetched yet: a fleet host's fetcher
         (remote.py); None for a single-host store."""
         if (self.path / FLEET_FILE).exists() or self.chunks.remote.exists():
-            return FetchClient(self.path)
+            return FetchClient(self.path, self.fetch_here)
         return None
 
     def catalog(self) -> Catalog:

@@ -58,6 +58,10 @@ _ROW = struct.Struct("<Q32s")
 #: What a reader calls with the (slot, local digest) pairs it could not verify: on return each is filled,
 #: or it raises StorageError.
 Fetch = Callable[[list[tuple[int, bytes]]], None]
+#: How a process with no server to ask fetches chunks itself: (the store, the (slot, digest) pairs). The
+#: fleet's (fleet/fetch.py) is handed to the Store by whoever opens it (nbdclone/host.py): the storage core
+#: never imports the fleet.
+FetchHere = Callable[[Path, list[tuple[int, bytes]]], None]
 
 
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
@@ -246,8 +250,9 @@ class FetchClient:
 
     TIMEOUT = 120.0  # the fetcher bounds each fleet read itself (NBDCLONE_FLEET_TIMEOUT); this is a backstop
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, here: FetchHere | None = None) -> None:
         self.store = store
+        self.here = here
 
     def __call__(self, pairs: list[tuple[int, bytes]]) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -256,10 +261,11 @@ class FetchClient:
             try:
                 sock.connect(fetch_address(self.store))
             except ConnectionRefusedError:
-                from nbdclone.fleet.fetch import fetch_here  # no server: this process fetches
-
+                if self.here is None:
+                    detail = "no server runs for this store and this process was given no way to fetch"
+                    raise errors.StorageError(errno.EIO, what="fetching chunks from the fleet", detail=detail) from None
                 log.info("no fetcher is running for %s: fetching %d chunk(s) in this process", self.store, len(pairs))
-                fetch_here(self.store, pairs)
+                self.here(self.store, pairs)
                 return
             sock.sendall(_COUNT.pack(len(pairs)) + b"".join(_REQUEST.pack(s, k) for s, k in pairs))
             status, n = _REPLY.unpack(_recv(sock, _REPLY.size))

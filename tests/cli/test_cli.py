@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nbdclone import cli as cli_module
+from nbdclone.host import Host
 from nbdclone.supervisor import server as supervisor_server
 from tests.helpers import NBDCLONE, cli, make_image, snapshot
 
@@ -193,21 +194,23 @@ def test_lifecycle(tmp_path: Path, store: Path) -> None:
 
 def test_store_comes_from_the_environment(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
-    with mock.patch.object(cli_module.clones, "Store") as fake:
-        fake.return_value.catalog.return_value.clones = {}
+    with mock.patch.object(cli_module._common, "open_host") as fake:
+        fake.return_value.store.catalog.return_value.clones = {}
         result = runner.invoke(cli_module.app, ["clone", "list", "--json"], env={"NBDCLONE_STORE": str(store)})
     assert result.exit_code == 0, result.output
-    fake.assert_called_once_with(store)
+    fake.assert_called_once()
+    assert fake.call_args.args == (store,)
 
 
 def test_clone_create_passes_parsed_size_to_the_core(tmp_path: Path) -> None:
     runner = CliRunner()
-    with mock.patch.object(cli_module.clones, "Store") as fake:
-        fake.return_value.create_clones.return_value = [mock.Mock(base=None, size=10 << 30)]
+    store = mock.Mock()
+    store.create_clones.return_value = [mock.Mock(base=None, size=10 << 30)]
+    with mock.patch.object(cli_module._common, "open_host", return_value=Host(store)):  # a single host
         args = ["clone", "create", "d", "e", "--size", "10G", "--store", str(tmp_path)]
         result = runner.invoke(cli_module.app, args)
     assert result.exit_code == 0, result.output
-    fake.return_value.create_clones.assert_called_once_with(["d", "e"], base=None, size=10 << 30, readonly=False)
+    store.create_clones.assert_called_once_with(["d", "e"], base=None, size=10 << 30, readonly=False)
 
 
 @pytest.mark.parametrize(
