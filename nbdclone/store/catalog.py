@@ -219,6 +219,14 @@ class Catalog:
         return {n: b for n, b in self.bases.items() if not b.owner}
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class CatalogStore(Layout):
     """A store's catalog and the records it names. Readers take no lock; writers hold lock()."""
 
@@ -229,6 +237,9 @@ class CatalogStore(Layout):
         self._cached: tuple[tuple[int, int, int], Catalog] | None = None
         # Why the last catalog() read the mirror (catalog.json is damaged or missing); None if it did not.
         self.damaged_catalog: errors.Damaged | None = None
+        # The (inode, size, mtime) of catalog.json and its mirror when the lock last found them equal: both
+        # are only ever replaced (renamed over), so while neither changes, neither needs reading again.
+        self._mirror_checked: tuple[tuple[int, int, int] | None, ...] | None = None
 
     def fetcher(self) -> Fetch | None:
         """How this store's readers fill chunks staged but not fetched yet: a fleet host's fetcher

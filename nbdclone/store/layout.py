@@ -367,13 +367,18 @@ def write_atomic(path: Path, text: str, tmp_dir: Path, *, crash_hooks: bool = Fa
     tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
     if crash_hooks:
         crash_point("write")
+    data = text.encode()
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # (as open() made it)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if crash_hooks:
                 crash_point("fsync")
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if crash_hooks:
             crash_point("rename")
         os.rename(tmp, path)

@@ -11,6 +11,7 @@ from nbdclone.runtime import SLOTS
 from nbdclone.store import Store
 from nbdclone.store.catalog import slot_of, validate_name, worker_of
 from nbdclone.store.images import import_base
+from nbdclone.store.layout import write_atomic
 from tests.helpers import make_image, snapshot
 
 
@@ -188,3 +189,22 @@ def test_a_state_from_before_snapshots_keeps_its_writes_through_a_snapshot(store
     registry.close_all()
     assert got == expected
     assert store.version_users().get(("deb", "1")) is None  # the snapshot no longer needs deb@1
+
+
+def test_the_lock_writes_again_a_mirror_another_process_left_behind_after_it_last_checked(tmp_path: Path) -> None:
+    """The lock skips reading catalog.json and its mirror while neither was replaced since it found them
+    equal; a mirror another process left behind (a stop between the two renames) is still written again."""
+    st = Store(tmp_path / "s")
+    st.create_clones(["a"], base=None, size=1 << 20)
+    with st.lock():
+        pass  # found equal: remembered
+    assert st.mirror_path.read_bytes() == st.catalog_path.read_bytes()
+    other = Store(tmp_path / "s")  # another process
+    stale = other.mirror_path.read_text()
+    other.create_clones(["b"], base=None, size=1 << 20)
+    write_atomic(other.mirror_path, stale, other.tmp)  # as a stop between the two renames leaves it
+    assert st.mirror_path.read_bytes() != st.catalog_path.read_bytes()
+    with st.lock():
+        pass
+    assert st.mirror_path.read_bytes() == st.catalog_path.read_bytes()
+    assert set(Store(tmp_path / "s").catalog().clones) == {"a", "b"}
