@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -346,12 +346,13 @@ class FleetCatalog:
         prefix = self._key("owners", host, "")
         return {kv.key[len(prefix) :].decode(): int(kv.value) for kv in await self._scan("owned", prefix)}
 
-    async def index_owners(self, host: str) -> int:
-        """Make `host`'s part of the owner index agree with the clone records (a fleet written before the
-        index, or by hand): one full read, then a transaction per entry to add or drop, each comparing the
-        record it follows. Returns how many entries it changed."""
+    async def index_owners(self, host: str, names: Iterable[str]) -> int:
+        """Make `host`'s part of the owner index agree with the records of `names` (the clones its store
+        holds) and of the entries it has (a fleet written before the index, or by hand): a read per clone
+        of this host, never the fleet's every record; then a transaction per entry to add or drop, each
+        comparing the record it follows. Returns how many entries it changed."""
         tx = self._client.transactions
-        records = {n: r for n, r in (await self.clones()).items() if r["host"] == host}
+        records = {n: r for n in sorted(set(names)) if (r := await self.clone(n)) is not None and r["host"] == host}
         have = await self.owned(host)
         changed = 0
         for name, rec in records.items():
@@ -500,16 +501,15 @@ class FleetCatalog:
         revision, found = await self._scan_at("bases", prefix)
         return revision, {kv.key[len(prefix) :].decode(): kv.value for kv in found}
 
-    async def watch(self, start: int, on_event: Callable[[str | None, bytes | None, int], None]) -> None:
-        """Follow every change of the fleet from revision `start` (forever): `on_event(key under bases/
-        or None for another key, its new value or None if deleted, the event's revision)`. Raises
-        Compacted if etcd no longer has revision `start`."""
-        bases = self._key("bases", "")
+    async def watch(self, start: int, on_event: Callable[[str, bytes | None, int], None]) -> None:
+        """Follow every change of the fleet from revision `start` (forever): `on_event(key under the fleet's
+        prefix, its new value or None if deleted, the event's revision)`. Raises Compacted if etcd no
+        longer has revision `start`."""
+        n = len(self.config.prefix)
         try:
             async for event in await self._client.watch_prefix(self.config.prefix, start_revision=start):
-                key, kv = event.kv.key, event.kv
-                name = key[len(bases) :].decode() if key.startswith(bases) else None
-                on_event(name, kv.value if event.kind == rtypes.EventKind.PUT else None, kv.mod_revision)
+                kv = event.kv
+                on_event(kv.key[n:].decode(), kv.value if event.kind == rtypes.EventKind.PUT else None, kv.mod_revision)
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise Compacted(detail=f"revision {start} (compacted below {exc.compacted_revision})") from None
 

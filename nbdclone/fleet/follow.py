@@ -7,9 +7,12 @@
             revision R, then the watch of the fleet's prefix from R + 1, each event applied in order; a
             lost watch resumes from the last revision applied (its events again: applying one twice
             changes nothing), a compacted one lists again
-    sync    each event wakes a sync of this host's store (sync.py) from the view: at start, on every
-            change, and every FOLLOW_EVERY seconds; it reads from etcd only this host's clones, so a flip
-            costs a host the same with 10 clone records or 100,000
+    flip    an event that moves a base's pointer to a version this host holds moves this host's pointer
+            at once (one catalog write: no etcd or RADOS request, whatever the number of bases, clones
+            and hosts); a flip to a version not here yet wakes a sync to stage it
+    sync    every other event wakes a sync of this host's store (sync.py) from the view, as do the start
+            and every FOLLOW_EVERY seconds; it reads from etcd only this host's clones, so a sync costs a
+            host the same with 10 clone records or 100,000
 
 etcd or Ceph down: the error is logged and retried; serving goes on while the lease holds (an etcd restart
 is far shorter than LEASE_TTL); flips and creates wait for etcd with a clear error.
@@ -29,7 +32,7 @@ from nbdclone.fleet import lease as lease_file
 from nbdclone.fleet.catalog import Compacted, FleetCatalog
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
 from nbdclone.fleet.fetch import Fetcher
-from nbdclone.fleet.sync import sync
+from nbdclone.fleet.sync import SyncReport, follow_flips, sync
 from nbdclone.runtime import RunDir
 from nbdclone.store import Store
 
@@ -99,7 +102,7 @@ async def keep_lease(
                         lease = await catalog.register(config.host, info, lease_file.LEASE_TTL)
                         log.info("fleet %s: host %s holds a lease of %d s", config.name, config.host, lease.ttl)
                     if not indexed:
-                        if fixed := await catalog.index_owners(config.host):
+                        if fixed := await catalog.index_owners(config.host, store.catalog().clones):
                             log.info("fleet %s: %d owner index entries set", config.name, fixed)
                         indexed = True
                     now_owned = await catalog.owned(config.host)
@@ -139,33 +142,38 @@ class View:
         self.revision = 0
         self.listed = False
 
-    def _others(self, key: str) -> bool:
+    def others(self, key: str) -> bool:
+        """Whether `key` (under bases/) is another host's hold."""
         return "/holds/" in key and not key.endswith(self.mine)
 
     def load(self, revision: int, keys: dict[str, bytes]) -> None:
-        self.keys = {k: v for k, v in keys.items() if not self._others(k)}
+        self.keys = {k: v for k, v in keys.items() if not self.others(k)}
         self.revision, self.listed = revision + 1, True
 
     def apply(self, key: str | None, value: bytes | None, revision: int) -> None:
-        if key is not None and not self._others(key):
+        """An event: `key` under the fleet's prefix (only those under bases/ are kept)."""
+        if key is not None and key.startswith("bases/") and not self.others(key := key[len("bases/") :]):
             if value is None:
                 self.keys.pop(key, None)
             else:
                 self.keys[key] = value
         self.revision = revision
 
-    async def keep(self, config: FleetConfig, stop: asyncio.Event, on_change: Callable[[], None]) -> None:
-        """List, then follow the watch, until `stop`; `on_change()` after the list and after each event."""
+    async def keep(
+        self, config: FleetConfig, stop: asyncio.Event, on_change: Callable[[str | None, bytes | None], None]
+    ) -> None:
+        """List, then follow the watch, until `stop`; `on_change(None, None)` after the list (anything may
+        have changed), `on_change(key, value)` after each event."""
         while not stop.is_set():
             try:
                 async with FleetCatalog(config) as catalog:
                     if not self.listed:
                         self.load(*await catalog.base_keys())
-                    on_change()  # whatever changed while the watch was down
+                    on_change(None, None)  # whatever changed while the watch was down
 
                     def event(key: str | None, value: bytes | None, revision: int) -> None:
                         self.apply(key, value, revision)
-                        on_change()
+                        on_change(key, value)
 
                     await catalog.watch(self.revision, event)
             except Compacted as exc:
@@ -179,45 +187,97 @@ class View:
 async def follow(
     store: Store, config: FleetConfig, stop: asyncio.Event, fetcher: Fetcher | None = None, lease: Any = None
 ) -> None:
-    wake = asyncio.Event()
+    """Follow the fleet until `stop`: flips at once, on this event loop (a catalog write each, no request to
+    etcd or Ceph); everything else by a sync in a thread, one at a time, while flips go on."""
+    kick = asyncio.Event()  # something to do: a flip, a sync wanted, a sync done
+    wake = asyncio.Event()  # a sync is wanted (at start, after a change, every FOLLOW_EVERY seconds)
     wake.set()
     changed = asyncio.Event()
+    flips: dict[str, str] = {}  # base -> the version the fleet's pointer moved to, not followed yet
     warmed: set[str] = set()  # versions whose trace this server has read into the cache
     view = View(config.host)
+    mine = f"owners/{config.host}/"
 
-    def on_change() -> None:
-        wake.set()
-        changed.set()
+    def on_change(key: str | None, value: bytes | None) -> None:
+        """What an event (`key` under the fleet's prefix; None: anything may have changed) asks of this host."""
+        if key is None or key.startswith(mine):  # this host's clones: the lease file, then a sync
+            changed.set()
+            wake.set()
+        elif key.startswith("bases/"):
+            base, _, rest = key[len("bases/") :].partition("/")
+            if rest == "current" and value is not None:
+                flips[base] = value.decode()
+            elif not view.others(key[len("bases/") :]):
+                wake.set()
+            else:
+                return
+        else:  # other hosts' clones, holds and warm keys, hosts' leases, imports and gcs: nothing to do
+            return
+        kick.set()
 
     keeping = keep_lease(store, config, stop, wake, changed, lease)
     tasks = [asyncio.ensure_future(view.keep(config, stop, on_change)), asyncio.ensure_future(keeping)]
+    stopping = asyncio.ensure_future(stop.wait())
+    syncing: asyncio.Future[SyncReport] | None = None
+    not_before = 0.0  # after a failed sync: the next one waits RETRY seconds
     try:
         while not stop.is_set():
-            waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}
-            await asyncio.wait(waits, timeout=FOLLOW_EVERY, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            due = wake.is_set() and syncing is None  # a sync to start, once `not_before` has passed
+            if not kick.is_set() and not (due and time.monotonic() >= not_before):
+                kicked = asyncio.ensure_future(kick.wait())
+                waits = {stopping, kicked} | ({syncing} if syncing is not None else set())
+                timeout = not_before - time.monotonic() if due else FOLLOW_EVERY
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                kicked.cancel()
+                if not done:
+                    wake.set()
+            kick.clear()
             if stop.is_set():
                 break
-            wake.clear()
-            try:
+            if flips:
+                _follow(store, config, dict(flips), wake)
+                flips.clear()
+            if syncing is not None and syncing.done():
+                try:
+                    _report(config, syncing.result(), fetcher)
+                except errors.NbdcloneError as exc:
+                    log.error("fleet %s: sync failed (%s); serving the last view", config.name, exc)
+                    not_before = time.monotonic() + RETRY
+                    wake.set()
+                syncing = None
+            if wake.is_set() and syncing is None and time.monotonic() >= not_before:
+                wake.clear()
                 bases = dict(view.keys) if view.listed else None  # (a copy: the watch goes on meanwhile)
-                report = await asyncio.to_thread(sync, store, config, warmed=warmed, bases=bases)
-            except errors.NbdcloneError as exc:
-                log.error("fleet %s: sync failed (%s); serving the last view", config.name, exc)
-                await _sleep(stop, RETRY)
-                wake.set()
-                continue
-            if fetcher is not None:
-                fetcher.count_sync(report.fetched, report.reads, report.read_bytes)
-            for ref in report.staged:
-                log.info("fleet %s: staged %s (%d chunks to fetch when read)", config.name, ref, report.remote)
-            if report.fetched:
-                log.info("fleet %s: %d chunks fetched from boot traces", config.name, report.fetched)
-            for line in report.traces + report.clones:
-                log.info("fleet %s: %s", config.name, line)
-            for base, old, new in report.moved:
-                log.info("fleet %s: base %s flipped %s -> %s", config.name, base, old, new)
+                syncing = asyncio.ensure_future(asyncio.to_thread(sync, store, config, warmed=warmed, bases=bases))
     finally:
-        for task in tasks:
+        for task in [*tasks, stopping]:
             task.cancel()
+        if syncing is not None:
+            await asyncio.gather(syncing, return_exceptions=True)  # (a thread: it ends by itself)
+
+
+def _follow(store: Store, config: FleetConfig, flips: dict[str, str], wake: asyncio.Event) -> None:
+    """Move this host's pointers where the fleet's moved, on the event loop: one catalog write each, no
+    etcd or Ceph request; a version not here yet wakes a sync to stage it."""
+    try:
+        moved, missing = follow_flips(store, flips)
+    except errors.NbdcloneError as exc:
+        log.error("fleet %s: following a flip failed (%s); a sync retries", config.name, exc)
+        moved, missing = [], list(flips)
+    for base, old, new in moved:
+        log.info("fleet %s: base %s flipped %s -> %s", config.name, base, old, new)
+    if missing:
+        wake.set()
+
+
+def _report(config: FleetConfig, report: SyncReport, fetcher: Fetcher | None) -> None:
+    if fetcher is not None:
+        fetcher.count_sync(report.fetched, report.reads, report.read_bytes)
+    for ref in report.staged:
+        log.info("fleet %s: staged %s (%d chunks to fetch when read)", config.name, ref, report.remote)
+    if report.fetched:
+        log.info("fleet %s: %d chunks fetched from boot traces", config.name, report.fetched)
+    for line in report.traces + report.clones:
+        log.info("fleet %s: %s", config.name, line)
+    for base, old, new in report.moved:
+        log.info("fleet %s: base %s flipped %s -> %s", config.name, base, old, new)

@@ -398,7 +398,7 @@ def test_a_host_s_view_of_the_bases_follows_the_watch_and_lists_again_after_comp
         view.load = lambda revision, keys: (loads.append(revision), load(revision, keys))  # type: ignore[method-assign]
 
         async def keeping() -> asyncio.Task[None]:
-            task = asyncio.ensure_future(view.keep(fleet, asyncio.Event(), lambda: None))
+            task = asyncio.ensure_future(view.keep(fleet, asyncio.Event(), lambda key, value: None))
             while not view.listed:
                 await asyncio.sleep(0.02)
             return task

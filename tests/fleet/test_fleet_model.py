@@ -28,6 +28,8 @@ import json
 import os
 import shutil
 import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -360,7 +362,7 @@ def test_the_memory_etcd_keeps_the_rules_the_catalog_relies_on(world: World, mon
         seen: list[tuple[str | None, bytes | None]] = []
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(c.watch(revision + 1, lambda k, v, r: seen.append((k, v))), 0.3)
-        assert seen[0] == ("gold/traces/1", b"trace.gold.1.h1") and ("gold/versions/2", None) in seen, seen
+        assert seen[0] == ("bases/gold/traces/1", b"trace.gold.1.h1") and ("bases/gold/versions/2", None) in seen, seen
         return now
 
     now = run(config, check)
@@ -371,3 +373,44 @@ def test_the_memory_etcd_keeps_the_rules_the_catalog_relies_on(world: World, mon
     world.etcd.expire(lease)
     assert "hosts/h2" not in world.kv() and run(config, lambda c: c.host("h2")) is None
 
+
+def test_a_flip_moves_a_following_host_s_pointer_without_a_sync(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's follower (fleet/follow.py) moves its pointer on the flip's watch event alone: no sync
+    (no etcd read, no RADOS), so a flip costs a host the same whatever the fleet holds."""
+    from nbdclone.fleet import follow as fleet_follow
+
+    syncs: list[float] = []
+    real = fleet_follow.sync
+
+    def counted(*args: object, **kwargs: object) -> fleet_sync.SyncReport:
+        syncs.append(time.monotonic())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fleet_follow, "sync", counted)
+    store, config = world.store("h2"), fleet_config.load(world.root / "h2")
+    assert config is not None and store.current_version(store.get_base("gold")) == "1"
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    follower = threading.Thread(target=loop.run_until_complete, args=(fleet_follow.follow(store, config, stop),))
+    follower.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not syncs or time.monotonic() - syncs[-1] < 1.0:  # started, and idle for a second
+            assert time.monotonic() < deadline, "the follower never settled"
+            time.sleep(0.05)
+        before = len(syncs)
+        run(config, lambda c: c.promote("gold", "2"))  # another host's flip: etcd only
+        while store.current_version(store.get_base("gold")) != "2":
+            assert time.monotonic() < deadline + 5, "the flip did not reach the host"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert len(syncs) == before, "the flip ran a sync"
+        run(config, lambda c: c.retire("gold", "1"))  # not a flip: a sync drops gold@1 here (its clone: on h1)
+        while len(syncs) == before:
+            assert time.monotonic() < deadline + 10, "a change other than a flip woke no sync"
+            time.sleep(0.01)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        follower.join(30)
+        loop.close()
+    assert not follower.is_alive()
