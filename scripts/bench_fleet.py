@@ -124,6 +124,31 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def engines_up(args: argparse.Namespace, engines: Path, etcd_port: int, mon_port: int) -> tuple[str, str]:
+    """The fleet's etcd address and ceph.conf: --etcd and --ceph-conf, or a single-node etcd and Ceph that
+    scripts/fleet-engines starts under `engines` on the given ports (engines_down stops them)."""
+    if args.etcd and args.ceph_conf:
+        return str(args.etcd), str(args.ceph_conf)
+    env = {**os.environ, "ETCD_PORT": str(etcd_port), "CEPH_MON_PORT": str(mon_port)}
+    up = subprocess.run([ROOT / "scripts" / "fleet-engines", "up", str(engines)], env=env, capture_output=True,
+                        text=True, check=True)  # fmt: skip
+    settings = dict(line.split("=", 1) for line in up.stdout.split())
+    return settings["NBDCLONE_ETCD"], settings["CEPH_CONF"]
+
+
+def engines_down(engines: Path) -> None:
+    """Stop the engines engines_up started (by their PIDs), if it started any."""
+    if engines.exists():
+        subprocess.run([ROOT / "scripts" / "fleet-engines", "down", str(engines)], check=False)
+
+
+def report(results: dict[str, object], path: Path | None) -> None:
+    """Print the results as JSON, and write them to `path` too if given."""
+    print(json.dumps(results, indent=2))
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=3, help="hosts (3-8)")
@@ -141,14 +166,7 @@ def main() -> None:
     hosts: list[Host] = []
     results: dict[str, object] = {"hosts": args.hosts}
     try:
-        if args.etcd and args.ceph_conf:
-            etcd, conf = args.etcd, args.ceph_conf
-        else:
-            env = {**os.environ, "ETCD_PORT": "23850", "CEPH_MON_PORT": "16850"}
-            up = subprocess.run([ROOT / "scripts" / "fleet-engines", "up", str(engines)], env=env, capture_output=True,
-                                text=True, check=True)  # fmt: skip
-            settings = dict(line.split("=", 1) for line in up.stdout.split())
-            etcd, conf = settings["NBDCLONE_ETCD"], settings["CEPH_CONF"]
+        etcd, conf = engines_up(args, engines, 23850, 16850)
         fleet = f"bench{os.getpid()}"
         hosts = [Host(f"h{k + 1}", work / f"h{k + 1}") for k in range(args.hosts)]
         for h in hosts:
@@ -273,12 +291,9 @@ def main() -> None:
     finally:
         for h in hosts:
             h.stop()
-        if engines.exists():
-            subprocess.run([ROOT / "scripts" / "fleet-engines", "down", str(engines)], check=False)
+        engines_down(engines)
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
     solo_boot = results["boot"]["single"]  # type: ignore[index]
     print("\n| host | cold boot (s) | vs single host | warm boot (s) | vs single host |\n|---|---|---|---|---|")
     for name, b in results["boot"].items():  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -31,8 +30,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Not scripts/ itself: its profile.py would shadow the standard library's (cProfile imports it).
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts")]
+# scripts/ last: its profile.py would shadow the standard library's (cProfile imports it).
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"), str(ROOT / "scripts")]
 MiB = 1 << 20
 FLIPPED = "base gold flipped"
 
@@ -100,6 +99,8 @@ def main() -> None:
     if args.host is not None:
         host_main(args.host)
         return
+    from bench_fleet import engines_down, engines_up, report
+
     from nbdclone.fleet import catalog as fleet_catalog
     from nbdclone.fleet.config import FleetConfig, save
     from nbdclone.host import open_host
@@ -111,14 +112,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, object] = {"hosts": args.sim_hosts, "records": args.records, "flips": args.flips}
     try:
-        if args.etcd and args.ceph_conf:
-            etcd, conf = args.etcd, args.ceph_conf
-        else:
-            env = {**os.environ, "ETCD_PORT": "23860", "CEPH_MON_PORT": "16860"}
-            up = subprocess.run([ROOT / "scripts" / "fleet-engines", "up", str(engines)], env=env, capture_output=True,
-                                text=True, check=True)  # fmt: skip
-            settings = dict(line.split("=", 1) for line in up.stdout.split())
-            etcd, conf = settings["NBDCLONE_ETCD"], settings["CEPH_CONF"]
+        etcd, conf = engines_up(args, engines, 23860, 16860)
         fleet = f"scale{os.getpid()}"
 
         def config(host: str) -> FleetConfig:
@@ -228,12 +222,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if engines.exists():
-            subprocess.run([ROOT / "scripts" / "fleet-engines", "down", str(engines)], check=False)
+        engines_down(engines)
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
 
 
 def _pointer(store: Path) -> str | None:
