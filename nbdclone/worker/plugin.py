@@ -166,7 +166,11 @@ def _held(h: Handle, me: int) -> None:
     host's lease in time) waits, unanswered, for the supervisor to renew it: an etcd outage longer than the
     lease's margin costs the guest a pause, not an I/O error. It goes on once the lease is back with its
     clone still this host's at the same epoch (no other host can have written it: lease.py); it fails
-    (ESHUTDOWN) at once if the clone went to another host, or after HOLD seconds without a lease; it is
+    (ESHUTDOWN) at once if the clone went to another host. After HOLD seconds without a lease the worker
+    stops as a reload stops it, dropping every connection without a reply (a worker under a supervisor:
+    it starts another, which refuses new connections until the lease is back), so a client that
+    reconnects (QEMU's reconnect-delay) sends its requests again once the lease is back instead of
+    seeing an error; with no supervisor to start another worker, the request fails (ESHUTDOWN). It is
     parked if the worker stops meanwhile (its client reconnects to the next worker). A request that was
     done as the lease lapsed waits the same way before its reply: it is acknowledged only once the lease
     is back with its clone unmoved, when no other host can have written the clone in between."""
@@ -177,7 +181,27 @@ def _held(h: Handle, me: int) -> None:
         time.sleep(0.02)
         if _ns() <= h.fence_ns:
             return
+    if not h.revoked and _settings is not None and _settings.control is not None:
+        _stop_fenced()
+        _drain.park(me)
     raise Fenced(name=h.name)
+
+
+_fenced_stop = threading.Lock()
+
+
+def _stop_fenced() -> None:
+    """Stop this worker (once) because the host has had no lease for HOLD seconds: its connections drop
+    unanswered and the supervisor starts another worker."""
+    if not _fenced_stop.acquire(blocking=False):
+        return
+    assert _settings is not None
+    listeners = list(range(3, 3 + _settings.listeners))
+    why = f"fleet: no lease for {HOLD:.0f} s; dropping every connection, to be served again once it is back"
+    log.warning("%s", why)
+    threading.Thread(
+        target=_drain.stop, args=(listeners, _close_all_for_stop, why), name="nbdclone-fenced", daemon=True
+    ).start()
 
 
 def _errors(fn: F) -> F:

@@ -734,6 +734,56 @@ def test_an_etcd_outage_longer_than_the_lease_costs_a_pause_not_an_error(
     assert after - back < 2  # (gRPC's shared reconnect backoff made it 4.6-5.7 s: catalog.CHANNEL_OPTIONS)
 
 
+def test_an_outage_past_the_lease_and_the_hold_drops_connections_and_qemu_reconnects(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd stopped for longer than the lease and the hold after it: the worker drops its connections
+    without a reply (none is answered with an error) and its successor refuses new ones until the lease is
+    back, so QEMU's NBD client with reconnect-delay resends its requests then: qemu-io, writing a block a
+    second through the outage, sees no error, and every block reads back."""
+    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
+    monkeypatch.setenv("NBDCLONE_FLEET_HOLD", "3")
+    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    engine, where = [str(ROOT / "scripts" / "fleet-engines")], Path(engines["CEPH_CONF"]).parent
+    make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=22)
+    store = tmp_path / "h1"
+    _join(fleet, store, "h1")
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
+    srv = Server(store, tmp_path / "h1.sock").start()
+    try:
+        cli("clone", "create", "vm", "--base", "gold", store=store)
+        socket_path = srv.uri("vm").partition("socket=")[2]
+        blocks = 24
+        commands = [a for k in range(blocks) for a in ("-c", f"write -P {k + 1} {k * 65536} 4k", "-c", "sleep 1000")]
+        commands += [a for k in range(blocks) for a in ("-c", f"read -P {k + 1} {k * 65536} 4k")]
+        opts = (
+            f"driver=raw,file.driver=nbd,file.export=vm,file.server.type=unix,file.server.path={socket_path},"
+            "file.reconnect-delay=120"
+        )
+        qemu = subprocess.Popen(
+            ["qemu-io", "--image-opts", opts, *commands], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            time.sleep(2)
+            subprocess.run([*engine, "stop", "etcd", str(where)], check=True)
+            try:
+                time.sleep(14)  # the lease lapses in about 1-4 s, the hold ends 3 s later: the worker stops
+            finally:
+                subprocess.run([*engine, "start", "etcd", str(where)], check=True, capture_output=True)
+            out, _ = qemu.communicate(timeout=180)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+    finally:
+        srv.stop()
+    log = "".join(srv.log)
+    assert "dropping every connection" in log, log[-3000:]  # the outage did reach the worker
+    assert qemu.returncode == 0, out[-3000:]
+    assert "failed" not in out and "error" not in out.lower(), out[-3000:]
+    assert out.count("read 4096/4096 bytes") == blocks, out[-3000:]
+
+
 def test_engines_down_under_load(
     tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
