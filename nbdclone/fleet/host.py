@@ -304,7 +304,9 @@ class FleetHost(Host):
 
     def promote(self, name: str, vid: str, *, wait_warm: float | None = None, wait_timeout: float = 0.0) -> str:
         validate_name("base", name)
-        fleet_sync.sync(self.store, self.config, also={name: {vid}})  # here first: the flip finds it staged
+        local = self.store.catalog().bases.get(name)
+        if local is None or vid not in local.versions:  # here first (a version here needs no Ceph to flip to)
+            fleet_sync.sync(self.store, self.config, also={name: {vid}})
         if wait_warm is not None:
             self._wait_warm(name, vid, wait_warm, wait_timeout)
         return self.flip(name, vid)

@@ -784,6 +784,82 @@ def test_an_outage_past_the_lease_and_the_hold_drops_connections_and_qemu_reconn
     assert out.count("read 4096/4096 bytes") == blocks, out[-3000:]
 
 
+def test_three_hosts_under_fio_ride_out_a_short_etcd_outage_and_flip_with_ceph_down(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three hosts, fio writing and verifying on a clone of each: etcd stopped for the lease's TTL less 2 s
+    fails no request on any host. Then the OSD stopped: a flip (to a version every host staged ahead)
+    still moves every host's pointer, since following a flip asks nothing of Ceph."""
+    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "6")
+    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    engine, where = [str(ROOT / "scripts" / "fleet-engines")], Path(engines["CEPH_CONF"]).parent
+    for v in (1, 2):
+        make_image(tmp_path / f"v{v}.raw", SIZE, [(0, 4 * MiB)], seed=30 + v)
+    hosts = {h: tmp_path / h for h in ("h1", "h2", "h3")}
+    for name, store in hosts.items():
+        _join(fleet, store, name)
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=hosts["h1"])
+    cli("base", "import", "gold", str(tmp_path / "v2.raw"), store=hosts["h1"])
+    servers = {h: Server(hosts[h], tmp_path / f"{h}.sock").start() for h in hosts}
+    osd_down = False
+    try:
+        for h, store in hosts.items():
+            cli("clone", "create", f"vm-{h}", "--base", "gold", store=store)
+        deadline = time.monotonic() + 60
+        while any({"1", "2"} - set(_versions(store)) for store in hosts.values()):  # staged ahead by each sync
+            assert time.monotonic() < deadline, "the hosts did not stage gold@2"
+            time.sleep(0.2)
+        jobs = [
+            subprocess.Popen(
+                [
+                    "fio",
+                    f"--name={h}",
+                    "--ioengine=nbd",
+                    f"--uri={servers[h].uri(f'vm-{h}')}",
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--size=8M",
+                    "--iodepth=8",
+                    "--verify=crc32c",
+                    "--time_based",
+                    "--runtime=10",
+                    "--rate_iops=1500",
+                    f"--output={tmp_path / f'{h}.fio'}",
+                ],
+                cwd=tmp_path,
+            )
+            for h in hosts
+        ]
+        time.sleep(2)
+        subprocess.run([*engine, "stop", "etcd", str(where)], check=True)
+        try:
+            time.sleep(6 - 2)
+        finally:
+            subprocess.run([*engine, "start", "etcd", str(where)], check=True, capture_output=True)
+        for h, job in zip(hosts, jobs, strict=True):
+            assert job.wait(120) == 0, (tmp_path / f"{h}.fio").read_text()[-2000:]
+            report = (tmp_path / f"{h}.fio").read_text()
+            assert "err= 0" in report, report[-2000:]  # (fio exits non-zero on any failed request or verify)
+
+        subprocess.run([*engine, "stop", "osd", str(where)], check=True)
+        osd_down = True
+        cli("base", "promote", "gold", "2", store=hosts["h1"])
+        deadline = time.monotonic() + 15
+        while any(_current(store, "gold") != "2" for store in hosts.values()):
+            assert time.monotonic() < deadline, {h: _current(s, "gold") for h, s in hosts.items()}
+            time.sleep(0.2)
+    finally:
+        if osd_down:
+            subprocess.run([*engine, "start", "osd", str(where)], check=True, capture_output=True)
+        for srv in servers.values():
+            srv.stop()
+
+
+def _versions(store: Path) -> list[str]:
+    rows = json.loads(cli("base", "list", "--json", store=store).stdout)["versions"]
+    return [r["version"] for r in rows if r["base"] == "gold"]
+
+
 def test_engines_down_under_load(
     tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
