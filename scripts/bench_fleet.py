@@ -212,7 +212,7 @@ def main() -> None:
             async def flip(vid: str = vid) -> float:
                 async with FleetCatalog(config) as c:
                     t = time.monotonic()
-                    await c.promote("gold", vid)
+                    await c.bases.promote("gold", vid)
                     return time.monotonic() - t
 
             t0 = time.monotonic()

@@ -135,7 +135,7 @@ def main() -> None:
 
             async def one(i: int) -> None:
                 async with sem:
-                    await c.claim_clone(f"vm{i}", f"other{i % 1000}", "/elsewhere")
+                    await c.clones.claim(f"vm{i}", f"other{i % 1000}", "/elsewhere")
 
             await asyncio.gather(*(one(i) for i in range(args.records)))
 
@@ -176,7 +176,7 @@ def main() -> None:
         for k in range(args.flips):
             vid = "2" if k % 2 == 0 else "1"
             t0 = time.time()
-            fleet_catalog.run(config("publisher"), lambda c, vid=vid: c.promote("gold", vid))
+            fleet_catalog.run(config("publisher"), lambda c, vid=vid: c.bases.promote("gold", vid))
             moved: dict[Path, float] = {}
             deadline = time.monotonic() + 120
             while len(moved) < len(stores):

@@ -60,7 +60,7 @@ def fleet_join(
     bound = parse_size(pack_bound) if pack_bound else 0
     config = fleet_config.FleetConfig(etcd, str(ceph_conf), pool, name, host or socket.gethostname(), bound)
     config.etcd_address()
-    fleet_catalog.run(config, lambda c: c.bases())
+    fleet_catalog.run(config, lambda c: c.bases.names())
     Objects(config).close()
     st = Store(store)
     names = sorted(st.catalog().clones)
@@ -127,12 +127,12 @@ def fleet_status(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> N
 
     async def read(c: Any) -> list[dict[str, Any]]:
         rows = []
-        for base in await c.bases():
-            current = await c.current(base)
-            retiring = await c.retiring(base)
-            for vid, v in sorted((await c.versions(base)).items(), key=lambda kv: int(kv[0])):
+        for base in await c.bases.names():
+            current = await c.bases.current(base)
+            retiring = await c.bases.retiring(base)
+            for vid, v in sorted((await c.bases.versions(base)).items(), key=lambda kv: int(kv[0])):
                 row = {"base": base, "version": vid, "size": v.size, "current": bool(current and current[0] == vid)}
-                rows.append({**row, "retiring": vid in retiring, "held_by": await c.holders(base, vid)})
+                rows.append({**row, "retiring": vid in retiring, "held_by": await c.bases.holders(base, vid)})
         return rows
 
     rows = fleet_catalog.run(config, read)

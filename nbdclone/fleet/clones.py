@@ -23,11 +23,11 @@ def claim(config: FleetConfig, store_path: Path, names: list[str]) -> None:
         done: list[str] = []
         try:
             for name in names:
-                await c.claim_clone(name, config.host, str(store_path))
+                await c.clones.claim(name, config.host, str(store_path))
                 done.append(name)
         except BaseException:
             for name in done:
-                await c.release_clone(name, config.host)
+                await c.clones.release(name, config.host)
             raise
 
     fleet_catalog.run(config, claim_all)
@@ -38,7 +38,7 @@ def release(config: FleetConfig, names: list[str]) -> None:
 
     async def release_all(c: FleetCatalog) -> None:
         for name in names:
-            await c.release_clone(name, config.host)
+            await c.clones.release(name, config.host)
 
     fleet_catalog.run(config, release_all)
 

@@ -68,7 +68,7 @@ async def resume_lease(run_dir: RunDir, config: FleetConfig) -> Any | None:
         return None
     try:
         async with FleetCatalog(config) as catalog:
-            lease = await catalog.resume(config.host, lease_id, lease_file.LEASE_TTL)
+            lease = await catalog.hosts.resume(config.host, lease_id, lease_file.LEASE_TTL)
     except Exception as exc:  # etcd down: keep_lease retries with a new lease
         log.warning("fleet %s: cannot resume lease %x (%s)", config.name, lease_id, exc)
         return None
@@ -97,15 +97,15 @@ async def keep_lease(
             async with FleetCatalog(config) as catalog:
                 while not stop.is_set():
                     sent = time.time()
-                    if lease is None or not await catalog.refresh(lease):
+                    if lease is None or not await catalog.hosts.refresh(lease):
                         info = {"store": str(store.path), "pid": os.getpid()}
-                        lease = await catalog.register(config.host, info, lease_file.LEASE_TTL)
+                        lease = await catalog.hosts.register(config.host, info, lease_file.LEASE_TTL)
                         log.info("fleet %s: host %s holds a lease of %d s", config.name, config.host, lease.ttl)
                     if not indexed:
-                        if fixed := await catalog.index_owners(config.host, store.catalog().clones):
+                        if fixed := await catalog.clones.index_owners(config.host, store.catalog().clones):
                             log.info("fleet %s: %d owner index entries set", config.name, fixed)
                         indexed = True
-                    now_owned = await catalog.owned(config.host)
+                    now_owned = await catalog.clones.owned(config.host)
                     valid_until = sent + lease_file.LEASE_TTL - lease_file.MARGIN
                     lease_file.write(run_dir, config.host, valid_until, now_owned, lease.id)
                     if failing is not None:
@@ -168,7 +168,7 @@ class View:
             try:
                 async with FleetCatalog(config) as catalog:
                     if not self.listed:
-                        self.load(*await catalog.base_keys())
+                        self.load(*await catalog.bases.listing())
                     on_change(None, None)  # whatever changed while the watch was down
 
                     def event(key: str | None, value: bytes | None, revision: int) -> None:

@@ -34,10 +34,10 @@ def excluding_gc(config: FleetConfig) -> Iterator[None]:
 
     async def begin(c: FleetCatalog) -> object:
         while True:
-            _, lease = await c.announce("imports")
-            if not await c.others("gc"):
+            _, lease = await c.work.announce("imports")
+            if not await c.work.others("gc"):
                 return lease
-            await c.withdraw(lease)
+            await c.work.withdraw(lease)
             if time.monotonic() > deadline:
                 raise errors.NbdcloneError(detail=f"a fleet gc has run for over {WAIT:.0f} s; try again later")
             await asyncio.sleep(0.5)
@@ -47,7 +47,7 @@ def excluding_gc(config: FleetConfig) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(errors.NbdcloneError):
-            fleet_catalog.run(config, lambda c: c.withdraw(lease))
+            fleet_catalog.run(config, lambda c: c.work.withdraw(lease))
 
 
 def gc(config: FleetConfig) -> tuple[int, int]:
@@ -55,14 +55,14 @@ def gc(config: FleetConfig) -> tuple[int, int]:
     chunks kept)."""
 
     async def begin(c: FleetCatalog) -> tuple[object, list[str], list[str], list[str]]:
-        _, lease = await c.announce("gc")
-        if await c.others("imports"):
-            await c.withdraw(lease)
+        _, lease = await c.work.announce("gc")
+        if await c.work.others("imports"):
+            await c.work.withdraw(lease)
             raise errors.NbdcloneError(detail="an import or a move is running in the fleet; gc again later")
-        bases = await c.bases()
-        maps = [v.map_object for base in bases for v in (await c.versions(base)).values()]
-        ships = [str(r["ship"]) for r in (await c.clones()).values() if r.get("ship")]
-        traces = [t for base in bases for t in (await c.traces(base)).values()]
+        bases = await c.bases.names()
+        maps = [v.map_object for base in bases for v in (await c.bases.versions(base)).values()]
+        ships = [str(r["ship"]) for r in (await c.clones.all()).values() if r.get("ship")]
+        traces = [t for base in bases for t in (await c.bases.traces(base)).values()]
         return lease, maps, ships, traces
 
     lease, maps, ships, traces = fleet_catalog.run(config, begin)
@@ -91,6 +91,6 @@ def gc(config: FleetConfig) -> tuple[int, int]:
                     objects.remove(name)
                     log.info("fleet %s gc: removed %s, which nothing names", config.name, name)
     finally:
-        fleet_catalog.run(config, lambda c: c.withdraw(lease))
+        fleet_catalog.run(config, lambda c: c.work.withdraw(lease))
     log.info("fleet %s gc: %d chunks deleted, %d kept", config.name, deleted, kept)
     return deleted, kept

@@ -108,7 +108,7 @@ class _Import:
 
 
 def _reserve(c: _Import) -> None:
-    c.vid = fleet_catalog.run(c.config, lambda cat: cat.reserve(c.name))
+    c.vid = fleet_catalog.run(c.config, lambda cat: cat.bases.reserve(c.name))
 
 
 def _import_here(c: _Import) -> None:
@@ -140,7 +140,7 @@ def _put_map(c: _Import) -> None:
 def _name_version(c: _Import) -> None:
     source = c.store.get_base(c.name).versions[c.vid].source
     version = FleetVersion(c.vid, c.size, now(), source, c.map_object, sha256(c.raw).hex())
-    c.current = fleet_catalog.run(c.config, lambda cat: cat.add_version(c.name, version))
+    c.current = fleet_catalog.run(c.config, lambda cat: cat.bases.add_version(c.name, version))
     log.info("published %s@%s to fleet %s (%d chunks)", c.name, c.vid, c.config.name, len(c.entries))
 
 
@@ -157,7 +157,7 @@ class _Promote:
 
 
 def _flip_fleet(c: _Promote) -> None:
-    fleet_catalog.run(c.config, lambda cat: cat.promote(c.name, c.vid))
+    fleet_catalog.run(c.config, lambda cat: cat.bases.promote(c.name, c.vid))
 
 
 def _flip_here(c: _Promote) -> None:
@@ -222,7 +222,9 @@ def _ship(c: _Move) -> None:
 
 def _switch(c: _Move) -> None:
     extra = {"ship": c.manifest, "store": c.target_store, "id": c.record.get("id", "")}
-    c.epoch = fleet_catalog.run(c.config, lambda cat: cat.move_clone(c.name, c.record, c.to, extra, owner_gone=c.force))
+    c.epoch = fleet_catalog.run(
+        c.config, lambda cat: cat.clones.move(c.name, c.record, c.to, extra, owner_gone=c.force)
+    )
 
 
 def _clean(c: _Move) -> None:
@@ -248,7 +250,7 @@ class _Retire:
 
 
 def _retire(c: _Retire) -> None:
-    fleet_catalog.run(c.config, lambda cat: cat.retire(c.name, c.vid))
+    fleet_catalog.run(c.config, lambda cat: cat.bases.retire(c.name, c.vid))
 
 
 def _drop_here(c: _Retire) -> None:
@@ -258,11 +260,11 @@ def _drop_here(c: _Retire) -> None:
 def _forget(c: _Retire) -> None:
     deadline = time.monotonic() + c.wait
     while True:
-        if fleet_catalog.run(c.config, lambda cat: cat.forget(c.name, c.vid)):
+        if fleet_catalog.run(c.config, lambda cat: cat.bases.forget(c.name, c.vid)):
             log.info("fleet %s: removed %s@%s (fleet gc frees its chunks)", c.config.name, c.name, c.vid)
             c.holders = []
             return
-        c.holders = fleet_catalog.run(c.config, lambda cat: cat.holders(c.name, c.vid))
+        c.holders = fleet_catalog.run(c.config, lambda cat: cat.bases.holders(c.name, c.vid))
         if time.monotonic() > deadline:
             return
         time.sleep(0.2)
@@ -299,7 +301,7 @@ class FleetHost(Host):
             return perform("import", _Import(self.store, self.config, name, make, objects)).vid
 
     def current(self, name: str) -> str:
-        current = fleet_catalog.run(self.config, lambda c: c.current(name))
+        current = fleet_catalog.run(self.config, lambda c: c.bases.current(name))
         return current[0] if current is not None else "-"
 
     def promote(self, name: str, vid: str, *, wait_warm: float | None = None, wait_timeout: float = 0.0) -> str:
@@ -317,7 +319,7 @@ class FleetHost(Host):
     def _wait_warm(self, name: str, vid: str, share: float, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            warm, live = fleet_catalog.run(self.config, lambda c: c.warm_share(name, vid))
+            warm, live = fleet_catalog.run(self.config, lambda c: c.warm.share(name, vid))
             if live and warm >= share * live:
                 self.say(f"{name}@{vid} is warm on {warm} of {live} live host(s)")
                 return
@@ -330,7 +332,7 @@ class FleetHost(Host):
 
     def remove_base(self, ref: str, wait: float) -> Removed:
         name, vid = parse_base_ref(ref)
-        if name not in fleet_catalog.run(self.config, lambda c: c.bases()):
+        if name not in fleet_catalog.run(self.config, lambda c: c.bases.names()):
             return super().remove_base(ref, wait)
         if vid is None:
             raise errors.InvalidArgument(
@@ -341,7 +343,7 @@ class FleetHost(Host):
 
     def clear_trace(self, name: str, vid: str) -> None:
         super().clear_trace(name, vid)
-        fleet_catalog.run(self.config, lambda c: c.clear_trace(name, vid))
+        fleet_catalog.run(self.config, lambda c: c.bases.clear_trace(name, vid))
 
     def create_clones(self, names: list[str], base: str | None, make: Callable[[], None]) -> None:
         if base is not None:
@@ -366,7 +368,7 @@ class FleetHost(Host):
         killed create or rm left: removing it releases the claim)."""
         if name in self.store.catalog().clones:
             return
-        record = fleet_catalog.run(self.config, lambda c: c.clone(name))
+        record = fleet_catalog.run(self.config, lambda c: c.clones.get(name))
         if record is None or record["host"] != self.config.host:
             self.store.get_clone(name)  # raises
 
@@ -382,10 +384,10 @@ class FleetHost(Host):
         config = self.config
 
         async def look(c: FleetCatalog) -> tuple[dict[str, Any], dict[str, Any] | None]:
-            record = await c.clone(name)
+            record = await c.clones.get(name)
             if record is None:
                 raise errors.CloneNotFound(name=name, store=f"fleet {config.name}")
-            return record, await c.host(to)
+            return record, await c.hosts.get(to)
 
         record, target = fleet_catalog.run(config, look)
         if target is None:

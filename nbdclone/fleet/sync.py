@@ -64,7 +64,7 @@ def stage(store: Store, objects: Objects, name: str, version: FleetVersion, repo
     if local is not None and version.id in local.versions:
         return False
     config = objects.config
-    if not fleet_catalog.run(config, lambda c: c.hold(name, version.id, config.host)):  # before any byte
+    if not fleet_catalog.run(config, lambda c: c.bases.hold(name, version.id, config.host)):  # before any byte
         raise errors.VersionNotFound(name=name, version=version.id, store=f"fleet {config.name}")
     raw = objects.get(version.map_object, 64 << 20)
     if sha256(raw).hex() != version.map_sha256:
@@ -132,10 +132,10 @@ def sync(
     async def read(c: FleetCatalog) -> tuple[dict[str, BaseView], dict[str, Any], set[tuple[str, str]]]:
         """The fleet's state, over one etcd connection: the bases from `bases` (a follower's view: no
         read) or one paged list of them."""
-        out, held = parse_bases(bases if bases is not None else (await c.base_keys())[1], config.host)
+        out, held = parse_bases(bases if bases is not None else (await c.bases.listing())[1], config.host)
         # This host's clones, and the records of those it has or should have: not the fleet's every record.
-        owned, local = await c.owned(config.host), store.catalog().clones.keys()
-        clones = {n: r for n in sorted(owned.keys() ^ local) if (r := await c.clone(n)) is not None}
+        owned, local = await c.clones.owned(config.host), store.catalog().clones.keys()
+        clones = {n: r for n in sorted(owned.keys() ^ local) if (r := await c.clones.get(n)) is not None}
         return out, clones, held
 
     view, clones, held = fleet_catalog.run(config, read)
@@ -225,10 +225,10 @@ def _tell_held(store: Store, config: FleetConfig, view: dict[str, BaseView], hel
 
     async def tell(c: FleetCatalog) -> None:
         for base, vid in sorted(here - held):
-            if not await c.hold(base, vid, config.host):
+            if not await c.bases.hold(base, vid, config.host):
                 log.error("fleet %s: %s@%s is held here but the fleet removed it", config.name, base, vid)
         for base, vid in sorted(held - here):
-            await c.let_go(base, vid, config.host)
+            await c.bases.let_go(base, vid, config.host)
 
     if here != held:
         fleet_catalog.run(config, tell)
@@ -304,7 +304,7 @@ def _share_trace(
         with excluding_gc(config):  # a gc would take objects etcd does not name yet
             _put_trace_chunks(store, objects, record, vid, local, name)
             objects.put(name, local.tobytes())  # after its chunks: a trace the fleet names has them
-            if fleet_catalog.run(config, lambda c: c.set_trace(base, vid, name)):
+            if fleet_catalog.run(config, lambda c: c.bases.set_trace(base, vid, name)):
                 report.traces.append(f"gave the fleet the boot trace of {ref}")
     elif obj is not None and not local:
         trace = array("I")
@@ -315,7 +315,7 @@ def _share_trace(
     if ref not in warmed and load_trace(path):
         warm_version(store, ref)  # fetches what the trace objects did not bring (none, unless one was bad)
         warmed.add(ref)
-        fleet_catalog.run(config, lambda c: c.set_warm(base, vid, config.host))
+        fleet_catalog.run(config, lambda c: c.warm.put(base, vid, config.host))
 
 
 def _trace_chunks(vmap: VersionMap, trace: array[int]) -> list[int]:

@@ -142,8 +142,8 @@ def template(engines: Path) -> Path:
     assert h2 is not None
 
     async def register(c: FleetCatalog) -> None:
-        await c.register("h2", {"store": str(world.root / "h2")}, 3600)
-        await c.reserve("gold")  # a number a killed import took: the fleet's numbers run ahead of a host's
+        await c.hosts.register("h2", {"store": str(world.root / "h2")}, 3600)
+        await c.bases.reserve("gold")  # a number a killed import took: the fleet's numbers run ahead of a host's
 
     run(h2, register)
     saved = engines / "template"
@@ -344,15 +344,15 @@ def test_the_memory_etcd_keeps_the_rules_the_catalog_relies_on(world: World, mon
     bases = {k.removeprefix("bases/"): v for k, v in world.kv().items() if k.startswith("bases/")}
 
     async def check(c: FleetCatalog) -> int:
-        revision, keys = await c.base_keys()  # pages of 2 keys
+        revision, keys = await c.bases.listing()  # pages of 2 keys
         assert keys == bases and len(keys) > 2 * fleet_catalog.PAGE
-        await c.set_trace("gold", "1", "trace.gold.1.h1")
-        await c.retire("gold", "2")
-        assert not await c.forget("gold", "2")  # h1 and h2 hold it: the compare over the range fails
+        await c.bases.set_trace("gold", "1", "trace.gold.1.h1")
+        await c.bases.retire("gold", "2")
+        assert not await c.bases.forget("gold", "2")  # h1 and h2 hold it: the compare over the range fails
         for host in ("h1", "h2"):
-            await c.let_go("gold", "2", host)
-        assert await c.forget("gold", "2")
-        now, later = await c.base_keys()
+            await c.bases.let_go("gold", "2", host)
+        assert await c.bases.forget("gold", "2")
+        now, later = await c.bases.listing()
         assert now > revision and "gold/traces/1" in later and "gold/versions/2" not in later
         end = aetcd.utils.prefix_range_end(PREFIX + b"bases/")
         old = await c._client.kvstub.Range(
@@ -371,7 +371,7 @@ def test_the_memory_etcd_keeps_the_rules_the_catalog_relies_on(world: World, mon
         run(config, lambda c: c.watch(now - 1, lambda k, v, r: None))
     lease = world.etcd.read().kv[PREFIX + b"hosts/h2"].lease
     world.etcd.expire(lease)
-    assert "hosts/h2" not in world.kv() and run(config, lambda c: c.host("h2")) is None
+    assert "hosts/h2" not in world.kv() and run(config, lambda c: c.hosts.get("h2")) is None
 
 
 def test_a_flip_moves_a_following_host_s_pointer_without_a_sync(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -399,13 +399,13 @@ def test_a_flip_moves_a_following_host_s_pointer_without_a_sync(world: World, mo
             assert time.monotonic() < deadline, "the follower never settled"
             time.sleep(0.05)
         before = len(syncs)
-        run(config, lambda c: c.promote("gold", "2"))  # another host's flip: etcd only
+        run(config, lambda c: c.bases.promote("gold", "2"))  # another host's flip: etcd only
         while store.current_version(store.get_base("gold")) != "2":
             assert time.monotonic() < deadline + 5, "the flip did not reach the host"
             time.sleep(0.01)
         time.sleep(0.3)
         assert len(syncs) == before, "the flip ran a sync"
-        run(config, lambda c: c.retire("gold", "1"))  # not a flip: a sync drops gold@1 here (its clone: on h1)
+        run(config, lambda c: c.bases.retire("gold", "1"))  # not a flip: a sync drops gold@1 here (its clone: on h1)
         while len(syncs) == before:
             assert time.monotonic() < deadline + 10, "a change other than a flip woke no sync"
             time.sleep(0.01)
