@@ -309,14 +309,14 @@ def test_a_flip_race_has_one_winner(tmp_path: Path, fleet: FleetConfig) -> None:
 
     async def race() -> tuple[str, str]:
         async with FleetCatalog(fleet) as a, FleetCatalog(fleet) as b:
-            current = await a.current("os")
+            current = await a.bases.current("os")
             assert current is not None and current[0] == "1"
-            await a.promote("os", "2", seen=current[1])
+            await a.bases.promote("os", "2", seen=current[1])
             with pytest.raises(FlipLost) as lost:
-                await b.promote("os", "3", seen=current[1])
+                await b.bases.promote("os", "3", seen=current[1])
             with pytest.raises(errors.VersionNotFound):
-                await b.promote("os", "9")
-            now = await b.current("os")
+                await b.bases.promote("os", "9")
+            now = await b.bases.current("os")
             assert now is not None
             return str(lost.value), now[0]
 
@@ -338,14 +338,14 @@ def _fill(fleet: FleetConfig, n: int, host: str) -> None:
 
 
 def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path, fleet: FleetConfig) -> None:
-    """40,000 clone records of other hosts (about 7 MB: more than gRPC's 4 MiB reply limit, which an
+    """100,000 clone records of other hosts (about 17 MB: four times gRPC's 4 MiB reply limit, which an
     unpaged read of them hits): a host's lease refresh and sync read only its own clones, so it serves and
     follows a flip; fleet-wide reads are paged; a host whose owner index entry is missing (a fleet written
-    before the index) rebuilds it when its server starts."""
-    _fill(fleet, 40_000, "elsewhere")
+    before the index) rebuilds it when its server starts, reading its own clones' records only."""
+    _fill(fleet, 100_000, "elsewhere")
     with pytest.raises(Exception, match=r"RESOURCE_EXHAUSTED|larger than max"):
         run(fleet, lambda c: c._client.get_prefix(c._key("clones", "")))
-    assert len(run(fleet, lambda c: c.clones())) == 40_000
+    assert len(run(fleet, lambda c: c.clones.all())) == 100_000
 
     v1 = make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=11)
     v2 = make_image(tmp_path / "v2.raw", 4 * MiB, [(0, MiB)], seed=12)
@@ -355,7 +355,7 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
     server = Server(store, tmp_path / "h1.sock").start()
     try:
         cli("clone", "create", "mine", "--base", "gold", store=store)
-        assert run(fleet, lambda c: c.owned("h1")) == {"mine": 1}
+        assert run(fleet, lambda c: c.clones.owned("h1")) == {"mine": 1}
         h = server.connect("mine")
         assert pread_all(h, 4 * MiB) == v1
         h.shutdown()
@@ -372,11 +372,11 @@ def test_a_catalog_larger_than_one_grpc_reply_serves_and_follows(tmp_path: Path,
         wait_closed(store, "mine")
     finally:
         server.stop()
-    run(fleet, lambda c: c._client.delete(c._owner_key("h1", "mine")))
+    run(fleet, lambda c: c._client.delete(c.clones._owner_key("h1", "mine")))
     server = Server(store, tmp_path / "h1.sock").start()
     try:
         deadline = time.monotonic() + 30
-        while run(fleet, lambda c: c.owned("h1")) != {"mine": 1}:
+        while run(fleet, lambda c: c.clones.owned("h1")) != {"mine": 1}:
             assert time.monotonic() < deadline, server.log
             time.sleep(0.2)
         assert any("1 owner index entries set" in line for line in server.log)
@@ -405,7 +405,7 @@ def test_a_host_s_view_of_the_bases_follows_the_watch_and_lists_again_after_comp
 
         async def agrees(c: FleetCatalog) -> None:
             deadline = time.monotonic() + 10
-            while view.keys != {k: v for k, v in (await c.base_keys())[1].items() if not k.endswith("/h2")}:
+            while view.keys != {k: v for k, v in (await c.bases.listing())[1].items() if not k.endswith("/h2")}:
                 assert time.monotonic() < deadline, "the view did not catch up"
                 await asyncio.sleep(0.05)
 
@@ -430,7 +430,7 @@ def test_a_host_s_view_of_the_bases_follows_the_watch_and_lists_again_after_comp
             stale = view.revision
             await c._client.put(c._key("bases", "b1", "current"), b"9")
             await c._client.delete(c._key("bases", "b3", "versions", "3"))
-            newest, _ = await c.base_keys()
+            newest, _ = await c.bases.listing()
             await c._client.compact(newest)
             task = await keeping()
             await agrees(c)
@@ -505,7 +505,7 @@ def _two_hosts_with_gold(tmp_path: Path, fleet: FleetConfig, seed: int) -> dict[
 def _owner(fleet: FleetConfig, name: str) -> tuple[str, int]:
     async def look() -> tuple[str, int]:
         async with FleetCatalog(fleet) as c:
-            rec = (await c.clones())[name]
+            rec = (await c.clones.all())[name]
             return rec["host"], rec["epoch"]
 
     return asyncio.run(look())
@@ -635,7 +635,7 @@ def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
         async def lease_gone() -> None:
             async with FleetCatalog(fleet) as c:
                 deadline = time.monotonic() + 30
-                while await c.host("h1") is not None:
+                while await c.hosts.get("h1") is not None:
                     assert time.monotonic() < deadline, "h1's lease did not expire"
                     await asyncio.sleep(0.1)
 
