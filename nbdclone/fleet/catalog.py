@@ -31,9 +31,11 @@ FleetCatalog per event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -580,11 +582,33 @@ class Compacted(errors.NbdcloneError):
     template = "etcd no longer has the changes a watch asked for: {detail}"
 
 
+_thread = threading.local()  # .catalog, .loop: where `run` sends this thread's work (on_loop)
+
+
 def run(config: FleetConfig, work: Callable[[FleetCatalog], Awaitable[T]]) -> T:
-    """Run `work(catalog)` on a private event loop: how a command talks to etcd."""
+    """Run `work(catalog)`: on a private event loop and connection (how a command talks to etcd), or, in a
+    thread inside `on_loop`, on that loop's long-lived connection."""
+    shared: FleetCatalog | None = getattr(_thread, "catalog", None)
+    if shared is not None and shared.config == config:
+
+        async def on_shared() -> T:
+            return await work(shared)
+
+        return asyncio.run_coroutine_threadsafe(on_shared(), _thread.loop).result()
 
     async def main() -> T:
         async with FleetCatalog(config) as catalog:
             return await work(catalog)
 
     return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def on_loop(catalog: FleetCatalog, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """For the body, in this thread (not the loop's), `run` uses `catalog`, connected on `loop`: a server's
+    syncs share one etcd connection for its life instead of opening one each."""
+    _thread.catalog, _thread.loop = catalog, loop
+    try:
+        yield
+    finally:
+        _thread.catalog = _thread.loop = None

@@ -29,7 +29,7 @@ from typing import Any
 
 from nbdclone import errors
 from nbdclone.fleet import lease as lease_file
-from nbdclone.fleet.catalog import Compacted, FleetCatalog
+from nbdclone.fleet.catalog import Compacted, FleetCatalog, on_loop
 from nbdclone.fleet.config import TIMEOUT, FleetConfig
 from nbdclone.fleet.fetch import Fetcher
 from nbdclone.fleet.sync import SyncReport, follow_flips, sync
@@ -217,6 +217,14 @@ async def follow(
 
     keeping = keep_lease(store, config, stop, wake, changed, lease)
     tasks = [asyncio.ensure_future(view.keep(config, stop, on_change)), asyncio.ensure_future(keeping)]
+    # The syncs' etcd connection and RADOS handle, for the server's life (each connects when first used).
+    shared, loop = FleetCatalog(config), asyncio.get_running_loop()
+    rados = fetcher.objects if fetcher is not None else None
+
+    def run_sync(bases: dict[str, bytes] | None) -> SyncReport:
+        with on_loop(shared, loop):
+            return sync(store, config, warmed=warmed, bases=bases, objects=rados)
+
     stopping = asyncio.ensure_future(stop.wait())
     syncing: asyncio.Future[SyncReport] | None = None
     not_before = 0.0  # after a failed sync: the next one waits RETRY seconds
@@ -248,12 +256,13 @@ async def follow(
             if wake.is_set() and syncing is None and time.monotonic() >= not_before:
                 wake.clear()
                 bases = dict(view.keys) if view.listed else None  # (a copy: the watch goes on meanwhile)
-                syncing = asyncio.ensure_future(asyncio.to_thread(sync, store, config, warmed=warmed, bases=bases))
+                syncing = asyncio.ensure_future(asyncio.to_thread(run_sync, bases))
     finally:
         for task in [*tasks, stopping]:
             task.cancel()
         if syncing is not None:
             await asyncio.gather(syncing, return_exceptions=True)  # (a thread: it ends by itself)
+        await shared.__aexit__()
 
 
 def _follow(store: Store, config: FleetConfig, flips: dict[str, str], wake: asyncio.Event) -> None:

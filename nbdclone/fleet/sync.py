@@ -22,10 +22,12 @@ bounded time); what a host has fetched, and every version's boot trace it staged
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,13 +123,15 @@ def sync(
     new_clone: bool = False,
     warmed: set[str] | None = None,
     bases: dict[str, bytes] | None = None,
+    objects: Callable[[], Objects] | None = None,
 ) -> SyncReport:
     """Stage every fleet base's current version and the versions newer than it (so a flip finds every
     host ready), and the `also` versions (base -> ids; for a `new_clone`, not one being removed); share
     boot traces both ways; read each staged version's trace into the cache once (`warmed` remembers
     which) and say so in etcd; point this host's bases where the fleet's point; remove the versions the
     fleet is removing that no clone here uses, and tell etcd which versions this host holds. With `only`,
-    stage just the `also` versions and do nothing else."""
+    stage just the `also` versions and do nothing else. `objects`: gives the RADOS handle to use (a
+    server's, for its life), else one is opened for this sync."""
 
     async def read(c: FleetCatalog) -> tuple[dict[str, BaseView], dict[str, Any], set[tuple[str, str]]]:
         """The fleet's state, over one etcd connection: the bases from `bases` (a follower's view: no
@@ -143,7 +147,8 @@ def sync(
     warmed = set() if warmed is None else warmed
     if not only:  # a flip to a version staged here already (newer ones are, ahead) waits on nothing in Ceph
         _follow_pointers(store, view, report)
-    with Objects(config) as objects:
+    with contextlib.nullcontext(objects()) if objects is not None else Objects(config) as rados:
+        reads, read_bytes = rados.reads, rados.read_bytes  # (a shared handle counts other work too)
         for base, b in sorted(view.items()):
             wanted = (also or {}).get(base, set())
             if new_clone and wanted & b.retiring:
@@ -156,19 +161,19 @@ def sync(
             for vid in sorted(wanted, key=int):
                 if vid not in b.versions:
                     raise errors.VersionNotFound(name=base, version=vid, store=f"fleet {config.name}")
-                stage(store, objects, base, b.versions[vid], report)
+                stage(store, rados, base, b.versions[vid], report)
                 if not only:
-                    _share_trace(store, config, objects, base, vid, b.traces.get(vid), warmed, report)
+                    _share_trace(store, config, rados, base, vid, b.traces.get(vid), warmed, report)
         if not only:
             _follow_pointers(store, view, report)  # (those whose version was staged just now)
             from nbdclone.fleet.move import reconcile
 
-            report.clones = reconcile(store, config, objects, clones)
+            report.clones = reconcile(store, config, rados, clones)
             if config.pack_bound:
                 report.evicted = evict(store, config.pack_bound, {b: v.current for b, v in view.items()})
             report.evicted += _drop_retiring(store, view)
             _tell_held(store, config, view, held)
-        report.reads, report.read_bytes = objects.reads, objects.read_bytes
+        report.reads, report.read_bytes = rados.reads - reads, rados.read_bytes - read_bytes
     return report
 
 

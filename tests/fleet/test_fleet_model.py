@@ -414,3 +414,57 @@ def test_a_flip_moves_a_following_host_s_pointer_without_a_sync(world: World, mo
         follower.join(30)
         loop.close()
     assert not follower.is_alive()
+
+
+def test_a_server_s_syncs_share_one_etcd_connection_and_one_rados_handle(
+    world: World, engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many syncs a follower runs, it opens no etcd client and no RADOS handle per sync: the
+    syncs use one of each for the server's life (the fetcher's handle)."""
+    from nbdclone.fleet import follow as fleet_follow
+    from nbdclone.fleet.fetch import Fetcher
+
+    clients: list[object] = []
+    handles: list[object] = []
+    memory = fleet_objects.rados
+    monkeypatch.setattr(aetcd, "Client", lambda *a, **kw: clients.append(1) or world.etcd.client())
+
+    class Rados(memory.Rados):  # type: ignore[misc,name-defined]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            handles.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "Rados", Rados)
+    syncs: list[float] = []
+    real = fleet_follow.sync
+    monkeypatch.setattr(fleet_follow, "sync", lambda *a, **kw: (syncs.append(time.monotonic()), real(*a, **kw))[1])
+    store, config = world.store("h2"), fleet_config.load(world.root / "h2")
+    assert config is not None
+    fetcher = Fetcher(store.path, config)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    follower = threading.Thread(
+        target=loop.run_until_complete, args=(fleet_follow.follow(store, config, stop, fetcher),)
+    )
+    follower.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not syncs or time.monotonic() - syncs[-1] < 1.0:
+            assert time.monotonic() < deadline, "the follower never settled"
+            time.sleep(0.05)
+        before, opened = len(clients), len(handles)
+        for k in range(5):  # a change under bases/ that is not a flip: a sync each
+            n = len(syncs)
+            run(config, lambda c, k=k: c._client.put(c._key("bases", "gold", "note", str(k)), b"1"))
+            while len(syncs) == n:
+                assert time.monotonic() < deadline + 20, "no sync ran"
+                time.sleep(0.01)
+        time.sleep(0.5)
+        # (each `run` above opened a client of its own: the test's, not the follower's)
+        assert len(clients) - before == 5 and len(handles) == opened <= 1, (len(clients) - before, handles)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        follower.join(30)
+        loop.close()
+        fetcher.close()
+    assert not follower.is_alive()
