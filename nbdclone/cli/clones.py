@@ -31,7 +31,7 @@ from nbdclone.cli._common import (
     record_dict,
     updater,
 )
-from nbdclone.store import Store, images, lineage
+from nbdclone.store import Store, diff, images, lineage
 from nbdclone.store.catalog import is_own_base, slot_of
 from nbdclone.store.chunks import CHUNK
 from nbdclone.store.overlay import BLOCK_SIZE
@@ -285,6 +285,32 @@ def clone_snapshot(
         _, written = lineage.snapshot(st, name, snap, updater(bar, task))
     text = f"clone {name}: snapshot {snap} taken ({human(written * CHUNK)} of new chunks stored)"
     done(text, clone=name, snapshot=snap, new_chunks=written)
+
+
+@clone_app.command("diff")
+def clone_diff(
+    name: CloneArg,
+    since: Annotated[
+        str | None,
+        typer.Option("--from", help="A snapshot. [default: the version the clone's writes started from]"),
+    ] = None,
+    until: Annotated[str | None, typer.Option("--to", help="A snapshot. [default: the clone now]")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """The extents that differ between two states of clone NAME, and whether the newer one reads data or
+    zeros there: found from the snapshots' maps (64 KiB chunks) and the clone's overlay (4 KiB blocks),
+    without reading any data. Works while the clone has clients (what they have flushed is counted)."""
+    d = diff.diff(open_store(store), name, since, until)
+    rows = [{"offset": e.offset, "length": e.length, "kind": "zero" if e.zero else "data"} for e in d.extents]
+    if as_json:
+        print_json(
+            {"clone": name, "from": d.since, "to": d.until, "size": d.size, "changed": d.changed, "extents": rows}
+        )
+        return
+    out.print(f"clone {name}: {human(d.changed)} in {len(rows)} extent(s) differ from {d.since} to {d.until}")
+    for r in rows:
+        out.print(f"  {r['offset']:>16} +{r['length']:<12} {r['kind']}")
 
 
 @clone_app.command("snapshots")

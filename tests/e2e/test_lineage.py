@@ -163,3 +163,34 @@ def test_a_killed_change_of_base_loses_nothing(
     _write(server, store_path, "vm", model + bytearray(size - SIZE), [(MiB, b"after" * 1000)])
     report = cli("check", store=store_path, check=False)
     assert report.returncode == 0, report.stdout
+
+
+def test_clone_diff_through_the_cli_while_a_client_is_connected(server: Server, store_path: Path, gold: bytes) -> None:
+    """`clone diff --json` between snapshots and to the clone now, with a client still connected: what it
+    flushed is reported, in the newer state's kinds; a mistake is one line and exit 2."""
+    cli("clone", "create", "vm", "--base", "gold", store=store_path)
+    model = bytearray(gold)
+    _write(server, store_path, "vm", model, [(MiB, b"\x11" * 65536), (9 * MiB + 4096, b"\x22" * 4096)])
+    cli("clone", "snapshot", "vm", "s1", store=store_path)
+    h = server.connect("vm")
+    h.pwrite(b"\x33" * 8192, 12 * MiB)
+    h.zero(2 * 65536, 0)  # over the base's data: zeros
+    h.flush()
+    try:
+        now = json.loads(cli("clone", "diff", "vm", "--json", store=store_path).stdout)
+        assert (now["from"], now["to"], now["size"]) == ("snapshot s1", "now", SIZE)
+        assert [(e["offset"], e["length"], e["kind"]) for e in now["extents"]] == [
+            (0, 2 * 65536, "zero"),
+            (12 * MiB, 8192, "data"),
+        ]
+    finally:
+        h.shutdown()
+        wait_closed(store_path, "vm")
+    cli("clone", "snapshot", "vm", "s2", store=store_path)
+    between = json.loads(cli("clone", "diff", "vm", "--from", "s1", "--to", "s2", "--json", store=store_path).stdout)
+    chunks = {(e["offset"], e["length"], e["kind"]) for e in between["extents"]}
+    assert chunks == {(0, 2 * 65536, "zero"), (12 * MiB, 65536, "data")}, chunks  # whole chunks, by content
+    text = cli("clone", "diff", "vm", "--from", "s1", "--to", "s2", store=store_path).stdout
+    assert "192.0 KiB in 2 extent(s) differ from snapshot s1 to snapshot s2" in text, text
+    wrong = cli("clone", "diff", "vm", "--from", "nope", store=store_path, check=False)
+    assert wrong.returncode != 0 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
