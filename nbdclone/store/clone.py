@@ -282,6 +282,10 @@ class Clone:
         """The blocks that do not read as the base (written or zeroed), in order."""
         return [block for block, _ in self._state.non_base(0, self.nblocks)]
 
+    def changed_runs(self) -> list[tuple[int, int]]:
+        """(first block, stop block) of each run of blocks that do not read as the base, in order."""
+        return self._state.non_base_runs(0, self.nblocks)
+
     def close(self) -> None:
         self.overlay.close()
 

@@ -79,9 +79,9 @@ def diff(store: Store, name: str, since: str | None = None, until: str | None = 
     clone = open_clone_readonly(store, name)
     try:
         ranges = [(i * CHUNK, CHUNK) for i in changed_chunks(old, now)] if now_ref != old_ref else []
-        ranges += [(b * BLOCK_SIZE, BLOCK_SIZE) for b in clone.changed_blocks()]
+        ranges += [(lo * BLOCK_SIZE, (hi - lo) * BLOCK_SIZE) for lo, hi in clone.changed_runs()]
         extents = []
-        for off, length in _merge(sorted(ranges), clone.size):
+        for off, length in _merge(sorted(ranges), clone.size):  # (a list of runs, not of blocks)
             end = off + length
             while off < end:  # what the clone reads there now (extents() may answer for less than asked)
                 for at, n, kind in clone.extents(end - off, off):

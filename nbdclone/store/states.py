@@ -10,12 +10,15 @@ again for the base's per-block zero map) while open. Now memory follows what the
 
 from __future__ import annotations
 
+import re
+
 from nbdclone.store.overlay import BASE, DATA, ZEROED
 
 GROUP_SHIFT = 15
 GROUP = 1 << GROUP_SHIFT
 _MASK = GROUP - 1
 _OTHERS = {BASE: (DATA, ZEROED), DATA: (BASE, ZEROED), ZEROED: (BASE, DATA)}
+_HELD = re.compile(rb"[^\x%02x]+" % BASE)  # a run of blocks that are not BASE
 
 
 class BlockStates:
@@ -112,6 +115,19 @@ class BlockStates:
                 s = g[b - base]
                 if s != BASE:
                     out.append((b, s))
+        return out
+
+    def non_base_runs(self, first: int, stop: int) -> list[tuple[int, int]]:
+        """(start, stop) of each run of blocks of [first, stop) that are not BASE, in order (runs that meet
+        at a group's edge stay two): found in each held group's bytes by a regular expression, not block
+        by block, so a clone that wrote all over a large disk costs its groups, not its blocks."""
+        out: list[tuple[int, int]] = []
+        for gi in sorted(self.groups):
+            lo, hi = max(first, gi << GROUP_SHIFT), min(stop, (gi + 1) << GROUP_SHIFT)
+            if lo >= hi:
+                continue
+            base = gi << GROUP_SHIFT
+            out += [(base + m.start(), base + m.end()) for m in _HELD.finditer(self.groups[gi], lo - base, hi - base)]
         return out
 
     def total(self, state: int) -> int:
