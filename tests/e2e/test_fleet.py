@@ -670,6 +670,22 @@ def test_a_frozen_host_is_fenced_while_another_takes_its_clone_over(
             srv.stop()
 
 
+def _leased_host(
+    tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], mp: pytest.MonkeyPatch, *, hold: int, seed: int
+) -> tuple[list[str], Path, Path, Server]:
+    """Host h1 with base gold (4 MiB), its server started with a 4 s lease, a hold of `hold` seconds and
+    3 s etcd requests: (the engines' command, their folder, the store, the server)."""
+    mp.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
+    mp.setenv("NBDCLONE_FLEET_HOLD", str(hold))
+    mp.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
+    make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=seed)
+    store = tmp_path / "h1"
+    _join(fleet, store, "h1")
+    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
+    engine = [str(ROOT / "scripts" / "fleet-engines")]
+    return engine, Path(engines["CEPH_CONF"]).parent, store, Server(store, tmp_path / "h1.sock").start()
+
+
 def test_an_etcd_outage_longer_than_the_lease_costs_a_pause_not_an_error(
     tmp_path: Path, fleet: FleetConfig, engines: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -677,15 +693,7 @@ def test_an_etcd_outage_longer_than_the_lease_costs_a_pause_not_an_error(
     lapses, so its requests wait unanswered (none is served without a lease), etcd expires the lease, and
     once etcd is back the host takes a new one and the waiting requests go on. No request fails; the
     client sees one long pause, which ends soon after etcd is back."""
-    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
-    monkeypatch.setenv("NBDCLONE_FLEET_HOLD", "60")
-    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
-    engine, where = [str(ROOT / "scripts" / "fleet-engines")], Path(engines["CEPH_CONF"]).parent
-    make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=21)
-    store = tmp_path / "h1"
-    _join(fleet, store, "h1")
-    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
-    srv = Server(store, tmp_path / "h1.sock").start()
+    engine, where, store, srv = _leased_host(tmp_path, fleet, engines, monkeypatch, hold=60, seed=21)
     stop, failures, done = threading.Event(), [], []
 
     def load() -> None:
@@ -741,15 +749,7 @@ def test_an_outage_past_the_lease_and_the_hold_drops_connections_and_qemu_reconn
     without a reply (none is answered with an error) and its successor refuses new ones until the lease is
     back, so QEMU's NBD client with reconnect-delay resends its requests then: qemu-io, writing a block a
     second through the outage, sees no error, and every block reads back."""
-    monkeypatch.setenv("NBDCLONE_FLEET_LEASE_TTL", "4")
-    monkeypatch.setenv("NBDCLONE_FLEET_HOLD", "3")
-    monkeypatch.setenv("NBDCLONE_FLEET_TIMEOUT", "3")
-    engine, where = [str(ROOT / "scripts" / "fleet-engines")], Path(engines["CEPH_CONF"]).parent
-    make_image(tmp_path / "v1.raw", 4 * MiB, [(0, MiB)], seed=22)
-    store = tmp_path / "h1"
-    _join(fleet, store, "h1")
-    cli("base", "import", "gold", str(tmp_path / "v1.raw"), store=store)
-    srv = Server(store, tmp_path / "h1.sock").start()
+    engine, where, store, srv = _leased_host(tmp_path, fleet, engines, monkeypatch, hold=3, seed=22)
     try:
         cli("clone", "create", "vm", "--base", "gold", store=store)
         socket_path = srv.uri("vm").partition("socket=")[2]
