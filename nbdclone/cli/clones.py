@@ -315,17 +315,33 @@ def clone_diff(
 
 @clone_app.command("snapshots")
 def clone_snapshots(name: CloneArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
-    """List clone NAME's snapshots, oldest first, and the one its writes started from."""
+    """List clone NAME's snapshots, oldest first, and the one its writes started from; for each, the space
+    only it holds (what removing it frees, unless a clone made from it reads it) and the space it shares
+    with other versions and snapshots (kept while any of them is)."""
+    st = open_store(store)
+    snaps = lineage.snapshots(st, name)
+    space = {v.version: v for v in st.version_stats() if v.owner == name} if snaps else {}
     rows: list[dict[str, Any]] = [
-        {"name": snap, "version": v.id, "size": v.size, "created": v.created, "new_chunks": v.new_chunks, "on": on}
-        for snap, v, on in lineage.snapshots(open_store(store), name)
+        {
+            "name": snap,
+            "version": v.id,
+            "size": v.size,
+            "created": v.created,
+            "new_chunks": v.new_chunks,
+            "own": space[v.id].unique,
+            "shared": space[v.id].shared,
+            "on": on,
+        }
+        for snap, v, on in snaps
     ]
     if as_json:
         print_json(rows, items="snapshots")
         return
-    table = Table("SNAPSHOT", "SIZE", "NEW DATA", "CREATED", "CLONE STARTED FROM IT", box=None)
+    table = Table("SNAPSHOT", "SIZE", "ONLY IN IT", "SHARED", "CREATED", "CLONE STARTED FROM IT", box=None)
     for r in rows:
-        table.add_row(r["name"], human(r["size"]), human(r["new_chunks"] * CHUNK), r["created"], "*" if r["on"] else "")
+        table.add_row(
+            r["name"], human(r["size"]), human(r["own"]), human(r["shared"]), r["created"], "*" if r["on"] else ""
+        )
     out.print(table)
 
 

@@ -194,3 +194,27 @@ def test_clone_diff_through_the_cli_while_a_client_is_connected(server: Server, 
     assert "192.0 KiB in 2 extent(s) differ from snapshot s1 to snapshot s2" in text, text
     wrong = cli("clone", "diff", "vm", "--from", "nope", store=store_path, check=False)
     assert wrong.returncode != 0 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+
+def test_snapshots_json_gives_each_snapshot_s_own_and_shared_space(
+    server: Server, store_path: Path, gold: bytes
+) -> None:
+    """A backup script keeps N snapshots by the space each holds alone: s1 wrote 3 chunks and s2 overwrote
+    2 of them, so each holds 2 chunks alone (the third is in both); the rest of each is shared (with gold
+    and the other); removing s1 frees what its `own` said."""
+    chunk = 65536
+    cli("clone", "create", "vm", "--base", "gold", store=store_path)
+    model = bytearray(gold)
+    a = os.urandom(3 * chunk)
+    _write(server, store_path, "vm", model, [(10 * MiB, a)])
+    cli("clone", "snapshot", "vm", "s1", store=store_path)
+    _write(server, store_path, "vm", model, [(10 * MiB, os.urandom(2 * chunk))])
+    cli("clone", "snapshot", "vm", "s2", store=store_path)
+    rows = {
+        r["name"]: r
+        for r in json.loads(cli("clone", "snapshots", "vm", "--json", store=store_path).stdout)["snapshots"]
+    }
+    assert rows["s1"]["own"] == 2 * chunk and rows["s2"]["own"] == 2 * chunk, rows  # (a's third chunk: in both)
+    assert rows["s1"]["shared"] > 0 and rows["s2"]["shared"] == rows["s1"]["shared"], rows
+    removed = json.loads(cli("clone", "snapshot", "rm", "vm", "s1", "--json", store=store_path).stdout)
+    assert removed["results"][0]["freed"] == rows["s1"]["own"], removed
