@@ -93,7 +93,7 @@ class BaseView:
 
 
 def parse_bases(keys: dict[str, bytes], host: str) -> tuple[dict[str, BaseView], set[tuple[str, str]]]:
-    """The fleet's bases from the keys under bases/ (catalog.base_keys, or a follower's view of them), and
+    """The fleet's bases from the keys under bases/ (catalog.bases.listing, or a follower's view of them), and
     the (base, version) pairs `host` holds."""
     out: dict[str, BaseView] = {}
     held: set[tuple[str, str]] = set()
