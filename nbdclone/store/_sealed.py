@@ -74,6 +74,12 @@ def seal_bytes(body: bytes) -> bytes:
 
 
 def unseal_bytes(raw: bytes, path: Path) -> bytes:
-    if len(raw) < DIGEST or xxhash.xxh3_64_digest(raw[:-DIGEST]) != raw[-DIGEST:]:
+    return bytes(unseal_view(raw, path))
+
+
+def unseal_view(raw: bytes, path: Path) -> memoryview:
+    """`unseal_bytes` without copying: a view of the body (a 1 TiB disk's version map is 384 MiB)."""
+    view = memoryview(raw)
+    if len(raw) < DIGEST or xxhash.xxh3_64_digest(view[:-DIGEST]) != raw[-DIGEST:]:
         raise errors.Damaged(path=path, detail="its checksum does not match its contents")
-    return raw[:-DIGEST]
+    return view[:-DIGEST]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from nbdclone.errors import Damaged
 from nbdclone.store._fs import punch_hole, runs
-from nbdclone.store._sealed import seal_bytes, unseal_bytes
+from nbdclone.store._sealed import seal_bytes, unseal_bytes, unseal_view
 from nbdclone.store.base import Extent
 from nbdclone.store.cache import _HEADER as _MARKS
 from nbdclone.store.cache import VERIFIED, PackReader, digest, forget_verified
@@ -175,13 +175,11 @@ class VersionMap:
             return cls._load_flat(raw[_MAP_HEADER.size :], size, n, corrupt)
         if magic not in (_MAP_MAGIC, _UNSEALED_MAGIC):
             raise corrupt
-        if magic == _MAP_MAGIC:
-            raw = unseal_bytes(raw, path)
-        if len(raw) != _MAP_HEADER.size + n * _PAGE_BYTES:
+        view = unseal_view(raw, path) if magic == _MAP_MAGIC else memoryview(raw)
+        if len(view) != _MAP_HEADER.size + n * _PAGE_BYTES:
             raise corrupt
         vm = cls(size, {}, {} if digests else None)
-        view = memoryview(raw)
-        for at in range(_MAP_HEADER.size, len(raw), _PAGE_BYTES):
+        for at in range(_MAP_HEADER.size, len(view), _PAGE_BYTES):
             (p,) = _PAGE_INDEX.unpack_from(view, at)
             if p << PAGE_SHIFT >= vm.nchunks or p in vm.pages:
                 raise corrupt
