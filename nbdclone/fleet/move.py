@@ -43,7 +43,6 @@ from nbdclone.store.catalog import CloneRecord, is_own_base, now
 from nbdclone.store.chunks import CHUNK, ChunkedBase
 from nbdclone.store.clone import EXTENT_DATA
 from nbdclone.store.images import open_clone_readonly
-from nbdclone.store.lineage import BLOCKS_PER_CHUNK
 
 log = logging.getLogger(__name__)
 ZERO = bytes(32)  # the SHA-256 slot of an all-zero chunk in a shipped map
@@ -65,7 +64,7 @@ def ship(store: Store, objects: Objects, name: str, target: str) -> str:
     clone = open_clone_readonly(store, name)
     try:
         if base is not None and not is_own_base(base):
-            chunks = sorted({b // BLOCKS_PER_CHUNK for b in clone.changed_blocks()})
+            chunks = sorted(clone.changed_chunks(CHUNK))
         else:  # no base the fleet knows: every chunk that holds data
             base, vid = None, None
             chunks = sorted(

@@ -278,13 +278,15 @@ class Clone:
             bytes_written=self.overlay.bytes_written(),
         )
 
-    def changed_blocks(self) -> list[int]:
-        """The blocks that do not read as the base (written or zeroed), in order."""
-        return [block for block, _ in self._state.non_base(0, self.nblocks)]
-
     def changed_runs(self) -> list[tuple[int, int]]:
-        """(first block, stop block) of each run of blocks that do not read as the base, in order."""
+        """(first block, stop block) of each run of blocks that do not read as the base (written or
+        zeroed), in order."""
         return self._state.non_base_runs(0, self.nblocks)
+
+    def changed_chunks(self, chunk: int) -> set[int]:
+        """The indices of the `chunk`-byte pieces holding a block that does not read as the base."""
+        per = chunk // BLOCK_SIZE
+        return {i for lo, hi in self.changed_runs() for i in range(lo // per, (hi - 1) // per + 1)}
 
     def close(self) -> None:
         self.overlay.close()

@@ -53,12 +53,10 @@ from nbdclone.store.chunks import CHUNK, VersionMap
 from nbdclone.store.clone import Clone
 from nbdclone.store.images import open_clone_readonly
 from nbdclone.store.layout import crash_point, write_atomic
-from nbdclone.store.overlay import BLOCK_SIZE
 
 if TYPE_CHECKING:
     from nbdclone.store import Store
 
-BLOCKS_PER_CHUNK = CHUNK // BLOCK_SIZE
 Progress = Callable[[int, int], None]
 
 
@@ -230,7 +228,7 @@ def _capture(
         if base_name is not None and version is not None:
             start = store.version_map(store.get_base(base_name), version, digests=True).resized(size)
         stop = -(-size // CHUNK)
-        changed = {block // BLOCKS_PER_CHUNK for block in clone.changed_blocks()}
+        changed = clone.changed_chunks(CHUNK)
         if size < clone.size and size % CHUNK:
             changed.add(size // CHUNK)  # the chunk the new end cuts: stored again, zeros past the end
         chunks = sorted(i for i in changed if i < stop)
